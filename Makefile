@@ -1,0 +1,29 @@
+# One virtual environment in .venv; `make demo` and `make test` set it up on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch keeps the install small (a bare `torch` from PyPI is a multi-GB CUDA build on Linux).
+# Override for your platform, e.g. `make install TORCH_SPEC="torch==2.13.0"` with a CUDA index configured in pip.
+TORCH_SPEC ?= torch==2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/sb3-rlhf demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

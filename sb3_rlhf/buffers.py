@@ -1,0 +1,193 @@
+"""SequenceRolloutBuffer: whole episodes (prompt + response) and GAE over response tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import NamedTuple
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import BaseBuffer
+
+from sb3_rlhf.common.sequences import masked_whiten
+
+
+class SequenceBatch(NamedTuple):
+    """A minibatch of sequences for the PPO update, trimmed to its own longest prompt and response.
+
+    ``input_ids``/``attention_mask``: ``(batch, P + T)`` int64; every other tensor is ``(batch, T)``:
+    ``response_mask`` bool; ``old_logprobs``, ``old_values`` (V(s_t)), ``advantages``, ``returns`` float32.
+    """
+
+    input_ids: th.Tensor
+    attention_mask: th.Tensor
+    response_mask: th.Tensor
+    old_logprobs: th.Tensor
+    old_values: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+
+
+def _pad(tensors: list[th.Tensor], width: int, value: float, left: bool) -> th.Tensor:
+    padded = []
+    for t in tensors:
+        pad = (width - t.shape[1], 0) if left else (0, width - t.shape[1])
+        padded.append(th.nn.functional.pad(t, pad, value=value))
+    return th.cat(padded)
+
+
+class SequenceRolloutBuffer(BaseBuffer):
+    """Rollout storage for language episodes: one row per episode, one column per response token.
+
+    Episodes arrive in chunks (one per ``generate()`` call) and are padded together: prompts on the left,
+    responses on the right. :meth:`compute_returns_and_advantage` runs GAE over the real response tokens of
+    each episode, then optionally whitens the advantages over all real tokens of the rollout.
+
+    The return ends at the last response token, whether the episode terminated (EOS) or was truncated at
+    ``max_new_tokens``: the reward wrappers score a truncated response at its last token, nothing follows it,
+    and V(s_T) of a cut-off state is never trained, so bootstrapping from it would add an untrained guess to
+    a complete return. ``bootstrap_truncated=True`` restores the time-limit convention (add γ·V(s_T)).
+
+    :param buffer_size: episodes per rollout.
+    :param observation_space: the env's observation space (SB3 signature).
+    :param action_space: the env's action space (SB3 signature).
+    :param device: where minibatches are returned.
+    :param gamma: discount γ (1.0 is usual for language).
+    :param gae_lambda: GAE λ.
+    :param n_envs: number of SB3 envs (1: the fast path batches episodes itself).
+    :param bootstrap_truncated: bootstrap truncated responses from V(s_T).
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        n_envs: int = 1,
+        bootstrap_truncated: bool = False,
+    ) -> None:
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.bootstrap_truncated = bootstrap_truncated
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._chunks: dict[str, list[th.Tensor]] = {}
+        self.n_episodes = 0
+        self.advantages: th.Tensor | None = None
+
+    def add(  # type: ignore[override]
+        self,
+        prompt_ids: th.Tensor,
+        prompt_mask: th.Tensor,
+        response_ids: th.Tensor,
+        response_mask: th.Tensor,
+        logprobs: th.Tensor,
+        values: th.Tensor,
+        rewards: th.Tensor,
+        terminated: th.Tensor,
+    ) -> None:
+        """Store a chunk of finished episodes.
+
+        :param prompt_ids: ``(batch, P)`` int64, left-padded.
+        :param prompt_mask: ``(batch, P)`` int64.
+        :param response_ids: ``(batch, T)`` int64, right-padded.
+        :param response_mask: ``(batch, T)`` bool.
+        :param logprobs: ``(batch, T)`` log π_old of the response tokens.
+        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T).
+        :param rewards: ``(batch, T)`` summed reward terms per token.
+        :param terminated: ``(batch,)`` bool, True where the response ended with a stop token.
+        """
+        for key, value in dict(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            logprobs=logprobs,
+            values=values,
+            rewards=rewards,
+            terminated=terminated.unsqueeze(-1),
+        ).items():
+            self._chunks.setdefault(key, []).append(value.detach())
+        self.n_episodes += prompt_ids.shape[0]
+        self.pos = min(self.n_episodes, self.buffer_size)
+        self.full = self.n_episodes >= self.buffer_size
+
+    def _merge(self) -> None:
+        c = self._chunks
+        p_width = max(t.shape[1] for t in c["prompt_ids"])
+        t_width = max(t.shape[1] for t in c["response_ids"])
+        self.prompt_ids = _pad(c["prompt_ids"], p_width, 0, left=True)
+        self.prompt_mask = _pad(c["prompt_mask"], p_width, 0, left=True)
+        self.response_ids = _pad(c["response_ids"], t_width, 0, left=False)
+        self.response_mask = _pad(c["response_mask"], t_width, False, left=False)
+        self.logprobs = _pad(c["logprobs"], t_width, 0.0, left=False)
+        self.values = _pad(c["values"], t_width + 1, 0.0, left=False)
+        self.rewards = _pad(c["rewards"], t_width, 0.0, left=False)
+        self.terminated = th.cat(c["terminated"]).squeeze(-1)
+
+    def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
+        """Generalised advantage estimation over response tokens (Schulman et al. 2016):
+
+        δ_t = r_t + γ·V(s_{t+1})·[t+1 < len] − V(s_t),   Â_t = δ_t + γλ·Â_{t+1}·[t+1 < len],   R_t = Â_t + V(s_t)
+
+        The term after the last token is γ·V(s_len) only for truncated responses with ``bootstrap_truncated``.
+        """
+        self._merge()
+        mask = self.response_mask
+        n, length = mask.shape
+        lengths = mask.long().sum(-1)
+        is_last = th.arange(length, device=mask.device).unsqueeze(0) == (lengths - 1).unsqueeze(-1)
+        values = self.values[:, :-1]
+        next_values = self.values[:, 1:].clone()
+        bootstrap = (~self.terminated & self.bootstrap_truncated).unsqueeze(-1)
+        next_values = th.where(is_last & ~bootstrap, th.zeros_like(next_values), next_values)
+
+        advantages = th.zeros_like(values)
+        last_gae = th.zeros(n, device=mask.device)
+        for t in reversed(range(length)):
+            continues = (~is_last[:, t]).float()
+            delta = self.rewards[:, t] + self.gamma * next_values[:, t] - values[:, t]
+            last_gae = delta + self.gamma * self.gae_lambda * continues * last_gae
+            advantages[:, t] = last_gae * mask[:, t]
+        self.returns = (advantages + values) * mask
+        self.advantages = masked_whiten(advantages, mask) if normalize_advantage else advantages
+
+    def get(self, batch_size: int | None = None) -> Generator[SequenceBatch, None, None]:  # type: ignore[override]
+        """Minibatches of ``batch_size`` episodes in a random order (``torch`` RNG)."""
+        if self.advantages is None:
+            raise RuntimeError("call compute_returns_and_advantage() before get()")
+        n = self.prompt_ids.shape[0]
+        batch_size = batch_size or n
+        order = th.randperm(n)
+        for start in range(0, n, batch_size):
+            yield self._get_samples(order[start : start + batch_size])
+
+    def _get_samples(self, index: th.Tensor) -> SequenceBatch:  # type: ignore[override]
+        index = index.to(self.prompt_ids.device)
+        prompt_mask = self.prompt_mask[index]
+        response_mask = self.response_mask[index]
+        # Trim the columns that are padding in every row of this minibatch.
+        p_start = int((prompt_mask.sum(0) > 0).nonzero()[0])
+        t_end = int(response_mask.sum(-1).max())
+        input_ids = th.cat([self.prompt_ids[index, p_start:], self.response_ids[index, :t_end]], dim=1)
+        attention_mask = th.cat([prompt_mask[:, p_start:], response_mask[:, :t_end].long()], dim=1)
+        return SequenceBatch(
+            *(
+                x.to(self.device)
+                for x in (
+                    input_ids,
+                    attention_mask,
+                    response_mask[:, :t_end],
+                    self.logprobs[index, :t_end],
+                    self.values[index, :t_end],
+                    self.advantages[index, :t_end],
+                    self.returns[index, :t_end],
+                )
+            )
+        )

@@ -1,0 +1,1 @@
+"""Shared pieces: sequence tensors, model loading, tokenizer checks, KL controllers."""

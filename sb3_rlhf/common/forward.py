@@ -1,0 +1,90 @@
+"""One teacher-forced forward pass of a causal LM over ``[prompt | response]`` sequences."""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch as th
+from transformers import PreTrainedModel
+
+from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
+
+
+@lru_cache(maxsize=None)
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def forward_last_positions(
+    model: PreTrainedModel,
+    input_ids: th.Tensor,
+    attention_mask: th.Tensor,
+    n_positions: int,
+    output_hidden_states: bool = False,
+) -> tuple[th.Tensor, th.Tensor | None]:
+    """Logits (and last-layer hidden states) at the last ``n_positions`` positions.
+
+    Position ids come from the attention mask, so left padding does not shift positions. Only the last
+    ``n_positions`` logits are computed where the model supports ``logits_to_keep`` (the LM head over the
+    prompt is wasted work).
+
+    :param input_ids: ``(batch, seq_len)`` int64.
+    :param attention_mask: ``(batch, seq_len)`` int64.
+    :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
+    """
+    kwargs = {}
+    if _accepts_logits_to_keep(type(model)):
+        kwargs["logits_to_keep"] = n_positions
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -n_positions:]
+    hidden = out.hidden_states[-1][:, -n_positions:] if output_hidden_states else None
+    return logits, hidden
+
+
+def response_logits(
+    model: PreTrainedModel,
+    input_ids: th.Tensor,
+    attention_mask: th.Tensor,
+    response_length: int,
+    temperature: float,
+    n_actions: int,
+    output_hidden_states: bool = False,
+) -> tuple[th.Tensor, th.Tensor | None]:
+    """Temperature-scaled logits predicting each response token, and hidden states of the states s_0..s_T.
+
+    With ``input_ids = [prompt (P) | response (T)]``, the token at position ``P + t`` is predicted from
+    position ``P + t - 1``, and the state ``s_t`` (prompt + t tokens) ends at position ``P + t - 1``.
+
+    :return: ``logits (batch, T, n_actions)`` float, ``hidden (batch, T + 1, hidden) | None``.
+    """
+    logits, hidden = forward_last_positions(model, input_ids, attention_mask, response_length + 1, output_hidden_states)
+    return logits[:, :-1, :n_actions] / temperature, hidden
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    input_ids: th.Tensor,
+    attention_mask: th.Tensor,
+    response_length: int,
+    temperature: float,
+    n_actions: int,
+) -> th.Tensor:
+    """log π(response token | prefix) under ``model`` at ``temperature``: ``(batch, T)`` float32."""
+    logits, _ = response_logits(model, input_ids, attention_mask, response_length, temperature, n_actions)
+    return logprobs_of_tokens(logits, input_ids[:, -response_length:])
+
+
+def next_token_logits(
+    model: PreTrainedModel, input_ids: th.Tensor, attention_mask: th.Tensor, temperature: float, n_actions: int
+) -> th.Tensor:
+    """Temperature-scaled logits of the next token after a left-padded window: ``(batch, n_actions)``."""
+    logits, _ = forward_last_positions(model, input_ids, attention_mask, 1)
+    return logits[:, -1, :n_actions] / temperature

@@ -1,0 +1,65 @@
+"""Tensor helpers for batches of token sequences: positions, masks, log-probabilities, masked statistics.
+
+Layout used everywhere in the fast path: ``input_ids = [prompt (left-padded, P) | response (right-padded, T)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch as th
+
+
+def position_ids_from_mask(attention_mask: th.Tensor) -> th.Tensor:
+    """Position ids that skip padding, so a left-padded prompt starts at position 0.
+
+    :param attention_mask: ``(batch, seq_len)`` 0/1 mask.
+    :return: ``(batch, seq_len)`` int64 positions (padding positions get 0).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_until_stop(response_ids: th.Tensor, stop_token_ids: Sequence[int]) -> tuple[th.Tensor, th.Tensor]:
+    """Mask of the real response tokens: everything up to and including the first stop token.
+
+    ``generate`` pads after EOS; the mask is derived from the stop tokens, never from the pad id.
+
+    :param response_ids: ``(batch, T)`` int64 generated tokens.
+    :param stop_token_ids: token ids that end an episode (EOS and any extra stop tokens).
+    :return: ``(mask (batch, T) bool, terminated (batch,) bool)``; ``terminated`` is True where a stop token was sampled.
+    """
+    is_stop = th.isin(response_ids, th.as_tensor(list(stop_token_ids), device=response_ids.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()
+    mask = stops_before == 0
+    terminated = is_stop.any(-1)
+    return mask, terminated
+
+
+def logprobs_of_tokens(logits: th.Tensor, tokens: th.Tensor) -> th.Tensor:
+    """log softmax(logits)[token], computed in float32.
+
+    :param logits: ``(..., vocab)`` already temperature-scaled.
+    :param tokens: ``(...)`` int64.
+    """
+    log_probs = th.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: th.Tensor) -> th.Tensor:
+    """Entropy H = logsumexp(z) - sum softmax(z) z, per position, in float32. ``(..., vocab) -> (...)``."""
+    logits = logits.float()
+    probs = th.softmax(logits, dim=-1)
+    return th.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def masked_mean(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """Mean over the positions where ``mask`` is true; padding never enters a statistic."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(values: th.Tensor, mask: th.Tensor, eps: float = 1e-8) -> th.Tensor:
+    """(x - mean) / std over the masked positions; masked-out positions come back as 0."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return th.where(mask.bool(), (values - mean) * th.rsqrt(var + eps), th.zeros_like(values))

@@ -1,0 +1,58 @@
+"""Tokenizer checks shared by the env, the policy and the reward wrappers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_PAD_TOKEN = "<|pad|>"
+
+
+def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
+    """Refuse a tokenizer that cannot batch episodes: it needs an EOS token and a pad token distinct from EOS.
+
+    Pad must differ from EOS: responses are right-padded after EOS, and a pad equal to EOS would make
+    "the model stopped" and "this is padding" the same token.
+
+    :raises TypeError: not a Hugging Face tokenizer.
+    :raises ValueError: no EOS, no pad, or pad == EOS, with the fix in the message.
+    """
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}: "
+            "load one with transformers.AutoTokenizer.from_pretrained(path)"
+        )
+    fix = (
+        "add a dedicated pad token with sb3_rlhf.add_pad_token(tokenizer, model) "
+        "(it resizes the model's embeddings; save both and load the model from the new path)"
+    )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no EOS token: set tokenizer.eos_token so episodes can terminate")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer has no pad token: {fix}")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            f"tokenizer's pad token equals its EOS token ({tokenizer.eos_token!r}, id {tokenizer.eos_token_id}): "
+            f"padding would be read as the end of a response; {fix}"
+        )
+    return tokenizer
+
+
+def add_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None, pad_token: str = DEFAULT_PAD_TOKEN) -> int:
+    """Give ``tokenizer`` a pad token distinct from EOS, resizing ``model``'s embeddings to match.
+
+    :param tokenizer: tokenizer to modify in place.
+    :param model: optional ``PreTrainedModel`` whose token embeddings grow to ``len(tokenizer)``.
+    :param pad_token: the new pad token's text.
+    :return: the pad token id.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+    if model is not None:
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token_id

@@ -1,0 +1,196 @@
+"""TokenGenerationEnv: a Gymnasium environment whose states are token sequences and whose actions are tokens."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from sb3_rlhf.common.tokenizers import check_tokenizer
+
+
+class TokenGenerationEnv(gym.Env):
+    """Generate a response to a prompt one token at a time.
+
+    * **Observation**: ``{"input_ids": (L,) int64, "attention_mask": (L,) int64}`` with
+      ``L = max_prompt_tokens + max_new_tokens``: the prompt followed by the tokens generated so far,
+      **left-padded** (right-aligned) so that the newest token is always at position ``L - 1``.
+    * **Action**: the next token, ``Discrete(len(tokenizer))``.
+    * **Reward**: 0 here. Rewards come from wrappers in :mod:`sb3_rlhf.rewards` (reward function, reward model,
+      KL penalty), so the same env serves every reward.
+    * **End of episode**: sampling EOS (or any ``stop_token_ids``) is *termination*: the model finished its
+      answer. Reaching ``max_new_tokens`` is *truncation*: the answer was cut off. Reward wrappers score the
+      response in both cases at its last token, and :class:`sb3_rlhf.RLHFPPO` ends the return there (no
+      bootstrap, see :class:`sb3_rlhf.buffers.SequenceRolloutBuffer`); ``info["truncated_response"]`` tells
+      the two apart.
+    * At the end of an episode ``info`` carries ``prompt``, ``completion`` (decoded texts), ``prompt_index``
+      and ``completion_ids``.
+
+    Prompts longer than ``max_prompt_tokens`` are truncated **from the left** (the end of a prompt is the part
+    the response continues), with one warning naming how many prompts were cut.
+
+    :param prompts: the prompt texts; an episode starts from one sampled uniformly with ``self.np_random``.
+    :param tokenizer: a Hugging Face tokenizer (or a local path to one) with a pad token distinct from EOS.
+    :param max_prompt_tokens: longest prompt, in tokens.
+    :param max_new_tokens: longest response, in tokens.
+    :param stop_token_ids: extra tokens that end a response besides the tokenizer's EOS.
+    :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to prompts.
+    :param render_mode: ``None`` or ``"ansi"`` (the prompt and response so far as text).
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase | str,
+        max_prompt_tokens: int = 64,
+        max_new_tokens: int = 32,
+        stop_token_ids: Sequence[int] | None = None,
+        add_special_tokens: bool = True,
+        render_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(tokenizer, (str, os.PathLike)):
+            if not os.path.isdir(tokenizer):
+                raise FileNotFoundError(f"tokenizer path {str(tokenizer)!r} does not exist: pass a local tokenizer folder")
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        self.tokenizer = check_tokenizer(tokenizer)
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of strings, e.g. prompts=['Once upon a time', ...]")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one prompt text")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise ValueError(f"prompts must be non-empty strings; prompt(s) at index {bad[:5]} are not")
+        for name, value in (("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+
+        self.prompts = list(prompts)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+        self.render_mode = render_mode
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+        self.stop_token_ids = tuple(dict.fromkeys([self.eos_token_id, *(int(t) for t in (stop_token_ids or ()))]))
+        self.n_actions = len(self.tokenizer)
+        if self.pad_token_id in self.stop_token_ids:
+            raise ValueError("stop_token_ids must not contain the pad token")
+
+        self.prompt_token_ids, self.prompt_texts = self._tokenize_prompts(add_special_tokens)
+        window = self.max_prompt_tokens + self.max_new_tokens
+        self.observation_space = spaces.Dict(
+            {
+                "input_ids": spaces.Box(low=0, high=self.n_actions - 1, shape=(window,), dtype=np.int64),
+                "attention_mask": spaces.Box(low=0, high=1, shape=(window,), dtype=np.int64),
+            }
+        )
+        self.action_space = spaces.Discrete(self.n_actions)
+        self._prompt_index = -1
+        self._response: list[int] = []
+
+    def _tokenize_prompts(self, add_special_tokens: bool) -> tuple[list[list[int]], list[str]]:
+        encoded = self.tokenizer(self.prompts, add_special_tokens=add_special_tokens)["input_ids"]
+        token_ids, texts, n_cut = [], [], 0
+        for i, (ids, text) in enumerate(zip(encoded, self.prompts)):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} ({text[:40]!r}) tokenizes to no tokens")
+            if len(ids) > self.max_prompt_tokens:
+                ids = ids[-self.max_prompt_tokens :]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                n_cut += 1
+            token_ids.append(list(ids))
+            texts.append(text)
+        if n_cut:
+            warnings.warn(
+                f"{n_cut} of {len(encoded)} prompts are longer than max_prompt_tokens={self.max_prompt_tokens} "
+                "and were truncated from the left; raise max_prompt_tokens to keep them whole",
+                stacklevel=3,
+            )
+        return token_ids, texts
+
+    # ------------------------------------------------------------------ Gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """Start an episode from a random prompt, or from ``options={"prompt_index": i}``."""
+        super().reset(seed=seed)
+        if options and "prompt_index" in options:
+            index = int(options["prompt_index"])
+            if not 0 <= index < len(self.prompts):
+                raise IndexError(f"prompt_index {index} is out of range for {len(self.prompts)} prompts")
+        else:
+            index = int(self.np_random.integers(len(self.prompts)))
+        self._prompt_index = index
+        self._response = []
+        return self._observation(), {"prompt_index": index}
+
+    def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        if self._prompt_index < 0:
+            raise RuntimeError("call reset() before step()")
+        if len(self._response) >= self.max_new_tokens or (self._response and self._response[-1] in self.stop_token_ids):
+            raise RuntimeError("the episode has ended: call reset() before step()")
+        token = int(np.asarray(action).item()) if np.ndim(action) <= 1 and np.size(action) == 1 else None
+        if token is None or not self.action_space.contains(token):
+            raise ValueError(f"action must be a token id in [0, {self.n_actions}), got {action!r}")
+        self._response.append(token)
+        terminated = token in self.stop_token_ids
+        truncated = not terminated and len(self._response) >= self.max_new_tokens
+        info: dict[str, Any] = {}
+        if terminated or truncated:
+            info = self.episode_info(self._prompt_index, self._response, truncated)
+        return self._observation(), 0.0, terminated, truncated, info
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return self.prompt_texts[self._prompt_index] + self.decode_completion(self._response)
+        return None
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        tokens = self.prompt_token_ids[self._prompt_index] + self._response
+        window = self.observation_space["input_ids"].shape[0]
+        input_ids = np.full(window, self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros(window, dtype=np.int64)
+        input_ids[window - len(tokens) :] = tokens
+        attention_mask[window - len(tokens) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ------------------------------------------------------------------ batched fast path
+    def sample_prompt_indices(self, n: int) -> np.ndarray:
+        """``n`` prompt indices drawn with ``self.np_random``, as ``reset()`` draws them."""
+        return self.np_random.integers(len(self.prompts), size=n)
+
+    def prompt_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompts for a batch of episodes.
+
+        :return: ``input_ids (n, P) int64`` and ``attention_mask (n, P) int64``, ``P`` the longest prompt.
+        """
+        rows = [self.prompt_token_ids[int(i)] for i in indices]
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for b, row in enumerate(rows):
+            input_ids[b, width - len(row) :] = row
+            attention_mask[b, width - len(row) :] = 1
+        return input_ids, attention_mask
+
+    def decode_completion(self, token_ids: Sequence[int]) -> str:
+        """The response text, special tokens (EOS) dropped."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def episode_info(self, prompt_index: int, completion_ids: Sequence[int], truncated: bool) -> dict[str, Any]:
+        """The end-of-episode ``info`` dict, shared by ``step()`` and the fast path."""
+        return {
+            "prompt_index": int(prompt_index),
+            "prompt": self.prompt_texts[prompt_index],
+            "completion": self.decode_completion(completion_ids),
+            "completion_ids": list(completion_ids),
+            "truncated_response": bool(truncated),
+        }

@@ -1,0 +1,304 @@
+"""TransformerActorCriticPolicy: a Hugging Face causal LM as the actor, with a value head, as an SB3 policy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import CategoricalDistribution
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, PreTrainedModel
+
+from sb3_rlhf.common.forward import forward_last_positions, response_logits
+from sb3_rlhf.common.models import causal_lm_from_config, freeze, load_backbone, load_causal_lm
+from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
+
+
+class _SuppressTokensFrom(LogitsProcessor):
+    """Forbid ids >= n: models often pad their vocabulary beyond the tokenizer's tokens (the action space)."""
+
+    def __init__(self, n_actions: int) -> None:
+        self.n_actions = n_actions
+
+    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
+        scores[:, self.n_actions :] = -float("inf")
+        return scores
+
+
+def _disable_dropout(model: th.nn.Module) -> None:
+    # Dropout would make log π differ between rollout and update for the same weights (ratio != 1 at step 0).
+    for module in model.modules():
+        if isinstance(module, th.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class TransformerActorCriticPolicy(BasePolicy):
+    """Actor-critic policy whose actor is a Hugging Face causal LM.
+
+    The actor's next-token distribution at temperature ``temperature`` is the policy: ``predict()`` samples
+    from it, log-probs and entropies are computed from it, and :class:`sb3_rlhf.RLHFPPO` generates with it.
+    The critic is a linear value head on the actor's last hidden state (``value_head="shared"``, one forward
+    gives both) or on a separate copy of the backbone (``value_head="separate"``). Pretrained weights are
+    used as loaded: no orthogonal initialisation. Dropout is switched off so that π/π_old is exactly 1 on the
+    first PPO step. Models are named by path (or config), never pickled into the SB3 zip.
+
+    :param observation_space: the :class:`~sb3_rlhf.TokenGenerationEnv` observation space.
+    :param action_space: ``Discrete(len(tokenizer))``.
+    :param lr_schedule: learning-rate schedule (from the algorithm).
+    :param model_name_or_path: local folder of a causal LM (``save_pretrained`` layout).
+    :param model_config: instead of a path, a config (``PretrainedConfig.to_dict()``) for a randomly initialised model.
+    :param value_head: ``"shared"`` (head on the actor's backbone) or ``"separate"`` (its own backbone).
+    :param critic_model_name_or_path: backbone for a separate critic; defaults to the actor's weights.
+    :param temperature: sampling temperature; log-probs are computed at the same temperature.
+    :param dtype: backbone dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); the value head stays float32.
+    :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
+    :param gradient_checkpointing: trade compute for memory in the update.
+    :param optimizer_class: optimizer (default AdamW).
+    :param optimizer_kwargs: extra optimizer arguments.
+    :param use_sde: must be False (SB3 passes it to every on-policy policy).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        model_name_or_path: str | None = None,
+        model_config: PretrainedConfig | dict[str, Any] | None = None,
+        value_head: str = "shared",
+        critic_model_name_or_path: str | None = None,
+        temperature: float = 1.0,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.AdamW,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        use_sde: bool = False,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            normalize_images=False,
+        )
+        if use_sde:
+            raise ValueError("use_sde=True is meaningless for token actions: leave it False")
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError("TransformerActorCriticPolicy needs a Discrete token action space (TokenGenerationEnv)")
+        if (model_name_or_path is None) == (model_config is None):
+            raise ValueError(
+                "pass exactly one of policy_kwargs['model_name_or_path'] (a local model folder) "
+                "or policy_kwargs['model_config'] (a config dict for a random model)"
+            )
+        if value_head not in ("shared", "separate"):
+            raise ValueError(f"value_head must be 'shared' or 'separate', got {value_head!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model_name_or_path = model_name_or_path
+        self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
+        self.value_head_kind = value_head
+        self.critic_model_name_or_path = critic_model_name_or_path
+        self.temperature = float(temperature)
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.gradient_checkpointing = gradient_checkpointing
+        self.n_actions = int(action_space.n)
+
+        if model_name_or_path is not None:
+            self.actor = load_causal_lm(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
+        vocab = self.actor.get_output_embeddings().weight.shape[0]
+        if vocab < self.n_actions:
+            raise ValueError(
+                f"the tokenizer has {self.n_actions} tokens but the model's vocabulary has {vocab}: "
+                "resize it with model.resize_token_embeddings(len(tokenizer)) and save it again"
+            )
+        self.critic: PreTrainedModel | None = None
+        if value_head == "separate":
+            self.critic = load_backbone(
+                critic_model_name_or_path or model_name_or_path,
+                None if (critic_model_name_or_path or model_name_or_path) else self.model_config,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+        for model in (self.actor, self.critic):
+            if model is not None:
+                _disable_dropout(model)
+                if gradient_checkpointing:
+                    model.gradient_checkpointing_enable()
+        hidden_size = (self.critic or self.actor).get_input_embeddings().embedding_dim
+        self.value_head = th.nn.Linear(hidden_size, 1)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            model_name_or_path=self.model_name_or_path,
+            model_config=self.model_config,
+            value_head=self.value_head_kind,
+            critic_model_name_or_path=self.critic_model_name_or_path,
+            temperature=self.temperature,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        return data
+
+    # ------------------------------------------------------------------ values
+    def _values_from_hidden(self, hidden: th.Tensor) -> th.Tensor:
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def _critic_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int) -> th.Tensor:
+        assert self.critic is not None
+        out = self.critic(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        )
+        return out.last_hidden_state[:, -n_positions:]
+
+    # ------------------------------------------------------------------ per-step SB3 API (one forward per token)
+    def _step_outputs(self, obs: PyTorchObs, with_values: bool) -> tuple[th.Tensor, th.Tensor | None]:
+        input_ids, attention_mask = _obs_tensors(obs)
+        shared = with_values and self.critic is None
+        logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
+        logits = logits[:, -1, : self.n_actions] / self.temperature
+        values = None
+        if with_values:
+            hidden = hidden if shared else self._critic_hidden(input_ids, attention_mask, 1)
+            values = self._values_from_hidden(hidden[:, -1])
+        return logits, values
+
+    def get_distribution(self, obs: PyTorchObs) -> CategoricalDistribution:
+        logits, _ = self._step_outputs(obs, with_values=False)
+        return CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:return: ``actions (batch,)``, ``values (batch, 1)``, ``log_prob (batch,)``, as SB3's ActorCriticPolicy."""
+        logits, values = self._step_outputs(obs, with_values=True)
+        distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values.unsqueeze(-1), distribution.log_prob(actions)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` for SB3's PPO."""
+        logits, values = self._step_outputs(obs, with_values=True)
+        distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
+        actions = actions.reshape(-1).long()
+        return values.unsqueeze(-1), distribution.log_prob(actions), distribution.entropy()
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        return self._step_outputs(obs, with_values=True)[1].unsqueeze(-1)
+
+    def action_log_prob(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+        """log π(action | obs) at the policy temperature: ``(batch,)`` float32."""
+        logits, _ = self._step_outputs(obs, with_values=False)
+        return logprobs_of_tokens(logits, actions.reshape(-1).long())
+
+    # ------------------------------------------------------------------ batched fast path
+    @th.no_grad()
+    def generate(
+        self,
+        input_ids: th.Tensor,
+        attention_mask: th.Tensor,
+        max_new_tokens: int,
+        stop_token_ids: tuple[int, ...],
+        pad_token_id: int,
+        deterministic: bool = False,
+    ) -> th.Tensor:
+        """Sample responses for left-padded prompts with one ``generate()`` call (KV cache).
+
+        :param input_ids: ``(batch, P)`` int64 left-padded prompts.
+        :param attention_mask: ``(batch, P)`` int64.
+        :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop token.
+        """
+        config = GenerationConfig(
+            do_sample=not deterministic,
+            temperature=self.temperature if not deterministic else None,
+            top_k=0 if not deterministic else None,
+            top_p=1.0 if not deterministic else None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_token_ids),
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )
+        processors = LogitsProcessorList()
+        if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
+            processors.append(_SuppressTokensFrom(self.n_actions))
+        was_training = self.actor.training
+        self.actor.eval()
+        sequences = self.actor.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+        )
+        self.actor.train(was_training)
+        return sequences[:, input_ids.shape[1] :]
+
+    def evaluate_sequences(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int, with_entropy: bool = True
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """One teacher-forced forward over ``[prompt (P) | response (T)]``.
+
+        :param input_ids: ``(batch, P + T)`` int64.
+        :param attention_mask: ``(batch, P + T)`` int64, 0 on padding (both sides).
+        :param response_length: ``T``.
+        :return: ``logprobs (batch, T)`` float32 of the response tokens, ``values (batch, T + 1)`` float32 of the
+            states s_0..s_T (``values[:, t]`` is V of the prompt plus ``t`` tokens), ``entropy (batch, T) | None``.
+        """
+        shared = self.critic is None
+        logits, hidden = response_logits(
+            self.actor, input_ids, attention_mask, response_length, self.temperature, self.n_actions, shared
+        )
+        if not shared:
+            hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
+        logprobs = logprobs_of_tokens(logits, input_ids[:, -response_length:])
+        entropy = entropy_from_logits(logits) if with_entropy else None
+        return logprobs, self._values_from_hidden(hidden), entropy
+
+    def make_reference_model(self) -> PreTrainedModel:
+        """A frozen copy of the actor as it is now: the KL reference when none is given."""
+        return freeze(copy.deepcopy(self.actor))
+
+    def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
+        """Export the actor (and ``tokenizer``) so that plain transformers loads it.
+
+        The folder is written next to ``path`` first and renamed into place, so a crash never leaves a half
+        written export; an existing export at ``path`` is replaced.
+        """
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+        try:
+            self.actor.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+                os.replace(path, os.path.join(old, "export"))
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+
+
+def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+    if not isinstance(obs, dict) or "input_ids" not in obs or "attention_mask" not in obs:
+        raise ValueError("observation must be a dict with 'input_ids' and 'attention_mask' (a TokenGenerationEnv observation)")
+    input_ids, attention_mask = obs["input_ids"].long(), obs["attention_mask"].long()
+    if input_ids.dim() == 1:
+        input_ids, attention_mask = input_ids.unsqueeze(0), attention_mask.unsqueeze(0)
+    return input_ids, attention_mask

@@ -1,0 +1,3 @@
+from sb3_rlhf.ppo.ppo import RLHFPPO
+
+__all__ = ["RLHFPPO"]

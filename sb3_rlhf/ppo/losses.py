@@ -1,0 +1,74 @@
+"""The PPO objective on response tokens, written as the paper states it (Schulman et al. 2017)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch as th
+
+from sb3_rlhf.common.sequences import masked_mean
+
+
+class PPOLosses(NamedTuple):
+    """``loss = pg_loss + ent_coef·entropy_loss + vf_coef·value_loss``; the rest are diagnostics (floats)."""
+
+    loss: th.Tensor
+    pg_loss: th.Tensor
+    value_loss: th.Tensor
+    entropy_loss: th.Tensor
+    approx_kl: float
+    clip_fraction: float
+
+
+def ppo_losses(
+    logprobs: th.Tensor,
+    old_logprobs: th.Tensor,
+    advantages: th.Tensor,
+    values: th.Tensor,
+    old_values: th.Tensor,
+    returns: th.Tensor,
+    entropy: th.Tensor,
+    mask: th.Tensor,
+    clip_range: float,
+    clip_range_vf: float | None,
+    ent_coef: float,
+    vf_coef: float,
+) -> PPOLosses:
+    """PPO losses, each a masked mean over real response tokens. Every tensor is ``(batch, T)``.
+
+    :param logprobs: log π_θ(a_t|s_t) now (with gradient).
+    :param old_logprobs: log π_θ_old(a_t|s_t) from the rollout.
+    :param advantages: Â_t (already whitened if asked).
+    :param values: V_θ(s_t) now (with gradient).
+    :param old_values: V_θ_old(s_t) from the rollout.
+    :param returns: R_t = Â_t + V_old(s_t) (before whitening).
+    :param entropy: H[π_θ(·|s_t)].
+    :param mask: bool, the real response tokens.
+    """
+    # ratio r_t(θ) = π_θ(a_t|s_t) / π_θ_old(a_t|s_t)
+    log_ratio = logprobs - old_logprobs
+    ratio = th.exp(log_ratio)
+
+    # L^CLIP = −E_t[ min(r_t Â_t, clip(r_t, 1−ε, 1+ε) Â_t) ]
+    pg_loss_unclipped = -advantages * ratio
+    pg_loss_clipped = -advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    pg_loss = masked_mean(th.max(pg_loss_unclipped, pg_loss_clipped), mask)
+
+    # L^VF = ½ E_t[ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²) ]
+    value_loss_unclipped = (values - returns) ** 2
+    if clip_range_vf is None:
+        value_loss = 0.5 * masked_mean(value_loss_unclipped, mask)
+    else:
+        values_clipped = old_values + th.clamp(values - old_values, -clip_range_vf, clip_range_vf)
+        value_loss = 0.5 * masked_mean(th.max(value_loss_unclipped, (values_clipped - returns) ** 2), mask)
+
+    # Entropy bonus: minimising −H maximises the entropy.
+    entropy_loss = -masked_mean(entropy, mask)
+
+    loss = pg_loss + ent_coef * entropy_loss + vf_coef * value_loss
+
+    with th.no_grad():
+        # k3 estimate of KL(π_old ‖ π_θ), as SB3: E[(r − 1) − log r]
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask).item()
+        clip_fraction = masked_mean(((ratio - 1).abs() > clip_range).float(), mask).item()
+    return PPOLosses(loss, pg_loss, value_loss, entropy_loss, approx_kl, clip_fraction)

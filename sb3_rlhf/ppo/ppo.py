@@ -1,0 +1,376 @@
+"""RLHFPPO: SB3's PPO with a batched rollout for language models (generate + teacher-forced passes)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+from sb3_rlhf.buffers import SequenceRolloutBuffer
+from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+from sb3_rlhf.ppo.losses import ppo_losses
+from sb3_rlhf.rewards.base import RewardWrapper, reward_wrappers
+
+SelfRLHFPPO = TypeVar("SelfRLHFPPO", bound="RLHFPPO")
+
+
+class RLHFPPO(PPO):
+    """Proximal Policy Optimization for language models (Schulman et al. 2017; Ziegler et al. 2019).
+
+    One timestep is one generated token. A rollout samples ``n_episodes`` prompts from the env, generates
+    all responses with ``generate()`` and the KV cache, computes old log-probs and values in one
+    teacher-forced pass, asks the env's reward wrappers for every reward term in one batch, and runs GAE
+    over response tokens. The update runs ``n_epochs`` over minibatches of ``batch_size`` episodes, one
+    forward each: clipped surrogate, clipped value loss, entropy bonus, gradient clipping, early stop on
+    ``target_kl``. Everything else is SB3's PPO: schedules, callbacks, logger, ``save``/``load``.
+
+    :param policy: :class:`~sb3_rlhf.TransformerActorCriticPolicy` (or its name).
+    :param env: a :class:`~sb3_rlhf.TokenGenerationEnv` under its reward wrappers (one env: episodes are
+        batched inside the rollout, not across a VecEnv).
+    :param learning_rate: learning rate, constant or schedule of the remaining progress.
+    :param n_episodes: episodes (prompts) per rollout.
+    :param batch_size: episodes per minibatch.
+    :param n_epochs: passes over the rollout per update.
+    :param gamma: discount factor (1.0: the reward model judges the whole response).
+    :param gae_lambda: GAE λ.
+    :param clip_range: PPO clip ε (float or schedule).
+    :param clip_range_vf: value clip (float or schedule); ``None`` for an unclipped value loss.
+    :param normalize_advantage: whiten advantages over all response tokens of the rollout.
+    :param ent_coef: entropy bonus coefficient.
+    :param vf_coef: value loss coefficient.
+    :param max_grad_norm: gradient clipping norm.
+    :param target_kl: stop the epochs early when the approximate KL to the rollout policy exceeds 1.5×this.
+    :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
+    :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
+    :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
+    :param tensorboard_log: TensorBoard log folder.
+    :param policy_kwargs: for the policy; models are named by path (``model_name_or_path``).
+    :param verbose: 0 silent, 1 info.
+    :param seed: seed of every RNG (prompt sampling, generation, minibatch order).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    :param _init_setup_model: build the model now (SB3's ``load`` passes False).
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"TransformerActorCriticPolicy": TransformerActorCriticPolicy}
+    rollout_buffer: SequenceRolloutBuffer
+    policy: TransformerActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[TransformerActorCriticPolicy],
+        env: GymEnv | str | None,
+        learning_rate: float | Schedule = 1e-5,
+        n_episodes: int = 64,
+        batch_size: int = 16,
+        n_epochs: int = 4,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: float | Schedule | None = 0.2,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 1.0,
+        target_kl: float | None = None,
+        generation_batch_size: int | None = None,
+        bootstrap_truncated: bool = False,
+        n_logged_samples: int = 4,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size), ("n_epochs", n_epochs)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be a positive integer or None, got {generation_batch_size!r}")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            # SB3 sizes the rollout buffer by n_steps per env: here that is episodes per rollout.
+            n_steps=n_episodes,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            clip_range=clip_range,
+            clip_range_vf=clip_range_vf,
+            normalize_advantage=normalize_advantage,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            rollout_buffer_class=SequenceRolloutBuffer,
+            rollout_buffer_kwargs={"bootstrap_truncated": bootstrap_truncated},
+            target_kl=target_kl,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+        )
+        self.n_episodes = n_episodes
+        self.generation_batch_size = generation_batch_size
+        self.bootstrap_truncated = bootstrap_truncated
+        self.n_logged_samples = n_logged_samples
+        if self.env is not None:
+            self._single_env()
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ env access
+    def _single_env(self) -> gym.Env:
+        env = self.env
+        if not isinstance(env, DummyVecEnv) or env.num_envs != 1:
+            raise ValueError(
+                "RLHFPPO batches episodes inside its rollout: pass one TokenGenerationEnv (under its reward "
+                "wrappers), not a VecEnv; set n_episodes for more episodes per rollout"
+            )
+        if not isinstance(env.envs[0].unwrapped, TokenGenerationEnv):
+            raise TypeError(f"RLHFPPO needs a TokenGenerationEnv, got {type(env.envs[0].unwrapped).__name__}")
+        return env.envs[0]
+
+    @property
+    def generation_env(self) -> TokenGenerationEnv:
+        """The unwrapped TokenGenerationEnv (prompts, tokenizer, limits)."""
+        return self._single_env().unwrapped  # type: ignore[return-value]
+
+    @property
+    def reward_wrappers(self) -> list[RewardWrapper]:
+        """The env's reward wrappers, outermost first."""
+        return reward_wrappers(self._single_env())
+
+    def _bind_reward_wrappers(self) -> None:
+        wrappers = self.reward_wrappers
+        if not wrappers:
+            raise ValueError(
+                "the env has no reward: wrap it with sb3_rlhf.rewards.RewardFunctionWrapper or RewardModelWrapper "
+                "(and KLPenaltyWrapper to stay near the reference model)"
+            )
+        for wrapper in wrappers:
+            wrapper.bind(self.policy)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.env is not None:
+            self._bind_reward_wrappers()
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset=force_reset)
+        self._single_env()
+        self._bind_reward_wrappers()
+
+    # ------------------------------------------------------------------ rollout
+    def collect_rollouts(  # type: ignore[override]
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: SequenceRolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """Generate ``n_rollout_steps`` episodes in batches and store them with their rewards.
+
+        Callbacks see one ``on_step()`` per generated token, after generation, so step-based callbacks
+        (checkpoints, progress bar) count timesteps as SB3 does.
+        """
+        gen_env = self.generation_env
+        wrappers = self.reward_wrappers
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        for wrapper in wrappers:
+            wrapper.on_rollout_start()
+        callback.on_rollout_start()
+
+        indices = gen_env.sample_prompt_indices(n_rollout_steps)
+        chunk = self.generation_batch_size or n_rollout_steps
+        episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
+        terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
+        for start in range(0, n_rollout_steps, chunk):
+            batch_indices = indices[start : start + chunk]
+            prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in gen_env.prompt_batch(batch_indices))
+            response_ids = self.policy.generate(
+                prompt_ids, prompt_mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id
+            )
+            batch = GenerationBatch.from_generation(gen_env, batch_indices, prompt_ids, prompt_mask, response_ids)
+            with th.no_grad():
+                logprobs, values, _ = self.policy.evaluate_sequences(
+                    batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
+                )
+            logprobs = logprobs * batch.response_mask
+            batch.logprobs = logprobs
+            rewards = th.zeros_like(logprobs)
+            for wrapper in wrappers:
+                term = wrapper.batch_rewards(batch)
+                terms_per_episode[wrapper.name].append(term.sum(-1).cpu())
+                rewards = rewards + term
+            rollout_buffer.add(
+                prompt_ids, prompt_mask, batch.response_ids, batch.response_mask, logprobs, values, rewards, batch.terminated
+            )
+            episodes["reward"] += rewards.sum(-1).tolist()
+            episodes["length"] += batch.lengths.tolist()
+            episodes["eos"] += batch.terminated.tolist()
+            episodes["neg_logprob"] += (-logprobs.sum(-1)).tolist()
+            episodes["infos"] += batch.infos
+
+        elapsed = time.time() - self.start_time / 1e9
+        for i, (reward, length) in enumerate(zip(episodes["reward"], episodes["length"])):
+            info = {**episodes["infos"][i], "episode": {"r": reward, "l": length, "t": round(elapsed, 6)}}
+            self.ep_info_buffer.append(info["episode"])
+            for t in range(length):
+                self.num_timesteps += 1
+                done = t == length - 1
+                callback.update_locals(
+                    {"dones": np.array([done]), "infos": [info if done else {}], "rewards": np.zeros(1, dtype=np.float32)}
+                )
+                if not callback.on_step():
+                    return False
+
+        rollout_buffer.compute_returns_and_advantage(normalize_advantage=self.normalize_advantage)
+        self._log_rollout(wrappers, episodes, {k: th.cat(v) for k, v in terms_per_episode.items()})
+        for wrapper in wrappers:
+            wrapper.on_rollout_end()
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _log_rollout(
+        self, wrappers: list[RewardWrapper], episodes: dict[str, list[Any]], terms: dict[str, th.Tensor]
+    ) -> None:
+        """RLHF metrics under ``rlhf/`` (TRL's names where they exist) and a few samples as text."""
+        n = len(episodes["reward"])
+        scores = sum((terms[w.name] for w in wrappers if w.is_score), th.zeros(n))
+        non_scores = sum((terms[w.name] for w in wrappers if not w.is_score), th.zeros(n))
+        record = self.logger.record
+        record("rlhf/scores", scores.mean().item())
+        record("rlhf/non_score_reward", non_scores.mean().item())
+        record("rlhf/rlhf_reward", (scores + non_scores).mean().item())
+        for name, values in terms.items():
+            record(f"rlhf/reward_terms/{name}", values.mean().item())
+        for wrapper in wrappers:
+            for key, value in wrapper.rollout_stats().items():
+                record(f"rlhf/{key}", value)
+        record("rlhf/entropy", float(np.mean(episodes["neg_logprob"])))
+        record("rlhf/response_length", float(np.mean(episodes["length"])))
+        record("rlhf/eos_fraction", float(np.mean(episodes["eos"])))
+        if self.n_logged_samples > 0:
+            self._log_samples(episodes["infos"][: self.n_logged_samples], scores, episodes["reward"])
+
+    def _log_samples(self, infos: list[dict[str, Any]], scores: th.Tensor, rewards: list[float]) -> None:
+        writers = [f.writer for f in self.logger.output_formats if isinstance(f, TensorBoardOutputFormat)]
+        if not writers:
+            return
+
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        rows = ["| prompt | completion | score | reward |", "|---|---|---|---|"]
+        for i, info in enumerate(infos):
+            rows.append(f"| {cell(info['prompt'])} | {cell(info['completion'])} | {scores[i]:.3f} | {rewards[i]:.3f} |")
+        for writer in writers:
+            writer.add_text("rlhf/samples", "\n".join(rows), self.num_timesteps)
+
+    # ------------------------------------------------------------------ update
+    def train(self) -> None:
+        """PPO epochs over minibatches of sequences (CleanRL-style, token-level masked means)."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+
+        pg_losses, value_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for mb in self.rollout_buffer.get(self.batch_size):
+                mask = mb.response_mask
+                logprobs, values, entropy = self.policy.evaluate_sequences(
+                    mb.input_ids, mb.attention_mask, mask.shape[1]
+                )
+                losses = ppo_losses(
+                    logprobs,
+                    mb.old_logprobs,
+                    mb.advantages,
+                    values[:, :-1],  # V(s_t) for the states where a token was chosen
+                    mb.old_values,
+                    mb.returns,
+                    entropy,
+                    mask,
+                    clip_range,
+                    clip_range_vf,
+                    self.ent_coef,
+                    self.vf_coef,
+                )
+                approx_kl = losses.approx_kl
+                approx_kls.append(approx_kl)
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
+                    break
+
+                pg_losses.append(losses.pg_loss.item())
+                value_losses.append(losses.value_loss.item())
+                entropy_losses.append(losses.entropy_loss.item())
+                clip_fractions.append(losses.clip_fraction)
+
+                self.policy.optimizer.zero_grad()
+                losses.loss.backward()
+                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        buffer = self.rollout_buffer
+        valid = buffer.response_mask.bool()
+        explained_var = explained_variance(
+            buffer.values[:, :-1][valid].cpu().numpy(), buffer.returns[valid].cpu().numpy()
+        )
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses) if entropy_losses else float("nan"))
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses) if pg_losses else float("nan"))
+        self.logger.record("train/value_loss", np.mean(value_losses) if value_losses else float("nan"))
+        self.logger.record("train/approx_kl", np.mean(approx_kls))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions) if clip_fractions else float("nan"))
+        self.logger.record("train/loss", losses.loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def learn(  # type: ignore[override]
+        self: SelfRLHFPPO,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 1,
+        tb_log_name: str = "RLHFPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfRLHFPPO:
+        """Train for ``total_timesteps`` generated tokens (SB3's ``learn``)."""
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

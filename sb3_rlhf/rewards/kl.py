@@ -1,0 +1,165 @@
+"""KLPenaltyWrapper: per-token penalty −β·KL(π ‖ π_ref) that keeps the policy near a reference model."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from transformers import PreTrainedModel
+
+from sb3_rlhf.common.forward import next_token_logits, response_logprobs
+from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.kl_controllers import AdaptiveKLController, FixedKLController
+from sb3_rlhf.common.models import freeze, load_causal_lm
+from sb3_rlhf.common.sequences import logprobs_of_tokens
+from sb3_rlhf.rewards.base import RewardWrapper
+
+if TYPE_CHECKING:
+    from sb3_rlhf.policies import TransformerActorCriticPolicy
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: th.Tensor, ref_logprobs: th.Tensor, estimator: str = "k1") -> th.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from sampled tokens (Schulman, "Approximating KL divergence").
+
+    With log r = log π_ref(a|s) − log π(a|s), a ~ π:
+      k1 = −log r              (unbiased, can be negative per token)
+      k2 = (log r)² / 2        (biased, low variance)
+      k3 = (r − 1) − log r     (unbiased, always ≥ 0)
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return th.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: use one of {KL_ESTIMATORS}")
+
+
+class KLPenaltyWrapper(RewardWrapper):
+    """Reward −β·kl_t on every response token, kl_t the per-token KL estimate between the policy and a frozen
+    reference model (the initial policy unless ``ref_model`` is given), both at the policy's temperature.
+
+    β is fixed (``target=None``) or adapted towards ``target`` by the controller of Ziegler et al. after each
+    rollout (after each episode in the ``step()`` path).
+
+    :param env: the environment to wrap.
+    :param coef: β, or its initial value with a target.
+    :param ref_model: the reference (model or local folder); ``None``: a frozen copy of the policy when
+        :class:`~sb3_rlhf.RLHFPPO` binds it.
+    :param target: target KL per episode (nats) for the adaptive controller; ``None`` keeps β fixed.
+    :param horizon: the adaptive controller's horizon, in episodes.
+    :param estimator: ``"k1"`` (default, as in Ziegler et al. and TRL), ``"k2"`` or ``"k3"``.
+    :param policy: the policy, when this env is stepped by an agent other than RLHFPPO (which binds its own).
+    :param name: key of the term in ``info["reward_terms"]`` and the logs.
+    """
+
+    is_score = False
+
+    def __init__(
+        self,
+        env: gym.Env,
+        coef: float = 0.05,
+        ref_model: PreTrainedModel | str | None = None,
+        target: float | None = None,
+        horizon: int = 10_000,
+        estimator: str = "k1",
+        policy: TransformerActorCriticPolicy | None = None,
+        name: str = "kl_penalty",
+    ) -> None:
+        super().__init__(env, name)
+        if estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {estimator!r}: use one of {KL_ESTIMATORS}")
+        self.kl_controller = FixedKLController(coef) if target is None else AdaptiveKLController(coef, target, horizon)
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model = load_causal_lm(str(ref_model))
+        self.ref_model = None if ref_model is None else freeze(ref_model)
+        self.estimator = estimator
+        self.policy: TransformerActorCriticPolicy | None = None
+        self._episode_kl = 0.0
+        self._rollout_kl: list[th.Tensor] = []
+        if policy is not None:
+            self.bind(policy)
+
+    @property
+    def coef(self) -> float:
+        """The current β."""
+        return self.kl_controller.value
+
+    def bind(self, policy: TransformerActorCriticPolicy) -> None:
+        self.policy = policy
+        if self.ref_model is None:
+            self.ref_model = policy.make_reference_model()
+        self.ref_model.to(policy.device)
+        if self.ref_model.get_output_embeddings().weight.shape[0] < policy.n_actions:
+            raise ValueError("the reference model's vocabulary is smaller than the policy tokenizer: use the policy's base model")
+
+    def _require_bound(self) -> TransformerActorCriticPolicy:
+        if self.policy is None or self.ref_model is None:
+            raise RuntimeError(
+                "KLPenaltyWrapper has no policy: RLHFPPO binds it automatically; for another agent pass policy="
+            )
+        return self.policy
+
+    # ------------------------------------------------------------------ step path
+    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+        self._episode_kl = 0.0
+        return super().reset(**kwargs)
+
+    @th.no_grad()
+    def step_reward(self, obs_before: dict[str, np.ndarray] | None, action: Any, done: bool, info: dict) -> float:
+        policy = self._require_bound()
+        if obs_before is None:
+            raise RuntimeError("call reset() before step()")
+        obs_t = {k: th.as_tensor(v, device=policy.device).unsqueeze(0) for k, v in obs_before.items()}
+        action_t = th.as_tensor([int(np.asarray(action).item())], device=policy.device)
+        logprob = policy.action_log_prob(obs_t, action_t)
+        ref_logits = next_token_logits(
+            self.ref_model, obs_t["input_ids"].long(), obs_t["attention_mask"].long(), policy.temperature, policy.n_actions
+        )
+        kl = kl_estimate(logprob, logprobs_of_tokens(ref_logits, action_t), self.estimator).item()
+        reward = -self.coef * kl
+        self._episode_kl += kl
+        if done:
+            self.kl_controller.update(self._episode_kl, 1)
+        return reward
+
+    # ------------------------------------------------------------------ batch path
+    @th.no_grad()
+    def batch_rewards(self, batch: GenerationBatch) -> th.Tensor:
+        policy = self._require_bound()
+        if batch.logprobs is None:
+            raise ValueError("the batch has no policy log-probs: the algorithm fills batch.logprobs before scoring")
+        ref_logprobs = response_logprobs(
+            self.ref_model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_length,
+            policy.temperature,
+            policy.n_actions,
+        )
+        kl = kl_estimate(batch.logprobs, ref_logprobs, self.estimator) * batch.response_mask
+        self._rollout_kl.append(kl.sum(-1).float().cpu())
+        return -self.coef * kl
+
+    def on_rollout_start(self) -> None:
+        self._rollout_kl = []
+
+    def rollout_kl(self) -> th.Tensor:
+        """KL per episode (summed over its tokens) of the episodes scored since the rollout started."""
+        return th.cat(self._rollout_kl) if self._rollout_kl else th.zeros(0)
+
+    def on_rollout_end(self) -> None:
+        kl = self.rollout_kl()
+        if len(kl):
+            self.kl_controller.update(kl.mean().item(), len(kl))
+
+    def rollout_stats(self) -> dict[str, float]:
+        """β used for this rollout's rewards and the mean KL per episode (summed over its tokens)."""
+        kl = self.rollout_kl()
+        return {"kl_coef": self.coef, **({"kl": kl.mean().item()} if len(kl) else {})}

@@ -1,0 +1,42 @@
+"""Shared test helpers: a policy built straight from an env, a generated batch, a step-path replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+
+from sb3_rlhf import TransformerActorCriticPolicy
+from sb3_rlhf.common.generation import GenerationBatch
+
+
+def make_policy(env, model_path: str, **kwargs) -> TransformerActorCriticPolicy:
+    return TransformerActorCriticPolicy(
+        env.observation_space, env.action_space, lambda _: 1e-4, model_name_or_path=model_path, **kwargs
+    )
+
+
+def generate_batch(policy, env, indices, seed: int = 0) -> GenerationBatch:
+    """Sample responses for ``indices`` and fill the old log-probs, as RLHFPPO's rollout does."""
+    gen_env = env.unwrapped
+    th.manual_seed(seed)
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in gen_env.prompt_batch(indices))
+    response = policy.generate(prompt_ids, prompt_mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id)
+    batch = GenerationBatch.from_generation(gen_env, indices, prompt_ids, prompt_mask, response)
+    with th.no_grad():
+        logprobs, _, _ = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    batch.logprobs = logprobs * batch.response_mask
+    return batch
+
+
+def replay_through_step(env, batch: GenerationBatch) -> tuple[np.ndarray, list[dict]]:
+    """Feed each episode's tokens to ``env.step`` and collect per-token rewards ``(batch, T)`` and final infos."""
+    rewards = np.zeros(batch.response_mask.shape, dtype=np.float64)
+    infos = []
+    for row, (prompt_index, length) in enumerate(zip(batch.prompt_indices, batch.lengths.tolist())):
+        env.reset(options={"prompt_index": int(prompt_index)})
+        for t, token in enumerate(batch.response_ids[row, :length].tolist()):
+            _, reward, terminated, truncated, info = env.step(token)
+            rewards[row, t] = reward
+            assert (terminated or truncated) == (t == length - 1)
+        infos.append(info)
+    return rewards, infos
