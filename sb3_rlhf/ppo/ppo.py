@@ -288,6 +288,12 @@ class RLHFPPO(PPO):
         for writer in writers:
             writer.add_text("rlhf/samples", "\n".join(rows), self.num_timesteps)
 
+    def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
+        # A rollout generates a variable number of tokens and can overshoot total_timesteps: without the clamp a
+        # linear schedule would hand the last update a negative learning rate.
+        super()._update_current_progress_remaining(num_timesteps, total_timesteps)
+        self._current_progress_remaining = max(0.0, self._current_progress_remaining)
+
     # ------------------------------------------------------------------ update
     def train(self) -> None:
         """PPO epochs over minibatches of sequences (CleanRL-style, token-level masked means)."""

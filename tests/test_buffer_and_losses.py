@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from sb3_rlhf.buffers import SequenceRolloutBuffer
+from sb3_rlhf.common.sequences import masked_mean, masked_whiten, response_mask_until_stop
+from sb3_rlhf.ppo.losses import ppo_losses
+
+
+def filled_buffer(bootstrap_truncated: bool) -> SequenceRolloutBuffer:
+    space = spaces.Dict({"input_ids": spaces.Box(0, 9, (4,), dtype=int)})
+    buffer = SequenceRolloutBuffer(
+        2, space, spaces.Discrete(10), device="cpu", gamma=0.9, gae_lambda=0.8, bootstrap_truncated=bootstrap_truncated
+    )
+    # episode A: prompt of 2, 3 response tokens ending in EOS (terminated)
+    buffer.add(
+        prompt_ids=th.tensor([[5, 6]]),
+        prompt_mask=th.tensor([[1, 1]]),
+        response_ids=th.tensor([[7, 8, 1]]),
+        response_mask=th.tensor([[True, True, True]]),
+        logprobs=th.tensor([[-1.0, -1.0, -1.0]]),
+        values=th.tensor([[0.5, 0.6, 0.7, 0.9]]),
+        rewards=th.tensor([[0.0, 0.0, 1.0]]),
+        terminated=th.tensor([True]),
+    )
+    # episode B, another chunk with other widths: prompt of 1, 2 response tokens, cut off (truncated)
+    buffer.add(
+        prompt_ids=th.tensor([[4]]),
+        prompt_mask=th.tensor([[1]]),
+        response_ids=th.tensor([[3, 3]]),
+        response_mask=th.tensor([[True, True]]),
+        logprobs=th.tensor([[-2.0, -2.0]]),
+        values=th.tensor([[0.1, 0.2, 0.4]]),
+        rewards=th.tensor([[0.5, -0.2]]),
+        terminated=th.tensor([False]),
+    )
+    return buffer
+
+
+def test_gae_against_hand_computed_example():
+    buffer = filled_buffer(bootstrap_truncated=False)
+    buffer.compute_returns_and_advantage(normalize_advantage=False)
+    # A: δ2 = 1 − 0.7 = 0.3; δ1 = 0.9·0.7 − 0.6 = 0.03; δ0 = 0.9·0.6 − 0.5 = 0.04; γλ = 0.72
+    a2 = 0.3
+    a1 = 0.03 + 0.72 * a2
+    a0 = 0.04 + 0.72 * a1
+    # B (truncated, no bootstrap): δ1 = −0.2 − 0.2; δ0 = 0.5 + 0.9·0.2 − 0.1
+    b1 = -0.4
+    b0 = 0.58 + 0.72 * b1
+    expected = th.tensor([[a0, a1, a2], [b0, b1, 0.0]])
+    th.testing.assert_close(buffer.advantages, expected)
+    th.testing.assert_close(buffer.returns, (expected + th.tensor([[0.5, 0.6, 0.7], [0.1, 0.2, 0.0]])) * buffer.response_mask)
+    # merged layout: prompts left-padded, responses right-padded
+    assert buffer.prompt_ids.tolist() == [[5, 6], [0, 4]]
+    assert buffer.response_mask.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_gae_bootstraps_truncated_only_when_asked():
+    buffer = filled_buffer(bootstrap_truncated=True)
+    buffer.compute_returns_and_advantage(normalize_advantage=False)
+    b1 = -0.2 + 0.9 * 0.4 - 0.2
+    b0 = 0.58 + 0.72 * b1
+    th.testing.assert_close(buffer.advantages[1, :2], th.tensor([b0, b1]))
+    # the terminated episode is unaffected: V(s_T) after EOS never counts
+    assert buffer.advantages[0, 2].item() == pytest.approx(0.3)
+
+
+def test_whitening_and_minibatches_ignore_padding():
+    buffer = filled_buffer(bootstrap_truncated=False)
+    buffer.compute_returns_and_advantage(normalize_advantage=True)
+    mask = buffer.response_mask
+    assert masked_mean(buffer.advantages, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_mean(buffer.advantages**2, mask).item() == pytest.approx(1.0, abs=1e-5)
+    assert buffer.advantages[1, 2].item() == 0.0
+    th.manual_seed(0)
+    batches = list(buffer.get(batch_size=1))
+    assert len(batches) == 2
+    by_length = sorted(batches, key=lambda b: b.response_mask.shape[1])
+    short = by_length[0]
+    # the short episode's minibatch is trimmed to its own prompt and response
+    assert short.input_ids.tolist() == [[4, 3, 3]]
+    assert short.attention_mask.tolist() == [[1, 1, 1]]
+    assert short.old_values.tolist()[0] == pytest.approx([0.1, 0.2])
+
+
+def test_response_mask_until_stop():
+    ids = th.tensor([[4, 1, 0, 0], [4, 5, 6, 7], [1, 0, 0, 0]])
+    mask, terminated = response_mask_until_stop(ids, (1,))
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert terminated.tolist() == [True, False, True]
+
+
+def test_masked_whiten_zeros_padding():
+    x = th.tensor([[1.0, 2.0, 100.0]])
+    m = th.tensor([[True, True, False]])
+    assert masked_whiten(x, m).tolist()[0] == pytest.approx([-1.0, 1.0, 0.0], abs=1e-4)
+
+
+def test_ppo_loss_against_hand_computed_example():
+    mask = th.tensor([[True, True, False]])
+    old_logprobs = th.zeros(1, 3)
+    logprobs = th.log(th.tensor([[1.5, 0.9, 1.0]])).requires_grad_()
+    advantages = th.tensor([[1.0, -2.0, 5.0]])
+    values = th.tensor([[1.0, 2.0, 9.0]])
+    old_values = th.tensor([[0.5, 2.5, 0.0]])
+    returns = th.tensor([[2.0, 2.0, 0.0]])
+    entropy = th.tensor([[0.5, 1.5, 100.0]])
+    losses = ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, 0.2, 0.01, 0.5)
+    # token 0: max(−1·1.5, −1·1.2) = −1.2; token 1: max(2·0.9, 2·0.9) = 1.8
+    assert losses.pg_loss.item() == pytest.approx((-1.2 + 1.8) / 2)
+    # token 0: max((1−2)², (0.5+0.2−2)²) = 1.69; token 1: max(0, (2.5−0.2−2)²) = 0.09
+    assert losses.value_loss.item() == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert losses.entropy_loss.item() == pytest.approx(-1.0)
+    assert losses.loss.item() == pytest.approx(0.3 - 0.01 + 0.5 * 0.445)
+    kl0 = 0.5 - math.log(1.5)
+    kl1 = -0.1 - math.log(0.9)
+    assert losses.approx_kl == pytest.approx((kl0 + kl1) / 2)
+    assert losses.clip_fraction == pytest.approx(0.5)
+    losses.pg_loss.backward()
+    # clipped token: no gradient; unclipped: d/dlogp[−A·r/2] = −A·r/2 = 0.9; masked token: none
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, 0.9, 0.0])
+
+    unclipped = ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, None, 0.0, 1.0)
+    assert unclipped.value_loss.item() == pytest.approx(0.5 * (1.0 + 0.0) / 2)

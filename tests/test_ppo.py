@@ -1,0 +1,236 @@
+import glob
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+from stable_baselines3.common.vec_env import DummyVecEnv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
+from sb3_rlhf.common.callbacks import RolloutHistoryCallback
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
+from tests.conftest import make_prompts, share_of_good
+from tests.test_rewards import tiny_reward_model
+
+
+def rule_env(tokenizer, kl_coef: float = 0.02, **kl_kwargs):
+    env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    return KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=kl_coef, **kl_kwargs)
+
+
+def make_model(env, model_path, **kwargs) -> RLHFPPO:
+    settings = dict(learning_rate=1e-3, n_episodes=32, batch_size=8, n_epochs=4, seed=0)
+    settings.update(kwargs)
+    return RLHFPPO(TransformerActorCriticPolicy, env, policy_kwargs=dict(model_name_or_path=model_path), **settings)
+
+
+def test_learning_raises_the_rule_reward_with_finite_kl(tokenizer, model_path):
+    """reward = share of the word "good" in the completion: PPO must raise it clearly within a short run."""
+    model = make_model(rule_env(tokenizer), model_path)
+    history = RolloutHistoryCallback()
+    model.learn(total_timesteps=4_000, callback=history)
+    scores = [row["scores"] for row in history.history]
+    kls = [row["kl"] for row in history.history]
+    assert len(scores) >= 15
+    first, last = np.mean(scores[:2]), np.mean(scores[-3:])
+    assert first < 0.2, scores
+    assert last > first + 0.5, scores
+    assert all(np.isfinite(kls)) and max(kls) < 50
+    assert history.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the initial policy
+
+
+def test_seeded_runs_repeat_exactly(tokenizer, model_path):
+    runs = []
+    for _ in range(2):
+        model = make_model(rule_env(tokenizer), model_path)
+        history = RolloutHistoryCallback()
+        model.learn(total_timesteps=300, callback=history)
+        runs.append((model, history.history))
+    (model_a, hist_a), (model_b, hist_b) = runs
+    assert hist_a == hist_b
+    for (name, a), (_, b) in zip(model_a.policy.state_dict().items(), model_b.policy.state_dict().items()):
+        assert th.equal(a, b), name
+    different = make_model(rule_env(tokenizer), model_path, seed=1)
+    history = RolloutHistoryCallback()
+    different.learn(total_timesteps=300, callback=history)
+    assert history.history != hist_a
+
+
+def test_save_load_round_trip(tokenizer, model_path, tmp_path):
+    env = rule_env(tokenizer)
+    model = make_model(env, model_path)
+    model.learn(total_timesteps=600)
+    model.save(tmp_path / "ppo_lm.zip")
+
+    # reference and reward models stay out of the zip: only the policy's own modules, models named by path
+    with zipfile.ZipFile(tmp_path / "ppo_lm.zip") as archive:
+        state = th.load(io.BytesIO(archive.read("policy.pth")), weights_only=True)
+        data = json.loads(archive.read("data"))
+    assert set(state) == set(model.policy.state_dict())
+    assert {key.split(".")[0] for key in state} == {"actor", "value_head"}
+    assert data["policy_kwargs"] == {"model_name_or_path": model_path}
+
+    loaded = RLHFPPO.load(tmp_path / "ppo_lm.zip", env=env)
+    for name, tensor in model.policy.state_dict().items():
+        assert th.equal(tensor, loaded.policy.state_dict()[name]), name
+    gen_env = env.unwrapped
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in gen_env.prompt_batch(range(10)))
+    outputs = []
+    for m in (model, loaded):
+        th.manual_seed(123)
+        outputs.append(m.policy.generate(prompt_ids, prompt_mask, 6, gen_env.stop_token_ids, gen_env.pad_token_id))
+    assert th.equal(outputs[0], outputs[1])
+    obs, _ = gen_env.reset(seed=0)
+    assert model.predict(obs, deterministic=True)[0] == loaded.predict(obs, deterministic=True)[0]
+    # the KL reference after loading is still the initial model, not the trained one
+    kl_wrapper = loaded.reward_wrappers[0]
+    assert isinstance(kl_wrapper, KLPenaltyWrapper)
+    initial = AutoCausal(model_path).state_dict()
+    for name, tensor in kl_wrapper.ref_model.state_dict().items():
+        assert th.equal(tensor, initial[name]), name
+    loaded.learn(total_timesteps=200, reset_num_timesteps=False)
+    assert loaded.num_timesteps > model.num_timesteps
+
+
+def AutoCausal(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+class CountSteps(BaseCallback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.episode_ends = 0
+        self.rollouts = 0
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+
+    def _on_step(self) -> bool:
+        self.calls += 1
+        assert self.num_timesteps == self.model.num_timesteps
+        self.episode_ends += int(self.locals["dones"][0])
+        if self.locals["dones"][0]:
+            assert "completion" in self.locals["infos"][0]
+        return True
+
+
+def test_callbacks_progress_bar_and_schedule(tokenizer, model_path, tmp_path):
+    model = make_model(rule_env(tokenizer), model_path, learning_rate=lambda progress: 1e-3 * progress)
+    counter = CountSteps()
+    checkpoints = CheckpointCallback(save_freq=150, save_path=str(tmp_path / "ckpt"), name_prefix="lm")
+    model.learn(total_timesteps=400, callback=[counter, checkpoints], progress_bar=True)
+    assert counter.calls == model.num_timesteps >= 400
+    assert counter.episode_ends == 32 * counter.rollouts > 0
+    assert len(glob.glob(str(tmp_path / "ckpt" / "lm_*_steps.zip"))) >= 2
+    # the schedule ran down to 0 (a rollout overshoots total_timesteps; the rate never goes negative)
+    assert model.policy.optimizer.param_groups[0]["lr"] == 0.0
+    model.learn(total_timesteps=1_000, reset_num_timesteps=True)
+    lr = model.policy.optimizer.param_groups[0]["lr"]
+    assert 0 <= lr < 1e-3
+    assert lr == pytest.approx(1e-3 * model._current_progress_remaining)
+
+
+def test_callback_can_stop_training(tokenizer, model_path):
+    class StopAt(BaseCallback):
+        def _on_step(self) -> bool:
+            return self.num_timesteps < 50
+
+    model = make_model(rule_env(tokenizer), model_path)
+    model.learn(total_timesteps=10_000, callback=StopAt())
+    assert model.num_timesteps == 50
+
+
+def test_tensorboard_has_sb3_and_rlhf_keys_and_samples(tokenizer, model_path, tmp_path):
+    model = make_model(rule_env(tokenizer, target=1.0, horizon=1000), model_path, tensorboard_log=str(tmp_path / "tb"))
+    model.learn(total_timesteps=700)
+    events = glob.glob(str(tmp_path / "tb" / "RLHFPPO_1" / "events.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(events[0], size_guidance={"tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    expected = {
+        "rollout/ep_rew_mean",
+        "rollout/ep_len_mean",
+        "train/approx_kl",
+        "train/clip_fraction",
+        "train/entropy_loss",
+        "train/value_loss",
+        "train/policy_gradient_loss",
+        "train/explained_variance",
+        "train/learning_rate",
+        "time/fps",
+        "rlhf/scores",
+        "rlhf/kl",
+        "rlhf/kl_coef",
+        "rlhf/non_score_reward",
+        "rlhf/rlhf_reward",
+        "rlhf/entropy",
+        "rlhf/response_length",
+        "rlhf/eos_fraction",
+        "rlhf/reward_terms/reward_fn",
+        "rlhf/reward_terms/kl_penalty",
+    }
+    assert expected <= scalars, expected - scalars
+    betas = [event.value for event in accumulator.Scalars("rlhf/kl_coef")]
+    assert len(set(betas)) > 1  # the adaptive controller moved β
+    texts = accumulator.Tensors("rlhf/samples/text_summary")
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert "| prompt | completion | score | reward |" in table
+
+
+def test_reward_model_end_to_end(tokenizer, model_path):
+    env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    env = KLPenaltyWrapper(RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), reward_tokenizer=tokenizer), coef=0.05)
+    model = make_model(env, model_path, n_episodes=16)
+    history = RolloutHistoryCallback()
+    model.learn(total_timesteps=150, callback=history)
+    assert all(np.isfinite(row["reward_terms/reward_model"]) for row in history.history)
+
+
+def test_target_kl_stops_epochs_early(tokenizer, model_path):
+    model = make_model(rule_env(tokenizer), model_path, learning_rate=0.05, target_kl=1e-4, n_epochs=8)
+    model.learn(total_timesteps=200)
+    # without the early stop: 8 epochs per update
+    assert model._n_updates < 8 * 2
+
+
+def test_stock_sb3_ppo_runs_on_the_env_through_step(tokenizer, model_path):
+    """The env and policy are ordinary Gymnasium/SB3 pieces: SB3's own PPO trains them token by token."""
+    env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=4)
+    env = RewardFunctionWrapper(env, fn=share_of_good)
+    model = PPO(TransformerActorCriticPolicy, env, n_steps=16, batch_size=8, n_epochs=1, policy_kwargs=dict(model_name_or_path=model_path))
+    model.learn(total_timesteps=32)
+    assert model.num_timesteps == 32
+
+
+def test_algorithm_errors(tokenizer, model_path, prompts):
+    bare = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=4)
+    with pytest.raises(ValueError, match="no reward"):
+        make_model(bare, model_path)
+    vec = DummyVecEnv([lambda: RewardFunctionWrapper(TokenGenerationEnv(prompts, tokenizer), fn=share_of_good)] * 2)
+    with pytest.raises(ValueError, match="not a VecEnv"):
+        make_model(vec, model_path)
+    with pytest.raises(ValueError, match="n_episodes must be a positive integer"):
+        make_model(rule_env(tokenizer), model_path, n_episodes=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_model(rule_env(tokenizer), os.path.join(model_path, "missing"))
+
+
+def test_cli_demo(tmp_path, capsys):
+    from sb3_rlhf.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--timesteps", "1500", "--no-progress-bar"]) == 0
+    out = capsys.readouterr().out
+    assert "mean score" in out and "KL to the reference" in out
+    assert (tmp_path / "ppo_tiny.zip").exists()
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+    assert glob.glob(str(tmp_path / "tensorboard" / "*" / "events.*"))
