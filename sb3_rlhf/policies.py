@@ -170,7 +170,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         input_ids, attention_mask = _obs_tensors(obs)
         shared = with_values and self.critic is None
         logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
-        logits = logits[:, -1, : self.n_actions] / self.temperature
+        logits = logits[:, -1, : self.n_actions].float() / self.temperature
         values = None
         if with_values:
             hidden = hidden if shared else self._critic_hidden(input_ids, attention_mask, 1)

@@ -187,6 +187,14 @@ def test_tensorboard_has_sb3_and_rlhf_keys_and_samples(tokenizer, model_path, tm
     assert "| prompt | completion | score | reward |" in table
 
 
+def test_generation_in_chunks(tokenizer, model_path):
+    model = make_model(rule_env(tokenizer), model_path, n_episodes=24, generation_batch_size=8)
+    history = RolloutHistoryCallback()
+    model.learn(total_timesteps=150, callback=history)
+    assert model.rollout_buffer.prompt_ids.shape[0] == 24
+    assert len(model.ep_info_buffer) == 24 * len(history.history)
+
+
 def test_reward_model_end_to_end(tokenizer, model_path):
     env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
     env = KLPenaltyWrapper(RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), reward_tokenizer=tokenizer), coef=0.05)

@@ -93,6 +93,14 @@ def test_kl_wrapper_step_and_batch_agree_and_start_at_zero(env, gpt2_path, token
     assert "kl_penalty" in infos[0]["reward_terms"]
 
 
+def test_kl_reference_by_path(env, model_path):
+    policy = make_policy(env, model_path)
+    wrapped = KLPenaltyWrapper(env, coef=1.0, ref_model=model_path, policy=policy)
+    assert wrapped.ref_model is not policy.actor and not any(p.requires_grad for p in wrapped.ref_model.parameters())
+    batch = generate_batch(policy, wrapped, list(range(6)))
+    assert wrapped.batch_rewards(batch).abs().max().item() < 1e-6
+
+
 def test_wrappers_stack_and_terms_add_up(env, model_path):
     stacked = KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=0.1)
     policy = make_policy(env, model_path)

@@ -63,10 +63,11 @@ def response_logits(
     With ``input_ids = [prompt (P) | response (T)]``, the token at position ``P + t`` is predicted from
     position ``P + t - 1``, and the state ``s_t`` (prompt + t tokens) ends at position ``P + t - 1``.
 
-    :return: ``logits (batch, T, n_actions)`` float, ``hidden (batch, T + 1, hidden) | None``.
+    :return: ``logits (batch, T, n_actions)`` float32, ``hidden (batch, T + 1, hidden) | None``.
     """
     logits, hidden = forward_last_positions(model, input_ids, attention_mask, response_length + 1, output_hidden_states)
-    return logits[:, :-1, :n_actions] / temperature, hidden
+    # float32 before scaling: bf16 logits divided by a temperature lose the digits the PPO ratio needs
+    return logits[:, :-1, :n_actions].float() / temperature, hidden
 
 
 def response_logprobs(
@@ -87,4 +88,4 @@ def next_token_logits(
 ) -> th.Tensor:
     """Temperature-scaled logits of the next token after a left-padded window: ``(batch, n_actions)``."""
     logits, _ = forward_last_positions(model, input_ids, attention_mask, 1)
-    return logits[:, -1, :n_actions] / temperature
+    return logits[:, -1, :n_actions].float() / temperature
