@@ -59,6 +59,99 @@ def tiny_demo(out: str, timesteps: int, seed: int, device: str, progress_bar: bo
     }
 
 
+def _test_size(text: str) -> int | float:
+    value = float(text)
+    return value if value < 1 else int(value)
+
+
+def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
+    """``sb3-rlhf reward-model``: Bradley–Terry training on pairs from JSONL or a labelled CSV."""
+    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
+    from sb3_rlhf.common.models import resolve_model_path
+    from sb3_rlhf.reward_modeling import RewardModelTrainer
+
+    if args.data.lower().endswith((".csv", ".csv.gz")):
+        positives, negatives, report = load_labelled_texts(args.data, args.text_column, args.label_column, args.positive_label)
+        pairs = pairs_from_labels(positives, negatives, seed=args.seed)
+    else:
+        pairs, report = load_preference_pairs(args.data, args.chosen_key, args.rejected_key, args.prompt_key)
+    train, test = train_test_split(pairs, args.test_size, seed=args.seed)
+    trainer = RewardModelTrainer(
+        resolve_model_path(args.model),
+        None,
+        train,
+        test,
+        learning_rate=args.learning_rate,
+        head_learning_rate=args.head_learning_rate,
+        batch_size=args.batch_size,
+        n_epochs=args.epochs,
+        max_length=args.max_length,
+        pooling=args.pooling,
+        center_coef=args.center_coef,
+        tensorboard_log=os.path.join(args.out, "tensorboard"),
+        seed=args.seed,
+        device=args.device,
+    )
+    before = trainer.evaluate()
+    trainer.learn(progress_bar=not args.no_progress_bar)
+    after = trainer.evaluate()
+    trainer.save(os.path.join(args.out, "reward_model"))
+    print(report)
+    print(f"pairs: {len(train)} train, {len(test)} held out (seed {args.seed})")
+    print(f"held-out accuracy: {before['accuracy']:.3f} -> {after['accuracy']:.3f}; margin {after['margin']:.3f}, "
+          f"scores mean {after['mean']:.3f} std {after['std']:.3f}")
+    print(f"reward model saved to {os.path.join(args.out, 'reward_model')} (RewardModelWrapper(env, path) loads it)")
+    return after
+
+
+def train_sft(args: argparse.Namespace) -> dict[str, float]:
+    """``sb3-rlhf sft``: supervised fine-tuning on (prompt, response) demonstrations."""
+    from sb3_rlhf.common.data import load_demonstrations, train_test_split
+    from sb3_rlhf.common.models import resolve_model_path
+    from sb3_rlhf.sft import SFTTrainer
+
+    demos, report = load_demonstrations(args.data, args.prompt_key, args.response_key)
+    train, test = train_test_split(demos, args.test_size, seed=args.seed)
+    trainer = SFTTrainer(
+        resolve_model_path(args.model),
+        None,
+        train,
+        test,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        n_epochs=args.epochs,
+        max_length=args.max_length,
+        chat_template=False if args.no_chat_template else None,
+        checkpoint_dir=os.path.join(args.out, "checkpoints"),
+        tensorboard_log=os.path.join(args.out, "tensorboard"),
+        seed=args.seed,
+        device=args.device,
+    )
+    before = trainer.evaluate()
+    trainer.learn(progress_bar=not args.no_progress_bar)
+    after = trainer.evaluate()
+    trainer.save_pretrained(os.path.join(args.out, "model"))
+    print(report)
+    print(f"demonstrations: {len(train)} train, {len(test)} held out (seed {args.seed})")
+    print(f"held-out perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+    print(f"model saved to {os.path.join(args.out, 'model')} (use it as policy_kwargs['model_name_or_path'])")
+    return after
+
+
+def _common_training_args(parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int) -> None:
+    parser.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz file (or .csv for labelled texts)")
+    parser.add_argument("--model", required=True, help="a local model folder, or a packaged model name")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--test-size", type=_test_size, default=0.1, help="held-out share (<1) or count")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--max-length", type=int, default=max_length)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress-bar", action="store_true")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sb3-rlhf", description="RLHF for language models with Stable-Baselines3")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,9 +161,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--no-progress-bar", action="store_true")
+
+    rm = sub.add_parser("reward-model", help="train a reward model on human comparisons (Bradley–Terry)")
+    _common_training_args(rm, learning_rate=2e-5, batch_size=16, max_length=256)
+    rm.add_argument("--head-learning-rate", type=float, default=1e-3)
+    rm.add_argument("--pooling", default="auto", choices=["auto", "mean", "last", "first"])
+    rm.add_argument("--center-coef", type=float, default=0.0)
+    rm.add_argument("--prompt-key", default="prompt")
+    rm.add_argument("--chosen-key", default="chosen")
+    rm.add_argument("--rejected-key", default="rejected")
+    rm.add_argument("--text-column", default="review", help="CSV: the text column")
+    rm.add_argument("--label-column", default="sentiment", help="CSV: the label column")
+    rm.add_argument("--positive-label", default="positive", help="CSV: the preferred label")
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning of a causal LM on demonstrations")
+    _common_training_args(sft, learning_rate=5e-5, batch_size=8, max_length=512)
+    sft.add_argument("--prompt-key", default="prompt")
+    sft.add_argument("--response-key", default="response")
+    sft.add_argument("--no-chat-template", action="store_true", help="do not apply the tokenizer's chat template")
     args = parser.parse_args(argv)
 
-    if args.command == "demo":
+    if args.command == "reward-model":
+        train_reward_model(args)
+    elif args.command == "sft":
+        train_sft(args)
+    elif args.command == "demo":
         summary = tiny_demo(args.out, args.timesteps, args.seed, args.device, progress_bar=not args.no_progress_bar)
         print(f"rollouts: {summary['rollouts']}")
         print(f"mean score (share of 'good'): first rollout {summary['first_scores']:.3f} -> last {summary['last_scores']:.3f}")

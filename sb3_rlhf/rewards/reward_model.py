@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import torch as th
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.models import freeze
+from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
+from sb3_rlhf.reward_modeling.model import load_reward_model
 from sb3_rlhf.rewards.base import SequenceRewardWrapper
 
 if TYPE_CHECKING:
@@ -24,12 +26,14 @@ class RewardModelWrapper(SequenceRewardWrapper):
     Two ways to feed it:
 
     * ``reward_tokenizer`` given (or found beside a model path): each episode decoded as one text (prompt
-      and response) is re-tokenized with the reward model's own tokenizer (right-padded, truncated to ``max_length``).
+      and response) is re-tokenized with the reward model's own tokenizer, cut from the left to ``max_length``
+      (as the reward-model trainer does: the answer at the end is what is judged).
     * ``reward_tokenizer=None`` with a model object: the reward model shares the policy's vocabulary and reads
       the policy's token ids directly (no decode/re-encode).
 
     :param env: the environment to wrap.
-    :param reward_model: a ``PreTrainedModel`` or the local folder of one; it is frozen, never trained.
+    :param reward_model: a model (``PreTrainedModel`` with one label, or a
+        :class:`~sb3_rlhf.reward_modeling.RewardModel`) or the local folder of one; frozen, never trained.
     :param reward_tokenizer: its tokenizer (object or folder); ``None`` shares the policy's token ids.
     :param max_length: longest reward-model input in tokens (text path).
     :param batch_size: episodes scored per forward pass.
@@ -55,14 +59,14 @@ class RewardModelWrapper(SequenceRewardWrapper):
                     f"reward model path {str(reward_model)!r} does not exist: pass a local folder written by save_pretrained()"
                 )
             path = reward_model
-            reward_model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+            reward_model = load_reward_model(path)
             if reward_tokenizer is None and os.path.exists(os.path.join(path, "tokenizer_config.json")):
                 reward_tokenizer = path
         if not isinstance(reward_model, th.nn.Module):
             raise TypeError(f"reward_model must be a transformers model or a path, got {type(reward_model).__name__}")
         if isinstance(reward_tokenizer, (str, os.PathLike)):
             reward_tokenizer = AutoTokenizer.from_pretrained(reward_tokenizer, local_files_only=True)
-        num_labels = getattr(getattr(reward_model, "config", None), "num_labels", 1)
+        num_labels = reward_model.config.num_labels if isinstance(reward_model, PreTrainedModel) else 1
         if num_labels != 1:
             raise ValueError(f"the reward model must output one score (num_labels=1), it has num_labels={num_labels}")
         self.reward_model = freeze(reward_model)
@@ -103,11 +107,9 @@ class RewardModelWrapper(SequenceRewardWrapper):
             # Same vocabulary: read the policy's ids, right-padded (encoders read the first token, decoders the last).
             input_ids, attention_mask = batch.right_padded()
             return {"input_ids": input_ids, "attention_mask": attention_mask}
-        return dict(
-            self.reward_tokenizer(
-                batch.texts, padding=True, truncation=True, max_length=self.max_length, padding_side="right", return_tensors="pt"
-            )
-        )
+        rows = encode_keep_end(self.reward_tokenizer, batch.texts, self.max_length)
+        input_ids, attention_mask = pad_right(rows, self.reward_tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     @th.no_grad()
     def score(self, batch: GenerationBatch) -> th.Tensor:

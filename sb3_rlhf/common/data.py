@@ -1,0 +1,331 @@
+"""Data loading in one place: preference pairs, demonstrations, labelled texts, splits, data-file lookup.
+
+Every loader takes a file path (JSONL, gzip'd JSONL or CSV) or any iterable of mappings (a Hugging Face
+``datasets.Dataset`` is one), and returns the items with a :class:`LoadReport` of what was skipped and why.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+#: Environment variable naming a folder of data files (checked before ``../shared/data``).
+DATA_DIR_ENV = "SB3_RLHF_DATA_DIR"
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A human comparison: ``chosen`` was preferred to ``rejected`` as a response to ``prompt``.
+
+    ``margin`` (optional) is how strongly, e.g. a rating difference; the reward-model loss can use it.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A (prompt, response) example for supervised fine-tuning."""
+
+    prompt: str
+    response: str
+
+
+@dataclass
+class LoadReport:
+    """How many items a loader kept, and how many it skipped for each reason."""
+
+    source: str
+    loaded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def __str__(self) -> str:
+        text = f"{self.source}: {self.loaded} loaded"
+        if self.skipped:
+            text += ", skipped " + ", ".join(f"{n} ({reason})" for reason, n in self.skipped.most_common())
+        return text
+
+    def warn_if_skipped(self) -> None:
+        if self.skipped:
+            warnings.warn(str(self), stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def find_data_file(name: str, data_dir: str | None = None) -> str:
+    """Resolve a data file: an existing path as given, else ``data_dir``, ``$SB3_RLHF_DATA_DIR``, then
+    ``../shared/data`` beside the working directory or beside this checkout.
+
+    :raises FileNotFoundError: listing every place looked at.
+    """
+    if os.path.exists(name):
+        return name
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates = [d for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
+    candidates += [os.path.join(os.getcwd(), "..", "shared", "data"), os.path.join(checkout, "..", "shared", "data")]
+    for folder in candidates:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return os.path.normpath(path)
+    raise FileNotFoundError(
+        f"data file {name!r} not found (looked in: {', '.join(os.path.normpath(c) for c in candidates)}); "
+        f"pass its path or set {DATA_DIR_ENV}"
+    )
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist: check the path")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder: pass a .jsonl, .jsonl.gz or .csv file")
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file, gzip'd or not (detected from the bytes, not the name)."""
+    _check_file(path)
+    if path.endswith(".gz") and not _is_gzip(path):
+        raise ValueError(f"{path!r} ends in .gz but is not a gzip file")
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {line_number} of {path!r} is not JSON ({error.msg}): expected one JSON object per line") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"line {line_number} of {path!r} is a JSON {type(record).__name__}, expected an object")
+            yield record
+
+
+def read_csv(path: str) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV file with a header line."""
+    _check_file(path)
+    csv.field_size_limit(1 << 30)
+    with open(path, newline="", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
+def read_records(source: str | Iterable[Mapping[str, Any]]) -> tuple[Iterator[Mapping[str, Any]], str]:
+    """Records from a path (``.csv`` by name, else JSONL) or an iterable of mappings; and a name for reports."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path.lower().endswith((".csv", ".csv.gz")):
+            return read_csv(path), path
+        return read_jsonl(path), path
+    return iter(source), type(source).__name__
+
+
+def _require_columns(record: Mapping[str, Any], columns: Sequence[str], source: str) -> None:
+    missing = [c for c in columns if c not in record]
+    if missing:
+        raise ValueError(
+            f"{source}: column(s) {missing} missing; the records have {sorted(record)}; name the right columns "
+            "(e.g. chosen_key=..., rejected_key=...)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def split_hh_transcript(transcript: str) -> tuple[str, str]:
+    """Split an Anthropic HH transcript ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` before its final answer.
+
+    :return: ``(prompt, answer)`` with the prompt ending in ``"\\n\\nAssistant:"``; ``prompt + answer == transcript``.
+    :raises ValueError: the text has no ``"\\n\\nAssistant:"`` turn.
+    """
+    index = transcript.rfind(HH_ASSISTANT)
+    if index < 0:
+        raise ValueError("not an HH transcript: no '\\n\\nAssistant:' turn")
+    cut = index + len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def load_preference_pairs(
+    source: str | Iterable[Mapping[str, Any]],
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    prompt_key: str = "prompt",
+    margin_key: str | None = None,
+    split_transcripts: bool | None = None,
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference pairs from JSONL/gzip'd JSONL or records with ``chosen``/``rejected`` (and optionally ``prompt``).
+
+    Without a prompt column, HH-style transcripts are split into the shared conversation and the two final
+    answers (``split_transcripts=None`` detects them); pairs whose conversations differ are skipped.
+    Pairs with an empty text or identical chosen and rejected are skipped; every skip is counted in the report.
+
+    :raises FileNotFoundError: the file does not exist.
+    :raises ValueError: not JSONL/gzip, or a column missing (the message lists the columns present).
+    """
+    records, name = read_records(source)
+    report = LoadReport(name)
+    pairs = []
+    for i, record in enumerate(records):
+        if i == 0:
+            _require_columns(record, [chosen_key, rejected_key], name)
+        chosen, rejected = record.get(chosen_key), record.get(rejected_key)
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            report.skip("not text")
+            continue
+        prompt = record.get(prompt_key)
+        if not isinstance(prompt, str):
+            prompt = ""
+            split = split_transcripts if split_transcripts is not None else HH_ASSISTANT in chosen
+            if split:
+                try:
+                    (prompt, chosen), (rejected_prompt, rejected) = split_hh_transcript(chosen), split_hh_transcript(rejected)
+                except ValueError:
+                    report.skip("not an HH transcript")
+                    continue
+                if prompt != rejected_prompt:
+                    report.skip("chosen and rejected continue different conversations")
+                    continue
+        if not chosen.strip() or not rejected.strip():
+            report.skip("empty text")
+            continue
+        if chosen == rejected:
+            report.skip("identical chosen and rejected")
+            continue
+        margin = float(record[margin_key]) if margin_key and record.get(margin_key) is not None else None
+        pairs.append(PreferencePair(prompt, chosen, rejected, margin))
+    report.loaded = len(pairs)
+    if not pairs:
+        raise ValueError(f"{report}: no usable preference pair")
+    return pairs, report
+
+
+def pairs_from_ranking(prompt: str, ranked_responses: Sequence[str]) -> list[PreferencePair]:
+    """All K·(K−1)/2 pairs of a ranked list (best first): each response is preferred to every later one."""
+    if len(ranked_responses) < 2:
+        raise ValueError("a ranking needs at least 2 responses")
+    if len(set(ranked_responses)) != len(ranked_responses):
+        raise ValueError("a ranking has the same response twice")
+    return [
+        PreferencePair(prompt, ranked_responses[i], ranked_responses[j])
+        for i in range(len(ranked_responses))
+        for j in range(i + 1, len(ranked_responses))
+    ]
+
+
+def pairs_from_ratings(prompt: str, responses: Sequence[str], ratings: Sequence[float]) -> list[PreferencePair]:
+    """Pairs from scalar ratings: every higher-rated response beats every lower-rated one, with the rating
+    difference as margin; ties give no pair."""
+    if len(responses) != len(ratings):
+        raise ValueError(f"{len(responses)} responses but {len(ratings)} ratings")
+    order = sorted(range(len(responses)), key=lambda i: -ratings[i])
+    return [
+        PreferencePair(prompt, responses[i], responses[j], float(ratings[i] - ratings[j]))
+        for a, i in enumerate(order)
+        for j in order[a + 1 :]
+        if ratings[i] > ratings[j]
+    ]
+
+
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def load_labelled_texts(
+    source: str | Iterable[Mapping[str, Any]],
+    text_column: str = "review",
+    label_column: str = "sentiment",
+    positive_label: str = "positive",
+    clean_html: bool = True,
+) -> tuple[list[str], list[str], LoadReport]:
+    """Texts with a label column (e.g. IMDB reviews), split into positives and the rest.
+
+    :param clean_html: turn ``<br />`` tags into newlines.
+    :return: ``(positives, negatives, report)``.
+    """
+    records, name = read_records(source)
+    report = LoadReport(name)
+    positives, negatives = [], []
+    for i, record in enumerate(records):
+        if i == 0:
+            _require_columns(record, [text_column, label_column], name)
+        text = record.get(text_column)
+        if not isinstance(text, str) or not text.strip():
+            report.skip("empty text")
+            continue
+        if clean_html:
+            text = _HTML_BREAK.sub("\n", text)
+        (positives if str(record[label_column]) == positive_label else negatives).append(text)
+    report.loaded = len(positives) + len(negatives)
+    if not positives or not negatives:
+        raise ValueError(
+            f"{report}: need texts of both classes, got {len(positives)} labelled {positive_label!r} and {len(negatives)} others"
+        )
+    return positives, negatives, report
+
+
+def pairs_from_labels(positives: Sequence[str], negatives: Sequence[str], seed: int = 0, prompt: str = "") -> list[PreferencePair]:
+    """Pair each positive text with a negative one (shuffled by ``seed``, each text used once): the positive
+    is chosen. Gives ``min(len(positives), len(negatives))`` pairs."""
+    rng = np.random.default_rng(seed)
+    pos = [positives[i] for i in rng.permutation(len(positives))]
+    neg = [negatives[i] for i in rng.permutation(len(negatives))]
+    return [PreferencePair(prompt, p, n) for p, n in zip(pos, neg)]
+
+
+# ---------------------------------------------------------------------------------------------- demonstrations
+def load_demonstrations(
+    source: str | Iterable[Mapping[str, Any]], prompt_key: str = "prompt", response_key: str = "response"
+) -> tuple[list[Demonstration], LoadReport]:
+    """(prompt, response) demonstrations from JSONL/CSV/records; HH records (``chosen`` transcripts and no
+    response column) become the conversation and its preferred final answer."""
+    records, name = read_records(source)
+    report = LoadReport(name)
+    demos = []
+    for i, record in enumerate(records):
+        hh = response_key not in record and "chosen" in record
+        if i == 0 and not hh:
+            _require_columns(record, [prompt_key, response_key], name)
+        if hh:
+            try:
+                prompt, response = split_hh_transcript(record["chosen"])
+            except (ValueError, AttributeError):
+                report.skip("not an HH transcript")
+                continue
+        else:
+            prompt, response = record.get(prompt_key), record.get(response_key)
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
+            report.skip("empty text")
+            continue
+        demos.append(Demonstration(prompt, response))
+    report.loaded = len(demos)
+    if not demos:
+        raise ValueError(f"{report}: no usable demonstration")
+    return demos, report
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def train_test_split(items: Sequence[T], test_size: int | float, seed: int = 0) -> tuple[list[T], list[T]]:
+    """A deterministic shuffle by ``seed``, then the last ``test_size`` items (a count, or a fraction) held out."""
+    n = len(items)
+    n_test = max(1, int(round(test_size * n))) if isinstance(test_size, float) else int(test_size)
+    if not 0 < n_test < n:
+        raise ValueError(f"test_size={test_size} leaves no train or no test items out of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return [items[i] for i in order[: n - n_test]], [items[i] for i in order[n - n_test :]]

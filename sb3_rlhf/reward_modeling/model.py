@@ -1,0 +1,131 @@
+"""RewardModel: a pretrained backbone (encoder or causal LM) with a scalar head."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch as th
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED_LM_NAMES
+
+from sb3_rlhf.common.io import atomic_directory
+from sb3_rlhf.common.models import _check_local, _resolve_dtype
+
+CONFIG_NAME = "reward_model.json"
+HEAD_NAME = "reward_head.safetensors"
+POOLINGS = ("mean", "last", "first")
+
+
+def _default_pooling(backbone: PreTrainedModel) -> str:
+    config = backbone.config
+    architectures = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or config.is_decoder
+    # decoder-only families: a causal-LM class and no masked-LM class
+    causal = causal or (config.model_type in CAUSAL_LM_NAMES and config.model_type not in MASKED_LM_NAMES)
+    return "last" if causal else "mean"
+
+
+class RewardModel(th.nn.Module):
+    """r(x, y) = w·pool(h(x ⊕ y)) + b: a backbone's last hidden states pooled into one score.
+
+    * ``pooling="mean"``: masked mean over tokens (sentence encoders such as all-MiniLM-L6-v2 are trained so).
+    * ``pooling="last"``: the last real token (causal LMs: it has read the whole text).
+    * ``pooling="first"``: the first token (BERT's [CLS]).
+
+    Saved as the backbone's own ``save_pretrained`` folder plus ``reward_head.safetensors`` and
+    ``reward_model.json``; :func:`load_reward_model` (and so ``RewardModelWrapper``) loads it by path.
+    ``forward`` returns ``.logits`` of shape ``(batch, 1)`` like ``AutoModelForSequenceClassification``.
+
+    :param backbone: the transformer without its LM head (``AutoModel``).
+    :param pooling: ``"mean"``, ``"last"``, ``"first"`` or ``"auto"`` (last for causal LMs, mean otherwise).
+    """
+
+    def __init__(self, backbone: PreTrainedModel, pooling: str = "auto") -> None:
+        super().__init__()
+        pooling = _default_pooling(backbone) if pooling == "auto" else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} or 'auto', got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        hidden_size = backbone.get_input_embeddings().embedding_dim
+        self.head = th.nn.Linear(hidden_size, 1)
+
+    @property
+    def config(self) -> Any:
+        """The backbone's config (``pad_token_id``, vocabulary size)."""
+        return self.backbone.config
+
+    def get_input_embeddings(self) -> th.nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | PreTrainedModel,
+        pooling: str = "auto",
+        dtype: str | th.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> RewardModel:
+        """A new reward model on a pretrained backbone (a folder, or a model object); the head starts random."""
+        if isinstance(name_or_path, PreTrainedModel):
+            backbone = getattr(name_or_path, name_or_path.base_model_prefix, name_or_path)
+        else:
+            _check_local(name_or_path, "reward-model backbone path")
+            backbone = AutoModel.from_pretrained(
+                name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
+            )
+        return cls(backbone, pooling)
+
+    def forward(self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+        """:param input_ids: ``(batch, seq_len)`` int64; :param attention_mask: ``(batch, seq_len)``.
+        :return: ``logits (batch, 1)`` float32."""
+        if attention_mask is None:
+            attention_mask = th.ones_like(input_ids)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state.float()
+        mask = attention_mask.unsqueeze(-1).float()
+        if self.pooling == "mean":
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            positions = th.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            real = attention_mask.bool()
+            if self.pooling == "last":
+                index = th.where(real, positions, -1).max(dim=1).values
+            else:
+                index = th.where(real, positions, input_ids.shape[1]).min(dim=1).values
+            pooled = hidden[th.arange(hidden.shape[0], device=hidden.device), index]
+        return SequenceClassifierOutput(logits=self.head(pooled))
+
+    def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
+        """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically."""
+        with atomic_directory(path) as tmp:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, os.path.join(tmp, HEAD_NAME))
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+                json.dump({"pooling": self.pooling, "format_version": 1}, f)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False) -> RewardModel:
+        """Load what :meth:`save_pretrained` wrote (safetensors only)."""
+        _check_local(path, "reward model path")
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            settings = json.load(f)
+        model = cls.from_backbone(path, pooling=settings["pooling"], dtype=dtype, trust_remote_code=trust_remote_code)
+        model.head.load_state_dict(load_file(os.path.join(path, HEAD_NAME)))
+        return model.eval()
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False) -> th.nn.Module:
+    """A reward model by path: a :class:`RewardModel` folder, or any ``AutoModelForSequenceClassification``."""
+    _check_local(path, "reward model path")
+    if os.path.exists(os.path.join(path, CONFIG_NAME)):
+        return RewardModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, trust_remote_code=trust_remote_code, local_files_only=True
+    ).eval()

@@ -1,0 +1,171 @@
+"""SFTTrainer: supervised fine-tuning of a causal LM on demonstrations, loss on response tokens only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch as th
+import torch.nn.functional as F
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sb3_rlhf.common.data import Demonstration
+from sb3_rlhf.common.io import atomic_directory
+from sb3_rlhf.common.models import load_causal_lm
+from sb3_rlhf.common.sequences import position_ids_from_mask
+from sb3_rlhf.common.trainer import SupervisedTrainer
+
+IGNORE_INDEX = -100
+
+
+class SFTTrainer(SupervisedTrainer):
+    """Fine-tune a causal LM to imitate demonstrations, SB3-style: ``SFTTrainer(...).learn()``.
+
+    Each demonstration becomes ``prompt tokens + response tokens + EOS``; the cross-entropy counts only the
+    response and EOS (the model is not taught to write prompts). When the tokenizer has a chat template (and
+    ``chat_template`` is not False) the prompt is a user turn followed by the assistant header. Logs
+    ``train/loss`` and, after each epoch on the held-out demonstrations, ``eval/loss`` (mean NLL per
+    response token) and ``eval/perplexity``; writes a checkpoint folder per epoch when ``checkpoint_dir`` is set.
+
+    :param model: a causal LM or its local folder.
+    :param tokenizer: its tokenizer (object or folder; default: the model folder's); it needs an EOS and a pad token.
+    :param train_demos: the training demonstrations.
+    :param eval_demos: held-out demonstrations for perplexity (optional).
+    :param learning_rate: AdamW learning rate.
+    :param batch_size: demonstrations per step.
+    :param n_epochs: passes per :meth:`learn`.
+    :param max_length: tokens per example; the response is kept (up to ``max_length - 1``) and the prompt
+        cut from the left to fit.
+    :param chat_template: ``None`` uses the tokenizer's template when it has one; ``True`` requires it; ``False`` never.
+    :param checkpoint_dir: write ``checkpoint-<step>`` folders here after each epoch.
+    :param keep_checkpoints: how many of those to keep (oldest removed first).
+    :param eval_batch_size: demonstrations per forward pass when evaluating.
+    :param kwargs: :class:`~sb3_rlhf.common.trainer.SupervisedTrainer` settings.
+    """
+
+    name = "sft"
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        tokenizer: PreTrainedTokenizerBase | str | None,
+        train_demos: Sequence[Demonstration],
+        eval_demos: Sequence[Demonstration] | None = None,
+        learning_rate: float = 5e-5,
+        batch_size: int = 8,
+        n_epochs: int = 1,
+        max_length: int = 512,
+        chat_template: bool | None = None,
+        checkpoint_dir: str | None = None,
+        keep_checkpoints: int = 2,
+        eval_batch_size: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
+        if isinstance(model, (str, os.PathLike)):
+            tokenizer = tokenizer if tokenizer is not None else os.fspath(model)
+            model = load_causal_lm(os.fspath(model))
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        if tokenizer is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an EOS token: set tokenizer.eos_token so responses can end")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: add one with sb3_rlhf.add_pad_token(tokenizer, model)")
+        if chat_template and not tokenizer.chat_template:
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        if not train_demos:
+            raise ValueError("train_demos is empty: give at least one Demonstration")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.use_chat_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
+        self.train_examples = [self.encode(d) for d in train_demos]
+        self.eval_examples = [self.encode(d) for d in eval_demos or []]
+        self.checkpoint_dir = checkpoint_dir
+        self.keep_checkpoints = keep_checkpoints
+        self.eval_batch_size = eval_batch_size
+
+    def encode(self, demo: Demonstration) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one demonstration; labels are ``-100`` on the prompt."""
+        if self.use_chat_template:
+            prompt_ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": demo.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        else:
+            prompt_ids = self.tokenizer(demo.prompt)["input_ids"] if demo.prompt else []
+        response_ids = self.tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        response_ids = response_ids[: self.max_length - 1]
+        prompt_ids = list(prompt_ids)[-(self.max_length - len(response_ids)) :]
+        return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+    def _collate(self, examples: Sequence[tuple[list[int], list[int]]]) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        width = max(len(ids) for ids, _ in examples)
+        input_ids = th.full((len(examples), width), self.tokenizer.pad_token_id, dtype=th.long)
+        labels = th.full((len(examples), width), IGNORE_INDEX, dtype=th.long)
+        attention_mask = th.zeros((len(examples), width), dtype=th.long)
+        for row, (ids, labs) in enumerate(examples):
+            input_ids[row, : len(ids)] = th.as_tensor(ids)
+            labels[row, : len(labs)] = th.as_tensor(labs)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device), labels.to(self.device)
+
+    def _nll(self, input_ids: th.Tensor, attention_mask: th.Tensor, labels: th.Tensor) -> tuple[th.Tensor, int]:
+        """Summed negative log-likelihood of the labelled tokens, and their count."""
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).logits
+        # token t is predicted from position t − 1
+        targets = labels[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, int((targets != IGNORE_INDEX).sum())
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def set_training_mode(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def training_batches(self) -> Iterator[list[tuple[list[int], list[int]]]]:
+        order = self.rng.permutation(len(self.train_examples))
+        for start in range(0, len(order), self.batch_size):
+            yield [self.train_examples[i] for i in order[start : start + self.batch_size]]
+
+    def training_loss(self, batch: list[tuple[list[int], list[int]]]) -> tuple[th.Tensor, dict[str, float], int]:
+        nll, n_tokens = self._nll(*self._collate(batch))
+        return nll / max(n_tokens, 1), {"response_tokens": float(n_tokens)}, len(batch)
+
+    @th.no_grad()
+    def evaluate(self, demos: Sequence[Demonstration] | None = None) -> dict[str, float]:
+        """Mean NLL per response token and perplexity on ``demos`` (default: the held-out demonstrations)."""
+        examples = self.eval_examples if demos is None else [self.encode(d) for d in demos]
+        if not examples:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(examples), self.eval_batch_size):
+            nll, n_tokens = self._nll(*self._collate(examples[start : start + self.eval_batch_size]))
+            total, count = total + nll.item(), count + n_tokens
+        self.model.train(was_training)
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": float(th.exp(th.tensor(loss)))}
+
+    def on_epoch_end(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.save_pretrained(os.path.join(self.checkpoint_dir, f"checkpoint-{self.num_steps}"))
+        checkpoints = sorted(
+            (d for d in os.listdir(self.checkpoint_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+        )
+        for old in checkpoints[: -self.keep_checkpoints]:
+            shutil.rmtree(os.path.join(self.checkpoint_dir, old))
+
+    def save_pretrained(self, path: str) -> None:
+        """Export the model and tokenizer (atomically) for plain transformers, or as the policy of RLHFPPO."""
+        with atomic_directory(path) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)

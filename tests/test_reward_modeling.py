@@ -1,0 +1,130 @@
+import math
+
+import numpy as np
+import pytest
+import torch as th
+from transformers import BertConfig, BertModel, LlamaForSequenceClassification
+
+from sb3_rlhf import TokenGenerationEnv
+from sb3_rlhf.common.data import PreferencePair, train_test_split
+from sb3_rlhf.common.tiny import tiny_config, tiny_tokenizer
+from sb3_rlhf.reward_modeling import RewardModel, RewardModelTrainer, bradley_terry_loss, load_reward_model
+from sb3_rlhf.rewards import RewardModelWrapper
+from tests.conftest import WORDS
+from tests.helpers import generate_batch, make_policy
+
+
+def tiny_bert(vocab_size: int, seed: int = 0) -> BertModel:
+    th.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+
+
+def toy_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
+    """Separable comparisons: the chosen answer says "good", the rejected one "bad"."""
+    rng = np.random.default_rng(seed)
+    filler = [w for w in WORDS if w not in ("good", "bad")]
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(filler, size=3)) + " "
+        body = list(rng.choice(filler, size=4))
+        position = int(rng.integers(0, 5))
+        chosen = " ".join(body[:position] + ["good"] + body[position:])
+        rejected = " ".join(body[:position] + ["bad"] + body[position:])
+        pairs.append(PreferencePair(prompt, chosen, rejected))
+    return pairs
+
+
+def test_bradley_terry_loss_against_hand_computation():
+    chosen, rejected = th.tensor([1.0, 0.0]), th.tensor([0.0, 2.0])
+
+    def nll(x):
+        return -math.log(1 / (1 + math.exp(-x)))
+
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx((nll(1.0) + nll(-2.0)) / 2)
+    margins = th.tensor([0.5, 0.0])
+    assert bradley_terry_loss(chosen, rejected, margins).item() == pytest.approx((nll(0.5) + nll(-2.0)) / 2)
+    centered = bradley_terry_loss(chosen, rejected, center_coef=0.1).item()
+    assert centered == pytest.approx((nll(1.0) + nll(-2.0)) / 2 + 0.1 * (1.0**2 + 2.0**2) / 2)
+
+
+def test_separable_toy_set_reaches_full_accuracy(tokenizer):
+    train, test = train_test_split(toy_pairs(240), 40, seed=0)
+    model = RewardModel(tiny_bert(len(tokenizer)))
+    assert model.pooling == "mean"
+    trainer = RewardModelTrainer(model, tokenizer, train, test, learning_rate=3e-3, batch_size=16, n_epochs=4, max_length=32)
+    before = trainer.evaluate()
+    trainer.learn()
+    after = trainer.evaluate()
+    # a new head scores every text about the same: the loss starts near log 2
+    assert before["loss"] > 0.6
+    assert after["accuracy"] >= 0.975
+    assert after["loss"] < 0.1 and after["margin"] > 2.0
+
+
+def test_causal_backbone_uses_last_token_and_learns(model_path, tokenizer):
+    train, test = train_test_split(toy_pairs(200, seed=1), 40, seed=0)
+    trainer = RewardModelTrainer(
+        model_path, None, train, test, learning_rate=3e-3, head_learning_rate=1e-2, batch_size=16, n_epochs=4, max_length=32
+    )
+    assert isinstance(trainer.model, RewardModel) and trainer.model.pooling == "last"
+    assert len(trainer.parameter_groups()) == 2
+    trainer.learn()
+    assert trainer.evaluate()["accuracy"] >= 0.9
+
+
+def test_pooling_reads_only_real_tokens(tokenizer):
+    model = RewardModel(tiny_bert(len(tokenizer)), pooling="last").eval()
+    ids = th.tensor([[5, 6, 7, 0, 0]])
+    padded = model(input_ids=ids, attention_mask=th.tensor([[1, 1, 1, 0, 0]])).logits
+    exact = model(input_ids=ids[:, :3], attention_mask=th.ones(1, 3, dtype=th.long)).logits
+    th.testing.assert_close(padded, exact, atol=1e-5, rtol=0)
+    model.pooling = "mean"
+    th.testing.assert_close(
+        model(input_ids=ids, attention_mask=th.tensor([[1, 1, 1, 0, 0]])).logits,
+        model(input_ids=ids[:, :3]).logits,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_save_load_round_trip_and_wrapper_by_path(tokenizer, model_path, tmp_path, prompts):
+    pairs = toy_pairs(64)
+    trainer = RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), tokenizer, pairs, learning_rate=1e-3, batch_size=16)
+    trainer.learn()
+    trainer.save(str(tmp_path / "rm"))
+    loaded = load_reward_model(str(tmp_path / "rm"))
+    assert isinstance(loaded, RewardModel)
+    reloaded = RewardModelTrainer.load(str(tmp_path / "rm"), pairs)
+    for a, b in zip(trainer.score_pairs(pairs), reloaded.score_pairs(pairs)):
+        assert th.equal(a, b)
+
+    # the RL wrapper loads it by path and scores what the trainer scores
+    env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    wrapper = RewardModelWrapper(env, str(tmp_path / "rm"), max_length=trainer.max_length)
+    batch = generate_batch(make_policy(env, model_path), wrapper, list(range(6)))
+    scores = wrapper.batch_rewards(batch).sum(-1)
+    texts = batch.texts
+    expected, _ = trainer.score_pairs([PreferencePair("", t, t + " x") for t in texts])
+    th.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_sequence_classifier_as_reward_model(tokenizer):
+    config = tiny_config(len(tokenizer))
+    config.num_labels = 1
+    model = LlamaForSequenceClassification(config)
+    trainer = RewardModelTrainer(model, tokenizer, toy_pairs(32), toy_pairs(16, seed=2), learning_rate=1e-3, batch_size=8)
+    trainer.learn()
+    assert set(trainer.evaluate()) == {"accuracy", "loss", "mean", "std", "margin"}
+
+
+def test_reward_trainer_bad_input(tokenizer):
+    no_pad = tiny_tokenizer(WORDS)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), no_pad, toy_pairs(4))
+    with pytest.raises(ValueError, match="train_pairs is empty"):
+        RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), tokenizer, [])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RewardModelTrainer("/no/such/backbone", tokenizer, toy_pairs(4))
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel(tiny_bert(len(tokenizer)), pooling="max")
