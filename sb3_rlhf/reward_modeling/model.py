@@ -81,24 +81,26 @@ class RewardModel(th.nn.Module):
             )
         return cls(backbone, pooling)
 
-    def forward(self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
-        """:param input_ids: ``(batch, seq_len)`` int64; :param attention_mask: ``(batch, seq_len)``.
-        :return: ``logits (batch, 1)`` float32."""
+    def pool(self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any) -> th.Tensor:
+        """The pooled last hidden states: ``(batch, hidden)`` float32 (the head's input)."""
         if attention_mask is None:
             attention_mask = th.ones_like(input_ids)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state.float()
-        mask = attention_mask.unsqueeze(-1).float()
         if self.pooling == "mean":
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            mask = attention_mask.unsqueeze(-1).float()
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        positions = th.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        real = attention_mask.bool()
+        if self.pooling == "last":
+            index = th.where(real, positions, -1).max(dim=1).values
         else:
-            positions = th.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            real = attention_mask.bool()
-            if self.pooling == "last":
-                index = th.where(real, positions, -1).max(dim=1).values
-            else:
-                index = th.where(real, positions, input_ids.shape[1]).min(dim=1).values
-            pooled = hidden[th.arange(hidden.shape[0], device=hidden.device), index]
-        return SequenceClassifierOutput(logits=self.head(pooled))
+            index = th.where(real, positions, input_ids.shape[1]).min(dim=1).values
+        return hidden[th.arange(hidden.shape[0], device=hidden.device), index]
+
+    def forward(self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+        """:param input_ids: ``(batch, seq_len)`` int64; :param attention_mask: ``(batch, seq_len)``.
+        :return: ``logits (batch, 1)`` float32."""
+        return SequenceClassifierOutput(logits=self.head(self.pool(input_ids, attention_mask, **kwargs)))
 
     def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
         """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically."""

@@ -44,6 +44,21 @@ def bradley_terry_loss(
     return loss
 
 
+def _fit_probe(differences: th.Tensor, l2: float, max_iter: int = 200) -> th.Tensor:
+    """argmin_w mean(−log σ(differences·w)) + l2·|w|² by full-batch L-BFGS."""
+    weight = th.zeros(differences.shape[1], requires_grad=True)
+    optimizer = th.optim.LBFGS([weight], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> th.Tensor:
+        optimizer.zero_grad()
+        loss = -F.logsigmoid(differences @ weight).mean() + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach()
+
+
 class RewardModelTrainer(SupervisedTrainer):
     """Train a reward model on preference pairs, SB3-style: ``RewardModelTrainer(...).learn()``.
 
@@ -166,6 +181,44 @@ class RewardModelTrainer(SupervisedTrainer):
             rejected.append(rewards[len(batch) :])
         self.model.train(was_training)
         return th.cat(chosen), th.cat(rejected)
+
+    @th.no_grad()
+    def pooled_differences(self, pairs: Sequence[PreferencePair]) -> th.Tensor:
+        """pool(chosen) − pool(rejected) of a :class:`RewardModel`: ``(n_pairs, hidden)`` float32 on CPU."""
+        if not isinstance(self.model, RewardModel):
+            raise TypeError("pooled features need a RewardModel (backbone + pooling + head)")
+        was_training = self.model.training
+        self.model.eval()
+        differences = []
+        step = max(1, self.eval_batch_size // 2)
+        for start in range(0, len(pairs), step):
+            batch = pairs[start : start + step]
+            features = self.model.pool(*self._encode(batch)).cpu()
+            differences.append(features[: len(batch)] - features[len(batch) :])
+        self.model.train(was_training)
+        return th.cat(differences)
+
+    def fit_linear_probe(
+        self, l2_candidates: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1), validation_fraction: float = 0.2
+    ) -> dict[str, float]:
+        """Fit the head alone on the frozen backbone's pooled features (a Bradley–Terry linear probe), in place.
+
+        w minimises mean(−log σ(w·(f(x⊕y_w) − f(x⊕y_l)))) + λ|w|², λ chosen on a validation split of the
+        training pairs, then refitted on all of them. Fine-tuning afterwards is linear-probe-then-fine-tune
+        (Kumar et al. 2022), which keeps the pretrained features from being distorted by a random head.
+
+        :return: the chosen ``l2`` and the probe's ``train_accuracy``.
+        """
+        differences = self.pooled_differences(self.train_pairs)
+        order = th.as_tensor(self.rng.permutation(len(differences)))
+        n_val = max(1, int(len(differences) * validation_fraction))
+        val, fit = differences[order[:n_val]], differences[order[n_val:]]
+        l2 = max(l2_candidates, key=lambda lam: (val @ _fit_probe(fit, lam) > 0).float().mean().item())
+        weight = _fit_probe(differences, l2)
+        with th.no_grad():
+            self.model.head.weight.copy_(weight.unsqueeze(0).to(self.model.head.weight))
+            self.model.head.bias.zero_()
+        return {"l2": l2, "train_accuracy": (differences @ weight > 0).float().mean().item()}
 
     def evaluate(self, pairs: Sequence[PreferencePair] | None = None) -> dict[str, float]:
         """Pairwise accuracy, loss and score statistics on ``pairs`` (default: the held-out pairs)."""
