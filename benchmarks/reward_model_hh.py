@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--test-pairs", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--head-learning-rate", type=float, default=None, help="default: the backbone's")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -87,7 +87,9 @@ def main() -> int:
     probe = trainer.fit_linear_probe()
     probe_eval = trainer.evaluate()
     probe_seconds = time.time() - start
-    print(f"linear probe: held-out accuracy {probe_eval['accuracy']:.3f} (train {probe['train_accuracy']:.3f}, l2 {probe['l2']:g})")
+    print(
+        f"linear probe: held-out accuracy {probe_eval['accuracy']:.3f} (train {probe['train_accuracy']:.3f}, l2 {probe['l2']:g})"
+    )
     start = time.time()
     trainer.learn(progress_bar=True)
     after = trainer.evaluate()
@@ -99,10 +101,22 @@ def main() -> int:
     tokenizer.eos_token = tokenizer.sep_token  # WordPiece has no EOS; [SEP] ends a response
     demos = shakespeare_demonstrations(find_data_file("tinyshakespeare.txt"), 400 if args.quick else 3000, args.seed)
     sft_train, sft_test = train_test_split(demos, 0.1, seed=args.seed)
-    model = tiny_causal_lm(len(tokenizer), "llama", seed=args.seed, hidden_size=128, num_layers=2, num_heads=4, max_positions=256)
+    model = tiny_causal_lm(
+        len(tokenizer), "llama", seed=args.seed, hidden_size=128, num_layers=2, num_heads=4, max_positions=256
+    )
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     start = time.time()
-    sft = SFTTrainer(model, tokenizer, sft_train, sft_test, learning_rate=1e-3, batch_size=32, n_epochs=1 if args.quick else 3, max_length=96, seed=args.seed)
+    sft = SFTTrainer(
+        model,
+        tokenizer,
+        sft_train,
+        sft_test,
+        learning_rate=1e-3,
+        batch_size=32,
+        n_epochs=1 if args.quick else 3,
+        max_length=96,
+        seed=args.seed,
+    )
     ppl_before = sft.evaluate()["perplexity"]
     sft.learn(progress_bar=True)
     ppl_after = sft.evaluate()["perplexity"]

@@ -29,7 +29,9 @@ if args.policy is None or args.reward_model is None:
     tiny_causal_lm(len(tokenizer)).save_pretrained(args.policy)
     tokenizer.save_pretrained(args.policy)
     args.reward_model = os.path.join(args.out, "tiny_reward_model")
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1
+    )
     BertForSequenceClassification(config).save_pretrained(args.reward_model)
     tokenizer.save_pretrained(args.reward_model)
 tokenizer = AutoTokenizer.from_pretrained(args.policy)
@@ -37,7 +39,14 @@ tokenizer = AutoTokenizer.from_pretrained(args.policy)
 env = TokenGenerationEnv(["the cat", "a dog sat", "then it was"], tokenizer, max_prompt_tokens=32, max_new_tokens=16)
 env = RewardModelWrapper(env, args.reward_model)  # a path: loaded, frozen, never saved in the SB3 zip
 env = KLPenaltyWrapper(env, coef=0.1, target=6.0, horizon=10_000)  # adaptive β (Ziegler et al.)
-model = RLHFPPO("TransformerActorCriticPolicy", env, n_episodes=16, batch_size=8,
-                policy_kwargs=dict(model_name_or_path=args.policy), tensorboard_log=args.out, seed=0)
+model = RLHFPPO(
+    "TransformerActorCriticPolicy",
+    env,
+    n_episodes=16,
+    batch_size=8,
+    policy_kwargs=dict(model_name_or_path=args.policy),
+    tensorboard_log=args.out,
+    seed=0,
+)
 model.learn(total_timesteps=args.timesteps, progress_bar=True)
 model.save(os.path.join(args.out, "ppo_rm.zip"))

@@ -64,6 +64,19 @@ def _test_size(text: str) -> int | float:
     return value if value < 1 else int(value)
 
 
+def _trainer_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings ``_common_training_args`` defines, as trainer keyword arguments."""
+    return dict(
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        n_epochs=args.epochs,
+        max_length=args.max_length,
+        tensorboard_log=os.path.join(args.out, "tensorboard"),
+        seed=args.seed,
+        device=args.device,
+    )
+
+
 def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf reward-model``: Bradley–Terry training on pairs from JSONL or a labelled CSV."""
     from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
@@ -71,7 +84,9 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     from sb3_rlhf.reward_modeling import RewardModelTrainer
 
     if args.data.lower().endswith((".csv", ".csv.gz")):
-        positives, negatives, report = load_labelled_texts(args.data, args.text_column, args.label_column, args.positive_label)
+        positives, negatives, report = load_labelled_texts(
+            args.data, args.text_column, args.label_column, args.positive_label
+        )
         pairs = pairs_from_labels(positives, negatives, seed=args.seed)
     else:
         pairs, report = load_preference_pairs(args.data, args.chosen_key, args.rejected_key, args.prompt_key)
@@ -81,16 +96,10 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
         None,
         train,
         test,
-        learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.epochs,
-        max_length=args.max_length,
         pooling=args.pooling,
         center_coef=args.center_coef,
-        tensorboard_log=os.path.join(args.out, "tensorboard"),
-        seed=args.seed,
-        device=args.device,
+        **_trainer_settings(args),
     )
     before = trainer.evaluate()
     trainer.learn(progress_bar=not args.no_progress_bar)
@@ -98,8 +107,10 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     trainer.save(os.path.join(args.out, "reward_model"))
     print(report)
     print(f"pairs: {len(train)} train, {len(test)} held out (seed {args.seed})")
-    print(f"held-out accuracy: {before['accuracy']:.3f} -> {after['accuracy']:.3f}; margin {after['margin']:.3f}, "
-          f"scores mean {after['mean']:.3f} std {after['std']:.3f}")
+    print(
+        f"held-out accuracy: {before['accuracy']:.3f} -> {after['accuracy']:.3f}; margin {after['margin']:.3f}, "
+        f"scores mean {after['mean']:.3f} std {after['std']:.3f}"
+    )
     print(f"reward model saved to {os.path.join(args.out, 'reward_model')} (RewardModelWrapper(env, path) loads it)")
     return after
 
@@ -117,20 +128,14 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
         None,
         train,
         test,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.epochs,
-        max_length=args.max_length,
         chat_template=False if args.no_chat_template else None,
         checkpoint_dir=os.path.join(args.out, "checkpoints"),
-        tensorboard_log=os.path.join(args.out, "tensorboard"),
-        seed=args.seed,
-        device=args.device,
+        **_trainer_settings(args),
     )
     before = trainer.evaluate()
     trainer.learn(progress_bar=not args.no_progress_bar)
     after = trainer.evaluate()
-    trainer.save_pretrained(os.path.join(args.out, "model"))
+    trainer.save(os.path.join(args.out, "model"))
     print(report)
     print(f"demonstrations: {len(train)} train, {len(test)} held out (seed {args.seed})")
     print(f"held-out perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f}")
@@ -138,7 +143,9 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
     return after
 
 
-def _common_training_args(parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int) -> None:
+def _common_training_args(
+    parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int
+) -> None:
     parser.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz file (or .csv for labelled texts)")
     parser.add_argument("--model", required=True, help="a local model folder, or a packaged model name")
     parser.add_argument("--out", required=True, help="output folder")
@@ -188,10 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         summary = tiny_demo(args.out, args.timesteps, args.seed, args.device, progress_bar=not args.no_progress_bar)
         print(f"rollouts: {summary['rollouts']}")
-        print(f"mean score (share of 'good'): first rollout {summary['first_scores']:.3f} -> last {summary['last_scores']:.3f}")
+        print(
+            f"mean score (share of 'good'): first rollout {summary['first_scores']:.3f} -> last {summary['last_scores']:.3f}"
+        )
         print(f"KL to the reference (nats per response): {summary['last_kl']:.3f}")
         print(f"TensorBoard: tensorboard --logdir {os.path.join(args.out, 'tensorboard')}")
-        print(f"SB3 model: {os.path.join(args.out, 'ppo_tiny.zip')}; exported policy: {os.path.join(args.out, 'policy')}")
+        print(
+            f"SB3 model: {os.path.join(args.out, 'ppo_tiny.zip')}; exported policy: {os.path.join(args.out, 'policy')}"
+        )
     return 0
 
 

@@ -12,8 +12,8 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, PreTrainedModel
 
-from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.forward import forward_last_positions, response_logits
+from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import causal_lm_from_config, freeze, load_backbone, load_causal_lm
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
 
@@ -281,7 +281,9 @@ class TransformerActorCriticPolicy(BasePolicy):
 
 def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     if not isinstance(obs, dict) or "input_ids" not in obs or "attention_mask" not in obs:
-        raise ValueError("observation must be a dict with 'input_ids' and 'attention_mask' (a TokenGenerationEnv observation)")
+        raise ValueError(
+            "observation must be a dict with 'input_ids' and 'attention_mask' (a TokenGenerationEnv observation)"
+        )
     input_ids, attention_mask = obs["input_ids"].long(), obs["attention_mask"].long()
     if input_ids.dim() == 1:
         input_ids, attention_mask = input_ids.unsqueeze(0), attention_mask.unsqueeze(0)

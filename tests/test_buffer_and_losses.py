@@ -51,7 +51,9 @@ def test_gae_against_hand_computed_example():
     b0 = 0.58 + 0.72 * b1
     expected = th.tensor([[a0, a1, a2], [b0, b1, 0.0]])
     th.testing.assert_close(buffer.advantages, expected)
-    th.testing.assert_close(buffer.returns, (expected + th.tensor([[0.5, 0.6, 0.7], [0.1, 0.2, 0.0]])) * buffer.response_mask)
+    th.testing.assert_close(
+        buffer.returns, (expected + th.tensor([[0.5, 0.6, 0.7], [0.1, 0.2, 0.0]])) * buffer.response_mask
+    )
     # merged layout: prompts left-padded, responses right-padded
     assert buffer.prompt_ids.tolist() == [[5, 6], [0, 4]]
     assert buffer.response_mask.tolist() == [[True, True, True], [True, True, False]]
@@ -107,7 +109,9 @@ def test_ppo_loss_against_hand_computed_example():
     old_values = th.tensor([[0.5, 2.5, 0.0]])
     returns = th.tensor([[2.0, 2.0, 0.0]])
     entropy = th.tensor([[0.5, 1.5, 100.0]])
-    losses = ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, 0.2, 0.01, 0.5)
+    losses = ppo_losses(
+        logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, 0.2, 0.01, 0.5
+    )
     # token 0: max(−1·1.5, −1·1.2) = −1.2; token 1: max(2·0.9, 2·0.9) = 1.8
     assert losses.pg_loss.item() == pytest.approx((-1.2 + 1.8) / 2)
     # token 0: max((1−2)², (0.5+0.2−2)²) = 1.69; token 1: max(0, (2.5−0.2−2)²) = 0.09
@@ -122,5 +126,7 @@ def test_ppo_loss_against_hand_computed_example():
     # clipped token: no gradient; unclipped: d/dlogp[−A·r/2] = −A·r/2 = 0.9; masked token: none
     assert logprobs.grad.tolist()[0] == pytest.approx([0.0, 0.9, 0.0])
 
-    unclipped = ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, None, 0.0, 1.0)
+    unclipped = ppo_losses(
+        logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, None, 0.0, 1.0
+    )
     assert unclipped.value_loss.item() == pytest.approx(0.5 * (1.0 + 0.0) / 2)

@@ -20,10 +20,29 @@ def test_cli_reward_model(tmp_path, tokenizer, capsys):
     backbone = tmp_path / "backbone"
     tiny_bert(len(tokenizer)).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(120)])
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(120)],
+    )
     out = tmp_path / "out"
-    args = ["reward-model", "--data", data, "--model", str(backbone), "--out", str(out), "--epochs", "3",
-            "--learning-rate", "3e-3", "--test-size", "20", "--max-length", "32", "--no-progress-bar"]
+    args = [
+        "reward-model",
+        "--data",
+        data,
+        "--model",
+        str(backbone),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--learning-rate",
+        "3e-3",
+        "--test-size",
+        "20",
+        "--max-length",
+        "32",
+        "--no-progress-bar",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "pairs: 100 train, 20 held out" in printed
@@ -37,17 +56,53 @@ def test_cli_reward_model_from_labelled_csv(tmp_path, tokenizer, capsys):
     backbone = tmp_path / "backbone"
     tiny_bert(len(tokenizer)).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
-    rows = ["review,sentiment"] + [f"the cat was good {i % 3},positive" for i in range(12)] + [f"the dog was bad {i % 3},negative" for i in range(12)]
+    rows = (
+        ["review,sentiment"]
+        + [f"the cat was good {i % 3},positive" for i in range(12)]
+        + [f"the dog was bad {i % 3},negative" for i in range(12)]
+    )
     (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n")
-    assert main(["reward-model", "--data", str(tmp_path / "reviews.csv"), "--model", str(backbone), "--out", str(tmp_path / "o"),
-                 "--test-size", "4", "--no-progress-bar"]) == 0
+    assert (
+        main(
+            [
+                "reward-model",
+                "--data",
+                str(tmp_path / "reviews.csv"),
+                "--model",
+                str(backbone),
+                "--out",
+                str(tmp_path / "o"),
+                "--test-size",
+                "4",
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
     assert "pairs: 8 train, 4 held out" in capsys.readouterr().out
 
 
 def test_cli_sft(tmp_path, model_path, capsys):
     data = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": d.prompt, "response": d.response} for d in toy_demos(60)])
-    assert main(["sft", "--data", data, "--model", model_path, "--out", str(tmp_path / "sft"), "--epochs", "2",
-                 "--learning-rate", "3e-3", "--no-progress-bar"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--data",
+                data,
+                "--model",
+                model_path,
+                "--out",
+                str(tmp_path / "sft"),
+                "--epochs",
+                "2",
+                "--learning-rate",
+                "3e-3",
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     before, after = (float(x) for x in printed.split("held-out perplexity: ")[1].split("\n")[0].split(" -> "))
     assert after < before

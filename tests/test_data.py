@@ -75,7 +75,9 @@ def test_pairs_bad_input(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"chosen": "a", "rejected": "b"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2 .* is not JSON"):
         load_preference_pairs(str(tmp_path / "broken.jsonl"))
-    with pytest.raises(ValueError, match=r"column\(s\) \['rejected'\] missing; the records have \['answer', 'chosen'\]"):
+    with pytest.raises(
+        ValueError, match=r"column\(s\) \['rejected'\] missing; the records have \['answer', 'chosen'\]"
+    ):
         load_preference_pairs([{"chosen": "a", "answer": "b"}])
     with pytest.raises(ValueError, match="no usable preference pair"):
         load_preference_pairs([{"chosen": "a", "rejected": "a"}])
@@ -103,19 +105,27 @@ def test_ratings_become_pairs_with_margins():
 
 def test_labelled_csv_to_pairs(tmp_path):
     path = tmp_path / "reviews.csv"
-    path.write_text('review,sentiment\n"great<br />film",positive\n"dull",negative\n"fine",positive\n"bad, bad",negative\n,negative\n')
+    path.write_text(
+        'review,sentiment\n"great<br />film",positive\n"dull",negative\n"fine",positive\n"bad, bad",negative\n,negative\n'
+    )
     positives, negatives, report = load_labelled_texts(str(path))
     assert positives == ["great\nfilm", "fine"] and negatives == ["dull", "bad, bad"]
     assert report.skipped == {"empty text": 1}
     pairs = pairs_from_labels(positives, negatives, seed=0)
-    assert len(pairs) == 2 and {p.chosen for p in pairs} == set(positives) and {p.rejected for p in pairs} == set(negatives)
+    assert (
+        len(pairs) == 2
+        and {p.chosen for p in pairs} == set(positives)
+        and {p.rejected for p in pairs} == set(negatives)
+    )
     assert pairs == pairs_from_labels(positives, negatives, seed=0)
     with pytest.raises(ValueError, match="missing"):
         load_labelled_texts(str(path), label_column="label")
 
 
 def test_demonstrations_from_jsonl_and_hh(tmp_path):
-    path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "Q: 1+1?", "response": " 2"}, {"prompt": "Q", "response": " "}])
+    path = write_jsonl(
+        tmp_path / "demos.jsonl", [{"prompt": "Q: 1+1?", "response": " 2"}, {"prompt": "Q", "response": " "}]
+    )
     demos, report = load_demonstrations(path)
     assert demos == [Demonstration("Q: 1+1?", " 2")] and report.skipped == {"empty text": 1}
     demos, _ = load_demonstrations([{"chosen": HH + " ok", "rejected": HH + " no"}])

@@ -46,11 +46,15 @@ def test_logprobs_match_the_sampling_distribution(env, gpt2_path):
         max_new_tokens=env.max_new_tokens,
         eos_token_id=list(env.stop_token_ids),
         pad_token_id=env.pad_token_id,
-        logits_processor=[lambda ids, scores: scores.index_fill(1, th.arange(env.n_actions, scores.shape[1]), -float("inf"))],
+        logits_processor=[
+            lambda ids, scores: scores.index_fill(1, th.arange(env.n_actions, scores.shape[1]), -float("inf"))
+        ],
         output_scores=True,
         return_dict_in_generate=True,
     )
-    assert th.equal(out.sequences[:, prompt_ids.shape[1] :][batch.response_mask], batch.response_ids[batch.response_mask])
+    assert th.equal(
+        out.sequences[:, prompt_ids.shape[1] :][batch.response_mask], batch.response_ids[batch.response_mask]
+    )
     sampled = th.stack(out.scores, 1).log_softmax(-1)  # processed scores: what was sampled from
     expected = sampled.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
     th.testing.assert_close(batch.logprobs[batch.response_mask], expected[batch.response_mask], atol=1e-4, rtol=0)
@@ -142,4 +146,6 @@ def test_policy_argument_errors(env, model_path, tokenizer):
 
         TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 1e-4, model_config=small)
     with pytest.raises(ValueError, match="no tokens"):
-        GenerationBatch.from_generation(env, [0], th.ones(1, 2, dtype=th.long), th.ones(1, 2, dtype=th.long), th.zeros(1, 0, dtype=th.long))
+        GenerationBatch.from_generation(
+            env, [0], th.ones(1, 2, dtype=th.long), th.ones(1, 2, dtype=th.long), th.zeros(1, 0, dtype=th.long)
+        )

@@ -197,7 +197,9 @@ def test_generation_in_chunks(tokenizer, model_path):
 
 def test_reward_model_end_to_end(tokenizer, model_path):
     env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
-    env = KLPenaltyWrapper(RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), reward_tokenizer=tokenizer), coef=0.05)
+    env = KLPenaltyWrapper(
+        RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), reward_tokenizer=tokenizer), coef=0.05
+    )
     model = make_model(env, model_path, n_episodes=16)
     history = RolloutHistoryCallback()
     model.learn(total_timesteps=150, callback=history)
@@ -215,7 +217,14 @@ def test_stock_sb3_ppo_runs_on_the_env_through_step(tokenizer, model_path):
     """The env and policy are ordinary Gymnasium/SB3 pieces: SB3's own PPO trains them token by token."""
     env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=4)
     env = RewardFunctionWrapper(env, fn=share_of_good)
-    model = PPO(TransformerActorCriticPolicy, env, n_steps=16, batch_size=8, n_epochs=1, policy_kwargs=dict(model_name_or_path=model_path))
+    model = PPO(
+        TransformerActorCriticPolicy,
+        env,
+        n_steps=16,
+        batch_size=8,
+        n_epochs=1,
+        policy_kwargs=dict(model_name_or_path=model_path),
+    )
     model.learn(total_timesteps=32)
     assert model.num_timesteps == 32
 

@@ -16,7 +16,11 @@ from tests.helpers import generate_batch, make_policy
 
 def tiny_bert(vocab_size: int, seed: int = 0) -> BertModel:
     th.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    )
 
 
 def toy_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
@@ -51,7 +55,9 @@ def test_separable_toy_set_reaches_full_accuracy(tokenizer):
     train, test = train_test_split(toy_pairs(240), 40, seed=0)
     model = RewardModel(tiny_bert(len(tokenizer)))
     assert model.pooling == "mean"
-    trainer = RewardModelTrainer(model, tokenizer, train, test, learning_rate=3e-3, batch_size=16, n_epochs=4, max_length=32)
+    trainer = RewardModelTrainer(
+        model, tokenizer, train, test, learning_rate=3e-3, batch_size=16, n_epochs=4, max_length=32
+    )
     before = trainer.evaluate()
     trainer.learn()
     after = trainer.evaluate()
@@ -64,7 +70,15 @@ def test_separable_toy_set_reaches_full_accuracy(tokenizer):
 def test_causal_backbone_uses_last_token_and_learns(model_path, tokenizer):
     train, test = train_test_split(toy_pairs(200, seed=1), 40, seed=0)
     trainer = RewardModelTrainer(
-        model_path, None, train, test, learning_rate=3e-3, head_learning_rate=1e-2, batch_size=16, n_epochs=4, max_length=32
+        model_path,
+        None,
+        train,
+        test,
+        learning_rate=3e-3,
+        head_learning_rate=1e-2,
+        batch_size=16,
+        n_epochs=4,
+        max_length=32,
     )
     assert isinstance(trainer.model, RewardModel) and trainer.model.pooling == "last"
     assert len(trainer.parameter_groups()) == 2
@@ -105,7 +119,9 @@ def test_pooling_reads_only_real_tokens(tokenizer):
 
 def test_save_load_round_trip_and_wrapper_by_path(tokenizer, model_path, tmp_path, prompts):
     pairs = toy_pairs(64)
-    trainer = RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), tokenizer, pairs, learning_rate=1e-3, batch_size=16)
+    trainer = RewardModelTrainer(
+        RewardModel(tiny_bert(len(tokenizer))), tokenizer, pairs, learning_rate=1e-3, batch_size=16
+    )
     trainer.learn()
     trainer.save(str(tmp_path / "rm"))
     loaded = load_reward_model(str(tmp_path / "rm"))
@@ -128,7 +144,9 @@ def test_sequence_classifier_as_reward_model(tokenizer):
     config = tiny_config(len(tokenizer))
     config.num_labels = 1
     model = LlamaForSequenceClassification(config)
-    trainer = RewardModelTrainer(model, tokenizer, toy_pairs(32), toy_pairs(16, seed=2), learning_rate=1e-3, batch_size=8)
+    trainer = RewardModelTrainer(
+        model, tokenizer, toy_pairs(32), toy_pairs(16, seed=2), learning_rate=1e-3, batch_size=8
+    )
     trainer.learn()
     assert set(trainer.evaluate()) == {"accuracy", "loss", "mean", "std", "margin"}
 

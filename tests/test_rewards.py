@@ -13,7 +13,12 @@ from tests.helpers import generate_batch, make_policy, replay_through_step
 def tiny_reward_model(vocab_size: int, seed: int = 0) -> BertForSequenceClassification:
     th.manual_seed(seed)
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=1
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
     )
     return BertForSequenceClassification(config).eval()
 

@@ -14,7 +14,9 @@ from sb3_rlhf.sft import SFTTrainer
 from sb3_rlhf.sft.trainer import IGNORE_INDEX
 from tests.conftest import WORDS, share_of_good
 
-TEMPLATE = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+)
 
 
 def toy_demos(n: int, seed: int = 0) -> list[Demonstration]:
@@ -85,13 +87,23 @@ def test_perplexity_falls_checkpoints_and_export(model_path, tmp_path, tokenizer
     checkpoints = sorted(os.listdir(tmp_path / "ckpt"))
     assert len(checkpoints) == 2 and all(c.startswith("checkpoint-") for c in checkpoints)
     assert os.listdir(tmp_path / "tb")
-    trainer.save_pretrained(str(tmp_path / "sft"))
+    trainer.save(str(tmp_path / "sft"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
     for name, tensor in exported.state_dict().items():
         assert th.equal(tensor, trainer.model.state_dict()[name]), name
+    reloaded = SFTTrainer.load(str(tmp_path / "sft"), toy_demos(4), eval_demos=toy_demos(40, seed=1))
+    assert reloaded.evaluate()["perplexity"] == pytest.approx(after, rel=1e-5)
     # the SFT model is the policy of the next stage
-    env = RewardFunctionWrapper(TokenGenerationEnv(["the cat sat"], str(tmp_path / "sft"), max_new_tokens=4), fn=share_of_good)
-    model = RLHFPPO("TransformerActorCriticPolicy", env, n_episodes=4, batch_size=2, policy_kwargs=dict(model_name_or_path=str(tmp_path / "sft")))
+    env = RewardFunctionWrapper(
+        TokenGenerationEnv(["the cat sat"], str(tmp_path / "sft"), max_new_tokens=4), fn=share_of_good
+    )
+    model = RLHFPPO(
+        "TransformerActorCriticPolicy",
+        env,
+        n_episodes=4,
+        batch_size=2,
+        policy_kwargs=dict(model_name_or_path=str(tmp_path / "sft")),
+    )
     model.learn(total_timesteps=8)
 
 

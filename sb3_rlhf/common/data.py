@@ -111,9 +111,13 @@ def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"line {line_number} of {path!r} is not JSON ({error.msg}): expected one JSON object per line") from error
+                raise ValueError(
+                    f"line {line_number} of {path!r} is not JSON ({error.msg}): expected one JSON object per line"
+                ) from error
             if not isinstance(record, dict):
-                raise ValueError(f"line {line_number} of {path!r} is a JSON {type(record).__name__}, expected an object")
+                raise ValueError(
+                    f"line {line_number} of {path!r} is a JSON {type(record).__name__}, expected an object"
+                )
             yield record
 
 
@@ -191,7 +195,10 @@ def load_preference_pairs(
             split = split_transcripts if split_transcripts is not None else HH_ASSISTANT in chosen
             if split:
                 try:
-                    (prompt, chosen), (rejected_prompt, rejected) = split_hh_transcript(chosen), split_hh_transcript(rejected)
+                    (prompt, chosen), (rejected_prompt, rejected) = (
+                        split_hh_transcript(chosen),
+                        split_hh_transcript(rejected),
+                    )
                 except ValueError:
                     report.skip("not an HH transcript")
                     continue
@@ -275,7 +282,9 @@ def load_labelled_texts(
     return positives, negatives, report
 
 
-def pairs_from_labels(positives: Sequence[str], negatives: Sequence[str], seed: int = 0, prompt: str = "") -> list[PreferencePair]:
+def pairs_from_labels(
+    positives: Sequence[str], negatives: Sequence[str], seed: int = 0, prompt: str = ""
+) -> list[PreferencePair]:
     """Pair each positive text with a negative one (shuffled by ``seed``, each text used once): the positive
     is chosen. Gives ``min(len(positives), len(negatives))`` pairs."""
     rng = np.random.default_rng(seed)

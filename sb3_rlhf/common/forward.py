@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch as th
 from transformers import PreTrainedModel
@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 
 
-@lru_cache(maxsize=None)
+@cache
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 

@@ -69,7 +69,11 @@ class GenerationBatch:
         prompt_ids, prompt_mask = env.prompt_batch([prompt_index])
         response = th.as_tensor([list(completion_ids)], dtype=th.long, device=device)
         return cls.from_generation(
-            env, [prompt_index], th.as_tensor(prompt_ids, device=device), th.as_tensor(prompt_mask, device=device), response
+            env,
+            [prompt_index],
+            th.as_tensor(prompt_ids, device=device),
+            th.as_tensor(prompt_mask, device=device),
+            response,
         )
 
     @property

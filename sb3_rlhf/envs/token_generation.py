@@ -59,7 +59,9 @@ class TokenGenerationEnv(gym.Env):
         super().__init__()
         if isinstance(tokenizer, (str, os.PathLike)):
             if not os.path.isdir(tokenizer):
-                raise FileNotFoundError(f"tokenizer path {str(tokenizer)!r} does not exist: pass a local tokenizer folder")
+                raise FileNotFoundError(
+                    f"tokenizer path {str(tokenizer)!r} does not exist: pass a local tokenizer folder"
+                )
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):

@@ -64,7 +64,9 @@ class RLHFPPO(PPO):
     :param _init_setup_model: build the model now (SB3's ``load`` passes False).
     """
 
-    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"TransformerActorCriticPolicy": TransformerActorCriticPolicy}
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "TransformerActorCriticPolicy": TransformerActorCriticPolicy
+    }
     rollout_buffer: SequenceRolloutBuffer
     policy: TransformerActorCriticPolicy
 
@@ -223,7 +225,14 @@ class RLHFPPO(PPO):
                 terms_per_episode[wrapper.name].append(term.sum(-1).cpu())
                 rewards = rewards + term
             rollout_buffer.add(
-                prompt_ids, prompt_mask, batch.response_ids, batch.response_mask, logprobs, values, rewards, batch.terminated
+                prompt_ids,
+                prompt_mask,
+                batch.response_ids,
+                batch.response_mask,
+                logprobs,
+                values,
+                rewards,
+                batch.terminated,
             )
             episodes["reward"] += rewards.sum(-1).tolist()
             episodes["length"] += batch.lengths.tolist()
@@ -239,7 +248,11 @@ class RLHFPPO(PPO):
                 self.num_timesteps += 1
                 done = t == length - 1
                 callback.update_locals(
-                    {"dones": np.array([done]), "infos": [info if done else {}], "rewards": np.zeros(1, dtype=np.float32)}
+                    {
+                        "dones": np.array([done]),
+                        "infos": [info if done else {}],
+                        "rewards": np.zeros(1, dtype=np.float32),
+                    }
                 )
                 if not callback.on_step():
                     return False

@@ -97,7 +97,9 @@ class RewardModel(th.nn.Module):
             index = th.where(real, positions, input_ids.shape[1]).min(dim=1).values
         return hidden[th.arange(hidden.shape[0], device=hidden.device), index]
 
-    def forward(self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor | None = None, **kwargs: Any
+    ) -> SequenceClassifierOutput:
         """:param input_ids: ``(batch, seq_len)`` int64; :param attention_mask: ``(batch, seq_len)``.
         :return: ``logits (batch, 1)`` float32."""
         return SequenceClassifierOutput(logits=self.head(self.pool(input_ids, attention_mask, **kwargs)))
@@ -106,14 +108,19 @@ class RewardModel(th.nn.Module):
         """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically."""
         with atomic_directory(path) as tmp:
             self.backbone.save_pretrained(tmp, safe_serialization=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, os.path.join(tmp, HEAD_NAME))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                os.path.join(tmp, HEAD_NAME),
+            )
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
                 json.dump({"pooling": self.pooling, "format_version": 1}, f)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False) -> RewardModel:
+    def from_pretrained(
+        cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False
+    ) -> RewardModel:
         """Load what :meth:`save_pretrained` wrote (safetensors only)."""
         _check_local(path, "reward model path")
         with open(os.path.join(path, CONFIG_NAME)) as f:

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
-from sb3_rlhf.common.trainer import SupervisedTrainer
 from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
+from sb3_rlhf.common.trainer import SupervisedTrainer
 from sb3_rlhf.reward_modeling.model import RewardModel, load_reward_model
 
 
@@ -107,12 +107,18 @@ class RewardModelTrainer(SupervisedTrainer):
         super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
         if isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
-            model = load_reward_model(path) if os.path.exists(os.path.join(path, "reward_model.json")) else RewardModel.from_backbone(path, pooling)
+            model = (
+                load_reward_model(path)
+                if os.path.exists(os.path.join(path, "reward_model.json"))
+                else RewardModel.from_backbone(path, pooling)
+            )
             tokenizer = tokenizer if tokenizer is not None else path
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         if tokenizer is None or tokenizer.pad_token_id is None:
-            raise ValueError("the reward model's tokenizer needs a pad token: set tokenizer.pad_token (e.g. to its EOS or [PAD])")
+            raise ValueError(
+                "the reward model's tokenizer needs a pad token: set tokenizer.pad_token (e.g. to its EOS or [PAD])"
+            )
         if isinstance(model, PreTrainedModel):
             if model.config.num_labels != 1:
                 raise ValueError(f"a reward model outputs one score: num_labels is {model.config.num_labels}")
@@ -145,7 +151,9 @@ class RewardModelTrainer(SupervisedTrainer):
     def _encode(self, pairs: Sequence[PreferencePair]) -> tuple[th.Tensor, th.Tensor]:
         """Chosen texts then rejected texts, one right-padded batch of ``2 * len(pairs)`` rows."""
         texts = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-        return pad_right(encode_keep_end(self.tokenizer, texts, self.max_length), self.tokenizer.pad_token_id, self.device)
+        return pad_right(
+            encode_keep_end(self.tokenizer, texts, self.max_length), self.tokenizer.pad_token_id, self.device
+        )
 
     def _rewards(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

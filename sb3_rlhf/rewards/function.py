@@ -28,7 +28,9 @@ class RewardFunctionWrapper(SequenceRewardWrapper):
     def __init__(self, env: gym.Env, fn: RewardFn, name: str = "reward_fn") -> None:
         super().__init__(env, name)
         if not callable(fn):
-            raise TypeError(f"fn must be callable as fn(prompts, completions) -> list of floats, got {type(fn).__name__}")
+            raise TypeError(
+                f"fn must be callable as fn(prompts, completions) -> list of floats, got {type(fn).__name__}"
+            )
         self.fn = fn
 
     def score(self, batch: GenerationBatch) -> th.Tensor:
@@ -36,7 +38,9 @@ class RewardFunctionWrapper(SequenceRewardWrapper):
         try:
             values = np.asarray(result.detach().cpu() if isinstance(result, th.Tensor) else result, dtype=np.float64)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"{self.name}: the reward function must return a list of floats, got {type(result).__name__}") from error
+            raise TypeError(
+                f"{self.name}: the reward function must return a list of floats, got {type(result).__name__}"
+            ) from error
         if values.shape != (batch.batch_size,):
             raise ValueError(
                 f"{self.name}: the reward function returned {values.size} value(s) of shape {values.shape} "

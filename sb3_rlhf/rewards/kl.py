@@ -97,7 +97,9 @@ class KLPenaltyWrapper(RewardWrapper):
             self.ref_model = policy.make_reference_model()
         self.ref_model.to(policy.device)
         if self.ref_model.get_output_embeddings().weight.shape[0] < policy.n_actions:
-            raise ValueError("the reference model's vocabulary is smaller than the policy tokenizer: use the policy's base model")
+            raise ValueError(
+                "the reference model's vocabulary is smaller than the policy tokenizer: use the policy's base model"
+            )
 
     def _require_bound(self) -> TransformerActorCriticPolicy:
         if self.policy is None or self.ref_model is None:
@@ -120,7 +122,11 @@ class KLPenaltyWrapper(RewardWrapper):
         action_t = th.as_tensor([int(np.asarray(action).item())], device=policy.device)
         logprob = policy.action_log_prob(obs_t, action_t)
         ref_logits = next_token_logits(
-            self.ref_model, obs_t["input_ids"].long(), obs_t["attention_mask"].long(), policy.temperature, policy.n_actions
+            self.ref_model,
+            obs_t["input_ids"].long(),
+            obs_t["attention_mask"].long(),
+            policy.temperature,
+            policy.n_actions,
         )
         kl = kl_estimate(logprob, logprobs_of_tokens(ref_logits, action_t), self.estimator).item()
         reward = -self.coef * kl

@@ -97,7 +97,9 @@ class SFTTrainer(SupervisedTrainer):
             )
         else:
             prompt_ids = self.tokenizer(demo.prompt)["input_ids"] if demo.prompt else []
-        response_ids = self.tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        response_ids = self.tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.eos_token_id
+        ]
         response_ids = response_ids[: self.max_length - 1]
         prompt_ids = list(prompt_ids)[-(self.max_length - len(response_ids)) :]
         return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
@@ -120,7 +122,9 @@ class SFTTrainer(SupervisedTrainer):
         ).logits
         # token t is predicted from position t − 1
         targets = labels[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return nll, int((targets != IGNORE_INDEX).sum())
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -157,15 +161,22 @@ class SFTTrainer(SupervisedTrainer):
     def on_epoch_end(self) -> None:
         if self.checkpoint_dir is None:
             return
-        self.save_pretrained(os.path.join(self.checkpoint_dir, f"checkpoint-{self.num_steps}"))
+        self.save(os.path.join(self.checkpoint_dir, f"checkpoint-{self.num_steps}"))
         checkpoints = sorted(
-            (d for d in os.listdir(self.checkpoint_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+            (d for d in os.listdir(self.checkpoint_dir) if d.startswith("checkpoint-")),
+            key=lambda d: int(d.split("-")[1]),
         )
         for old in checkpoints[: -self.keep_checkpoints]:
             shutil.rmtree(os.path.join(self.checkpoint_dir, old))
 
-    def save_pretrained(self, path: str) -> None:
-        """Export the model and tokenizer (atomically) for plain transformers, or as the policy of RLHFPPO."""
+    def save(self, path: str) -> None:
+        """Export the model and tokenizer (``save_pretrained`` layout, atomically): plain transformers loads
+        it, and it serves as the policy of RLHFPPO (``policy_kwargs=dict(model_name_or_path=path)``)."""
         with atomic_directory(path) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+
+    @classmethod
+    def load(cls, path: str, train_demos: Sequence[Demonstration], **kwargs: Any) -> SFTTrainer:
+        """Continue fine-tuning a saved model (with its tokenizer)."""
+        return cls(path, None, train_demos, **kwargs)
