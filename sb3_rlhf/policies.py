@@ -29,6 +29,25 @@ class _SuppressTokensFrom(LogitsProcessor):
         return scores
 
 
+class _AdapterDisabled(th.nn.Module):
+    """The LoRA actor with its adapter switched off, i.e. the frozen base model: the KL reference under LoRA,
+    without a second copy of the weights. It holds the actor without registering it, so it owns no parameters."""
+
+    def __init__(self, peft_model: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)
+
+    def forward(self, **kwargs: Any) -> Any:
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+    def get_base_model(self) -> PreTrainedModel:
+        return self.peft_model.get_base_model()
+
+    def get_output_embeddings(self) -> th.nn.Module:
+        return self.peft_model.get_output_embeddings()
+
+
 def _disable_dropout(model: th.nn.Module) -> None:
     # Dropout would make log π differ between rollout and update for the same weights (ratio != 1 at step 0).
     for module in model.modules():
@@ -59,6 +78,10 @@ class TransformerActorCriticPolicy(BasePolicy):
     :param dtype: backbone dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); the value head stays float32.
     :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
     :param gradient_checkpointing: trade compute for memory in the update.
+    :param lora: LoRA through ``peft``: a dict of ``peft.LoraConfig`` arguments (defaults ``r=8``,
+        ``lora_alpha=16``, ``lora_dropout=0``, ``target_modules="all-linear"``). Only the adapter and the value
+        head train; the KL reference is the same backbone with the adapter disabled (no second copy), and
+        :meth:`save_pretrained` exports the merged model.
     :param optimizer_class: optimizer (default AdamW).
     :param optimizer_kwargs: extra optimizer arguments.
     :param use_sde: must be False (SB3 passes it to every on-policy policy).
@@ -77,6 +100,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
         optimizer_class: type[th.optim.Optimizer] = th.optim.AdamW,
         optimizer_kwargs: dict[str, Any] | None = None,
         use_sde: bool = False,
@@ -109,6 +133,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.gradient_checkpointing = gradient_checkpointing
+        self.lora = lora
         self.n_actions = int(action_space.n)
 
         if model_name_or_path is not None:
@@ -134,9 +159,12 @@ class TransformerActorCriticPolicy(BasePolicy):
                 _disable_dropout(model)
                 if gradient_checkpointing:
                     model.gradient_checkpointing_enable()
+        if lora is not None:
+            self.actor = _with_lora(self.actor, lora)
         hidden_size = (self.critic or self.actor).get_input_embeddings().embedding_dim
         self.value_head = th.nn.Linear(hidden_size, 1)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -149,6 +177,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
             gradient_checkpointing=self.gradient_checkpointing,
+            lora=self.lora,
         )
         return data
 
@@ -263,20 +292,36 @@ class TransformerActorCriticPolicy(BasePolicy):
         entropy = entropy_from_logits(logits) if with_entropy else None
         return logprobs, self._values_from_hidden(hidden), entropy
 
-    def make_reference_model(self) -> PreTrainedModel:
-        """A frozen copy of the actor as it is now: the KL reference when none is given."""
+    def make_reference_model(self) -> th.nn.Module:
+        """The KL reference when none is given: a frozen copy of the actor as it is now, or under LoRA the
+        actor with its adapter disabled (the untouched base weights, no copy)."""
+        if self.lora is not None:
+            return _AdapterDisabled(self.actor)
         return freeze(copy.deepcopy(self.actor))
 
-    def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
+    def save_pretrained(self, path: str, tokenizer: Any = None, merge_lora: bool = True) -> None:
         """Export the actor (and ``tokenizer``) so that plain transformers loads it.
 
-        The folder is written next to ``path`` first and renamed into place, so a crash never leaves a half
-        written export; an existing export at ``path`` is replaced.
+        Under LoRA the adapter is merged into a copy of the base weights (``merge_lora=False`` writes the peft
+        adapter folder instead). The folder is written next to ``path`` first and renamed into place, so a
+        crash never leaves a half-written export; an existing export at ``path`` is replaced.
         """
+        actor = self.actor
+        if self.lora is not None and merge_lora:
+            actor = copy.deepcopy(self.actor).merge_and_unload()
         with atomic_directory(path) as tmp:
-            self.actor.save_pretrained(tmp, safe_serialization=True)
+            actor.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+
+def _with_lora(model: PreTrainedModel, lora: dict[str, Any]) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as missing:
+        raise ImportError("policy_kwargs['lora'] needs the peft package: pip install peft") from missing
+    settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **lora}
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
 
 
 def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:

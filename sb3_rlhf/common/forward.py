@@ -34,7 +34,7 @@ def forward_last_positions(
     :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
     """
     kwargs = {}
-    if _accepts_logits_to_keep(type(model)):
+    if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_positions
     out = model(
         input_ids=input_ids,

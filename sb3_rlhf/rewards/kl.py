@@ -95,7 +95,7 @@ class KLPenaltyWrapper(RewardWrapper):
         self.policy = policy
         if self.ref_model is None:
             self.ref_model = policy.make_reference_model()
-        self.ref_model.to(policy.device)
+        self.ref_model.to(policy.device)  # a no-op for the adapter-disabled LoRA reference, which owns no weights
         if self.ref_model.get_output_embeddings().weight.shape[0] < policy.n_actions:
             raise ValueError(
                 "the reference model's vocabulary is smaller than the policy tokenizer: use the policy's base model"

@@ -1,0 +1,69 @@
+import pytest
+import torch as th
+from transformers import AutoModelForCausalLM
+
+from sb3_rlhf import RLHFPPO
+from sb3_rlhf.common.forward import response_logprobs
+from sb3_rlhf.common.models import load_causal_lm
+from sb3_rlhf.rewards import KLPenaltyWrapper
+from tests.helpers import generate_batch
+from tests.test_ppo import rule_env
+
+pytest.importorskip("peft")
+
+
+def test_lora_trains_only_the_adapter_and_the_reference_is_the_base(tokenizer, model_path, tmp_path):
+    env = rule_env(tokenizer)
+    model = RLHFPPO(
+        "TransformerActorCriticPolicy",
+        env,
+        learning_rate=3e-3,
+        n_episodes=32,
+        batch_size=8,
+        seed=0,
+        policy_kwargs=dict(model_name_or_path=model_path, lora=dict(r=4)),
+    )
+    policy = model.policy
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or name.startswith("value_head") for name in trainable)
+    kl = model.reward_wrappers[0]
+    assert isinstance(kl, KLPenaltyWrapper)
+    assert not list(kl.ref_model.parameters())  # no second copy of the weights
+    initial = load_causal_lm(model_path)
+    base_before = {k: v.clone() for k, v in policy.actor.get_base_model().state_dict().items() if "lora_" not in k}
+
+    model.learn(total_timesteps=1_500)
+
+    # base weights untouched, adapter moved
+    for name, tensor in policy.actor.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            assert th.equal(tensor, base_before[name]), name
+    assert any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
+    # the reference log-probs are the initial policy's, and the trained policy differs from them
+    batch = generate_batch(policy, env, list(range(8)))
+    gen_env = env.unwrapped
+    with th.no_grad():
+        ref = response_logprobs(
+            kl.ref_model, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, gen_env.n_actions
+        )
+        init = response_logprobs(
+            initial, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, gen_env.n_actions
+        )
+    mask = batch.response_mask
+    th.testing.assert_close(ref[mask], init[mask], atol=1e-5, rtol=0)
+    assert (batch.logprobs[mask] - init[mask]).abs().max() > 1e-3
+
+    # the merged export loads in plain transformers and computes what the LoRA actor computes
+    policy.save_pretrained(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with th.no_grad():
+        merged_logprobs = response_logprobs(
+            merged, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, gen_env.n_actions
+        )
+    th.testing.assert_close(merged_logprobs[mask], batch.logprobs[mask], atol=1e-4, rtol=0)
+
+    # SB3 save/load keeps the adapter
+    model.save(tmp_path / "lora.zip")
+    loaded = RLHFPPO.load(tmp_path / "lora.zip", env=env)
+    for name, tensor in policy.state_dict().items():
+        assert th.equal(tensor, loaded.policy.state_dict()[name]), name
