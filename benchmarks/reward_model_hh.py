@@ -132,7 +132,7 @@ def main() -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads; Python {platform.python_version()}, "
         f"torch {th.__version__}, transformers {transformers.__version__}",
         "",
-        f"Data: {report}. Split by seed {args.seed}: {len(train)} train pairs, {len(test)} held out. "
+        f"Data: {str(report).replace(os.path.dirname(report.source) + os.sep, '')}. Split by seed {args.seed}: {len(train)} train pairs, {len(test)} held out. "
         f"Texts are prompt + answer, cut from the left to {args.max_length} tokens.",
         "",
         "| reward model (all-MiniLM-L6-v2 backbone) | held-out accuracy | train accuracy | seconds |",

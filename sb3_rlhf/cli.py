@@ -143,6 +143,53 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
     return after
 
 
+def run_train(args: argparse.Namespace) -> dict[str, object]:
+    """``sb3-rlhf train``: every stage of a task file, then the comparison with the initial policy."""
+    from sb3_rlhf.evaluation import report_markdown
+    from sb3_rlhf.tasks import load_task, run_task
+
+    task = load_task(args.task, args.set)
+    out = args.out or os.path.join("runs", task.name)
+    results = run_task(task, out, progress_bar=not args.no_progress_bar)
+    if results["reward_model"]:
+        print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
+    print(report_markdown(task.name, results, task.evaluation.n_prompts))
+    print(f"run folder: {out} (tensorboard/, checkpoints/, ppo_model.zip, policy/, report.md)")
+    return results
+
+
+def run_generate(args: argparse.Namespace) -> list[str]:
+    """``sb3-rlhf generate``: responses of an exported policy."""
+    import torch as th
+    from transformers import AutoTokenizer
+
+    from sb3_rlhf.common.models import load_causal_lm, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model, tokenizer = load_causal_lm(path), AutoTokenizer.from_pretrained(path)
+    th.manual_seed(args.seed)
+    answers = []
+    for prompt in args.prompt:
+        if args.chat_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with th.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=not args.greedy,
+                temperature=args.temperature if not args.greedy else None,
+                top_k=0 if not args.greedy else None,
+                top_p=1.0 if not args.greedy else None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        print(f"{prompt!r} -> {answers[-1]!r}")
+    return answers
+
+
 def _common_training_args(
     parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int
 ) -> None:
@@ -186,9 +233,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     sft.add_argument("--prompt-key", default="prompt")
     sft.add_argument("--response-key", default="response")
     sft.add_argument("--no-chat-template", action="store_true", help="do not apply the tokenizer's chat template")
+
+    train = sub.add_parser("train", help="run a task file (envs/*.toml): reward-model stage, PPO, report")
+    train.add_argument("task", help="a task file, e.g. envs/tiny_synthetic.toml")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a task key, e.g. algorithm.total_timesteps=2000",
+    )
+    train.add_argument("--out", help="run folder (default runs/<task name>)")
+    train.add_argument("--no-progress-bar", action="store_true")
+
+    generate = sub.add_parser("generate", help="sample from a trained (exported) policy")
+    generate.add_argument("--model", required=True, help="an exported policy folder (or any causal LM folder)")
+    generate.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--greedy", action="store_true")
+    generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
+    generate.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    if args.command == "reward-model":
+    if args.command == "train":
+        run_train(args)
+    elif args.command == "generate":
+        run_generate(args)
+    elif args.command == "reward-model":
         train_reward_model(args)
     elif args.command == "sft":
         train_sft(args)

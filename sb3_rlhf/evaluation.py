@@ -1,0 +1,112 @@
+"""Compare a trained policy with the initial one on held-out prompts: reward score, KL, samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch as th
+
+from sb3_rlhf.common.forward import response_logprobs
+from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+from sb3_rlhf.rewards.base import RewardWrapper, SequenceRewardWrapper
+
+
+@th.no_grad()
+def sample(
+    policy: TransformerActorCriticPolicy, env: TokenGenerationEnv, indices: Sequence[int], batch_size: int = 32
+) -> list[GenerationBatch]:
+    """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled."""
+    batches = []
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        prompt_ids, prompt_mask = (th.as_tensor(a, device=policy.device) for a in env.prompt_batch(chunk))
+        response = policy.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id)
+        batch = GenerationBatch.from_generation(env, chunk, prompt_ids, prompt_mask, response)
+        logprobs, _, _ = policy.evaluate_sequences(
+            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
+        )
+        batch.logprobs = logprobs * batch.response_mask
+        batches.append(batch)
+    return batches
+
+
+@th.no_grad()
+def compare_policies(
+    trained: TransformerActorCriticPolicy,
+    initial: TransformerActorCriticPolicy,
+    env: TokenGenerationEnv,
+    scorers: Sequence[RewardWrapper],
+    seed: int = 0,
+    n_samples_shown: int = 4,
+) -> dict[str, Any]:
+    """Sample both policies on every prompt of ``env`` (the held-out prompts) and score the responses.
+
+    :param trained: the trained policy.
+    :param initial: the initial policy (also the KL reference).
+    :param env: a TokenGenerationEnv over the held-out prompts.
+    :param scorers: the task's reward wrappers; their sequence-level terms are the score.
+    :return: ``{"initial": metrics, "trained": metrics, "samples": [...]}``; metrics hold ``score`` (mean),
+        ``kl`` (mean over responses of Σ_t log π(a_t|s_t) − log π_ref(a_t|s_t), the k1 estimate of KL(π‖π_ref)),
+        ``response_length`` and ``eos_fraction``.
+    """
+    indices = list(range(len(env.prompts)))
+    results, completions = {}, {}
+    for name, policy in (("initial", initial), ("trained", trained)):
+        th.manual_seed(seed)
+        batches = sample(policy, env, indices)
+        scores, kls, lengths, eos, texts = [], [], [], [], []
+        for batch in batches:
+            score = sum(
+                (w.score(batch) for w in scorers if isinstance(w, SequenceRewardWrapper)), th.zeros(batch.batch_size)
+            )
+            ref = response_logprobs(
+                initial.actor,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_length,
+                initial.temperature,
+                initial.n_actions,
+            )
+            kls += ((batch.logprobs - ref) * batch.response_mask).sum(-1).tolist()
+            scores += score.tolist()
+            lengths += batch.lengths.tolist()
+            eos += batch.terminated.tolist()
+            texts += batch.completions
+        results[name] = {
+            "score": float(np.mean(scores)),
+            "kl": float(np.mean(kls)),
+            "response_length": float(np.mean(lengths)),
+            "eos_fraction": float(np.mean(eos)),
+        }
+        completions[name] = texts
+    results["samples"] = [
+        {"prompt": env.prompt_texts[i], "initial": completions["initial"][i], "trained": completions["trained"][i]}
+        for i in indices[:n_samples_shown]
+    ]
+    return results
+
+
+def report_markdown(name: str, results: dict[str, Any], n_prompts: int) -> str:
+    """The comparison as a Markdown report."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        f"# {name}: trained policy against the initial one on {n_prompts} held-out prompts",
+        "",
+        "| policy | mean score | KL to the reference (nats per response) | response length | ends with EOS |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ("initial", "trained"):
+        m = results[key]
+        lines.append(
+            f"| {key} | {m['score']:.4f} | {m['kl']:.3f} | {m['response_length']:.1f} | {m['eos_fraction']:.2f} |"
+        )
+    lines += ["", "| prompt | initial | trained |", "|---|---|---|"]
+    lines += [f"| {cell(s['prompt'])} | {cell(s['initial'])} | {cell(s['trained'])} |" for s in results["samples"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,235 @@
+"""Task files: one TOML file holds everything a run needs; unknown keys are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import tomllib
+
+C = TypeVar("C")
+
+
+@dataclass
+class PolicySection:
+    """``[policy]``: ``model`` is a local folder, a packaged model name (``SmolLM2-135M-Instruct``) or
+    ``"tiny"`` (a random tiny Llama over ``tiny_words``, built and saved into the run folder)."""
+
+    model: str
+    temperature: float = 1.0
+    dtype: str | None = None
+    value_head: str = "shared"
+    lora: dict[str, Any] | None = None
+    tiny_words: list[str] = field(default_factory=list)
+    tiny_hidden_size: int = 64
+
+
+@dataclass
+class PromptsSection:
+    """``[prompts]``: ``source`` is ``"inline"`` (``texts``), ``"csv"`` (``column`` of ``path``), ``"jsonl"``
+    (``column`` of each record) or ``"hh"`` (the conversations of HH-RLHF pairs). ``first_words`` keeps the
+    beginning of each text (a review to continue); ``chat_template`` wraps prompts as a user turn."""
+
+    source: str
+    texts: list[str] = field(default_factory=list)
+    path: str | None = None
+    column: str = "prompt"
+    first_words: int | None = None
+    max_prompts: int | None = None
+    eval_size: float = 0.1
+    chat_template: bool = False
+
+
+@dataclass
+class GenerationSection:
+    """``[generation]``: episode limits (see :class:`~sb3_rlhf.TokenGenerationEnv`)."""
+
+    max_prompt_tokens: int = 64
+    max_new_tokens: int = 32
+
+
+@dataclass
+class RewardModelTrainingSection:
+    """``[reward.train]``: a reward-model stage run before PPO. ``source`` is ``"pairs"`` (JSONL of
+    comparisons) or ``"labels"`` (a CSV whose ``positive_label`` texts beat the others)."""
+
+    data: str
+    backbone: str = "all-MiniLM-L6-v2"
+    source: str = "pairs"
+    text_column: str = "review"
+    label_column: str = "sentiment"
+    positive_label: str = "positive"
+    max_pairs: int | None = None
+    test_size: float = 0.1
+    epochs: int = 1
+    learning_rate: float = 2e-5
+    head_learning_rate: float | None = None
+    linear_probe_init: bool = True
+    batch_size: int = 16
+    max_length: int = 128
+
+
+@dataclass
+class RewardSection:
+    """``[reward]``: exactly one of ``function`` (``"module:function"``, called as ``fn(prompts, completions)``),
+    ``model`` (a reward-model folder) or ``[reward.train]`` (train one first)."""
+
+    function: str | None = None
+    model: str | None = None
+    train: RewardModelTrainingSection | None = None
+    max_length: int = 128
+
+
+@dataclass
+class KLSection:
+    """``[kl]``: the KL penalty to the reference (the initial policy); ``coef = 0`` disables it."""
+
+    coef: float = 0.05
+    target: float | None = None
+    horizon: int = 10_000
+    estimator: str = "k1"
+
+
+@dataclass
+class AlgorithmSection:
+    """``[algorithm]``: ``total_timesteps`` (generated tokens) and any :class:`~sb3_rlhf.RLHFPPO` argument."""
+
+    total_timesteps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationSection:
+    """``[evaluation]``: the final report on held-out prompts."""
+
+    n_prompts: int = 64
+    n_samples_shown: int = 4
+
+
+@dataclass
+class TaskConfig:
+    """A whole task file."""
+
+    name: str
+    policy: PolicySection
+    prompts: PromptsSection
+    reward: RewardSection
+    algorithm: AlgorithmSection
+    seed: int = 0
+    device: str = "auto"
+    description: str = ""
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    kl: KLSection = field(default_factory=KLSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    source: str = ""
+
+
+_SECTIONS = {
+    "policy": PolicySection,
+    "prompts": PromptsSection,
+    "generation": GenerationSection,
+    "reward": RewardSection,
+    "kl": KLSection,
+    "algorithm": AlgorithmSection,
+    "evaluation": EvaluationSection,
+}
+
+
+def _build(cls: type[C], data: dict[str, Any], where: str) -> C:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a table, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key {where}.{unknown[0]}: the keys of [{where}] are {sorted(names)}")
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+    ]
+    if missing:
+        raise ValueError(f"missing key {where}.{missing[0]}")
+    return cls(**data)
+
+
+def parse_task(data: dict[str, Any], source: str = "<dict>") -> TaskConfig:
+    """Validate a task dictionary (a parsed TOML file) into a :class:`TaskConfig`."""
+    data = dict(data)
+    top = data.pop("task", {})
+    sections = {}
+    for key, value in data.items():
+        if key not in _SECTIONS:
+            raise ValueError(f"unknown section [{key}] in {source}: the sections are {['task', *_SECTIONS]}")
+        value = dict(value)
+        if key == "reward" and "train" in value:
+            value["train"] = _build(RewardModelTrainingSection, value["train"], "reward.train")
+        if key == "algorithm":
+            value = {"total_timesteps": value.pop("total_timesteps", None), "settings": value}
+            if value["total_timesteps"] is None:
+                raise ValueError("missing key algorithm.total_timesteps")
+        sections[key] = value if key == "algorithm" else _build(_SECTIONS[key], value, key)
+    if "algorithm" in sections:
+        sections["algorithm"] = AlgorithmSection(**sections["algorithm"])
+    task = _build(TaskConfig, {**top, **sections, "source": source}, "task")
+    _check(task)
+    return task
+
+
+#: RLHFPPO arguments that the task sets itself (from other sections).
+_SET_BY_TASK = {"self", "policy", "env", "policy_kwargs", "tensorboard_log", "seed", "device", "_init_setup_model"}
+
+
+def _check(task: TaskConfig) -> None:
+    from sb3_rlhf.ppo.ppo import RLHFPPO
+
+    allowed = set(inspect.signature(RLHFPPO.__init__).parameters) - _SET_BY_TASK
+    unknown = sorted(set(task.algorithm.settings) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key algorithm.{unknown[0]}: [algorithm] takes total_timesteps and {sorted(allowed)}")
+    reward = task.reward
+    given = [name for name in ("function", "model", "train") if getattr(reward, name) is not None]
+    if len(given) != 1:
+        raise ValueError(f"[reward] needs exactly one of function, model or [reward.train]; got {given or 'none'}")
+    if reward.function is not None and ":" not in reward.function:
+        raise ValueError(f"reward.function must be 'module:function', got {reward.function!r}")
+    if task.prompts.source not in ("inline", "csv", "jsonl", "hh"):
+        raise ValueError(f"prompts.source must be inline, csv, jsonl or hh; got {task.prompts.source!r}")
+    if task.prompts.source == "inline" and not task.prompts.texts:
+        raise ValueError("prompts.source = 'inline' needs prompts.texts")
+    if task.prompts.source != "inline" and not task.prompts.path:
+        raise ValueError(f"prompts.source = {task.prompts.source!r} needs prompts.path")
+    if task.policy.model == "tiny" and not task.policy.tiny_words:
+        raise ValueError("policy.model = 'tiny' needs policy.tiny_words (the tiny tokenizer's vocabulary)")
+    if reward.train is not None and reward.train.source not in ("pairs", "labels"):
+        raise ValueError(f"reward.train.source must be 'pairs' or 'labels', got {reward.train.source!r}")
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        data = data.setdefault(key, {})
+    data[last] = value
+
+
+def load_task(path: str, overrides: list[str] | None = None) -> TaskConfig:
+    """Read a task file, apply ``--set key=value`` overrides (values in TOML syntax, strings unquoted ok)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"task file {path!r} does not exist: the ready tasks are in envs/*.toml")
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path} is not valid TOML: {error}") from error
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        _set(data, key.strip(), value)
+    return parse_task(data, source=path)

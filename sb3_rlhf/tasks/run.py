@@ -1,0 +1,193 @@
+"""Run a task file end to end: reward-model stage (if any), PPO, checkpoints, export, final report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.utils import set_random_seed
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from sb3_rlhf.common.data import (
+    find_data_file,
+    load_labelled_texts,
+    load_preference_pairs,
+    pairs_from_labels,
+    read_records,
+    train_test_split,
+)
+from sb3_rlhf.common.models import resolve_model_path
+from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.evaluation import compare_policies, report_markdown
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+from sb3_rlhf.ppo.ppo import RLHFPPO
+from sb3_rlhf.reward_modeling import RewardModelTrainer
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
+from sb3_rlhf.tasks.config import PromptsSection, RewardModelTrainingSection, TaskConfig
+
+
+def policy_model_path(task: TaskConfig, out: str) -> str:
+    """The policy's model folder: resolved by path or packaged name, or a tiny random model built into ``out``."""
+    if task.policy.model != "tiny":
+        return resolve_model_path(task.policy.model)
+    path = os.path.join(out, "base_model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        tokenizer = tiny_tokenizer(task.policy.tiny_words)
+        tiny_causal_lm(
+            len(tokenizer), "llama", seed=task.seed, hidden_size=task.policy.tiny_hidden_size
+        ).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The task's prompt texts, in file order (the split is seeded later)."""
+    if section.source == "inline":
+        texts = list(section.texts)
+    elif section.source == "hh":
+        pairs, _ = load_preference_pairs(find_data_file(section.path))
+        texts = list(dict.fromkeys(p.prompt for p in pairs))
+    else:
+        records, name = read_records(find_data_file(section.path))
+        texts = []
+        for record in records:
+            if section.column not in record:
+                raise ValueError(
+                    f"{name}: no column {section.column!r} (prompts.column); the records have {sorted(record)}"
+                )
+            text = record[section.column]
+            if isinstance(text, str) and text.strip():
+                texts.append(text.replace("<br />", " "))
+    if section.first_words:
+        texts = [" ".join(t.split()[: section.first_words]) for t in texts]
+    if section.max_prompts:
+        texts = texts[: section.max_prompts]
+    if section.chat_template:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+            for t in texts
+        ]
+    return texts
+
+
+def train_reward_model_stage(
+    stage: RewardModelTrainingSection, out: str, seed: int, device: str, progress_bar: bool
+) -> tuple[str, dict[str, float]]:
+    """Train the task's reward model first; return its folder and held-out metrics."""
+    path = find_data_file(stage.data)
+    if stage.source == "labels":
+        positives, negatives, _ = load_labelled_texts(path, stage.text_column, stage.label_column, stage.positive_label)
+        pairs = pairs_from_labels(positives, negatives, seed=seed)
+    else:
+        pairs, _ = load_preference_pairs(path)
+    train, test = train_test_split(pairs, stage.test_size, seed=seed)
+    if stage.max_pairs:
+        train = train[: stage.max_pairs]
+    trainer = RewardModelTrainer(
+        resolve_model_path(stage.backbone),
+        None,
+        train,
+        test,
+        learning_rate=stage.learning_rate,
+        head_learning_rate=stage.head_learning_rate,
+        batch_size=stage.batch_size,
+        n_epochs=stage.epochs,
+        max_length=stage.max_length,
+        tensorboard_log=os.path.join(out, "tensorboard"),
+        seed=seed,
+        device=device,
+    )
+    if stage.linear_probe_init:
+        trainer.fit_linear_probe()
+    trainer.learn(progress_bar=progress_bar)
+    metrics = trainer.evaluate()
+    folder = os.path.join(out, "reward_model")
+    trainer.save(folder)
+    return folder, metrics
+
+
+def import_function(spec: str) -> Any:
+    """``"package.module:function"`` → the function (only an explicitly named callable is ever imported)."""
+    module_name, _, attribute = spec.partition(":")
+    function = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward.function {spec!r}: {module_name} has no callable {attribute!r}")
+    return function
+
+
+def make_env(task: TaskConfig, prompts: list[str], tokenizer: PreTrainedTokenizerBase, reward_model: str | None) -> Any:
+    """The task's env under its reward wrappers."""
+    env = TokenGenerationEnv(prompts, tokenizer, task.generation.max_prompt_tokens, task.generation.max_new_tokens)
+    if task.reward.function is not None:
+        env = RewardFunctionWrapper(env, import_function(task.reward.function))
+    else:
+        env = RewardModelWrapper(env, reward_model, max_length=task.reward.max_length)
+    if task.kl.coef > 0:
+        env = KLPenaltyWrapper(
+            env, task.kl.coef, target=task.kl.target, horizon=task.kl.horizon, estimator=task.kl.estimator
+        )
+    return env
+
+
+def run_task(task: TaskConfig, out: str, progress_bar: bool = True) -> dict[str, Any]:
+    """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``)."""
+    os.makedirs(out, exist_ok=True)
+    set_random_seed(task.seed)
+    policy_path = policy_model_path(task, out)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    prompts = load_prompts(task.prompts, tokenizer)
+    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
+    eval_prompts = eval_prompts[: task.evaluation.n_prompts]
+
+    reward_model, reward_model_metrics = task.reward.model, None
+    if task.reward.train is not None:
+        reward_model, reward_model_metrics = train_reward_model_stage(
+            task.reward.train, out, task.seed, task.device, progress_bar
+        )
+    if reward_model is not None:
+        reward_model = resolve_model_path(reward_model)
+
+    env = make_env(task, train_prompts, tokenizer, reward_model)
+    policy_kwargs = dict(
+        model_name_or_path=policy_path,
+        temperature=task.policy.temperature,
+        dtype=task.policy.dtype,
+        value_head=task.policy.value_head,
+        lora=task.policy.lora,
+    )
+    model = RLHFPPO(
+        TransformerActorCriticPolicy,
+        env,
+        policy_kwargs=policy_kwargs,
+        tensorboard_log=os.path.join(out, "tensorboard"),
+        seed=task.seed,
+        device=task.device,
+        **task.algorithm.settings,
+    )
+    initial = TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 0.0, **policy_kwargs).to(
+        model.device
+    )
+    checkpoints = CheckpointCallback(
+        max(task.algorithm.total_timesteps // 4, 1), os.path.join(out, "checkpoints"), name_prefix="ppo"
+    )
+    model.learn(task.algorithm.total_timesteps, callback=checkpoints, progress_bar=progress_bar, tb_log_name=task.name)
+    model.save(os.path.join(out, "ppo_model.zip"))
+    model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=tokenizer)
+
+    eval_env = TokenGenerationEnv(
+        eval_prompts, tokenizer, task.generation.max_prompt_tokens, task.generation.max_new_tokens
+    )
+    results = compare_policies(
+        model.policy, initial, eval_env, model.reward_wrappers, task.seed, task.evaluation.n_samples_shown
+    )
+    results["reward_model"] = reward_model_metrics
+    results["timesteps"] = model.num_timesteps
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report_markdown(task.name, results, len(eval_prompts)))
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    return results
