@@ -151,10 +151,21 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
     task = load_task(args.task, args.set)
     out = args.out or os.path.join("runs", task.name)
     results = run_task(task, out, progress_bar=not args.no_progress_bar)
-    if results["reward_model"]:
+    if results.get("reward_model"):
         print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
     print(report_markdown(task.name, results, task.evaluation.n_prompts))
     print(f"run folder: {out} (tensorboard/, checkpoints/, ppo_model.zip, policy/, report.md)")
+    return results
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, object]:
+    """``sb3-rlhf evaluate``: the comparison of a finished run's policy with the initial one."""
+    from sb3_rlhf.evaluation import report_markdown
+    from sb3_rlhf.tasks import evaluate_task, load_task
+
+    task = load_task(args.task, args.set)
+    results = evaluate_task(task, args.out or os.path.join("runs", task.name))
+    print(report_markdown(task.name, results, task.evaluation.n_prompts))
     return results
 
 
@@ -246,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", help="run folder (default runs/<task name>)")
     train.add_argument("--no-progress-bar", action="store_true")
 
+    evaluate = sub.add_parser("evaluate", help="re-run the trained-versus-initial report of a finished run")
+    evaluate.add_argument("task", help="the task file the run used")
+    evaluate.add_argument("--out", help="the run folder (default runs/<task name>)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     generate = sub.add_parser("generate", help="sample from a trained (exported) policy")
     generate.add_argument("--model", required=True, help="an exported policy folder (or any causal LM folder)")
     generate.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
@@ -258,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "train":
         run_train(args)
+    elif args.command == "evaluate":
+        run_evaluate(args)
     elif args.command == "generate":
         run_generate(args)
     elif args.command == "reward-model":

@@ -86,9 +86,47 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     assert glob.glob(str(out / "checkpoints" / "ppo_*_steps.zip"))
     assert glob.glob(str(out / "tensorboard" / "tiny_synthetic_1" / "events.*"))
 
+    # `sb3-rlhf evaluate` reproduces the report from the saved run
+    assert main(["evaluate", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert f"| trained | {results['trained']['score']:.4f} |" in again
+
     # the exported policy answers through `sb3-rlhf generate`
     assert (
         main(["generate", "--model", str(out / "policy"), "--prompt", "the cat", "--greedy", "--max-new-tokens", "4"])
         == 0
     )
     assert "'the cat' -> " in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ["imdb_positive", "hh_harmless"])
+def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
+    """The ready tasks on their real models and data, with the schedule cut to a few steps."""
+    from sb3_rlhf.common.data import find_data_file
+    from sb3_rlhf.common.models import packaged_model_path
+    from sb3_rlhf.tasks import run_task
+
+    try:
+        packaged_model_path("all-MiniLM-L6-v2")
+        packaged_model_path("SmolLM2-135M-Instruct")
+        find_data_file("imdb_subset.csv")
+    except (ImportError, FileNotFoundError) as missing:
+        pytest.skip(str(missing))
+    short = [
+        "algorithm.total_timesteps=16",
+        "algorithm.n_episodes=4",
+        "algorithm.batch_size=2",
+        "reward.train.max_pairs=24",
+        "reward.train.epochs=0",
+        "reward.train.test_size=16",
+        "prompts.max_prompts=200",
+        "generation.max_prompt_tokens=48",
+        "generation.max_new_tokens=4",
+        "evaluation.n_prompts=4",
+    ]
+    results = run_task(load_task(os.path.join(ROOT, "envs", f"{name}.toml"), short), str(tmp_path), progress_bar=False)
+    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0
+    assert results["initial"]["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert len(results["samples"]) == 4
+    assert (tmp_path / "policy" / "model.safetensors").exists()

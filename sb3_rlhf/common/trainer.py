@@ -44,9 +44,13 @@ class SupervisedTrainer:
         seed: int = 0,
         device: th.device | str = "auto",
     ) -> None:
-        for key, value in (("batch_size", batch_size), ("n_epochs", n_epochs), ("log_interval", log_interval)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key, value, least in (
+            ("batch_size", batch_size, 1),
+            ("n_epochs", n_epochs, 0),
+            ("log_interval", log_interval, 1),
+        ):
+            if not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.n_epochs = n_epochs

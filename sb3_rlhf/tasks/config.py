@@ -39,7 +39,7 @@ class PromptsSection:
     column: str = "prompt"
     first_words: int | None = None
     max_prompts: int | None = None
-    eval_size: float = 0.1
+    eval_size: float = 0.1  # a share (< 1) or a count of held-out prompts
     chat_template: bool = False
 
 
@@ -63,8 +63,8 @@ class RewardModelTrainingSection:
     label_column: str = "sentiment"
     positive_label: str = "positive"
     max_pairs: int | None = None
-    test_size: float = 0.1
-    epochs: int = 1
+    test_size: float = 0.1  # a share (< 1) or a count of held-out pairs
+    epochs: int = 1  # 0 with linear_probe_init: the probe alone
     learning_rate: float = 2e-5
     head_learning_rate: float | None = None
     linear_probe_init: bool = True

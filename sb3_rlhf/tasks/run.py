@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from stable_baselines3.common.callbacks import CheckpointCallback
@@ -26,7 +27,7 @@ from sb3_rlhf.evaluation import compare_policies, report_markdown
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.ppo import RLHFPPO
 from sb3_rlhf.reward_modeling import RewardModelTrainer
-from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper, reward_wrappers
 from sb3_rlhf.tasks.config import PromptsSection, RewardModelTrainingSection, TaskConfig
 
 
@@ -133,61 +134,114 @@ def make_env(task: TaskConfig, prompts: list[str], tokenizer: PreTrainedTokenize
     return env
 
 
-def run_task(task: TaskConfig, out: str, progress_bar: bool = True) -> dict[str, Any]:
-    """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``)."""
+@dataclass
+class PreparedTask:
+    """What every stage of a task shares: the policy folder and tokenizer, the prompt split, the reward model."""
+
+    task: TaskConfig
+    out: str
+    policy_path: str
+    tokenizer: PreTrainedTokenizerBase
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    reward_model: str | None
+
+    @property
+    def policy_kwargs(self) -> dict[str, Any]:
+        policy = self.task.policy
+        return dict(
+            model_name_or_path=self.policy_path,
+            temperature=policy.temperature,
+            dtype=policy.dtype,
+            value_head=policy.value_head,
+            lora=policy.lora,
+        )
+
+    def env(self, prompts: list[str]) -> Any:
+        return make_env(self.task, prompts, self.tokenizer, self.reward_model)
+
+
+def prepare(
+    task: TaskConfig, out: str, train_reward_model: bool, progress_bar: bool = False
+) -> tuple[PreparedTask, dict | None]:
+    """Resolve the policy, split the prompts (seeded) and get the reward model: trained now into
+    ``out/reward_model`` when ``train_reward_model``, else the one a previous run left there."""
     os.makedirs(out, exist_ok=True)
     set_random_seed(task.seed)
     policy_path = policy_model_path(task, out)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     prompts = load_prompts(task.prompts, tokenizer)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
-    eval_prompts = eval_prompts[: task.evaluation.n_prompts]
-
-    reward_model, reward_model_metrics = task.reward.model, None
+    reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
-        reward_model, reward_model_metrics = train_reward_model_stage(
-            task.reward.train, out, task.seed, task.device, progress_bar
-        )
+        if train_reward_model:
+            reward_model, metrics = train_reward_model_stage(
+                task.reward.train, out, task.seed, task.device, progress_bar
+            )
+        else:
+            reward_model = os.path.join(out, "reward_model")
     if reward_model is not None:
         reward_model = resolve_model_path(reward_model)
-
-    env = make_env(task, train_prompts, tokenizer, reward_model)
-    policy_kwargs = dict(
-        model_name_or_path=policy_path,
-        temperature=task.policy.temperature,
-        dtype=task.policy.dtype,
-        value_head=task.policy.value_head,
-        lora=task.policy.lora,
+    prepared = PreparedTask(
+        task, out, policy_path, tokenizer, train_prompts, eval_prompts[: task.evaluation.n_prompts], reward_model
     )
+    return prepared, metrics
+
+
+def evaluate_against_initial(
+    prepared: PreparedTask, trained: RLHFPPO, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compare ``trained`` with a fresh initial policy on the held-out prompts; write ``report.md``/``.json``
+    (with ``extra`` entries, e.g. the reward model's held-out metrics)."""
+    task = prepared.task
+    eval_env = prepared.env(prepared.eval_prompts)
+    initial = TransformerActorCriticPolicy(
+        eval_env.observation_space, eval_env.action_space, lambda _: 0.0, **prepared.policy_kwargs
+    ).to(trained.device)
+    results = compare_policies(
+        trained.policy,
+        initial,
+        eval_env.unwrapped,
+        reward_wrappers(eval_env),
+        task.seed,
+        task.evaluation.n_samples_shown,
+    )
+    results["timesteps"] = trained.num_timesteps
+    results.update(extra or {})
+    with open(os.path.join(prepared.out, "report.md"), "w") as f:
+        f.write(report_markdown(task.name, results, len(prepared.eval_prompts)))
+    with open(os.path.join(prepared.out, "report.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    return results
+
+
+def run_task(task: TaskConfig, out: str, progress_bar: bool = True) -> dict[str, Any]:
+    """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``)."""
+    prepared, reward_model_metrics = prepare(task, out, train_reward_model=True, progress_bar=progress_bar)
     model = RLHFPPO(
         TransformerActorCriticPolicy,
-        env,
-        policy_kwargs=policy_kwargs,
+        prepared.env(prepared.train_prompts),
+        policy_kwargs=prepared.policy_kwargs,
         tensorboard_log=os.path.join(out, "tensorboard"),
         seed=task.seed,
         device=task.device,
         **task.algorithm.settings,
-    )
-    initial = TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 0.0, **policy_kwargs).to(
-        model.device
     )
     checkpoints = CheckpointCallback(
         max(task.algorithm.total_timesteps // 4, 1), os.path.join(out, "checkpoints"), name_prefix="ppo"
     )
     model.learn(task.algorithm.total_timesteps, callback=checkpoints, progress_bar=progress_bar, tb_log_name=task.name)
     model.save(os.path.join(out, "ppo_model.zip"))
-    model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=tokenizer)
+    model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=prepared.tokenizer)
+    return evaluate_against_initial(prepared, model, {"reward_model": reward_model_metrics})
 
-    eval_env = TokenGenerationEnv(
-        eval_prompts, tokenizer, task.generation.max_prompt_tokens, task.generation.max_new_tokens
+
+def evaluate_task(task: TaskConfig, out: str) -> dict[str, Any]:
+    """``sb3-rlhf evaluate``: re-run the final comparison of a finished run folder (its ``ppo_model.zip``)."""
+    if not os.path.exists(os.path.join(out, "ppo_model.zip")):
+        raise FileNotFoundError(f"{out} has no ppo_model.zip: run `sb3-rlhf train` with --out {out} first")
+    prepared, _ = prepare(task, out, train_reward_model=False)
+    model = RLHFPPO.load(
+        os.path.join(out, "ppo_model.zip"), env=prepared.env(prepared.eval_prompts), device=task.device
     )
-    results = compare_policies(
-        model.policy, initial, eval_env, model.reward_wrappers, task.seed, task.evaluation.n_samples_shown
-    )
-    results["reward_model"] = reward_model_metrics
-    results["timesteps"] = model.num_timesteps
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report_markdown(task.name, results, len(eval_prompts)))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
-    return results
+    return evaluate_against_initial(prepared, model)
