@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install demo test bench-reward-model clean
+.PHONY: install main demo test bench-reward-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+main: install
+	$(BIN)/sb3-rlhf train envs/imdb_positive.toml --out runs/imdb_positive
 
 demo: install
 	$(BIN)/sb3-rlhf demo --out runs/demo

@@ -29,3 +29,17 @@ def test_example_runs(script, arguments, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     written = os.listdir(tmp_path)
     assert any(name.endswith(".zip") or name == "model" for name in written), written
+
+
+def test_inspect_run_reads_the_curves(tmp_path):
+    from sb3_rlhf.cli import main
+
+    main(["demo", "--out", str(tmp_path), "--timesteps", "600", "--no-progress-bar"])
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "inspect_run.py"), str(tmp_path / "tensorboard")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rlhf/scores" in result.stdout and "| prompt | completion | score | reward |" in result.stdout

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-import tomllib
 
 C = TypeVar("C")
 

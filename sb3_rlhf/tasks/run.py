@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stable_baselines3.common.callbacks import CheckpointCallback
-from stable_baselines3.common.utils import set_random_seed
+from stable_baselines3.common.utils import get_device, set_random_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import (
@@ -126,7 +126,8 @@ def make_env(task: TaskConfig, prompts: list[str], tokenizer: PreTrainedTokenize
     if task.reward.function is not None:
         env = RewardFunctionWrapper(env, import_function(task.reward.function))
     else:
-        env = RewardModelWrapper(env, reward_model, max_length=task.reward.max_length)
+        # the reward model runs beside the policy (GPU when there is one)
+        env = RewardModelWrapper(env, reward_model, max_length=task.reward.max_length, device=get_device(task.device))
     if task.kl.coef > 0:
         env = KLPenaltyWrapper(
             env, task.kl.coef, target=task.kl.target, horizon=task.kl.horizon, estimator=task.kl.estimator
