@@ -18,6 +18,7 @@ parser.add_argument("--data", default="hh_harmless_base_test.jsonl.gz")
 parser.add_argument("--model", help="backbone folder (default: the packaged all-MiniLM-L6-v2)")
 parser.add_argument("--out", default="runs/reward_model")
 parser.add_argument("--pairs", type=int, default=400, help="training pairs to use (CPU-friendly)")
+parser.add_argument("--test-pairs", type=int, default=200, help="held-out pairs to score")
 args = parser.parse_args()
 
 try:
@@ -41,7 +42,7 @@ except (FileNotFoundError, ImportError) as missing:
 
 train, test = train_test_split(pairs, 0.2, seed=0)
 trainer = RewardModelTrainer(
-    model, None, train[: args.pairs], test, max_length=128, tensorboard_log=args.out, verbose=1
+    model, None, train[: args.pairs], test[: args.test_pairs], max_length=128, tensorboard_log=args.out, verbose=1
 )
 print("held-out before:", trainer.evaluate())
 trainer.fit_linear_probe()

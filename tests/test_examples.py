@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     [
         ("ppo_rule_reward.py", ["--timesteps", "300"]),
         ("ppo_reward_model.py", ["--timesteps", "300"]),
-        ("train_reward_model.py", ["--pairs", "48"]),
+        ("train_reward_model.py", ["--pairs", "48", "--test-pairs", "32"]),
         ("supervised_fine_tuning.py", ["--epochs", "1"]),
     ],
 )
