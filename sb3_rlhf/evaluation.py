@@ -20,18 +20,10 @@ def sample(
     policy: TransformerActorCriticPolicy, env: TokenGenerationEnv, indices: Sequence[int], batch_size: int = 32
 ) -> list[GenerationBatch]:
     """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled."""
-    batches = []
-    for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start : start + batch_size])
-        prompt_ids, prompt_mask = (th.as_tensor(a, device=policy.device) for a in env.prompt_batch(chunk))
-        response = policy.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id)
-        batch = GenerationBatch.from_generation(env, chunk, prompt_ids, prompt_mask, response)
-        logprobs, _, _ = policy.evaluate_sequences(
-            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
-        )
-        batch.logprobs = logprobs * batch.response_mask
-        batches.append(batch)
-    return batches
+    return [
+        policy.sample_episodes(env, list(indices[start : start + batch_size]))[0]
+        for start in range(0, len(indices), batch_size)
+    ]
 
 
 @th.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -13,9 +14,11 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, PreTrainedModel
 
 from sb3_rlhf.common.forward import forward_last_positions, response_logits
+from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import causal_lm_from_config, freeze, load_backbone, load_causal_lm
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
 
 class _SuppressTokensFrom(LogitsProcessor):
@@ -291,6 +294,24 @@ class TransformerActorCriticPolicy(BasePolicy):
         logprobs = logprobs_of_tokens(logits, input_ids[:, -response_length:])
         entropy = entropy_from_logits(logits) if with_entropy else None
         return logprobs, self._values_from_hidden(hidden), entropy
+
+    @th.no_grad()
+    def sample_episodes(
+        self, env: TokenGenerationEnv, prompt_indices: Sequence[int]
+    ) -> tuple[GenerationBatch, th.Tensor]:
+        """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass.
+
+        :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
+            padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
+        """
+        prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
+        response = self.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id)
+        batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
+        logprobs, values, _ = self.evaluate_sequences(
+            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
+        )
+        batch.logprobs = logprobs * batch.response_mask
+        return batch, values
 
     def make_reference_model(self) -> th.nn.Module:
         """The KL reference when none is given: a frozen copy of the actor as it is now, or under LoRA the

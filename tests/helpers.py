@@ -17,17 +17,8 @@ def make_policy(env, model_path: str, **kwargs) -> TransformerActorCriticPolicy:
 
 def generate_batch(policy, env, indices, seed: int = 0) -> GenerationBatch:
     """Sample responses for ``indices`` and fill the old log-probs, as RLHFPPO's rollout does."""
-    gen_env = env.unwrapped
     th.manual_seed(seed)
-    prompt_ids, prompt_mask = (th.as_tensor(a) for a in gen_env.prompt_batch(indices))
-    response = policy.generate(
-        prompt_ids, prompt_mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id
-    )
-    batch = GenerationBatch.from_generation(gen_env, indices, prompt_ids, prompt_mask, response)
-    with th.no_grad():
-        logprobs, _, _ = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
-    batch.logprobs = logprobs * batch.response_mask
-    return batch
+    return policy.sample_episodes(env.unwrapped, indices)[0]
 
 
 def replay_through_step(env, batch: GenerationBatch) -> tuple[np.ndarray, list[dict]]:

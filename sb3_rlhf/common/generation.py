@@ -90,6 +90,16 @@ class GenerationBatch:
         return self.response_mask.shape[1]
 
     @property
+    def prompt_ids(self) -> th.Tensor:
+        """``(batch, P)`` int64, left-padded."""
+        return self.input_ids[:, : -self.response_length]
+
+    @property
+    def prompt_mask(self) -> th.Tensor:
+        """``(batch, P)`` int64."""
+        return self.attention_mask[:, : -self.response_length]
+
+    @property
     def response_ids(self) -> th.Tensor:
         """``(batch, T)`` int64, pad after the stop token."""
         return self.input_ids[:, -self.response_length :]

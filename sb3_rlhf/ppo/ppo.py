@@ -17,7 +17,6 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from sb3_rlhf.buffers import SequenceRolloutBuffer
-from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.losses import ppo_losses
@@ -207,26 +206,16 @@ class RLHFPPO(PPO):
         episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
         for start in range(0, n_rollout_steps, chunk):
-            batch_indices = indices[start : start + chunk]
-            prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in gen_env.prompt_batch(batch_indices))
-            response_ids = self.policy.generate(
-                prompt_ids, prompt_mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id
-            )
-            batch = GenerationBatch.from_generation(gen_env, batch_indices, prompt_ids, prompt_mask, response_ids)
-            with th.no_grad():
-                logprobs, values, _ = self.policy.evaluate_sequences(
-                    batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
-                )
-            logprobs = logprobs * batch.response_mask
-            batch.logprobs = logprobs
+            batch, values = self.policy.sample_episodes(gen_env, indices[start : start + chunk])
+            logprobs = batch.logprobs
             rewards = th.zeros_like(logprobs)
             for wrapper in wrappers:
                 term = wrapper.batch_rewards(batch)
                 terms_per_episode[wrapper.name].append(term.sum(-1).cpu())
                 rewards = rewards + term
             rollout_buffer.add(
-                prompt_ids,
-                prompt_mask,
+                batch.prompt_ids,
+                batch.prompt_mask,
                 batch.response_ids,
                 batch.response_mask,
                 logprobs,
