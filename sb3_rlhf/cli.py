@@ -18,6 +18,7 @@ def tiny_demo(out: str, timesteps: int, seed: int, device: str, progress_bar: bo
     from sb3_rlhf.common.callbacks import RolloutHistoryCallback
     from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
     from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
+    from sb3_rlhf.rewards.rules import share_of_good
 
     tokenizer = tiny_tokenizer(TINY_WORDS)
     base_model = os.path.join(out, "base_model")
@@ -26,9 +27,6 @@ def tiny_demo(out: str, timesteps: int, seed: int, device: str, progress_bar: bo
 
     rng = np.random.default_rng(seed)
     prompts = [" ".join(rng.choice(TINY_WORDS, size=rng.integers(2, 6))) for _ in range(200)]
-
-    def share_of_good(prompts: list[str], completions: list[str]) -> list[float]:
-        return [c.split().count("good") / max(1, len(c.split())) for c in completions]
 
     env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=12)
     env = RewardFunctionWrapper(env, fn=share_of_good)
@@ -64,54 +62,40 @@ def _test_size(text: str) -> int | float:
     return value if value < 1 else int(value)
 
 
-def _trainer_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The settings ``_common_training_args`` defines, as trainer keyword arguments."""
-    return dict(
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.epochs,
-        max_length=args.max_length,
-        tensorboard_log=os.path.join(args.out, "tensorboard"),
-        seed=args.seed,
-        device=args.device,
-    )
-
-
 def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf reward-model``: Bradley–Terry training on pairs from JSONL or a labelled CSV."""
-    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
-    from sb3_rlhf.common.models import resolve_model_path
-    from sb3_rlhf.reward_modeling import RewardModelTrainer
+    from sb3_rlhf.tasks.config import RewardModelTrainingSection
+    from sb3_rlhf.tasks.run import train_reward_model_stage
 
-    if args.data.lower().endswith((".csv", ".csv.gz")):
-        positives, negatives, report = load_labelled_texts(
-            args.data, args.text_column, args.label_column, args.positive_label
-        )
-        pairs = pairs_from_labels(positives, negatives, seed=args.seed)
-    else:
-        pairs, report = load_preference_pairs(args.data, args.chosen_key, args.rejected_key, args.prompt_key)
-    train, test = train_test_split(pairs, args.test_size, seed=args.seed)
-    trainer = RewardModelTrainer(
-        resolve_model_path(args.model),
-        None,
-        train,
-        test,
+    stage = RewardModelTrainingSection(
+        data=args.data,
+        backbone=args.model,
+        source="labels" if args.data.lower().endswith((".csv", ".csv.gz")) else "pairs",
+        prompt_key=args.prompt_key,
+        chosen_key=args.chosen_key,
+        rejected_key=args.rejected_key,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        positive_label=args.positive_label,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
+        linear_probe_init=args.linear_probe_init,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
         pooling=args.pooling,
         center_coef=args.center_coef,
-        **_trainer_settings(args),
     )
-    before = trainer.evaluate()
-    trainer.learn(progress_bar=not args.no_progress_bar)
-    after = trainer.evaluate()
-    trainer.save(os.path.join(args.out, "reward_model"))
-    print(report)
-    print(f"pairs: {len(train)} train, {len(test)} held out (seed {args.seed})")
+    folder, info = train_reward_model_stage(stage, args.out, args.seed, args.device, not args.no_progress_bar)
+    before, after = info["before"], info["after"]
+    print(info["data"])
+    print(f"pairs: {info['n_train']} train, {info['n_test']} held out (seed {args.seed})")
     print(
         f"held-out accuracy: {before['accuracy']:.3f} -> {after['accuracy']:.3f}; margin {after['margin']:.3f}, "
         f"scores mean {after['mean']:.3f} std {after['std']:.3f}"
     )
-    print(f"reward model saved to {os.path.join(args.out, 'reward_model')} (RewardModelWrapper(env, path) loads it)")
+    print(f"reward model saved to {folder} (RewardModelWrapper(env, path) loads it)")
     return after
 
 
@@ -130,7 +114,13 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
         test,
         chat_template=False if args.no_chat_template else None,
         checkpoint_dir=os.path.join(args.out, "checkpoints"),
-        **_trainer_settings(args),
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        n_epochs=args.epochs,
+        max_length=args.max_length,
+        tensorboard_log=os.path.join(args.out, "tensorboard"),
+        seed=args.seed,
+        device=args.device,
     )
     before = trainer.evaluate()
     trainer.learn(progress_bar=not args.no_progress_bar)
@@ -232,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rm.add_argument("--head-learning-rate", type=float, default=1e-3)
     rm.add_argument("--pooling", default="auto", choices=["auto", "mean", "last", "first"])
     rm.add_argument("--center-coef", type=float, default=0.0)
+    rm.add_argument(
+        "--linear-probe-init", action="store_true", help="fit the head as a linear probe before fine-tuning"
+    )
     rm.add_argument("--prompt-key", default="prompt")
     rm.add_argument("--chosen-key", default="chosen")
     rm.add_argument("--rejected-key", default="rejected")

@@ -8,6 +8,7 @@ import torch as th
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from sb3_rlhf.rewards.rules import share_of_good  # noqa: F401  (re-exported for the tests)
 
 WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and then it was".split()
 
@@ -15,10 +16,6 @@ WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and
 def make_prompts(n: int = 24, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=rng.integers(1, 6))) for _ in range(n)]
-
-
-def share_of_good(prompts: list[str], completions: list[str]) -> list[float]:
-    return [c.split().count("good") / max(1, len(c.split())) for c in completions]
 
 
 @pytest.fixture(autouse=True)

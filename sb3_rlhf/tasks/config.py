@@ -58,6 +58,9 @@ class RewardModelTrainingSection:
     data: str
     backbone: str = "all-MiniLM-L6-v2"
     source: str = "pairs"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
     text_column: str = "review"
     label_column: str = "sentiment"
     positive_label: str = "positive"
@@ -69,6 +72,8 @@ class RewardModelTrainingSection:
     linear_probe_init: bool = True
     batch_size: int = 16
     max_length: int = 128
+    pooling: str = "auto"
+    center_coef: float = 0.0
 
 
 @dataclass

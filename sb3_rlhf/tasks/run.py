@@ -77,14 +77,19 @@ def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase) ->
 
 def train_reward_model_stage(
     stage: RewardModelTrainingSection, out: str, seed: int, device: str, progress_bar: bool
-) -> tuple[str, dict[str, float]]:
-    """Train the task's reward model first; return its folder and held-out metrics."""
+) -> tuple[str, dict[str, Any]]:
+    """Train a reward model (the task's first stage, or ``sb3-rlhf reward-model``) into ``out/reward_model``.
+
+    :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
+    """
     path = find_data_file(stage.data)
     if stage.source == "labels":
-        positives, negatives, _ = load_labelled_texts(path, stage.text_column, stage.label_column, stage.positive_label)
+        positives, negatives, report = load_labelled_texts(
+            path, stage.text_column, stage.label_column, stage.positive_label
+        )
         pairs = pairs_from_labels(positives, negatives, seed=seed)
     else:
-        pairs, _ = load_preference_pairs(path)
+        pairs, report = load_preference_pairs(path, stage.chosen_key, stage.rejected_key, stage.prompt_key)
     train, test = train_test_split(pairs, stage.test_size, seed=seed)
     if stage.max_pairs:
         train = train[: stage.max_pairs]
@@ -98,17 +103,26 @@ def train_reward_model_stage(
         batch_size=stage.batch_size,
         n_epochs=stage.epochs,
         max_length=stage.max_length,
+        pooling=stage.pooling,
+        center_coef=stage.center_coef,
         tensorboard_log=os.path.join(out, "tensorboard"),
         seed=seed,
         device=device,
     )
+    before = trainer.evaluate()
     if stage.linear_probe_init:
         trainer.fit_linear_probe()
     trainer.learn(progress_bar=progress_bar)
-    metrics = trainer.evaluate()
     folder = os.path.join(out, "reward_model")
     trainer.save(folder)
-    return folder, metrics
+    info = {
+        "before": before,
+        "after": trainer.evaluate(),
+        "n_train": len(train),
+        "n_test": len(test),
+        "data": str(report),
+    }
+    return folder, info
 
 
 def import_function(spec: str) -> Any:
