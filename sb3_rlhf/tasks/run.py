@@ -190,9 +190,10 @@ def prepare(
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:
-            reward_model, metrics = train_reward_model_stage(
+            reward_model, info = train_reward_model_stage(
                 task.reward.train, out, task.seed, task.device, progress_bar
             )
+            metrics = info["after"]
         else:
             reward_model = os.path.join(out, "reward_model")
     if reward_model is not None:
