@@ -249,6 +249,11 @@ def pairs_from_ratings(prompt: str, responses: Sequence[str], ratings: Sequence[
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
+def clean_html_breaks(text: str, replacement: str = "\n") -> str:
+    """Replace HTML line breaks (``<br />``, as in the IMDB reviews) with ``replacement``."""
+    return _HTML_BREAK.sub(replacement, text)
+
+
 def load_labelled_texts(
     source: str | Iterable[Mapping[str, Any]],
     text_column: str = "review",
@@ -272,7 +277,7 @@ def load_labelled_texts(
             report.skip("empty text")
             continue
         if clean_html:
-            text = _HTML_BREAK.sub("\n", text)
+            text = clean_html_breaks(text)
         (positives if str(record[label_column]) == positive_label else negatives).append(text)
     report.loaded = len(positives) + len(negatives)
     if not positives or not negatives:

@@ -4,7 +4,7 @@ AdamW, gradient clipping, a progress bar, evaluation after each epoch."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,9 +74,16 @@ class SupervisedTrainer:
         """AdamW parameter groups (``{"params": [...], "lr": ...}``); a group without ``lr`` uses ``learning_rate``."""
         raise NotImplementedError
 
-    def training_batches(self) -> Iterator[Any]:
-        """One epoch of batches, in an order drawn from ``self.rng``."""
+    def training_examples(self) -> Sequence[Any]:
+        """The training examples (pairs, encoded demonstrations) that :meth:`training_batches` shuffles."""
         raise NotImplementedError
+
+    def training_batches(self) -> Iterator[list[Any]]:
+        """One epoch of ``batch_size`` examples per batch, in an order drawn from ``self.rng``."""
+        examples = self.training_examples()
+        order = self.rng.permutation(len(examples))
+        for start in range(0, len(order), self.batch_size):
+            yield [examples[i] for i in order[start : start + self.batch_size]]
 
     def training_loss(self, batch: Any) -> tuple[th.Tensor, dict[str, float], int]:
         """:return: the loss to minimise, metrics to log, and the number of examples in the batch."""

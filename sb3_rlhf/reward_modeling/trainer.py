@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -159,10 +159,8 @@ class RewardModelTrainer(SupervisedTrainer):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits.reshape(logits.shape[0], -1)[:, 0].float()
 
-    def training_batches(self) -> Iterator[list[PreferencePair]]:
-        order = self.rng.permutation(len(self.train_pairs))
-        for start in range(0, len(order), self.batch_size):
-            yield [self.train_pairs[i] for i in order[start : start + self.batch_size]]
+    def training_examples(self) -> Sequence[PreferencePair]:
+        return self.train_pairs
 
     def training_loss(self, batch: list[PreferencePair]) -> tuple[th.Tensor, dict[str, float], int]:
         rewards = self._rewards(*self._encode(batch))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -133,10 +133,8 @@ class SFTTrainer(SupervisedTrainer):
     def set_training_mode(self, mode: bool) -> None:
         self.model.train(mode)
 
-    def training_batches(self) -> Iterator[list[tuple[list[int], list[int]]]]:
-        order = self.rng.permutation(len(self.train_examples))
-        for start in range(0, len(order), self.batch_size):
-            yield [self.train_examples[i] for i in order[start : start + self.batch_size]]
+    def training_examples(self) -> Sequence[tuple[list[int], list[int]]]:
+        return self.train_examples
 
     def training_loss(self, batch: list[tuple[list[int], list[int]]]) -> tuple[th.Tensor, dict[str, float], int]:
         nll, n_tokens = self._nll(*self._collate(batch))

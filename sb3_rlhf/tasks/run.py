@@ -13,6 +13,7 @@ from stable_baselines3.common.utils import get_device, set_random_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import (
+    clean_html_breaks,
     find_data_file,
     load_labelled_texts,
     load_preference_pairs,
@@ -62,7 +63,7 @@ def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase) ->
                 )
             text = record[section.column]
             if isinstance(text, str) and text.strip():
-                texts.append(text.replace("<br />", " "))
+                texts.append(clean_html_breaks(text, " "))
     if section.first_words:
         texts = [" ".join(t.split()[: section.first_words]) for t in texts]
     if section.max_prompts:
@@ -190,9 +191,7 @@ def prepare(
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:
-            reward_model, info = train_reward_model_stage(
-                task.reward.train, out, task.seed, task.device, progress_bar
-            )
+            reward_model, info = train_reward_model_stage(task.reward.train, out, task.seed, task.device, progress_bar)
             metrics = info["after"]
         else:
             reward_model = os.path.join(out, "reward_model")
