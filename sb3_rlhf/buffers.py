@@ -166,18 +166,50 @@ class SequenceRolloutBuffer(BaseBuffer):
         self.returns = (advantages + values) * mask
         self.advantages = masked_whiten(advantages, mask) if normalize_advantage else advantages
 
-    def get(self, batch_size: int | None = None) -> Generator[SequenceBatch, None, None]:  # type: ignore[override]
-        """Minibatches of ``batch_size`` episodes in a random order (``torch`` RNG)."""
+    def get(  # type: ignore[override]
+        self, batch_size: int | None = None, max_tokens: int | None = None
+    ) -> Generator[SequenceBatch, None, None]:
+        """Minibatches of up to ``batch_size`` episodes in a random order (``torch`` RNG).
+
+        :param max_tokens: token budget of a minibatch, counted as the forward pass sees it: episodes × (longest
+            prompt + longest response) of the minibatch. Episodes join the current minibatch in the shuffled
+            order while it stays within both limits, so long responses make smaller minibatches and the memory
+            of one forward stays bounded (dynamic batching, as ``--max-tokens`` in fairseq). An episode (or a
+            group of :class:`GroupRolloutBuffer`) longer than the budget on its own forms a minibatch alone.
+        """
         if self.advantages is None:
             raise RuntimeError("call compute_returns_and_advantage() before get()")
         n = self.prompt_ids.shape[0]
         batch_size = batch_size or n
-        order = self._episode_order()
-        for start in range(0, n, batch_size):
-            yield self._get_samples(order[start : start + batch_size])
+        for index in self._minibatch_indices(self._episode_order(), batch_size, max_tokens):
+            yield self._get_samples(index)
 
     def _episode_order(self) -> th.Tensor:
         return th.randperm(self.prompt_ids.shape[0])
+
+    #: rows that must stay in one minibatch (a group of responses to one prompt in GroupRolloutBuffer)
+    _unit = 1
+
+    def _minibatch_indices(self, order: th.Tensor, batch_size: int, max_tokens: int | None) -> list[th.Tensor]:
+        """Split the episode order into minibatches of at most ``batch_size`` rows and ``max_tokens`` tokens."""
+        if max_tokens is None:
+            return list(order.split(batch_size))
+        prompt_lengths = self.prompt_mask.sum(-1)[order].tolist()
+        response_lengths = self.response_mask.sum(-1)[order].tolist()
+        minibatches, start, end, longest_prompt, longest_response = [], 0, 0, 0, 0
+        for unit_start in range(0, len(order), self._unit):
+            unit_end = unit_start + self._unit
+            prompt = max(longest_prompt, *prompt_lengths[unit_start:unit_end])
+            response = max(longest_response, *response_lengths[unit_start:unit_end])
+            fits = unit_end - start <= batch_size and (unit_end - start) * (prompt + response) <= max_tokens
+            if end > start and not fits:  # close the current minibatch; this unit opens the next
+                minibatches.append(order[start:end])
+                start = unit_start
+                prompt = max(prompt_lengths[unit_start:unit_end])
+                response = max(response_lengths[unit_start:unit_end])
+            end, longest_prompt, longest_response = unit_end, prompt, response
+        minibatches.append(order[start:end])
+        return minibatches
 
     def _get_samples(self, index: th.Tensor) -> SequenceBatch:  # type: ignore[override]
         index = index.to(self.prompt_ids.device)
@@ -240,6 +272,10 @@ class GroupRolloutBuffer(SequenceRolloutBuffer):
 
     def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
         raise RuntimeError("GroupRolloutBuffer computes advantages from groups: call compute_group_advantages()")
+
+    @property
+    def _unit(self) -> int:  # type: ignore[override]
+        return self.group_size
 
     def _episode_order(self) -> th.Tensor:
         # whole groups, in a random order, each group's rows kept together

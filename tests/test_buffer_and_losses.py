@@ -4,7 +4,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from sb3_rlhf.buffers import SequenceRolloutBuffer
+from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceRolloutBuffer
 from sb3_rlhf.common.sequences import masked_mean, masked_whiten, response_mask_until_stop
 from sb3_rlhf.ppo.losses import ppo_losses
 
@@ -85,6 +85,70 @@ def test_whitening_and_minibatches_ignore_padding():
     assert short.input_ids.tolist() == [[4, 3, 3]]
     assert short.attention_mask.tolist() == [[1, 1, 1]]
     assert short.old_values.tolist()[0] == pytest.approx([0.1, 0.2])
+
+
+def random_length_buffer(n: int, group_size: int = 1, seed: int = 0) -> SequenceRolloutBuffer:
+    """``n`` episodes with random prompt (1-6) and response (1-10) lengths, added in chunks of 4."""
+    g = th.Generator().manual_seed(seed)
+    space = spaces.Dict({"input_ids": spaces.Box(0, 9, (6,), dtype=int)})
+    if group_size > 1:
+        buffer = GroupRolloutBuffer(n, space, spaces.Discrete(10), device="cpu", group_size=group_size)
+    else:
+        buffer = SequenceRolloutBuffer(n, space, spaces.Discrete(10), device="cpu")
+    for _ in range(n // 4):
+        prompt_lengths = th.randint(1, 7, (4,), generator=g)
+        response_lengths = th.randint(1, 11, (4,), generator=g)
+        prompt_mask = (th.arange(6) >= 6 - prompt_lengths.unsqueeze(-1)).long()
+        response_mask = th.arange(10) < response_lengths.unsqueeze(-1)
+        buffer.add(
+            prompt_ids=th.randint(2, 10, (4, 6), generator=g) * prompt_mask,
+            prompt_mask=prompt_mask,
+            response_ids=th.randint(2, 10, (4, 10), generator=g) * response_mask,
+            response_mask=response_mask,
+            logprobs=-th.rand(4, 10, generator=g) * response_mask,
+            values=th.rand(4, 11, generator=g),
+            rewards=th.rand(4, 10, generator=g) * response_mask,
+            terminated=th.zeros(4, dtype=th.bool),
+        )
+    if group_size > 1:
+        buffer.compute_group_advantages(lambda r: r - r.mean(-1, keepdim=True))
+    else:
+        buffer.compute_returns_and_advantage()
+    return buffer
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_token_budgeted_minibatches_respect_the_budget_and_cover_every_episode(group_size):
+    buffer = random_length_buffer(32, group_size)
+    th.manual_seed(0)
+    fixed = list(buffer.get(batch_size=8))
+    assert [b.input_ids.shape[0] for b in fixed] == [8, 8, 8, 8]
+    widest = max(b.input_ids.numel() for b in fixed)
+    budget = 60
+    assert budget < widest  # the budget binds
+    th.manual_seed(0)
+    budgeted = list(buffer.get(batch_size=8, max_tokens=budget))
+    assert len(budgeted) > len(fixed)
+    seen = []
+    for batch in budgeted:
+        rows = batch.input_ids.shape[0]
+        assert rows <= 8 and rows % group_size == 0
+        # the forward sees exactly rows × (longest prompt + longest response) tokens, within budget
+        assert batch.input_ids.numel() <= budget or rows == group_size
+        # match each row back to its episode by its advantages and old log-probs
+        for row in range(rows):
+            length = int(batch.response_mask[row].sum())
+            key = tuple(batch.old_logprobs[row, :length].tolist())
+            seen.append(key)
+    episodes = [tuple(buffer.logprobs[i, : int(buffer.response_mask[i].sum())].tolist()) for i in range(32)]
+    assert sorted(seen) == sorted(episodes)  # each episode exactly once per epoch
+    if group_size > 1:  # groups stay whole: consecutive rows of a minibatch come from one group
+        for batch in budgeted:
+            sequence_advantages = batch.advantages[:, 0].view(-1, group_size)
+            assert th.allclose(sequence_advantages.sum(-1), th.zeros(len(sequence_advantages)), atol=1e-5)
+    # a budget smaller than any single unit still yields every unit, one per minibatch
+    th.manual_seed(0)
+    assert len(list(buffer.get(batch_size=8, max_tokens=1))) == 32 // group_size
 
 
 def test_response_mask_until_stop():

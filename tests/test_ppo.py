@@ -195,6 +195,33 @@ def test_generation_in_chunks(tokenizer, model_path):
     assert len(model.ep_info_buffer) == 24 * len(history.history)
 
 
+def test_token_budget_bounds_every_forward_of_the_update(tokenizer, model_path):
+    """With ``max_batch_tokens`` no update forward holds more tokens than the budget; a budget that never
+    binds leaves the run exactly as without one."""
+    runs = {}
+    for budget in (None, 10_000, 40):
+        model = make_model(rule_env(tokenizer), model_path, n_epochs=2, max_batch_tokens=budget)
+        sizes = []
+        evaluate = model.policy.evaluate_sequences
+
+        def recording(input_ids, *args, **kwargs):
+            if th.is_grad_enabled():  # the update's forwards, not the rollout's
+                sizes.append(input_ids.numel())
+            return evaluate(input_ids, *args, **kwargs)
+
+        model.policy.evaluate_sequences = recording
+        model.learn(total_timesteps=300)
+        runs[budget] = (sizes, model.policy.state_dict())
+    (unbounded, state), (loose, loose_state), (tight, _) = runs[None], runs[10_000], runs[40]
+    assert max(unbounded) > 40 and max(tight) <= 40
+    assert len(tight) > len(unbounded)
+    assert loose == unbounded
+    for name, tensor in state.items():
+        assert th.equal(tensor, loose_state[name]), name
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer"):
+        make_model(rule_env(tokenizer), model_path, max_batch_tokens=0)
+
+
 def test_reward_model_end_to_end(tokenizer, model_path):
     env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
     env = KLPenaltyWrapper(

@@ -131,7 +131,7 @@ class GroupRolloutAlgorithm(RLHFPPO):
         stats: dict[str, list[float]] = defaultdict(list)
         continue_training = True
         for epoch in range(self.n_epochs):
-            for mb in self.rollout_buffer.get(self.batch_size):
+            for mb in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
                 logprobs, _, entropy = self.policy.evaluate_sequences(
                     mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], entropy_grad=self.ent_coef != 0
                 )

@@ -42,6 +42,8 @@ class RLHFPPO(PPO):
     :param learning_rate: learning rate, constant or schedule of the remaining progress.
     :param n_episodes: episodes (prompts) per rollout.
     :param batch_size: episodes per minibatch.
+    :param max_batch_tokens: also cap each minibatch at this many tokens (episodes × longest prompt + response):
+        long responses then come in smaller minibatches, so one forward's memory stays bounded (``None``: no cap).
     :param n_epochs: passes over the rollout per update.
     :param gamma: discount factor (1.0: the reward model judges the whole response).
     :param gae_lambda: GAE λ.
@@ -77,6 +79,7 @@ class RLHFPPO(PPO):
         learning_rate: float | Schedule = 1e-5,
         n_episodes: int = 64,
         batch_size: int = 16,
+        max_batch_tokens: int | None = None,
         n_epochs: int = 4,
         gamma: float = 1.0,
         gae_lambda: float = 0.95,
@@ -101,8 +104,9 @@ class RLHFPPO(PPO):
         for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size), ("n_epochs", n_epochs)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if generation_batch_size is not None and generation_batch_size < 1:
-            raise ValueError(f"generation_batch_size must be a positive integer or None, got {generation_batch_size!r}")
+        for name, value in (("generation_batch_size", generation_batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         super().__init__(
             policy,
             env,
@@ -131,6 +135,7 @@ class RLHFPPO(PPO):
             _init_setup_model=False,
         )
         self.n_episodes = n_episodes
+        self.max_batch_tokens = max_batch_tokens
         self.generation_batch_size = generation_batch_size
         self.bootstrap_truncated = bootstrap_truncated
         self.n_logged_samples = n_logged_samples
@@ -325,7 +330,7 @@ class RLHFPPO(PPO):
         pg_losses, value_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
         continue_training = True
         for epoch in range(self.n_epochs):
-            for mb in self.rollout_buffer.get(self.batch_size):
+            for mb in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
                 mask = mb.response_mask
                 logprobs, values, entropy = self.policy.evaluate_sequences(
                     mb.input_ids, mb.attention_mask, mask.shape[1], entropy_grad=self.ent_coef != 0
