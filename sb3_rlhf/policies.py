@@ -159,7 +159,11 @@ class TransformerActorCriticPolicy(BasePolicy):
             if model is not None:
                 disable_dropout(model)
                 if gradient_checkpointing:
-                    model.gradient_checkpointing_enable()
+                    # transformers 5 renamed it; the old name still works with a deprecation warning
+                    enable = (
+                        getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                    )
+                    enable()
         if lora is not None:
             self.actor = with_lora(self.actor, lora)
         hidden_size = (self.critic or self.actor).get_input_embeddings().embedding_dim

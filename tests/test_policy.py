@@ -159,3 +159,28 @@ def test_entropy_without_a_bonus_stays_out_of_the_autograd_graph(env, model_path
     _, _, detached = policy.evaluate_sequences(*args, entropy_grad=False)
     assert logprobs.requires_grad and with_graph.requires_grad and not detached.requires_grad
     assert th.allclose(with_graph, detached)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}])
+def test_gradient_checkpointing_gives_the_same_gradients(env, model_path, lora):
+    """Activation checkpointing recomputes the forward in the backward pass: same gradients, less memory
+    (with LoRA too, where the frozen embeddings give the checkpointed blocks no input that needs a gradient)."""
+    gradients = []
+    for checkpointing in (False, True):
+        th.manual_seed(0)  # the value head and the LoRA A matrices start random
+        policy = make_policy(env, model_path, gradient_checkpointing=checkpointing, lora=lora)
+        policy.set_training_mode(True)
+        batch = generate_batch(policy, env, [0, 1, 2])
+        logprobs, values, entropy = policy.evaluate_sequences(
+            batch.input_ids, batch.attention_mask, batch.response_length
+        )
+        (logprobs.sum() + values.sum() + entropy.sum()).backward()
+        gradients.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
+        actor = policy.actor.get_base_model() if lora else policy.actor
+        assert actor.is_activation_checkpointing == checkpointing
+    plain, checkpointed = gradients
+    assert set(plain) == set(checkpointed)
+    assert all(grad is not None for grad in checkpointed.values())
+    assert sum(grad.abs().sum() for grad in checkpointed.values()) > 0
+    for name, grad in plain.items():
+        th.testing.assert_close(checkpointed[name], grad, msg=name)
