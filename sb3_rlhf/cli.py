@@ -187,7 +187,7 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
 
     task = load_task(args.task, _with_algorithm(args))
     out = args.out or os.path.join("runs", task.name)
-    results = run_task(task, out, progress_bar=not args.no_progress_bar)
+    results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
     if results.get("reward_model"):
         print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
     print(report_markdown(task.name, results, task.evaluation.n_prompts))
@@ -307,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a task key, e.g. algorithm.total_timesteps=2000",
     )
     train.add_argument("--out", help="run folder (default runs/<task name>)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (online algorithms)"
+    )
     train.add_argument("--no-progress-bar", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="re-run the trained-versus-initial report of a finished run")

@@ -327,10 +327,18 @@ class TransformerActorCriticPolicy(BasePolicy):
         return batch, values
 
     def make_reference_model(self) -> th.nn.Module:
-        """The KL reference when none is given: a frozen copy of the actor as it is now, or under LoRA the
-        actor with its adapter disabled (the untouched base weights, no copy)."""
+        """The KL reference when none is given: the initial model, frozen. Under LoRA that is the actor with its
+        adapter disabled (the untouched base weights, no copy); otherwise the model loaded again from
+        ``model_name_or_path``, so that a policy loaded from a trained zip or a checkpoint still gets its initial
+        weights as the reference. A policy built from ``model_config`` has no initial weights on disk: its
+        reference is a frozen copy of the actor as it is now."""
         if self.lora is not None:
             return _AdapterDisabled(self.actor)
+        if self.model_name_or_path is not None:
+            reference = load_causal_lm(
+                self.model_name_or_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+            return freeze(reference).to(self.device)
         return freeze(copy.deepcopy(self.actor))
 
     def save_pretrained(self, path: str, tokenizer: Any = None, merge_lora: bool = True) -> None:

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from sb3_rlhf import RLHFPPO
 from sb3_rlhf.cli import main
 from sb3_rlhf.tasks import load_task, parse_task
 from sb3_rlhf.tasks.config import kl_estimator
@@ -109,7 +110,9 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     assert results["initial"]["kl"] == pytest.approx(0.0, abs=1e-4) and results["trained"]["kl"] > 0
     for name in ("ppo_model.zip", "report.md", "policy/model.safetensors"):
         assert (out / name).exists(), name
-    assert glob.glob(str(out / "checkpoints" / "ppo_*_steps.zip"))
+    checkpoints = sorted(glob.glob(str(out / "checkpoints" / "checkpoint_*" / "model.zip")))
+    assert len(checkpoints) == 2  # [checkpoint] keep = 2; the last one is the end of training
+    assert RLHFPPO.load(checkpoints[-1]).num_timesteps == RLHFPPO.load(out / "ppo_model.zip").num_timesteps
     assert glob.glob(str(out / "tensorboard" / "tiny_synthetic_1" / "events.*"))
 
     # `sb3-rlhf evaluate` reproduces the report from the saved run

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
 import time
 from typing import Any, ClassVar, TypeVar
 
@@ -139,6 +142,8 @@ class RLHFPPO(PPO):
         self.generation_batch_size = generation_batch_size
         self.bootstrap_truncated = bootstrap_truncated
         self.n_logged_samples = n_logged_samples
+        # the training state of a checkpoint, restored when the next learn() starts (see load_checkpoint)
+        self._resume_state: dict[str, Any] | None = None
         if self.env is not None:
             self._single_env()
         if _init_setup_model:
@@ -390,6 +395,70 @@ class RLHFPPO(PPO):
         loss.backward()
         th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         self.policy.optimizer.step()
+
+    # ------------------------------------------------------------------ saving and resuming
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_resume_state"]
+
+    def save(self, path: str | os.PathLike | io.BufferedIOBase, *args: Any, **kwargs: Any) -> None:
+        """SB3's ``save``, written to a temporary file and renamed into place: a crash mid-save leaves the
+        previous file intact."""
+        if isinstance(path, io.BufferedIOBase):
+            return super().save(path, *args, **kwargs)
+        path = str(path) if str(path).endswith(".zip") else f"{path}.zip"
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".zip", dir=directory)
+        os.close(fd)
+        try:
+            super().save(tmp, *args, **kwargs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load_checkpoint(
+        cls: type[SelfRLHFPPO], path: str, env: GymEnv, device: th.device | str = "auto", **kwargs: Any
+    ) -> SelfRLHFPPO:
+        """Resume from the newest checkpoint in ``path`` (see :class:`~sb3_rlhf.common.checkpoints.TrainingCheckpointCallback`).
+
+        The policy, value head, optimizer and counters load now; the KL controller, the env's prompt sampler and
+        every RNG are restored when ``learn(..., reset_num_timesteps=False)`` starts, so the run continues as if
+        it had never stopped. ``learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)`` finishes
+        a run planned for ``total_timesteps``.
+
+        :param path: a checkpoint folder, or the folder of ``checkpoint_<timesteps>`` folders.
+        :param env: the env of the original run (same prompts and reward wrappers).
+        """
+        from sb3_rlhf.common.checkpoints import load_checkpoint
+
+        return load_checkpoint(cls, path, env, device=device, **kwargs)  # type: ignore[return-value]
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        if self._resume_state is not None and reset_num_timesteps:
+            raise ValueError(
+                "this model was loaded from a checkpoint to resume a run: call "
+                "learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False) so that its timestep "
+                "counter, schedules and logs carry on"
+            )
+        total_timesteps, callback = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        if self._resume_state is not None:
+            # after SB3's setup (which resets the env), so that the first rollout draws what it would have drawn
+            from sb3_rlhf.common.checkpoints import restore_training_state
+
+            restore_training_state(self, self._resume_state)
+            self._resume_state = None
+        return total_timesteps, callback
 
     def learn(  # type: ignore[override]
         self: SelfRLHFPPO,

@@ -77,6 +77,13 @@ class RewardWrapper(gym.Wrapper):
     def on_rollout_end(self) -> None:
         """Called once per rollout after all rewards are computed (e.g. to adapt the KL coefficient)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What changes during training (e.g. an adaptive KL coefficient), as JSON values, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (when a run resumes from a checkpoint)."""
+
 
 class SequenceRewardWrapper(RewardWrapper):
     """A term that scores whole responses: the score lands on the last real token (EOS, or the last token of

@@ -50,7 +50,7 @@ class KLPenaltyWrapper(RewardWrapper):
 
     :param env: the environment to wrap.
     :param coef: β, or its initial value with a target.
-    :param ref_model: the reference (model or local folder); ``None``: a frozen copy of the policy when
+    :param ref_model: the reference (model or local folder); ``None``: the policy's initial model when
         :class:`~sb3_rlhf.RLHFPPO` binds it.
     :param target: target KL per episode (nats) for the adaptive controller; ``None`` keeps β fixed.
     :param horizon: the adaptive controller's horizon, in episodes.
@@ -84,6 +84,8 @@ class KLPenaltyWrapper(RewardWrapper):
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_causal_lm(str(ref_model))
         self.ref_model = None if ref_model is None else freeze(ref_model)
+        #: True when the reference was made by the policy (its initial model) rather than given
+        self.reference_from_policy = False
         self.estimator = estimator
         self.policy: TransformerActorCriticPolicy | None = None
         self._episode_kl = 0.0
@@ -97,9 +99,11 @@ class KLPenaltyWrapper(RewardWrapper):
         return self.kl_controller.value
 
     def bind(self, policy: TransformerActorCriticPolicy) -> None:
-        self.policy = policy
-        if self.ref_model is None:
+        if self.ref_model is None or (self.reference_from_policy and policy is not self.policy):
+            # a new policy (e.g. loaded from a zip or a checkpoint) brings its own initial model
             self.ref_model = policy.make_reference_model()
+            self.reference_from_policy = True
+        self.policy = policy
         self.ref_model.to(policy.device)  # a no-op for the adapter-disabled LoRA reference, which owns no weights
         if self.ref_model.get_output_embeddings().weight.shape[0] < policy.n_actions:
             raise ValueError(
@@ -180,6 +184,13 @@ class KLPenaltyWrapper(RewardWrapper):
         kl = self.rollout_kl()
         if len(kl):
             self.kl_controller.update(kl.mean().item(), len(kl))
+
+    def state_dict(self) -> dict[str, Any]:
+        """β as the controller has adapted it so far."""
+        return {"coef": self.kl_controller.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_controller.value = float(state["coef"])
 
     def rollout_stats(self) -> dict[str, float]:
         """β used for this rollout's rewards and the mean KL per episode (summed over its tokens)."""

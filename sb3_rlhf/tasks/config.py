@@ -114,6 +114,16 @@ class AlgorithmSection:
 
 
 @dataclass
+class CheckpointSection:
+    """``[checkpoint]``: an online run writes ``<out>/checkpoints/checkpoint_<timesteps>`` every ``every``
+    generated tokens (default: a quarter of ``total_timesteps``) and at the end, keeping the newest ``keep``;
+    ``sb3-rlhf train --resume`` continues from the newest."""
+
+    every: int | None = None
+    keep: int = 2
+
+
+@dataclass
 class EvaluationSection:
     """``[evaluation]``: the final report on held-out prompts."""
 
@@ -137,6 +147,7 @@ class TaskConfig:
     generation: GenerationSection = field(default_factory=GenerationSection)
     kl: KLSection = field(default_factory=KLSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     source: str = ""
 
     def algorithm_settings(self) -> dict[str, Any]:
@@ -154,6 +165,7 @@ _SECTIONS = {
     "kl": KLSection,
     "algorithm": AlgorithmSection,
     "evaluation": EvaluationSection,
+    "checkpoint": CheckpointSection,
 }
 
 
@@ -270,6 +282,11 @@ def _check(task: TaskConfig) -> None:
         raise ValueError(f"prompts.source = {task.prompts.source!r} needs prompts.path")
     if task.policy.model == "tiny" and not task.policy.tiny_words:
         raise ValueError("policy.model = 'tiny' needs policy.tiny_words (the tiny tokenizer's vocabulary)")
+    every, keep = task.checkpoint.every, task.checkpoint.keep
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"checkpoint.every must be a positive number of timesteps, got {every!r}")
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"checkpoint.keep must be a positive integer, got {keep!r}")
     if reward.train is not None and reward.train.source not in ("pairs", "labels"):
         raise ValueError(f"reward.train.source must be 'pairs' or 'labels', got {reward.train.source!r}")
 

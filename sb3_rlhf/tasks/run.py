@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.utils import get_device, set_random_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
+from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_checkpoint
 from sb3_rlhf.common.data import (
     clean_html_breaks,
     find_data_file,
@@ -295,9 +295,21 @@ def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrain
     return trainer, counts
 
 
-def run_task(task: TaskConfig, out: str, progress_bar: bool = True) -> dict[str, Any]:
-    """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``)."""
-    prepared, reward_model_metrics = prepare(task, out, train_reward_model=True, progress_bar=progress_bar)
+def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``).
+
+    :param resume: continue an online run from the newest checkpoint in ``out/checkpoints`` (the reward model
+        a previous run trained into ``out/reward_model`` is reused).
+    """
+    checkpoints = os.path.join(out, "checkpoints")
+    if resume:
+        if task.algorithm_name not in ONLINE_ALGORITHMS:
+            raise ValueError(f"--resume continues an online run (ppo, rloo, grpo, p3o), not {task.algorithm_name}")
+        latest_checkpoint(checkpoints)  # fail before any work when there is nothing to resume
+    reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
+    prepared, reward_model_metrics = prepare(
+        task, out, train_reward_model=not reward_model_ready, progress_bar=progress_bar
+    )
     extra: dict[str, Any] = {"reward_model": reward_model_metrics}
     if task.algorithm_name == "dpo":
         trainer, counts = make_dpo_trainer(prepared)
@@ -307,11 +319,25 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True) -> dict[str,
         trained = exported_policy(prepared, os.path.join(out, "policy"), env, trainer.device)
         extra["dpo"] = {**counts, "gradient_steps": trainer.num_steps}
         return evaluate_against_initial(prepared, trained, 0, extra)
-    model = make_online_model(prepared, prepared.env(prepared.train_prompts))
-    checkpoints = CheckpointCallback(
-        max(task.algorithm.total_timesteps // 4, 1), os.path.join(out, "checkpoints"), name_prefix=task.algorithm_name
+    env = prepared.env(prepared.train_prompts)
+    total = task.algorithm.total_timesteps
+    if resume:
+        model = ONLINE_ALGORITHMS[task.algorithm_name].load_checkpoint(checkpoints, env=env, device=task.device)
+        print(f"resuming from timestep {model.num_timesteps} of {total}")
+    else:
+        model = make_online_model(prepared, env)
+    callback = TrainingCheckpointCallback(
+        task.checkpoint.every or max(total // 4, 1), checkpoints, task.checkpoint.keep
     )
-    model.learn(task.algorithm.total_timesteps, callback=checkpoints, progress_bar=progress_bar, tb_log_name=task.name)
+    remaining = total - model.num_timesteps if resume else total
+    if remaining > 0:
+        model.learn(
+            remaining,
+            callback=callback,
+            progress_bar=progress_bar,
+            tb_log_name=task.name,
+            reset_num_timesteps=not resume,
+        )
     model.save(model_file(task, out))
     model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=prepared.tokenizer)
     return evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
