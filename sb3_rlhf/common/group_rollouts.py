@@ -125,6 +125,8 @@ class GroupRolloutAlgorithm(RLHFPPO):
 
     def train(self) -> None:
         """``n_epochs`` over minibatches of whole groups; one forward per minibatch."""
+        if self._skipped_rollout():
+            return
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
@@ -142,12 +144,12 @@ class GroupRolloutAlgorithm(RLHFPPO):
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {metrics['approx_kl']:.2f}")
                     break
+                if not self._optimizer_step(loss):
+                    continue
                 for key, value in metrics.items():
                     if key != "approx_kl":
                         stats[key].append(value)
                 stats["loss"].append(loss.item())
-
-                self._optimizer_step(loss)
             self._n_updates += 1
             if not continue_training:
                 break
@@ -155,4 +157,5 @@ class GroupRolloutAlgorithm(RLHFPPO):
         for key, values in stats.items():
             self.logger.record(f"train/{key}", float(np.mean(values)) if values else float("nan"))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/skipped_updates", self.n_skipped_updates)
         self.logger.record("train/clip_range", clip_range)

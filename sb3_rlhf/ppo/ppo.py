@@ -24,7 +24,7 @@ from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.losses import ppo_losses
-from sb3_rlhf.rewards.base import RewardWrapper, reward_wrappers
+from sb3_rlhf.rewards.base import NonFiniteRewardError, RewardWrapper, reward_wrappers
 
 SelfRLHFPPO = TypeVar("SelfRLHFPPO", bound="RLHFPPO")
 
@@ -57,6 +57,9 @@ class RLHFPPO(PPO):
     :param vf_coef: value loss coefficient.
     :param max_grad_norm: gradient clipping norm.
     :param target_kl: stop the epochs early when the approximate KL to the rollout policy exceeds 1.5×this.
+    :param max_consecutive_skips: a minibatch whose loss or gradient is not finite is skipped (no optimizer
+        step), and so is the update of a rollout with a non-finite reward; both are counted in
+        ``train/skipped_updates``. After this many skips in a row the run stops with an error (0: at the first).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
     :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
@@ -93,6 +96,7 @@ class RLHFPPO(PPO):
         vf_coef: float = 0.5,
         max_grad_norm: float = 1.0,
         target_kl: float | None = None,
+        max_consecutive_skips: int = 5,
         generation_batch_size: int | None = None,
         bootstrap_truncated: bool = False,
         n_logged_samples: int = 4,
@@ -137,6 +141,12 @@ class RLHFPPO(PPO):
             device=device,
             _init_setup_model=False,
         )
+        if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.n_skipped_updates = 0
+        self._skips_in_a_row = 0
+        self._rollout_fault: str | None = None
         self.n_episodes = n_episodes
         self.max_batch_tokens = max_batch_tokens
         self.generation_batch_size = generation_batch_size
@@ -216,9 +226,15 @@ class RLHFPPO(PPO):
         chunk = self.generation_batch_size or n_rollout_steps
         episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
+        self._rollout_fault = None
         for start in range(0, n_rollout_steps, chunk):
             batch, values = self.policy.sample_episodes(gen_env, indices[start : start + chunk])
-            rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
+            try:
+                rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
+            except NonFiniteRewardError as error:
+                # nothing to learn from: the rollout is dropped (no timesteps counted) and train() skips its update
+                self._rollout_fault = str(error)
+                return True
             for name, term in terms.items():
                 terms_per_episode[name].append(term.sum(-1).cpu())
             rollout_buffer.add(
@@ -327,6 +343,8 @@ class RLHFPPO(PPO):
     # ------------------------------------------------------------------ update
     def train(self) -> None:
         """PPO epochs over minibatches of sequences (CleanRL-style, token-level masked means)."""
+        if self._skipped_rollout():
+            return
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
@@ -362,12 +380,12 @@ class RLHFPPO(PPO):
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                     break
 
+                if not self._optimizer_step(losses.loss):
+                    continue
                 pg_losses.append(losses.pg_loss.item())
                 value_losses.append(losses.value_loss.item())
                 entropy_losses.append(losses.entropy_loss.item())
                 clip_fractions.append(losses.clip_fraction)
-
-                self._optimizer_step(losses.loss)
             self._n_updates += 1
             if not continue_training:
                 break
@@ -385,16 +403,49 @@ class RLHFPPO(PPO):
         self.logger.record("train/loss", losses.loss.item())
         self.logger.record("train/explained_variance", explained_var)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/skipped_updates", self.n_skipped_updates)
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
-    def _optimizer_step(self, loss: th.Tensor) -> None:
-        """Backward, gradient clipping at ``max_grad_norm``, one optimizer step."""
+    def _optimizer_step(self, loss: th.Tensor) -> bool:
+        """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
+        loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments."""
         self.policy.optimizer.zero_grad()
+        if not th.isfinite(loss):
+            self._skip_update(f"the loss is {loss.item()}")
+            return False
         loss.backward()
-        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if not th.isfinite(grad_norm):
+            self.policy.optimizer.zero_grad()
+            self._skip_update(f"the gradient norm is {grad_norm.item()}")
+            return False
         self.policy.optimizer.step()
+        self._skips_in_a_row = 0
+        return True
+
+    def _skipped_rollout(self) -> bool:
+        """Skip the update of a rollout dropped for a non-finite reward (see :meth:`collect_rollouts`)."""
+        if self._rollout_fault is None:
+            return False
+        fault, self._rollout_fault = self._rollout_fault, None
+        self._skip_update(fault)
+        self.logger.record("train/skipped_updates", self.n_skipped_updates)
+        return True
+
+    def _skip_update(self, reason: str) -> None:
+        """Count a skipped update; stop the run after more than ``max_consecutive_skips`` in a row."""
+        self.n_skipped_updates += 1
+        self._skips_in_a_row += 1
+        if self.verbose >= 1:
+            print(f"Skipping an update: {reason}")
+        if self._skips_in_a_row > self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self._skips_in_a_row} updates in a row were skipped because of non-finite values (the last: "
+                f"{reason}); stopping. Check the reward for NaN/inf, lower the learning rate, or train in float32 "
+                "or bfloat16 rather than float16; raise max_consecutive_skips to tolerate more"
+            )
 
     # ------------------------------------------------------------------ saving and resuming
     def _excluded_save_params(self) -> list[str]:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from sb3_rlhf.policies import TransformerActorCriticPolicy
 
 
+class NonFiniteRewardError(ValueError):
+    """A reward term came out NaN or infinite; the message names the wrapper and its model or function."""
+
+
 class RewardWrapper(gym.Wrapper):
     """Adds one reward term to a :class:`~sb3_rlhf.TokenGenerationEnv`.
 
@@ -37,6 +41,8 @@ class RewardWrapper(gym.Wrapper):
         if not isinstance(env.unwrapped, TokenGenerationEnv):
             raise TypeError(f"{type(self).__name__} wraps a TokenGenerationEnv, got {type(env.unwrapped).__name__}")
         self.name = name
+        #: what computes the term (a model path, a function name), for error messages
+        self.source = type(self).__name__
         self._last_obs: dict[str, np.ndarray] | None = None
 
     @property
@@ -99,7 +105,10 @@ class SequenceRewardWrapper(RewardWrapper):
             raise ValueError(f"{self.name}: expected {batch.batch_size} scores, got shape {tuple(scores.shape)}")
         if not th.isfinite(scores).all():
             bad = (~th.isfinite(scores)).nonzero().flatten().tolist()
-            raise ValueError(f"{self.name} returned a non-finite reward (NaN or inf) for episode(s) {bad[:5]}")
+            raise NonFiniteRewardError(
+                f"{self.name} ({self.source}) returned a non-finite reward (NaN or inf) for {len(bad)} of "
+                f"{batch.batch_size} episodes, e.g. the completion {batch.completions[bad[0]]!r}"
+            )
         return scores
 
     def step_reward(self, obs_before: dict[str, np.ndarray] | None, action: Any, done: bool, info: dict) -> float:

@@ -32,6 +32,7 @@ class RewardFunctionWrapper(SequenceRewardWrapper):
                 f"fn must be callable as fn(prompts, completions) -> list of floats, got {type(fn).__name__}"
             )
         self.fn = fn
+        self.source = f"reward function {getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
     def score(self, batch: GenerationBatch) -> th.Tensor:
         result = self.fn(batch.prompts, batch.completions)

@@ -53,6 +53,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
         name: str = "reward_model",
     ) -> None:
         super().__init__(env, name)
+        path = None
         if isinstance(reward_model, (str, os.PathLike)):
             if not os.path.isdir(reward_model):
                 raise FileNotFoundError(
@@ -69,6 +70,11 @@ class RewardModelWrapper(SequenceRewardWrapper):
         num_labels = reward_model.config.num_labels if isinstance(reward_model, PreTrainedModel) else 1
         if num_labels != 1:
             raise ValueError(f"the reward model must output one score (num_labels=1), it has num_labels={num_labels}")
+        self.source = (
+            f"reward model {path}"
+            if isinstance(path, (str, os.PathLike))
+            else f"reward model {type(reward_model).__name__}"
+        )
         self.reward_model = freeze(reward_model)
         self.reward_tokenizer = reward_tokenizer
         if reward_tokenizer is not None and reward_tokenizer.pad_token is None:
