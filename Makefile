@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install main demo test bench-reward-model bench-frontier bench-throughput clean
+.PHONY: install main demo test bench-reward-model bench-frontier bench-throughput bench-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-frontier: install
 
 bench-throughput: install
 	$(BIN)/python benchmarks/throughput.py --smollm
+
+# resident memory and live Python objects over 200 iterations of the tiny task (PPO, GRPO), about 2 minutes
+bench-memory: install
+	$(BIN)/python benchmarks/memory_growth.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -53,3 +53,17 @@ def test_throughput_benchmark_runs_on_a_small_setting(tmp_path):
     out = result.stdout
     assert "| Llama 6×384 (built in memory) | 15.7M |" in out
     assert "stock SB3 PPO, one forward per token" in out and "Fitted exponent in T" in out
+
+
+def test_memory_benchmark_runs_and_python_objects_stay_flat(tmp_path):
+    """The memory benchmark on a short run; the count of live Python objects must not grow once warm (a leak of
+    a per-iteration object, e.g. a list of rollout statistics that is never cleared, would show here)."""
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "memory_growth.py"),
+        *("--algorithms", "ppo", "--iterations", "20", "--warmup", "5", "--n-episodes", "16", "--no-write"),
+    ]
+    result = subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| ppo | 20 |"))
+    objects_growth = int(row.strip("|").split("|")[-1])
+    assert objects_growth <= 50, row
