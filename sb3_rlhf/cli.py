@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -214,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     from sb3_rlhf.common.models import load_causal_lm, resolve_model_path
 
     path = resolve_model_path(args.model)
-    model, tokenizer = load_causal_lm(path), AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_causal_lm(path), AutoTokenizer.from_pretrained(path, local_files_only=True)
     th.manual_seed(args.seed)
     answers = []
     for prompt in args.prompt:
@@ -256,6 +257,7 @@ def _common_training_args(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sb3-rlhf", description="RLHF for language models with Stable-Baselines3")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the whole Python traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="PPO on a tiny random model with a rule reward (runs in about a minute on CPU)")
     demo.add_argument("--out", default="runs/demo", help="folder for TensorBoard logs, the SB3 zip and the export")
@@ -327,7 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
     generate.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        # bad input, a missing file, a run that cannot go on: the message names the fix; a traceback adds nothing
+        print(f"sb3-rlhf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
+
+#: errors that come from what the user gave (or a run that stopped for a reason it names), printed without a traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, pickle.UnpicklingError)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         run_train(args)
     elif args.command == "evaluate":
@@ -351,7 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"SB3 model: {os.path.join(args.out, 'ppo_tiny.zip')}; exported policy: {os.path.join(args.out, 'policy')}"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from sb3_rlhf.common.models import (
     with_lora,
 )
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
+from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
 
@@ -141,12 +142,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             self.actor = load_causal_lm(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
-        vocab = self.actor.get_output_embeddings().weight.shape[0]
-        if vocab < self.n_actions:
-            raise ValueError(
-                f"the tokenizer has {self.n_actions} tokens but the model's vocabulary has {vocab}: "
-                "resize it with model.resize_token_embeddings(len(tokenizer)) and save it again"
-            )
+        check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")
         self.critic: PreTrainedModel | None = None
         if value_head == "separate":
             self.critic = load_backbone(
@@ -199,7 +195,7 @@ class TransformerActorCriticPolicy(BasePolicy):
 
     # ------------------------------------------------------------------ per-step SB3 API (one forward per token)
     def _step_outputs(self, obs: PyTorchObs, with_values: bool) -> tuple[th.Tensor, th.Tensor | None]:
-        input_ids, attention_mask = _obs_tensors(obs)
+        input_ids, attention_mask = _obs_tensors(obs, self.n_actions)
         shared = with_values and self.critic is None
         logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
         logits = logits[:, -1, : self.n_actions].float() / self.temperature
@@ -357,7 +353,7 @@ class TransformerActorCriticPolicy(BasePolicy):
                 tokenizer.save_pretrained(tmp)
 
 
-def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+def _obs_tensors(obs: PyTorchObs, n_tokens: int) -> tuple[th.Tensor, th.Tensor]:
     if not isinstance(obs, dict) or "input_ids" not in obs or "attention_mask" not in obs:
         raise ValueError(
             "observation must be a dict with 'input_ids' and 'attention_mask' (a TokenGenerationEnv observation)"
@@ -365,4 +361,14 @@ def _obs_tensors(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     input_ids, attention_mask = obs["input_ids"].long(), obs["attention_mask"].long()
     if input_ids.dim() == 1:
         input_ids, attention_mask = input_ids.unsqueeze(0), attention_mask.unsqueeze(0)
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"observation input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "differ in shape: pass the env's observation unchanged"
+        )
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= n_tokens):
+        raise ValueError(
+            f"observation input_ids hold token ids outside the tokenizer's [0, {n_tokens}): this policy was built "
+            "for another tokenizer, or the observation is not one of its env's"
+        )
     return input_ids, attention_mask

@@ -123,16 +123,19 @@ def test_cli_dpo(tmp_path, model_path, capsys):
     accuracy = float(printed.split("implicit-reward accuracy ")[1].split(",")[0])
     assert accuracy > 0.8
     assert os.path.exists(tmp_path / "dpo" / "model" / "dpo_config.json")
-    with pytest.raises(ValueError, match="beta must be > 0"):
-        main([*args, "--beta", "0", "--no-progress-bar"])
+    assert main([*args, "--beta", "0", "--no-progress-bar"]) == 2
+    assert "sb3-rlhf dpo: error: beta must be > 0" in capsys.readouterr().err
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b"}] * 3)
-    with pytest.raises(ValueError, match="rejected"):
-        main(["dpo", "--data", broken, "--model", model_path, "--out", str(tmp_path / "x")])
+    assert main(["dpo", "--data", broken, "--model", model_path, "--out", str(tmp_path / "x")]) == 2
+    assert "rejected" in capsys.readouterr().err
 
 
-def test_cli_errors(tmp_path, model_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["sft", "--data", str(tmp_path / "missing.jsonl"), "--model", model_path, "--out", str(tmp_path)])
+def test_cli_errors(tmp_path, model_path, capsys):
+    assert main(["sft", "--data", str(tmp_path / "missing.jsonl"), "--model", model_path, "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 4)
+    assert main(["sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    assert "neither a local folder nor a packaged model" in capsys.readouterr().err
+    # --traceback gives the exception itself, for debugging
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a packaged model"):
-        main(["sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)])
+        main(["--traceback", "sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)])

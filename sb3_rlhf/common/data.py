@@ -81,7 +81,7 @@ def find_data_file(name: str, data_dir: str | None = None) -> str:
         if os.path.exists(path):
             return os.path.normpath(path)
     raise FileNotFoundError(
-        f"data file {name!r} not found (looked in: {', '.join(os.path.normpath(c) for c in candidates)}); "
+        f"data file {name!r} not found (looked in: {', '.join(dict.fromkeys(os.path.normpath(c) for c in candidates))}); "
         f"pass its path or set {DATA_DIR_ENV}"
     )
 

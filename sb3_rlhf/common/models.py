@@ -162,8 +162,8 @@ def packaged_model_path(name: str) -> str:
 def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("de-quantizing a GGUF model needs the gguf package: pip install gguf")
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file, local_files_only=True)
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(_as_config(config))

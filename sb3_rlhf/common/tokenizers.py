@@ -10,6 +10,21 @@ from transformers import PreTrainedTokenizerBase
 DEFAULT_PAD_TOKEN = "<|pad|>"
 
 
+def check_vocabulary(model: Any, n_tokens: int, what: str = "the tokenizer") -> None:
+    """Refuse a model whose embedding table is smaller than the tokenizer: its ids would index past the end.
+
+    :param model: a transformers model (anything with ``get_input_embeddings``).
+    :param n_tokens: ``len(tokenizer)``.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < n_tokens:
+        raise ValueError(
+            f"{what} has {n_tokens} tokens but the model's vocabulary has {vocab}: they do not belong together; "
+            "use the model's own tokenizer, or resize it with model.resize_token_embeddings(len(tokenizer)) and "
+            "save it again"
+        )
+
+
 def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
     """Refuse a tokenizer that cannot batch episodes: it needs an EOS token and a pad token distinct from EOS.
 

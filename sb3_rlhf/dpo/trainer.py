@@ -15,7 +15,12 @@ from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import disable_dropout, freeze, load_causal_lm, with_lora
 from sb3_rlhf.common.sequences import position_ids_from_mask
-from sb3_rlhf.common.tokenizers import collate_right_padded, encode_prompt_response, labelled_token_logprobs
+from sb3_rlhf.common.tokenizers import (
+    check_vocabulary,
+    collate_right_padded,
+    encode_prompt_response,
+    labelled_token_logprobs,
+)
 from sb3_rlhf.common.trainer import SupervisedTrainer
 from sb3_rlhf.dpo.losses import DPO_LOSS_TYPES, dpo_loss
 
@@ -105,6 +110,7 @@ class DPOTrainer(SupervisedTrainer):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: add one with sb3_rlhf.add_pad_token(tokenizer, model)")
+        check_vocabulary(model, len(tokenizer))
         if add_eos and tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no EOS token: set tokenizer.eos_token")
         if chat_template and not tokenizer.chat_template:

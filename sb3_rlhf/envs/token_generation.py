@@ -139,9 +139,11 @@ class TokenGenerationEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if len(self._response) >= self.max_new_tokens or (self._response and self._response[-1] in self.stop_token_ids):
             raise RuntimeError("the episode has ended: call reset() before step()")
-        token = int(np.asarray(action).item()) if np.ndim(action) <= 1 and np.size(action) == 1 else None
+        array = np.asarray(action)
+        is_one_integer = array.size == 1 and array.ndim <= 1 and np.issubdtype(array.dtype, np.integer)
+        token = int(array.item()) if is_one_integer else None
         if token is None or not self.action_space.contains(token):
-            raise ValueError(f"action must be a token id in [0, {self.n_actions}), got {action!r}")
+            raise ValueError(f"action must be one integer token id in [0, {self.n_actions}), got {action!r}")
         self._response.append(token)
         terminated = token in self.stop_token_ids
         truncated = not terminated and len(self._response) >= self.max_new_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import tempfile
@@ -111,6 +112,18 @@ class RLHFPPO(PPO):
         for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size), ("n_epochs", n_epochs)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (
+            ("learning_rate", learning_rate),
+            ("clip_range", clip_range),
+            ("clip_range_vf", clip_range_vf),
+        ):
+            if not (callable(value) or isinstance(value, (int, float)) or (name == "clip_range_vf" and value is None)):
+                raise TypeError(
+                    f"{name} must be a number or a schedule (a callable of the remaining progress), got {value!r}"
+                )
+        if env is None and _init_setup_model:
+            raise ValueError("RLHFPPO needs an env: a TokenGenerationEnv under its reward wrappers")
+        _check_policy_kwargs(policy, policy_kwargs)
         for name, value in (("generation_batch_size", generation_batch_size), ("max_batch_tokens", max_batch_tokens)):
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -126,7 +139,9 @@ class RLHFPPO(PPO):
             gae_lambda=gae_lambda,
             clip_range=clip_range,
             clip_range_vf=clip_range_vf,
-            normalize_advantage=normalize_advantage,
+            # SB3 whitens per minibatch and so refuses batch_size=1; here whitening is over the whole rollout
+            # (SequenceRolloutBuffer), so SB3's check does not apply and the flag is set below
+            normalize_advantage=False,
             ent_coef=ent_coef,
             vf_coef=vf_coef,
             max_grad_norm=max_grad_norm,
@@ -143,6 +158,7 @@ class RLHFPPO(PPO):
         )
         if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
+        self.normalize_advantage = normalize_advantage
         self.max_consecutive_skips = max_consecutive_skips
         self.n_skipped_updates = 0
         self._skips_in_a_row = 0
@@ -469,6 +485,29 @@ class RLHFPPO(PPO):
                 os.remove(tmp)
 
     @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfRLHFPPO],
+        path: str | os.PathLike | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        trust_pickled_objects: bool = False,
+        **kwargs: Any,
+    ) -> SelfRLHFPPO:
+        """SB3's ``load``, without running code from the zip: tensors load with ``weights_only=True`` (as in SB3)
+        and the pickled hyperparameters through an allowlist (:mod:`sb3_rlhf.common.safe_load`).
+
+        :param trust_pickled_objects: unpickle the zip's data as SB3 does, with no allowlist (needed for a zip that
+            holds your own code, e.g. a lambda learning-rate schedule); only for files you trust.
+        :param kwargs: the rest of SB3's ``load`` arguments.
+        """
+        if not trust_pickled_objects:
+            from sb3_rlhf.common.safe_load import safe_custom_objects
+
+            custom_objects = safe_custom_objects(path, custom_objects)
+        return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)
+
+    @classmethod
     def load_checkpoint(
         cls: type[SelfRLHFPPO], path: str, env: GymEnv, device: th.device | str = "auto", **kwargs: Any
     ) -> SelfRLHFPPO:
@@ -521,6 +560,12 @@ class RLHFPPO(PPO):
         progress_bar: bool = False,
     ) -> SelfRLHFPPO:
         """Train for ``total_timesteps`` generated tokens (SB3's ``learn``)."""
+        if (
+            isinstance(total_timesteps, bool)
+            or not isinstance(total_timesteps, (int, np.integer))
+            or total_timesteps < 0
+        ):
+            raise ValueError(f"total_timesteps must be an integer >= 0 (generated tokens), got {total_timesteps!r}")
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
@@ -529,3 +574,17 @@ class RLHFPPO(PPO):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+def _check_policy_kwargs(policy: Any, policy_kwargs: dict[str, Any] | None) -> None:
+    """Name an unknown ``policy_kwargs`` key before SB3 builds the policy with it."""
+    policy_class = RLHFPPO.policy_aliases.get(policy, policy) if isinstance(policy, str) else policy
+    if not policy_kwargs or not isinstance(policy_class, type):
+        return
+    parameters = inspect.signature(policy_class.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    taken = set(parameters) - {"self", "observation_space", "action_space", "lr_schedule"}
+    unknown = sorted(set(policy_kwargs) - taken)
+    if unknown:
+        raise ValueError(f"unknown policy_kwargs key {unknown[0]!r}: {policy_class.__name__} takes {sorted(taken)}")

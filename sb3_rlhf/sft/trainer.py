@@ -15,7 +15,7 @@ from sb3_rlhf.common.data import Demonstration
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import load_causal_lm
 from sb3_rlhf.common.sequences import position_ids_from_mask
-from sb3_rlhf.common.tokenizers import IGNORE_INDEX, collate_right_padded, encode_prompt_response
+from sb3_rlhf.common.tokenizers import IGNORE_INDEX, check_vocabulary, collate_right_padded, encode_prompt_response
 from sb3_rlhf.common.trainer import SupervisedTrainer
 
 
@@ -72,10 +72,20 @@ class SFTTrainer(SupervisedTrainer):
             raise ValueError("the tokenizer needs an EOS token: set tokenizer.eos_token so responses can end")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: add one with sb3_rlhf.add_pad_token(tokenizer, model)")
+        check_vocabulary(model, len(tokenizer))
         if chat_template and not tokenizer.chat_template:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         if not train_demos:
             raise ValueError("train_demos is empty: give at least one Demonstration")
+        for name, demos in (("train_demos", train_demos), ("eval_demos", eval_demos or [])):
+            for i, demo in enumerate(demos):
+                if not (
+                    isinstance(demo, Demonstration) and isinstance(demo.prompt, str) and isinstance(demo.response, str)
+                ):
+                    raise TypeError(
+                        f"{name}[{i}] is a {type(demo).__name__}, not a Demonstration(prompt, response) of two "
+                        "strings: load demonstrations with sb3_rlhf.common.data.load_demonstrations()"
+                    )
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.model = model.to(self.device)

@@ -135,7 +135,14 @@ def train_reward_model_stage(
 def import_function(spec: str) -> Any:
     """``"package.module:function"`` → the function (only an explicitly named callable is ever imported)."""
     module_name, _, attribute = spec.partition(":")
-    function = getattr(importlib.import_module(module_name), attribute, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"reward.function {spec!r}: cannot import {module_name!r} ({error}); the module must be importable "
+            "(installed, or its folder on PYTHONPATH)"
+        ) from error
+    function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"reward.function {spec!r}: {module_name} has no callable {attribute!r}")
     return function
@@ -191,7 +198,7 @@ def prepare(
     os.makedirs(out, exist_ok=True)
     set_random_seed(task.seed)
     policy_path = policy_model_path(task, out)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, local_files_only=True)
     prompts = load_prompts(task.prompts, tokenizer)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
     reward_model, metrics = task.reward.model, None
