@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
-from sb3_rlhf.common.sequences import masked_whiten
+from sb3_rlhf.common.distributed import masked_whiten_over_ranks
 
 
 class SequenceBatch(NamedTuple):
@@ -164,7 +164,7 @@ class SequenceRolloutBuffer(BaseBuffer):
             last_gae = delta + self.gamma * self.gae_lambda * continues * last_gae
             advantages[:, t] = last_gae * mask[:, t]
         self.returns = (advantages + values) * mask
-        self.advantages = masked_whiten(advantages, mask) if normalize_advantage else advantages
+        self.advantages = masked_whiten_over_ranks(advantages, mask) if normalize_advantage else advantages
 
     def get(  # type: ignore[override]
         self, batch_size: int | None = None, max_tokens: int | None = None
@@ -265,7 +265,7 @@ class GroupRolloutBuffer(SequenceRolloutBuffer):
         self.sequence_returns = (self.rewards * mask).sum(-1)
         advantages = estimator(self.sequence_returns.view(-1, self.group_size)).reshape(n)
         if normalize_advantage:
-            advantages = masked_whiten(advantages, th.ones_like(advantages, dtype=th.bool))
+            advantages = masked_whiten_over_ranks(advantages, th.ones_like(advantages, dtype=th.bool))
         self.sequence_advantages = advantages
         self.advantages = advantages.unsqueeze(-1) * mask
         self.returns = self.sequence_returns.unsqueeze(-1) * mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -181,14 +182,32 @@ def train_dpo(args: argparse.Namespace) -> dict[str, float]:
     return after
 
 
+def launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """``sb3-rlhf train --nproc N``: the same command in N processes under torchrun (one node; for several nodes
+    run torchrun or ``accelerate launch`` yourself, see the README)."""
+    rest, skip = [], False
+    for arg in argv:  # the ranks run the command without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*command, "-m", "sb3_rlhf.cli", *rest]).returncode
+
+
 def run_train(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf train``: every stage of a task file, then the comparison with the initial policy."""
+    from sb3_rlhf.common.distributed import is_main_process
     from sb3_rlhf.evaluation import report_markdown
     from sb3_rlhf.tasks import load_task, run_task
 
     task = load_task(args.task, _with_algorithm(args))
     out = args.out or os.path.join("runs", task.name)
     results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
+    if not is_main_process():
+        return results
     if results.get("reward_model"):
         print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
     print(report_markdown(task.name, results, task.evaluation.n_prompts))
@@ -312,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (online algorithms)"
     )
+    train.add_argument(
+        "--nproc", type=int, default=1, help="train in this many processes on this machine (torchrun; one per GPU)"
+    )
     train.add_argument("--no-progress-bar", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="re-run the trained-versus-initial report of a finished run")
@@ -329,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
     generate.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return launch_processes(args.nproc, list(sys.argv[1:] if argv is None else argv))
     try:
         _run(args)
     except USER_ERRORS as error:
@@ -346,7 +370,13 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, Imp
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
-        run_train(args)
+        try:
+            run_train(args)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     elif args.command == "evaluate":
         run_evaluate(args)
     elif args.command == "generate":

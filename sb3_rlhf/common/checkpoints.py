@@ -7,7 +7,9 @@ outside the algorithm, the reward wrappers' state (the KL controller's β) and e
 renamed into place, so a run killed mid-save leaves the previous checkpoints intact and never a partial one.
 
 Resuming restores that state at the start of the next ``learn()`` (after SB3's own setup), so a seeded run
-that is killed and resumed on CPU trains exactly as the run that was never interrupted.
+that is killed and resumed on CPU trains exactly as the run that was never interrupted. A distributed run is
+checkpointed by rank 0; on resume the other ranks get the weights, optimizer, β and counters, and fresh random
+streams of their own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
+from sb3_rlhf.common.distributed import is_main_process, rank
 from sb3_rlhf.common.io import atomic_directory
 
 if TYPE_CHECKING:
@@ -60,6 +63,14 @@ def restore_training_state(model: RLHFPPO, state: dict[str, Any]) -> None:
         )
     for name, wrapper_state in saved.items():
         wrappers[name].load_state_dict(wrapper_state)
+    if rank() > 0:
+        # the checkpoint holds rank 0's generators: the other ranks draw fresh, distinct streams instead
+        seed = (model.seed or 0) + 7919 * rank() + int(state["num_timesteps"])
+        model.generation_env.np_random = np.random.default_rng(seed)
+        th.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        return
     model.generation_env.np_random.bit_generator.state = state["env_rng"]
     th.set_rng_state(th.tensor(state["torch_rng"], dtype=th.uint8))
     if "cuda_rng" in state and th.cuda.is_available() and len(state["cuda_rng"]) == th.cuda.device_count():
@@ -166,10 +177,12 @@ class TrainingCheckpointCallback(BaseCallback):
         if self.num_timesteps > self._last_saved:
             self.save()
 
-    def save(self) -> str:
-        """Write a checkpoint now and drop the oldest beyond ``keep``."""
-        path = save_checkpoint(self.model, self.save_path)  # type: ignore[arg-type]
+    def save(self) -> str | None:
+        """Write a checkpoint now and drop the oldest beyond ``keep`` (rank 0 only in a distributed run)."""
         self._last_saved = self.num_timesteps
+        if not is_main_process():
+            return None
+        path = save_checkpoint(self.model, self.save_path)  # type: ignore[arg-type]
         if self.verbose >= 1:
             print(f"Saving checkpoint to {path}")
         if self.keep is not None:

@@ -11,6 +11,7 @@ import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
+from sb3_rlhf.common.distributed import mean_over_ranks
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.ppo import RLHFPPO
@@ -113,6 +114,12 @@ class GroupRolloutAlgorithm(RLHFPPO):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ update
+    def _loss_normalizer(self, batch: SequenceBatch) -> float:
+        # a token mean (loss_aggregation="token"), else a mean over sequences (or P3O's pairs, two per group row pair)
+        if getattr(self, "loss_aggregation", "sequence") == "token":
+            return float(batch.response_mask.sum())
+        return float(batch.response_mask.shape[0])
+
     def policy_loss(
         self, batch: SequenceBatch, logprobs: th.Tensor, entropy: th.Tensor, clip_range: float
     ) -> tuple[th.Tensor, dict[str, float]]:
@@ -138,13 +145,14 @@ class GroupRolloutAlgorithm(RLHFPPO):
                     mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], entropy_grad=self.ent_coef != 0
                 )
                 loss, metrics = self.policy_loss(mb, logprobs, entropy, clip_range)
+                metrics["approx_kl"] = mean_over_ranks(metrics["approx_kl"])  # the same early stop on every rank
                 stats["approx_kl"].append(metrics["approx_kl"])
                 if self.target_kl is not None and metrics["approx_kl"] > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {metrics['approx_kl']:.2f}")
                     break
-                if not self._optimizer_step(loss):
+                if not self._optimizer_step(loss, self._loss_normalizer(mb)):
                     continue
                 for key, value in metrics.items():
                     if key != "approx_kl":

@@ -14,13 +14,24 @@ import numpy as np
 import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import TensorBoardOutputFormat
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_rlhf.buffers import SequenceRolloutBuffer
+from sb3_rlhf.buffers import SequenceBatch, SequenceRolloutBuffer
+from sb3_rlhf.common.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    init_distributed,
+    is_main_process,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
@@ -156,6 +167,11 @@ class RLHFPPO(PPO):
             device=device,
             _init_setup_model=False,
         )
+        if init_distributed() and max_batch_tokens is not None:
+            raise ValueError(
+                "max_batch_tokens is not supported with several processes: the ranks would take different numbers "
+                "of optimizer steps; leave it None"
+            )
         if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
         self.normalize_advantage = normalize_advantage
@@ -209,8 +225,13 @@ class RLHFPPO(PPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        broadcast_parameters(self.policy)  # every rank starts from rank 0's weights (the value head is random)
         if self.env is not None:
             self._bind_reward_wrappers()
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's seeding, offset by the rank: each rank of a distributed run draws its own prompts and samples."""
+        super().set_random_seed(None if seed is None else seed + rank())
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         super().set_env(env, force_reset=force_reset)
@@ -242,15 +263,14 @@ class RLHFPPO(PPO):
         chunk = self.generation_batch_size or n_rollout_steps
         episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
-        self._rollout_fault = None
+        fault = None
         for start in range(0, n_rollout_steps, chunk):
             batch, values = self.policy.sample_episodes(gen_env, indices[start : start + chunk])
             try:
                 rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
             except NonFiniteRewardError as error:
-                # nothing to learn from: the rollout is dropped (no timesteps counted) and train() skips its update
-                self._rollout_fault = str(error)
-                return True
+                fault = str(error)
+                break
             for name, term in terms.items():
                 terms_per_episode[name].append(term.sum(-1).cpu())
             rollout_buffer.add(
@@ -270,6 +290,15 @@ class RLHFPPO(PPO):
             episodes["neg_logprob"] += (-batch.logprobs.sum(-1)).tolist()
             episodes["infos"] += batch.infos
 
+        # every rank must agree on the rollout's fate and on the timestep counter (it decides when learn() stops)
+        local_tokens = int(sum(episodes["length"]))
+        global_tokens, faults = sum_over_ranks([local_tokens, float(fault is not None)])
+        if faults:
+            # nothing to learn from: the rollout is dropped (no timesteps counted) and train() skips its update
+            self._rollout_fault = fault or "another rank's rollout had a non-finite reward"
+            return True
+        self._rollout_fault = None
+
         elapsed = time.time() - self.start_time / 1e9
         for i, (reward, length) in enumerate(zip(episodes["reward"], episodes["length"])):
             info = {**episodes["infos"][i], "episode": {"r": reward, "l": length, "t": round(elapsed, 6)}}
@@ -286,6 +315,7 @@ class RLHFPPO(PPO):
                 )
                 if not callback.on_step():
                     return False
+        self.num_timesteps += int(global_tokens) - local_tokens  # the other ranks' tokens
 
         self._compute_advantages(rollout_buffer)
         self._log_rollout(wrappers, episodes, {k: th.cat(v) for k, v in terms_per_episode.items()})
@@ -388,7 +418,7 @@ class RLHFPPO(PPO):
                     self.ent_coef,
                     self.vf_coef,
                 )
-                approx_kl = losses.approx_kl
+                approx_kl = mean_over_ranks(losses.approx_kl)  # the same early-stop decision on every rank
                 approx_kls.append(approx_kl)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
@@ -396,7 +426,7 @@ class RLHFPPO(PPO):
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                     break
 
-                if not self._optimizer_step(losses.loss):
+                if not self._optimizer_step(losses.loss, self._loss_normalizer(mb)):
                     continue
                 pg_losses.append(losses.pg_loss.item())
                 value_losses.append(losses.value_loss.item())
@@ -424,14 +454,23 @@ class RLHFPPO(PPO):
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
-    def _optimizer_step(self, loss: th.Tensor) -> bool:
+    def _optimizer_step(self, loss: th.Tensor, normalizer: float = 1.0) -> bool:
         """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
-        loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments."""
+        loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
+
+        With several ranks each holds part of the minibatch: its loss, a mean over ``normalizer`` items (tokens, or
+        sequences), is weighted by its share of all ranks' items, and the gradients are averaged across ranks, so
+        the step is the one a single process would take on the whole minibatch.
+        """
         self.policy.optimizer.zero_grad()
-        if not th.isfinite(loss):
+        if any_rank(not bool(th.isfinite(loss))):
             self._skip_update(f"the loss is {loss.item()}")
             return False
+        if world_size() > 1:
+            (total,) = sum_over_ranks([normalizer])
+            loss = loss * (world_size() * normalizer / total)
         loss.backward()
+        average_gradients(self.policy.parameters())
         grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         if not th.isfinite(grad_norm):
             self.policy.optimizer.zero_grad()
@@ -440,6 +479,10 @@ class RLHFPPO(PPO):
         self.policy.optimizer.step()
         self._skips_in_a_row = 0
         return True
+
+    def _loss_normalizer(self, batch: SequenceBatch) -> float:
+        """What the minibatch loss is a mean over: its real response tokens (PPO's losses are token means)."""
+        return float(batch.response_mask.sum())
 
     def _skipped_rollout(self) -> bool:
         """Skip the update of a rollout dropped for a non-finite reward (see :meth:`collect_rollouts`)."""
@@ -533,6 +576,9 @@ class RLHFPPO(PPO):
         tb_log_name: str = "run",
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
+        if rank() > 0 and not self._custom_logger:
+            self.set_logger(Logger(folder=None, output_formats=[]))  # rank 0 logs for all
+        progress_bar = progress_bar and is_main_process()
         if self._resume_state is not None and reset_num_timesteps:
             raise ValueError(
                 "this model was loaded from a checkpoint to resume a run: call "

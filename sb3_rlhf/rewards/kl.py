@@ -10,6 +10,7 @@ import numpy as np
 import torch as th
 from transformers import PreTrainedModel
 
+from sb3_rlhf.common.distributed import sum_over_ranks, world_size
 from sb3_rlhf.common.forward import next_token_logits, response_logprobs
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.kl_controllers import AdaptiveKLController, FixedKLController
@@ -182,7 +183,11 @@ class KLPenaltyWrapper(RewardWrapper):
 
     def on_rollout_end(self) -> None:
         kl = self.rollout_kl()
-        if len(kl):
+        if world_size() > 1:  # every rank's episodes, so that β stays the same on all of them
+            total, count = sum_over_ranks([kl.sum().item(), len(kl)])
+            if count:
+                self.kl_controller.update(total / count, int(count))
+        elif len(kl):
             self.kl_controller.update(kl.mean().item(), len(kl))
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 from stable_baselines3.common.utils import get_device, set_random_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -23,6 +24,7 @@ from sb3_rlhf.common.data import (
     read_records,
     train_test_split,
 )
+from sb3_rlhf.common.distributed import init_distributed, is_main_process
 from sb3_rlhf.common.models import resolve_model_path
 from sb3_rlhf.common.tiny import save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
@@ -313,10 +315,20 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
         if task.algorithm_name not in ONLINE_ALGORITHMS:
             raise ValueError(f"--resume continues an online run (ppo, rloo, grpo, p3o), not {task.algorithm_name}")
         latest_checkpoint(checkpoints)  # fail before any work when there is nothing to resume
+    distributed = init_distributed()
+    if distributed and task.algorithm_name not in ONLINE_ALGORITHMS:
+        raise ValueError(
+            f"several processes train the online algorithms (ppo, rloo, grpo, p3o), not {task.algorithm_name}"
+        )
+    progress_bar = progress_bar and is_main_process()
     reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
+    if not is_main_process():
+        dist.barrier()  # rank 0 builds the tiny model and trains the reward model into `out` first
     prepared, reward_model_metrics = prepare(
-        task, out, train_reward_model=not reward_model_ready, progress_bar=progress_bar
+        task, out, train_reward_model=is_main_process() and not reward_model_ready, progress_bar=progress_bar
     )
+    if distributed and is_main_process():
+        dist.barrier()
     extra: dict[str, Any] = {"reward_model": reward_model_metrics}
     if task.algorithm_name == "dpo":
         trainer, counts = make_dpo_trainer(prepared)
@@ -345,6 +357,8 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
             tb_log_name=task.name,
             reset_num_timesteps=not resume,
         )
+    if not is_main_process():
+        return {}  # rank 0 saves and reports for the run
     model.save(model_file(task, out))
     model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=prepared.tokenizer)
     return evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)

@@ -1,0 +1,110 @@
+"""Data-parallel training over ``torch.distributed``: one process per device, launched by ``torchrun`` (or
+``accelerate launch``, which runs torchrun), each rank generating its own share of the episodes.
+
+What must agree across ranks is reduced here, in one place: gradients (averaged, as DDP does), the token
+counts that normalise token-mean losses, advantage-whitening statistics, the KL controller's measurement, the
+timestep counter and every decision that changes control flow (early stop, skipped updates). With one process
+every function is the identity, so single-process runs are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch as th
+import torch.distributed as dist
+
+from sb3_rlhf.common.sequences import masked_whiten
+
+
+def init_distributed() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
+    ``MASTER_ADDR``, ...): NCCL with one GPU per local rank where CUDA is available, gloo on CPU.
+
+    :return: whether this process is one of several.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if th.cuda.is_available():
+        th.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one that logs, checkpoints, saves and reports."""
+    return rank() == 0
+
+
+def _device() -> th.device:
+    return th.device("cuda", th.cuda.current_device()) if dist.get_backend() == "nccl" else th.device("cpu")
+
+
+def sum_over_ranks(values: Iterable[float]) -> list[float]:
+    """Element-wise sums of a few numbers over every rank (float64)."""
+    values = list(values)
+    if world_size() == 1:
+        return values
+    tensor = th.tensor(values, dtype=th.float64, device=_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def mean_over_ranks(value: float) -> float:
+    return sum_over_ranks([value])[0] / world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any: a decision all ranks must take together."""
+    return sum_over_ranks([float(flag)])[0] > 0
+
+
+def broadcast_parameters(module: th.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (as DDP does when it wraps a model): freshly
+    initialised heads would otherwise differ between ranks."""
+    if world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(parameters: Iterable[th.nn.Parameter]) -> None:
+    """All-reduce the gradients and divide by the world size: DDP's arithmetic, in one flat buffer per call."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = th.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def masked_whiten_over_ranks(values: th.Tensor, mask: th.Tensor, eps: float = 1e-8) -> th.Tensor:
+    """:func:`~sb3_rlhf.common.sequences.masked_whiten` with the mean and variance of every rank's masked values,
+    so that whitened advantages mean the same on every rank as in one process holding the whole batch."""
+    if world_size() == 1:
+        return masked_whiten(values, mask, eps)
+    weights = mask.to(values.dtype)
+    total, count = sum_over_ranks([(values * weights).sum().item(), weights.sum().item()])
+    mean = total / max(count, 1.0)
+    (squares,) = sum_over_ranks([(((values - mean) ** 2) * weights).sum().item()])
+    var = squares / max(count, 1.0)
+    return th.where(mask.bool(), (values - mean) / (var + eps) ** 0.5, th.zeros_like(values))
