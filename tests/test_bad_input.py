@@ -103,6 +103,11 @@ def bad_inputs(tokenizer, model_path, tmp_path):
             ValueError,
             "outside the tokenizer",
         ),
+        "policy: observation of the wrong shape": (
+            lambda: algorithm(tokenizer, model_path).predict(obs(5)),
+            ValueError,
+            "Unexpected observation shape (5,)",
+        ),
         "policy: observation without attention_mask": (
             lambda: algorithm(tokenizer, model_path).policy.get_distribution({"input_ids": obs(14)["input_ids"]}),
             ValueError,
