@@ -463,8 +463,9 @@ class RLHFPPO(PPO):
         the step is the one a single process would take on the whole minibatch.
         """
         self.policy.optimizer.zero_grad()
-        if any_rank(not bool(th.isfinite(loss))):
-            self._skip_update(f"the loss is {loss.item()}")
+        finite = bool(th.isfinite(loss))
+        if any_rank(not finite):
+            self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
             return False
         if world_size() > 1:
             (total,) = sum_over_ranks([normalizer])
