@@ -11,7 +11,7 @@ import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
-from sb3_rlhf.common.distributed import mean_over_ranks
+from sb3_rlhf.common.distributed import mean_over_ranks, rank, world_size
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.ppo import RLHFPPO
@@ -103,7 +103,7 @@ class GroupRolloutAlgorithm(RLHFPPO):
 
     # ------------------------------------------------------------------ rollout
     def _rollout_prompt_indices(self, env: TokenGenerationEnv, n_episodes: int) -> np.ndarray:
-        prompts = env.sample_prompt_indices(n_episodes // self.samples_per_prompt)
+        prompts = env.sample_prompt_indices(n_episodes // self.samples_per_prompt, rank(), world_size())
         return np.repeat(prompts, self.samples_per_prompt)
 
     def _compute_advantages(self, rollout_buffer: GroupRolloutBuffer) -> None:  # type: ignore[override]

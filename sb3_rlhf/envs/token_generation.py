@@ -167,9 +167,21 @@ class TokenGenerationEnv(gym.Env):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     # ------------------------------------------------------------------ batched fast path
-    def sample_prompt_indices(self, n: int) -> np.ndarray:
-        """``n`` prompt indices drawn with ``self.np_random``, as ``reset()`` draws them."""
-        return self.np_random.integers(len(self.prompts), size=n)
+    def sample_prompt_indices(self, n: int, shard: int = 0, n_shards: int = 1) -> np.ndarray:
+        """``n`` prompt indices drawn with ``self.np_random``, as ``reset()`` draws them.
+
+        :param shard: draw only from the prompts ``shard, shard + n_shards, ...`` (rank ``shard`` of ``n_shards``
+            in a distributed run: the ranks see disjoint prompts).
+        :param n_shards: how many shards the prompts are split into.
+        """
+        if n_shards == 1:
+            return self.np_random.integers(len(self.prompts), size=n)
+        if len(self.prompts) < n_shards:
+            raise ValueError(
+                f"{len(self.prompts)} prompts cannot be split between {n_shards} processes: give more prompts"
+            )
+        indices = np.arange(shard, len(self.prompts), n_shards)
+        return indices[self.np_random.integers(len(indices), size=n)]
 
     def prompt_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompts for a batch of episodes.

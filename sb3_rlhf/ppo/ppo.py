@@ -326,8 +326,8 @@ class RLHFPPO(PPO):
         return True
 
     def _rollout_prompt_indices(self, env: TokenGenerationEnv, n_episodes: int) -> np.ndarray:
-        """The prompt of each episode of the rollout, drawn from the env's RNG."""
-        return env.sample_prompt_indices(n_episodes)
+        """The prompt of each episode of the rollout, drawn from the env's RNG (from this rank's shard)."""
+        return env.sample_prompt_indices(n_episodes, rank(), world_size())
 
     def _score_batch(
         self, batch: GenerationBatch, wrappers: list[RewardWrapper]
