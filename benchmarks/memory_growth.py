@@ -32,12 +32,11 @@ from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback
-from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model, tiny_prompts
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 from sb3_rlhf.rewards.rules import share_of_good
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory.md")
-WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and then it was".split()
 
 
 def resident_mb() -> float:
@@ -68,11 +67,6 @@ class MemoryRecorder(BaseCallback):
         return len(self.rows) < self.n_iterations
 
 
-def prompts(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=rng.integers(1, 6))) for _ in range(n)]
-
-
 def task_env(tokenizer, texts: list[str], estimator: str):
     env = TokenGenerationEnv(texts, tokenizer, max_prompt_tokens=8, max_new_tokens=12)
     env = RewardFunctionWrapper(env, fn=share_of_good)
@@ -87,14 +81,14 @@ def measure(algorithm: str, iterations: int, n_episodes: int, seed: int) -> tupl
     """Train ``algorithm`` for ``iterations`` on the tiny task; the recorder's rows and the seconds it took."""
     with tempfile.TemporaryDirectory() as tmp:
         model_path = os.path.join(tmp, "tiny")
-        tokenizer = save_tiny_model(model_path, WORDS, "llama", seed=seed)
+        tokenizer = save_tiny_model(model_path, TINY_WORDS, "llama", seed=seed)
         estimator = "k3" if algorithm == "grpo" else "k1"
         settings = dict(n_episodes=n_episodes, batch_size=8, n_epochs=2)
         if algorithm != "ppo":
             settings["samples_per_prompt"] = 2 if algorithm == "p3o" else 4
         model = ONLINE_ALGORITHMS[algorithm](
             "TransformerActorCriticPolicy",
-            task_env(tokenizer, prompts(64, seed), estimator),
+            task_env(tokenizer, tiny_prompts(64, seed), estimator),
             learning_rate=1e-3,
             tensorboard_log=os.path.join(tmp, "tb"),
             policy_kwargs=dict(model_name_or_path=model_path),
@@ -102,7 +96,7 @@ def measure(algorithm: str, iterations: int, n_episodes: int, seed: int) -> tupl
             **settings,
         )
         recorder = MemoryRecorder(iterations)
-        evaluation = HeldOutEvaluationCallback(task_env(tokenizer, prompts(8, seed + 1), estimator))
+        evaluation = HeldOutEvaluationCallback(task_env(tokenizer, tiny_prompts(8, seed + 1), estimator))
         checkpoints = TrainingCheckpointCallback(5 * n_episodes * 12, os.path.join(tmp, "checkpoints"))
         start = time.perf_counter()
         model.learn(10**9, callback=[recorder, evaluation, checkpoints])

@@ -10,24 +10,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-TINY_WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and then it was".split()
-
 
 def tiny_demo(out: str, timesteps: int, seed: int, device: str, progress_bar: bool) -> dict[str, float]:
     """Train a tiny random Llama with PPO to say "good" (rule reward) under a KL penalty; return a summary."""
     from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
     from sb3_rlhf.common.callbacks import RolloutHistoryCallback
-    from sb3_rlhf.common.tiny import save_tiny_model
+    from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model, tiny_prompts
     from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
     from sb3_rlhf.rewards.rules import share_of_good
 
     base_model = os.path.join(out, "base_model")
     tokenizer = save_tiny_model(base_model, TINY_WORDS, "llama", seed=seed, hidden_size=64)
 
-    rng = np.random.default_rng(seed)
-    prompts = [" ".join(rng.choice(TINY_WORDS, size=rng.integers(2, 6))) for _ in range(200)]
+    prompts = tiny_prompts(200, seed, min_words=2)
 
     env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=12)
     env = RewardFunctionWrapper(env, fn=share_of_good)
@@ -100,6 +95,19 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     return after
 
 
+def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer arguments that ``sft`` and ``dpo`` take from their shared flags (:func:`_common_training_args`)."""
+    return dict(
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        n_epochs=args.epochs,
+        max_length=args.max_length,
+        tensorboard_log=os.path.join(args.out, "tensorboard"),
+        seed=args.seed,
+        device=args.device,
+    )
+
+
 def _fit_and_export(trainer: Any, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """Held-out metrics before, ``learn()``, metrics after, then the export to ``<out>/model``."""
     before = trainer.evaluate()
@@ -124,13 +132,7 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
         test,
         chat_template=False if args.no_chat_template else None,
         checkpoint_dir=os.path.join(args.out, "checkpoints"),
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.epochs,
-        max_length=args.max_length,
-        tensorboard_log=os.path.join(args.out, "tensorboard"),
-        seed=args.seed,
-        device=args.device,
+        **_training_settings(args),
     )
     before, after = _fit_and_export(trainer, args)
     print(report)
@@ -162,13 +164,7 @@ def train_dpo(args: argparse.Namespace) -> dict[str, float]:
         loss_type=args.loss_type,
         lora={"r": args.lora_r} if args.lora_r else None,
         chat_template=False if args.no_chat_template else None,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        n_epochs=args.epochs,
-        max_length=args.max_length,
-        tensorboard_log=os.path.join(args.out, "tensorboard"),
-        seed=args.seed,
-        device=args.device,
+        **_training_settings(args),
     )
     before, after = _fit_and_export(trainer, args)
     print(report)

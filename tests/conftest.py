@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch as th
 
 from sb3_rlhf import TokenGenerationEnv
-from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from sb3_rlhf.common.tiny import TINY_WORDS, tiny_causal_lm, tiny_prompts, tiny_tokenizer
 from sb3_rlhf.rewards.rules import share_of_good  # noqa: F401  (re-exported for the tests)
 
-WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and then it was".split()
+WORDS = TINY_WORDS
 
 
 def make_prompts(n: int = 24, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, size=rng.integers(1, 6))) for _ in range(n)]
+    return tiny_prompts(n, seed)
 
 
 @pytest.fixture(autouse=True)

@@ -23,14 +23,10 @@ from sb3_rlhf.reward_modeling import RewardModelTrainer
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
 from sb3_rlhf.sft import SFTTrainer
 from tests.conftest import WORDS, make_prompts, share_of_good
+from tests.test_ppo import rule_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TASK = os.path.join(ROOT, "envs", "tiny_synthetic.toml")
-
-
-def rule_env(tokenizer, prompts=None):
-    env = TokenGenerationEnv(prompts or make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
-    return KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=0.05)
 
 
 def algorithm(tokenizer, model_path, **kwargs):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import set_random_seed
 
 from sb3_rlhf.common.distributed import is_main_process, rank
 from sb3_rlhf.common.io import atomic_directory
@@ -65,11 +66,9 @@ def restore_training_state(model: RLHFPPO, state: dict[str, Any]) -> None:
         wrappers[name].load_state_dict(wrapper_state)
     if rank() > 0:
         # the checkpoint holds rank 0's generators: the other ranks draw fresh, distinct streams instead
-        seed = (model.seed or 0) + 7919 * rank() + int(state["num_timesteps"])
+        seed = ((model.seed or 0) + 7919 * rank() + int(state["num_timesteps"])) % 2**32
         model.generation_env.np_random = np.random.default_rng(seed)
-        th.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        set_random_seed(seed, using_cuda=th.cuda.is_available())
         return
     model.generation_env.np_random.bit_generator.state = state["env_rng"]
     th.set_rng_state(th.tensor(state["torch_rng"], dtype=th.uint8))

@@ -42,6 +42,9 @@ class GroupRolloutAlgorithm(RLHFPPO):
 
     #: the algorithm's name in errors
     algorithm_name = "group"
+    #: what the policy loss is a mean over: ``"token"`` or ``"sequence"`` (RLOO and GRPO take it as an argument;
+    #: P3O's loss is a mean over pairs of sequences)
+    loss_aggregation = "sequence"
     #: RLHFPPO arguments fixed here (no GAE, no value loss)
     fixed_arguments: ClassVar[frozenset[str]] = frozenset(
         {"gamma", "gae_lambda", "clip_range_vf", "vf_coef", "bootstrap_truncated"}
@@ -115,8 +118,7 @@ class GroupRolloutAlgorithm(RLHFPPO):
 
     # ------------------------------------------------------------------ update
     def _loss_normalizer(self, batch: SequenceBatch) -> float:
-        # a token mean (loss_aggregation="token"), else a mean over sequences (or P3O's pairs, two per group row pair)
-        if getattr(self, "loss_aggregation", "sequence") == "token":
+        if self.loss_aggregation == "token":
             return float(batch.response_mask.sum())
         return float(batch.response_mask.shape[0])
 

@@ -1,4 +1,4 @@
-"""Atomic writes: a crash mid-save never leaves a half-written model folder."""
+"""Atomic writes: a crash mid-save never leaves a half-written model folder or file."""
 
 from __future__ import annotations
 
@@ -32,3 +32,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file path beside ``path`` with the same extension; on success it replaces ``path`` by
+    rename, on error it is removed.
+
+    >>> with atomic_file("out/model.zip") as tmp:
+    ...     model.save(tmp)
+    """
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    name = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1], dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

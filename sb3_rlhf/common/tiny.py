@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     GPT2Config,
@@ -16,6 +17,14 @@ from transformers import (
 from sb3_rlhf.common.models import causal_lm_from_config
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+#: the vocabulary of the tiny demo, test and benchmark models
+TINY_WORDS = "the a cat dog sat ran on under mat log good bad happy sad big small and then it was".split()
+
+
+def tiny_prompts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 5) -> list[str]:
+    """``n`` prompts of ``min_words`` to ``max_words`` random :data:`TINY_WORDS`, seeded."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(TINY_WORDS, size=rng.integers(min_words, max_words + 1))) for _ in range(n)]
 
 
 def tiny_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import io
 import os
-import tempfile
 import time
 from typing import Any, ClassVar, TypeVar
 
@@ -33,6 +32,7 @@ from sb3_rlhf.common.distributed import (
     world_size,
 )
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.io import atomic_file
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.losses import ppo_losses
@@ -516,17 +516,8 @@ class RLHFPPO(PPO):
         previous file intact."""
         if isinstance(path, io.BufferedIOBase):
             return super().save(path, *args, **kwargs)
-        path = str(path) if str(path).endswith(".zip") else f"{path}.zip"
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".zip", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_file(str(path) if str(path).endswith(".zip") else f"{path}.zip") as tmp:
             super().save(tmp, *args, **kwargs)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(  # type: ignore[override]
