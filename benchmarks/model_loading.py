@@ -15,8 +15,8 @@ import tempfile
 import time
 
 import torch as th
-import transformers
 from transformers import AutoTokenizer
+from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf.common.models import CACHE_DIR_ENV, load_causal_lm, packaged_model_path
 
@@ -41,8 +41,8 @@ def main() -> int:
         "",
         "Command: `python benchmarks/model_loading.py`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 2 torch threads; torch {th.__version__}, "
-        f"transformers {transformers.__version__}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 2 torch threads.",
+        f"Versions: {versions_line()}.",
         "",
         "| step | seconds |",
         "|---|---|",

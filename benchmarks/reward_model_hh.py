@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 import torch as th
-import transformers
 from transformers import AutoTokenizer
+from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf.common.data import Demonstration, find_data_file, load_preference_pairs, train_test_split
 from sb3_rlhf.common.models import packaged_model_path
@@ -129,8 +129,8 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/reward_model_hh.py{' --quick' if args.quick else ''}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads; Python {platform.python_version()}, "
-        f"torch {th.__version__}, transformers {transformers.__version__}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads.",
+        f"Versions: {versions_line()}.",
         "",
         f"Data: {str(report).replace(os.path.dirname(report.source) + os.sep, '')}. Split by seed {args.seed}: {len(train)} train pairs, {len(test)} held out. "
         f"Texts are prompt + answer, cut from the left to {args.max_length} tokens.",

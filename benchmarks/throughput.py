@@ -31,12 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import stable_baselines3
 import torch as th
 import torch.nn.functional as F
-import transformers
 from stable_baselines3 import PPO
 from transformers import AutoTokenizer, GenerationConfig
+from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.models import causal_lm_from_config, load_causal_lm, packaged_model_path
@@ -283,9 +282,8 @@ def main() -> int:
         f"Command: `python benchmarks/throughput.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, {args.threads} "
-        f"torch threads; Python {platform.python_version()}, torch {th.__version__}, transformers "
-        f"{transformers.__version__}, stable-baselines3 {stable_baselines3.__version__}. Medians of {args.repeats} "
-        "repeats after a warm-up, every measurement in this one process.",
+        f"torch threads. Medians of {args.repeats} repeats after a warm-up, every measurement in this one process.",
+        f"Versions: {versions_line()}.",
         "",
     ]
 
