@@ -10,6 +10,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
 from sb3_rlhf.common.distributed import masked_whiten_over_ranks
+from sb3_rlhf.common.sequences import zero_padding
 
 
 class SequenceBatch(NamedTuple):
@@ -151,19 +152,22 @@ class SequenceRolloutBuffer(BaseBuffer):
         n, length = mask.shape
         lengths = mask.long().sum(-1)
         is_last = th.arange(length, device=mask.device).unsqueeze(0) == (lengths - 1).unsqueeze(-1)
-        values = self.values[:, :-1]
-        next_values = self.values[:, 1:].clone()
+        # Padding is selected away, never multiplied by 0 (inf·0 and NaN·0 are NaN): what a padded
+        # position holds never reaches a real one.
+        values = zero_padding(self.values[:, :-1], mask)
+        rewards = zero_padding(self.rewards, mask)
         bootstrap = (~self.terminated & self.bootstrap_truncated).unsqueeze(-1)
-        next_values = th.where(is_last & ~bootstrap, th.zeros_like(next_values), next_values)
+        # V(s_{t+1}) inside the response; after its last token only when bootstrapping
+        next_values = zero_padding(self.values[:, 1:], mask & (~is_last | bootstrap))
 
         advantages = th.zeros_like(values)
         last_gae = th.zeros(n, device=mask.device)
         for t in reversed(range(length)):
-            continues = (~is_last[:, t]).float()
-            delta = self.rewards[:, t] + self.gamma * next_values[:, t] - values[:, t]
-            last_gae = delta + self.gamma * self.gae_lambda * continues * last_gae
-            advantages[:, t] = last_gae * mask[:, t]
-        self.returns = (advantages + values) * mask
+            delta = rewards[:, t] + self.gamma * next_values[:, t] - values[:, t]
+            carried = th.where(is_last[:, t], th.zeros_like(last_gae), last_gae)  # nothing after the last token
+            last_gae = delta + self.gamma * self.gae_lambda * carried
+            advantages[:, t] = zero_padding(last_gae, mask[:, t])
+        self.returns = zero_padding(advantages + values, mask)
         self.advantages = masked_whiten_over_ranks(advantages, mask) if normalize_advantage else advantages
 
     def get(  # type: ignore[override]
@@ -262,13 +266,13 @@ class GroupRolloutBuffer(SequenceRolloutBuffer):
         if n % self.group_size:
             raise RuntimeError(f"{n} episodes do not split into groups of {self.group_size}")
         mask = self.response_mask
-        self.sequence_returns = (self.rewards * mask).sum(-1)
+        self.sequence_returns = zero_padding(self.rewards, mask).sum(-1)
         advantages = estimator(self.sequence_returns.view(-1, self.group_size)).reshape(n)
         if normalize_advantage:
             advantages = masked_whiten_over_ranks(advantages, th.ones_like(advantages, dtype=th.bool))
         self.sequence_advantages = advantages
-        self.advantages = advantages.unsqueeze(-1) * mask
-        self.returns = self.sequence_returns.unsqueeze(-1) * mask
+        self.advantages = zero_padding(advantages.unsqueeze(-1).expand_as(mask), mask)
+        self.returns = zero_padding(self.sequence_returns.unsqueeze(-1).expand_as(mask), mask)
 
     def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
         raise RuntimeError("GroupRolloutBuffer computes advantages from groups: call compute_group_advantages()")

@@ -66,6 +66,7 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     stage = RewardModelTrainingSection(
         data=args.data,
         backbone=args.model,
+        backbone_revision=args.revision,
         source="labels" if args.data.lower().endswith((".csv", ".csv.gz")) else "pairs",
         prompt_key=args.prompt_key,
         chosen_key=args.chosen_key,
@@ -126,7 +127,7 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
     demos, report = load_demonstrations(args.data, args.prompt_key, args.response_key)
     train, test = train_test_split(demos, args.test_size, seed=args.seed)
     trainer = SFTTrainer(
-        resolve_model_path(args.model),
+        resolve_model_path(args.model, args.revision),
         None,
         train,
         test,
@@ -156,7 +157,7 @@ def train_dpo(args: argparse.Namespace) -> dict[str, float]:
     pairs, report = load_preference_pairs(args.data, args.chosen_key, args.rejected_key, args.prompt_key)
     train, test = train_test_split(pairs, args.test_size, seed=args.seed)
     trainer = DPOTrainer(
-        resolve_model_path(args.model),
+        resolve_model_path(args.model, args.revision),
         None,
         train,
         test,
@@ -201,6 +202,12 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
 
     task = load_task(args.task, _with_algorithm(args))
     out = args.out or os.path.join("runs", task.name)
+    if args.dry_run:
+        from sb3_rlhf.tasks.plan import describe_output, format_plan, plan_task
+
+        print(format_plan(plan_task(task)))
+        print(describe_output(out))
+        return {}
     results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
     if not is_main_process():
         return results
@@ -225,12 +232,11 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, object]:
 def run_generate(args: argparse.Namespace) -> list[str]:
     """``sb3-rlhf generate``: responses of an exported policy."""
     import torch as th
-    from transformers import AutoTokenizer
 
-    from sb3_rlhf.common.models import load_causal_lm, resolve_model_path
+    from sb3_rlhf.common.models import load_causal_lm, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(args.model)
-    model, tokenizer = load_causal_lm(path), AutoTokenizer.from_pretrained(path, local_files_only=True)
+    path = resolve_model_path(args.model, args.revision)
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
     th.manual_seed(args.seed)
     answers = []
     for prompt in args.prompt:
@@ -258,7 +264,10 @@ def _common_training_args(
     parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int
 ) -> None:
     parser.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz file (or .csv for labelled texts)")
-    parser.add_argument("--model", required=True, help="a local model folder, or a packaged model name")
+    parser.add_argument(
+        "--model", required=True, help="a local model folder, a packaged model name or a Hugging Face hub id"
+    )
+    parser.add_argument("--revision", help="branch, tag or commit of a hub id (default: main)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--test-size", type=_test_size, default=0.1, help="held-out share (<1) or count")
     parser.add_argument("--epochs", type=int, default=1)
@@ -330,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument(
         "--nproc", type=int, default=1, help="train in this many processes on this machine (torchrun; one per GPU)"
     )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve every model and data file, print the plan (models, data sizes, budget) and exit without training",
+    )
     train.add_argument("--no-progress-bar", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="re-run the trained-versus-initial report of a finished run")
@@ -339,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     generate = sub.add_parser("generate", help="sample from a trained (exported) policy")
-    generate.add_argument("--model", required=True, help="an exported policy folder (or any causal LM folder)")
+    generate.add_argument(
+        "--model", required=True, help="an exported policy folder, or any causal LM: folder, packaged name or hub id"
+    )
+    generate.add_argument("--revision", help="branch, tag or commit of a hub id (default: main)")
     generate.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=1.0)
@@ -347,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
     generate.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if getattr(args, "nproc", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if getattr(args, "nproc", 1) > 1 and not args.dry_run and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return launch_processes(args.nproc, list(sys.argv[1:] if argv is None else argv))
     try:
         _run(args)

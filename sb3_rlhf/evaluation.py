@@ -10,6 +10,7 @@ import torch as th
 
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.sequences import zero_padding
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import RewardWrapper, SequenceRewardWrapper
@@ -64,7 +65,7 @@ def evaluate_policy(
             policy.temperature,
             policy.n_actions,
         )
-        kls += ((batch.logprobs - ref) * batch.response_mask).sum(-1).tolist()
+        kls += zero_padding(batch.logprobs - ref, batch.response_mask).sum(-1).tolist()
         scores += score.tolist()
         lengths += batch.lengths.tolist()
         eos += batch.terminated.tolist()

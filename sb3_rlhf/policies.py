@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch as th
@@ -40,6 +41,73 @@ class _SuppressTokensFrom(LogitsProcessor):
         return scores
 
 
+def truncate_logits(logits: th.Tensor, top_k: int = 0, top_p: float = 1.0, keep: th.Tensor | None = None) -> th.Tensor:
+    """Top-k, then top-p (nucleus) truncation: the logits of the tokens outside get -inf, so that a softmax
+    renormalises over the rest. The same function shapes the distribution ``generate()`` samples from and the
+    teacher-forced log-probs, so both are the one truncated policy.
+
+    :param logits: ``(..., vocab)`` float32, temperature-scaled.
+    :param top_k: keep the ``top_k`` largest logits (ties with the k-th included); 0 keeps all.
+    :param top_p: then keep the smallest set of most probable tokens whose probability reaches ``top_p``; 1 keeps all.
+    :param keep: ``(...)`` int64 token ids that stay in whatever their rank: the tokens actually sampled. Float noise
+        between the KV-cached forward of ``generate()`` and a teacher-forced forward (or a PPO update) can move a
+        token from the edge of the nucleus to just outside, and its log-prob must stay finite (else the PPO ratio
+        and the KL reward are NaN or infinite).
+    :return: ``(..., vocab)`` float32 logits, -inf outside the kept set.
+    """
+    if top_k == 0 and top_p >= 1.0:
+        return logits
+    with th.no_grad():  # the choice of the set is not differentiated; the kept logits are
+        drop = th.zeros_like(logits, dtype=th.bool)
+        if 0 < top_k < logits.shape[-1]:
+            drop |= logits < logits.topk(top_k, dim=-1).values[..., -1:]
+        if top_p < 1.0:
+            # stable sort: tied tokens are ranked by id, the same way in every pass
+            sorted_logits, order = logits.masked_fill(drop, -float("inf")).sort(dim=-1, descending=True, stable=True)
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above; 0 for the first
+            drop |= th.empty_like(drop).scatter_(-1, order, mass_before >= top_p)
+        if keep is not None:
+            drop.scatter_(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def _entropy_of_truncated(logits: th.Tensor) -> th.Tensor:
+    """H = -sum_a p(a) log p(a) over the kept tokens of :func:`truncate_logits`' output: ``(..., vocab) -> (...)``.
+    Written out because p·z of an excluded token is 0·(-inf) = NaN in the usual logsumexp form."""
+    log_probs = th.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs.masked_fill(th.isinf(logits), 0.0)).sum(-1)
+
+
+class _PolicyLogits(LogitsProcessor):
+    """Turn the actor's raw next-token scores into the policy's logits inside ``generate()``: divide by the
+    temperature, then :func:`truncate_logits`, on the first ``n_actions`` ids (the rest are suppressed by
+    :class:`_SuppressTokensFrom`). Exactly what the teacher-forced pass computes, so sampling is from π."""
+
+    def __init__(self, n_actions: int, temperature: float, top_k: int, top_p: float) -> None:
+        self.n_actions, self.temperature, self.top_k, self.top_p = n_actions, temperature, top_k, top_p
+
+    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
+        actions = scores[:, : self.n_actions].float() / self.temperature
+        scores[:, : self.n_actions] = truncate_logits(actions, self.top_k, self.top_p)
+        return scores
+
+
+@contextlib.contextmanager
+def _generation_defaults(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the model's ``generation_config`` for one ``generate()`` call. transformers fills every
+    option a call leaves unset (None) from ``model.generation_config`` (the checkpoint's generation_config.json),
+    and options whose only neutral value is None (``forced_bos_token_id``, ``bad_words_ids``, ``sequence_bias``,
+    ``watermarking_config``, ``max_time``, ...) cannot be neutralised in the call's own config. peft's
+    ``generate`` assigns this attribute the same way."""
+    checkpoint_config = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = checkpoint_config
+
+
 class _AdapterDisabled(th.nn.Module):
     """The LoRA actor with its adapter switched off, i.e. the frozen base model: the KL reference under LoRA,
     without a second copy of the weights. It holds the actor without registering it, so it owns no parameters."""
@@ -66,17 +134,32 @@ class TransformerActorCriticPolicy(BasePolicy):
     from it, log-probs and entropies are computed from it, and :class:`sb3_rlhf.RLHFPPO` generates with it.
     The critic is a linear value head on the actor's last hidden state (``value_head="shared"``, one forward
     gives both) or on a separate copy of the backbone (``value_head="separate"``). Pretrained weights are
-    used as loaded: no orthogonal initialisation. Dropout is switched off so that π/π_old is exactly 1 on the
-    first PPO step. Models are named by path (or config), never pickled into the SB3 zip.
+    used as loaded: no orthogonal initialisation. Dropout is switched off (LoRA's too) so that π/π_old is
+    exactly 1 on the first PPO step. Models are named by path (or config), never pickled into the SB3 zip.
+
+    Sampling is exactly the policy: ``generate()`` runs with a complete generation config of the policy's own,
+    in which every option that changes the next-token distribution or a response's length is neutral, so a
+    checkpoint's ``generation_config.json`` (``repetition_penalty``, ``min_new_tokens``, ``suppress_tokens``,
+    ``top_k``, ...), which the log-probs would never see, does not apply. ``top_k``/``top_p`` truncate the
+    distribution identically in ``generate()``, in the teacher-forced log-probs, the per-step SB3 methods and the
+    entropy (:func:`truncate_logits`). The KL reference stays the reference model's untruncated distribution at
+    the same temperature (its support covers every token the policy can sample, so the KL stays finite).
 
     :param observation_space: the :class:`~sb3_rlhf.TokenGenerationEnv` observation space.
     :param action_space: ``Discrete(len(tokenizer))``.
     :param lr_schedule: learning-rate schedule (from the algorithm).
-    :param model_name_or_path: local folder of a causal LM (``save_pretrained`` layout).
+    :param model_name_or_path: a causal LM: a local folder (``save_pretrained`` layout), a packaged model name or
+        a hub id (``"org/name"``, resolved through the Hugging Face cache; see
+        :func:`~sb3_rlhf.common.models.resolve_model_path`). The SB3 zip records the name, not the weights.
+    :param revision: branch, tag or commit of a hub id (recorded in the zip, so ``load`` gets the same weights).
     :param model_config: instead of a path, a config (``PretrainedConfig.to_dict()``) for a randomly initialised model.
     :param value_head: ``"shared"`` (head on the actor's backbone) or ``"separate"`` (its own backbone).
     :param critic_model_name_or_path: backbone for a separate critic; defaults to the actor's weights.
     :param temperature: sampling temperature; log-probs are computed at the same temperature.
+    :param top_k: sample only from the ``top_k`` most probable tokens (0, the default: all); the policy's
+        log-probs and entropy are those of the truncated, renormalised distribution.
+    :param top_p: nucleus sampling: only the smallest set of most probable tokens (after ``top_k``) whose
+        probability reaches ``top_p`` (1.0, the default: all); applied in the log-probs like ``top_k``.
     :param dtype: backbone dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); the value head stays float32.
     :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
     :param gradient_checkpointing: trade compute for memory in the update.
@@ -96,9 +179,12 @@ class TransformerActorCriticPolicy(BasePolicy):
         lr_schedule: Schedule,
         model_name_or_path: str | None = None,
         model_config: PretrainedConfig | dict[str, Any] | None = None,
+        revision: str | None = None,
         value_head: str = "shared",
         critic_model_name_or_path: str | None = None,
         temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         dtype: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
@@ -127,11 +213,18 @@ class TransformerActorCriticPolicy(BasePolicy):
             raise ValueError(f"value_head must be 'shared' or 'separate', got {value_head!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a probability in (0, 1] (1.0 keeps every token), got {top_p!r}")
         self.model_name_or_path = model_name_or_path
+        self.revision = revision
         self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
         self.value_head_kind = value_head
         self.critic_model_name_or_path = critic_model_name_or_path
         self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.gradient_checkpointing = gradient_checkpointing
@@ -139,7 +232,9 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.n_actions = int(action_space.n)
 
         if model_name_or_path is not None:
-            self.actor = load_causal_lm(model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.actor = load_causal_lm(
+                model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+            )
         else:
             self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
         check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")
@@ -150,18 +245,19 @@ class TransformerActorCriticPolicy(BasePolicy):
                 None if (critic_model_name_or_path or model_name_or_path) else self.model_config,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
+                revision=None if critic_model_name_or_path else revision,
             )
+        for model in (self.actor, self.critic):
+            if model is not None and gradient_checkpointing:
+                # transformers 5 renamed it; the old name still works with a deprecation warning
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable()
+        if lora is not None:
+            self.actor = with_lora(self.actor, lora)
+        # after LoRA: peft adds an nn.Dropout per adapted layer when lora_dropout > 0
         for model in (self.actor, self.critic):
             if model is not None:
                 disable_dropout(model)
-                if gradient_checkpointing:
-                    # transformers 5 renamed it; the old name still works with a deprecation warning
-                    enable = (
-                        getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-                    )
-                    enable()
-        if lora is not None:
-            self.actor = with_lora(self.actor, lora)
         hidden_size = (self.critic or self.actor).get_input_embeddings().embedding_dim
         self.value_head = th.nn.Linear(hidden_size, 1)
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -172,9 +268,12 @@ class TransformerActorCriticPolicy(BasePolicy):
         data.update(
             model_name_or_path=self.model_name_or_path,
             model_config=self.model_config,
+            revision=self.revision,
             value_head=self.value_head_kind,
             critic_model_name_or_path=self.critic_model_name_or_path,
             temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
             gradient_checkpointing=self.gradient_checkpointing,
@@ -194,11 +293,16 @@ class TransformerActorCriticPolicy(BasePolicy):
         return out.last_hidden_state[:, -n_positions:]
 
     # ------------------------------------------------------------------ per-step SB3 API (one forward per token)
-    def _step_outputs(self, obs: PyTorchObs, with_values: bool) -> tuple[th.Tensor, th.Tensor | None]:
+    def _step_outputs(
+        self, obs: PyTorchObs, with_values: bool, actions: th.Tensor | None = None
+    ) -> tuple[th.Tensor, th.Tensor | None]:
+        """The policy's logits ``(batch, n_actions)`` float32 (temperature, then top-k/top-p, keeping ``actions``
+        (batch,) if given, see :func:`truncate_logits`) and, ``with_values``, the values ``(batch,)``."""
         input_ids, attention_mask = _obs_tensors(obs, self.n_actions)
         shared = with_values and self.critic is None
         logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
         logits = logits[:, -1, : self.n_actions].float() / self.temperature
+        logits = truncate_logits(logits, self.top_k, self.top_p, keep=actions)
         values = None
         if with_values:
             hidden = hidden if shared else self._critic_hidden(input_ids, attention_mask, 1)
@@ -221,18 +325,19 @@ class TransformerActorCriticPolicy(BasePolicy):
 
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` for SB3's PPO."""
-        logits, values = self._step_outputs(obs, with_values=True)
-        distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
         actions = actions.reshape(-1).long()
+        logits, values = self._step_outputs(obs, with_values=True, actions=actions)
+        distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
         return values.unsqueeze(-1), distribution.log_prob(actions), distribution.entropy()
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         return self._step_outputs(obs, with_values=True)[1].unsqueeze(-1)
 
     def action_log_prob(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
-        """log π(action | obs) at the policy temperature: ``(batch,)`` float32."""
-        logits, _ = self._step_outputs(obs, with_values=False)
-        return logprobs_of_tokens(logits, actions.reshape(-1).long())
+        """log π(action | obs) at the policy temperature (and top-k/top-p): ``(batch,)`` float32."""
+        actions = actions.reshape(-1).long()
+        logits, _ = self._step_outputs(obs, with_values=False, actions=actions)
+        return logprobs_of_tokens(logits, actions)
 
     # ------------------------------------------------------------------ batched fast path
     @th.no_grad()
@@ -244,33 +349,86 @@ class TransformerActorCriticPolicy(BasePolicy):
         stop_token_ids: tuple[int, ...],
         pad_token_id: int,
         deterministic: bool = False,
-    ) -> th.Tensor:
-        """Sample responses for left-padded prompts with one ``generate()`` call (KV cache).
+        output_scores: bool = False,
+    ) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
+        """Sample responses for left-padded prompts with one ``generate()`` call (KV cache), from exactly the
+        policy's distribution: see :meth:`generation_config`; temperature, top-k/top-p and the vocabulary beyond
+        the tokenizer are applied by the policy's own logits processors, the same computation as the log-probs.
 
         :param input_ids: ``(batch, P)`` int64 left-padded prompts.
         :param attention_mask: ``(batch, P)`` int64.
-        :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop token.
+        :param deterministic: greedy decoding (the most probable token) instead of sampling.
+        :param output_scores: also return the logits each token was drawn from.
+        :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop
+            token; with ``output_scores`` also ``(batch, T, n_actions)`` float32 policy logits (``log_softmax`` of
+            them at the drawn token is its log-prob; -inf outside top-k/top-p).
         """
-        config = GenerationConfig(
-            do_sample=not deterministic,
-            temperature=self.temperature if not deterministic else None,
-            top_k=0 if not deterministic else None,
-            top_p=1.0 if not deterministic else None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_token_ids),
-            pad_token_id=pad_token_id,
-            use_cache=True,
-        )
+        config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores)
         processors = LogitsProcessorList()
         if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
             processors.append(_SuppressTokensFrom(self.n_actions))
+        processors.append(_PolicyLogits(self.n_actions, self.temperature, self.top_k, self.top_p))
+        model = self.actor.get_base_model() if self.lora is not None else self.actor  # peft generates with it
         was_training = self.actor.training
         self.actor.eval()
-        sequences = self.actor.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, logits_processor=processors
+        try:
+            with _generation_defaults(model, config):
+                out = self.actor.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=processors,
+                )
+        finally:
+            self.actor.train(was_training)
+        if not output_scores:
+            return out[:, input_ids.shape[1] :]
+        return out.sequences[:, input_ids.shape[1] :], th.stack(out.scores, dim=1)[:, :, : self.n_actions]
+
+    def generation_config(
+        self,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        deterministic: bool = False,
+        output_scores: bool = False,
+    ) -> GenerationConfig:
+        """The complete ``GenerationConfig`` of :meth:`generate`. Every transformers option that changes the
+        next-token scores or a response's length is set to its neutral value, so that nothing of a checkpoint's
+        ``generation_config.json`` applies (transformers fills each option a config leaves unset from it, and
+        :meth:`generate` also makes this config the model's default for the call, for the options whose only
+        neutral value is None). Temperature, top-k and top-p are the policy's processor's job, not these fields.
+
+        :param max_new_tokens: the longest response.
+        :param stop_token_ids: the tokens that end a response (EOS and the env's stop tokens).
+        :param pad_token_id: what follows a stop token in a finished response.
+        :param deterministic: greedy decoding instead of sampling.
+        :param output_scores: make ``generate()`` return the processed scores too.
+        """
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,  # takes precedence over min_length
+            eos_token_id=list(stop_token_ids),
+            pad_token_id=pad_token_id,
+            do_sample=not deterministic,
+            num_beams=1,
+            num_return_sequences=1,
+            use_cache=True,
+            temperature=1.0,
+            top_k=None if deterministic else 0,  # a sampling-only flag: transformers warns about it under greedy
+            top_p=1.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            encoder_no_repeat_ngram_size=0,
+            remove_invalid_values=False,
+            renormalize_logits=False,
+            output_scores=output_scores,
+            return_dict_in_generate=output_scores,
         )
-        self.actor.train(was_training)
-        return sequences[:, input_ids.shape[1] :]
 
     def evaluate_sequences(
         self,
@@ -297,11 +455,15 @@ class TransformerActorCriticPolicy(BasePolicy):
         )
         if not shared:
             hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
-        logprobs = logprobs_of_tokens(logits, input_ids[:, -response_length:])
+        tokens = input_ids[:, -response_length:]
+        truncated = self.top_k > 0 or self.top_p < 1.0
+        # π(a_t | s_t) = softmax(z_t / τ) renormalised over top-k/top-p (the response token always kept)
+        logits = truncate_logits(logits, self.top_k, self.top_p, keep=tokens)
+        logprobs = logprobs_of_tokens(logits, tokens)
         entropy = None
         if with_entropy:
             with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
-                entropy = entropy_from_logits(logits)
+                entropy = _entropy_of_truncated(logits) if truncated else entropy_from_logits(logits)
         return logprobs, self._values_from_hidden(hidden), entropy
 
     @th.no_grad()
@@ -332,7 +494,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             return _AdapterDisabled(self.actor)
         if self.model_name_or_path is not None:
             reference = load_causal_lm(
-                self.model_name_or_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+                self.model_name_or_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code, revision=self.revision
             )
             return freeze(reference).to(self.device)
         return freeze(copy.deepcopy(self.actor))

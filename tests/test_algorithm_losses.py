@@ -119,3 +119,65 @@ def test_dpo_sigmoid_and_ipo_losses_hand_computed():
             dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="hinge2")
+
+
+def _padded_batch(garbage: bool):
+    """Two responses of 2 and 3 tokens in width 4; with ``garbage``, padded positions hold extreme log-ratios
+    (log π − log π_old = 1e4 and log π_ref − log π = 2e4: exp overflows to inf) and NaN advantages, as nothing
+    guarantees what padding holds."""
+    mask = th.tensor([[True, True, False, False], [True, True, True, False]])
+    logprobs = th.tensor([[-1.0, -0.5, 0.0, 0.0], [-2.0, -0.3, -0.7, 0.0]])
+    old = th.tensor([[-1.1, -0.4, 0.0, 0.0], [-1.9, -0.3, -0.9, 0.0]])
+    ref = th.tensor([[-0.8, -0.6, 0.0, 0.0], [-2.2, -0.1, -0.7, 0.0]])
+    advantages = th.tensor([[1.0], [-0.5]]) * mask
+    if garbage:
+        logprobs = th.where(mask, logprobs, th.tensor(-1e4))
+        old = th.where(mask, old, th.tensor(-2e4))
+        ref = th.where(mask, ref, th.tensor(1e4))
+        advantages = th.where(mask, advantages, th.tensor(math.nan))
+    return logprobs.requires_grad_(), old, ref, advantages, mask
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k2"])
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_grpo_loss_and_gradient_ignore_extreme_log_ratios_at_padding(estimator, aggregation):
+    results = []
+    for garbage in (False, True):
+        logprobs, old, ref, advantages, mask = _padded_batch(garbage)
+        losses = grpo_losses(logprobs, old, ref, advantages, mask, 0.2, 0.1, estimator, aggregation)
+        (grad,) = th.autograd.grad(losses.loss, logprobs)
+        results.append((losses, grad))
+    (clean, clean_grad), (dirty, dirty_grad) = results
+    assert th.isfinite(dirty.loss) and th.isfinite(dirty.kl_loss) and th.isfinite(dirty_grad).all()
+    th.testing.assert_close(dirty.loss, clean.loss)
+    th.testing.assert_close(dirty.kl_loss, clean.kl_loss)
+    assert dirty.approx_kl == pytest.approx(clean.approx_kl) and dirty.clip_fraction == clean.clip_fraction
+    th.testing.assert_close(dirty_grad, clean_grad)
+    assert clean.kl_loss.item() > 0 and clean_grad.abs().sum() > 0  # the comparison is not 0 == 0
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "p3o"])
+def test_rloo_and_p3o_policy_losses_ignore_garbage_at_padding(algorithm):
+    from types import SimpleNamespace
+
+    from sb3_rlhf.buffers import SequenceBatch
+    from sb3_rlhf.p3o import P3O
+    from sb3_rlhf.rloo import RLOO
+
+    # policy_loss reads only these settings from the algorithm
+    settings = SimpleNamespace(ent_coef=0.01, loss_aggregation="token", weight_clip=2.0, clipping="separate")
+    policy_loss = RLOO.policy_loss if algorithm == "rloo" else P3O.policy_loss
+    results = []
+    for garbage in (False, True):
+        logprobs, old, _, advantages, mask = _padded_batch(garbage)
+        entropy = th.where(mask, th.full((2, 4), 0.7), th.tensor(math.nan if garbage else 0.0))
+        batch = SequenceBatch(th.zeros(2, 4), th.ones(2, 4), mask, old, th.zeros(2, 4), advantages, th.zeros(2, 4))
+        loss, stats = policy_loss(settings, batch, logprobs, entropy, 0.2)
+        (grad,) = th.autograd.grad(loss, logprobs)
+        results.append((loss, stats, grad))
+    (clean, clean_stats, clean_grad), (dirty, dirty_stats, dirty_grad) = results
+    assert th.isfinite(dirty) and th.isfinite(dirty_grad).all()
+    th.testing.assert_close(dirty, clean)
+    th.testing.assert_close(dirty_grad, clean_grad)
+    assert dirty_stats == pytest.approx(clean_stats)
+    assert clean_grad.abs().sum() > 0

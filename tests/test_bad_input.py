@@ -241,7 +241,7 @@ def test_bad_input_gets_a_clear_error_from_this_library(name, tokenizer, model_p
         (["train", TINY_TASK, "--resume", "--out", "{tmp}/fresh"], "no checkpoint in"),
         (["train", TINY_TASK, "--algorithm", "dpo", "--resume", "--out", "{tmp}/fresh"], "continues an online run"),
         (["evaluate", TINY_TASK, "--out", "{tmp}/never_trained"], "run `sb3-rlhf train`"),
-        (["generate", "--model", "{tmp}/no_model", "--prompt", "hi"], "neither a local folder nor a packaged model"),
+        (["generate", "--model", "{tmp}/no_model", "--prompt", "hi"], "does not exist as a local folder and is not a packaged model"),
         (
             ["reward-model", "--data", "{tmp}/none.jsonl", "--model", "all-MiniLM-L6-v2", "--out", "{tmp}/rm"],
             "not found",

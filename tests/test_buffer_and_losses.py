@@ -9,7 +9,8 @@ from sb3_rlhf.common.sequences import masked_mean, masked_whiten, response_mask_
 from sb3_rlhf.ppo.losses import ppo_losses
 
 
-def filled_buffer(bootstrap_truncated: bool) -> SequenceRolloutBuffer:
+def filled_buffer(bootstrap_truncated: bool, garbage: float | None = None) -> SequenceRolloutBuffer:
+    """Two episodes; with ``garbage``, episode B comes padded to width 3 with that value where it has no token."""
     space = spaces.Dict({"input_ids": spaces.Box(0, 9, (4,), dtype=int)})
     buffer = SequenceRolloutBuffer(
         2, space, spaces.Discrete(10), device="cpu", gamma=0.9, gae_lambda=0.8, bootstrap_truncated=bootstrap_truncated
@@ -26,14 +27,15 @@ def filled_buffer(bootstrap_truncated: bool) -> SequenceRolloutBuffer:
         terminated=th.tensor([True]),
     )
     # episode B, another chunk with other widths: prompt of 1, 2 response tokens, cut off (truncated)
+    pad = [] if garbage is None else [garbage]
     buffer.add(
         prompt_ids=th.tensor([[4]]),
         prompt_mask=th.tensor([[1]]),
-        response_ids=th.tensor([[3, 3]]),
-        response_mask=th.tensor([[True, True]]),
-        logprobs=th.tensor([[-2.0, -2.0]]),
-        values=th.tensor([[0.1, 0.2, 0.4]]),
-        rewards=th.tensor([[0.5, -0.2]]),
+        response_ids=th.tensor([[3, 3] + [0] * len(pad)]),
+        response_mask=th.tensor([[True, True] + [False] * len(pad)]),
+        logprobs=th.tensor([[-2.0, -2.0] + pad]),
+        values=th.tensor([[0.1, 0.2, 0.4] + pad]),  # V(s_2) = 0.4 is real: the bootstrap value
+        rewards=th.tensor([[0.5, -0.2] + pad]),
         terminated=th.tensor([False]),
     )
     return buffer
@@ -194,3 +196,83 @@ def test_ppo_loss_against_hand_computed_example():
         logprobs, old_logprobs, advantages, values, old_values, returns, entropy, mask, 0.2, None, 0.0, 1.0
     )
     assert unclipped.value_loss.item() == pytest.approx(0.5 * (1.0 + 0.0) / 2)
+
+
+def test_ppo_losses_and_gradients_ignore_extreme_and_nan_values_at_padding():
+    mask = th.tensor([[True, True, False, False], [True, True, True, False]])
+    g = th.Generator().manual_seed(0)
+    clean = {name: th.randn(2, 4, generator=g) * mask for name in ("old_logprobs", "advantages", "values", "returns")}
+    clean["old_values"] = clean["values"] + 0.3 * mask
+    clean["entropy"] = th.rand(2, 4, generator=g) * mask
+    clean_logprobs = -th.rand(2, 4, generator=g) * mask
+    dirty = {name: th.where(mask, value, th.tensor(math.nan)) for name, value in clean.items()}
+    # log-ratios of ±2e4 at padding: exp overflows to inf there (and to 0), as stale garbage in a padded row can
+    dirty["old_logprobs"] = th.where(mask, clean["old_logprobs"], th.tensor([[-1e4, 1e4], [-1e4, 1e4]]).repeat(1, 2))
+    dirty_logprobs = th.where(mask, clean_logprobs, th.tensor([[1e4, -1e4], [1e4, -1e4]]).repeat(1, 2))
+
+    results = []
+    for logprobs, tensors in ((clean_logprobs, clean), (dirty_logprobs, dirty)):
+        logprobs = logprobs.clone().requires_grad_()
+        values = tensors["values"].clone().requires_grad_()
+        losses = ppo_losses(
+            logprobs,
+            tensors["old_logprobs"],
+            tensors["advantages"],
+            values,
+            tensors["old_values"],
+            tensors["returns"],
+            tensors["entropy"],
+            mask,
+            clip_range=0.2,
+            clip_range_vf=0.2,
+            ent_coef=0.01,
+            vf_coef=0.5,
+        )
+        losses.loss.backward()
+        results.append((losses, logprobs.grad, values.grad))
+    (clean_losses, clean_lp_grad, clean_v_grad), (dirty_losses, dirty_lp_grad, dirty_v_grad) = results
+    for field in ("loss", "pg_loss", "value_loss", "entropy_loss"):
+        assert th.isfinite(getattr(dirty_losses, field)), field
+        th.testing.assert_close(getattr(dirty_losses, field), getattr(clean_losses, field))
+    assert dirty_losses.approx_kl == pytest.approx(clean_losses.approx_kl)
+    assert dirty_losses.clip_fraction == pytest.approx(clean_losses.clip_fraction)
+    assert th.isfinite(dirty_lp_grad).all() and th.isfinite(dirty_v_grad).all()
+    th.testing.assert_close(dirty_lp_grad, clean_lp_grad)
+    th.testing.assert_close(dirty_v_grad, clean_v_grad)
+    assert th.equal(dirty_lp_grad[~mask], th.zeros(3))
+
+
+@pytest.mark.parametrize("bootstrap_truncated", [False, True])
+@pytest.mark.parametrize("garbage", [math.nan, math.inf, -1e30])
+def test_gae_ignores_nan_and_inf_at_padded_positions(bootstrap_truncated, garbage):
+    clean = filled_buffer(bootstrap_truncated)
+    clean.compute_returns_and_advantage(normalize_advantage=True)
+    dirty = filled_buffer(bootstrap_truncated, garbage=garbage)
+    dirty.compute_returns_and_advantage(normalize_advantage=True)
+    assert th.isfinite(dirty.advantages).all() and th.isfinite(dirty.returns).all()
+    th.testing.assert_close(dirty.advantages, clean.advantages)
+    th.testing.assert_close(dirty.returns, clean.returns)
+
+
+def test_group_buffer_ignores_nan_rewards_at_padded_positions():
+    space = spaces.Dict({"input_ids": spaces.Box(0, 9, (4,), dtype=int)})
+    buffers = []
+    for pad in (0.0, math.nan):
+        buffer = GroupRolloutBuffer(2, space, spaces.Discrete(10), device="cpu", group_size=2)
+        buffer.add(
+            prompt_ids=th.tensor([[5], [5]]),
+            prompt_mask=th.ones(2, 1, dtype=th.long),
+            response_ids=th.tensor([[7, 1], [8, 0]]),
+            response_mask=th.tensor([[True, True], [True, False]]),
+            logprobs=th.tensor([[-1.0, -1.0], [-1.0, pad]]),
+            values=th.zeros(2, 3),
+            rewards=th.tensor([[0.0, 1.0], [0.25, pad]]),
+            terminated=th.tensor([True, False]),
+        )
+        buffer.compute_group_advantages(lambda r: r - r.mean(-1, keepdim=True), normalize_advantage=True)
+        buffers.append(buffer)
+    clean, dirty = buffers
+    assert dirty.sequence_returns.tolist() == [1.0, 0.25]
+    th.testing.assert_close(dirty.advantages, clean.advantages)
+    th.testing.assert_close(dirty.returns, clean.returns)
+    assert dirty.advantages[1, 1].item() == 0.0

@@ -135,7 +135,7 @@ def test_cli_errors(tmp_path, model_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 4)
     assert main(["sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)]) == 2
-    assert "neither a local folder nor a packaged model" in capsys.readouterr().err
+    assert "does not exist as a local folder and is not a packaged model" in capsys.readouterr().err
     # --traceback gives the exception itself, for debugging
-    with pytest.raises(FileNotFoundError, match="neither a local folder nor a packaged model"):
+    with pytest.raises(FileNotFoundError, match="does not exist as a local folder and is not a packaged model"):
         main(["--traceback", "sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)])

@@ -1,20 +1,28 @@
+import fnmatch
 import gzip
 import json
 import os
+import tomllib
 
 import pytest
 
+import sb3_rlhf
 from sb3_rlhf.common.data import (
     DATA_DIR_ENV,
+    PACKAGE_DATA_DIR,
     Demonstration,
     PreferencePair,
     find_data_file,
+    hh_to_messages,
     load_demonstrations,
     load_labelled_texts,
     load_preference_pairs,
+    load_prompt_texts,
+    messages_to_hh,
     pairs_from_labels,
     pairs_from_ranking,
     pairs_from_ratings,
+    prompt_messages,
     split_hh_transcript,
     train_test_split,
 )
@@ -149,15 +157,36 @@ def test_find_data_file(tmp_path, monkeypatch):
     assert find_data_file("x.csv") == os.path.normpath(str(tmp_path / "x.csv"))
     with pytest.raises(FileNotFoundError, match="SB3_RLHF_DATA_DIR"):
         find_data_file("nope.csv")
+    # the shipped data comes after $SB3_RLHF_DATA_DIR, which may hold other copies of it
+    assert find_data_file("imdb_subset.csv") == os.path.join(PACKAGE_DATA_DIR, "imdb_subset.csv")
+    (tmp_path / "imdb_subset.csv").write_text("review,sentiment\n")
+    assert find_data_file("imdb_subset.csv") == os.path.normpath(str(tmp_path / "imdb_subset.csv"))
 
 
-@pytest.mark.real_model
-def test_real_hh_and_imdb_files_load():
-    try:
-        hh = find_data_file("hh_harmless_base_test.jsonl.gz")
-        imdb = find_data_file("imdb_subset.csv")
-    except FileNotFoundError:
-        pytest.skip("the shared data files are not on this machine")
+def test_shipped_data_is_package_data_with_its_provenance():
+    assert os.path.dirname(PACKAGE_DATA_DIR) == os.path.dirname(os.path.abspath(sb3_rlhf.__file__))
+    readme = open(os.path.join(PACKAGE_DATA_DIR, "README.md"), encoding="utf-8").read()
+    for needed in (
+        "imdb_subset.csv",
+        "hh_harmless_base_test.jsonl.gz",
+        "Maas",
+        "stanfordnlp/imdb",
+        "Anthropic/hh-rlhf",
+    ):
+        assert needed in readme
+    assert "MIT" in readme and "offensive" in readme
+    with open(os.path.join(os.path.dirname(PACKAGE_DATA_DIR), "..", "pyproject.toml"), "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["sb3_rlhf"]
+    shipped = [f for f in os.listdir(PACKAGE_DATA_DIR) if not f.startswith(".")]
+    assert sorted(shipped) == ["README.md", "hh_harmless_base_test.jsonl.gz", "imdb_subset.csv"]
+    assert all(any(fnmatch.fnmatch(f"data/{f}", pattern) for pattern in package_data) for f in shipped)
+
+
+def test_real_hh_and_imdb_files_load(monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    hh = find_data_file("hh_harmless_base_test.jsonl.gz")
+    imdb = find_data_file("imdb_subset.csv")
+    assert os.path.dirname(hh) == os.path.dirname(imdb) == PACKAGE_DATA_DIR  # shipped, not ../shared/data
     pairs, report = load_preference_pairs(hh)
     assert report.loaded + sum(report.skipped.values()) == 2312
     assert all(p.prompt.endswith("\n\nAssistant:") and p.chosen != p.rejected for p in pairs)
@@ -173,3 +202,67 @@ def test_hugging_face_datasets_objects():
     assert pairs[1] == PreferencePair(HH, " sure", " never") and report.source == "Dataset"
     demos, _ = load_demonstrations(datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]}))
     assert demos == [Demonstration("p", "r")]
+
+
+def test_hh_transcripts_and_messages_convert_both_ways():
+    messages = hh_to_messages(HH)
+    assert messages == [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "tell me a joke"},
+    ]  # the final empty Assistant turn is the cue to answer, not a message
+    assert messages_to_hh(messages, add_generation_prompt=True) == HH
+    assert hh_to_messages(HH + " a pun")[-1] == {"role": "assistant", "content": "a pun"}
+    assert prompt_messages(HH) == messages
+    assert prompt_messages("Once upon a time") == [{"role": "user", "content": "Once upon a time"}]
+    with pytest.raises(ValueError, match="not an HH transcript"):
+        hh_to_messages("Human: no leading blank line")
+    with pytest.raises(ValueError, match="role is one of"):
+        messages_to_hh([{"role": "robot", "content": "beep"}])
+
+
+def test_prompt_texts_from_plain_hh_and_conversational_columns():
+    records = [
+        {"prompt": "Write a<br />poem"},
+        {"prompt": HH + " a pun"},  # a whole transcript: the conversation before the final answer
+        {"prompt": [{"role": "user", "content": "hi there"}]},  # TRL's conversational prompt
+        {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},  # with its answer
+        {"prompt": "  "},
+        {"prompt": 3},
+    ]
+    texts, report = load_prompt_texts(records)
+    assert texts == [
+        "Write a poem",
+        HH,
+        "\n\nHuman: hi there\n\nAssistant:",
+        "\n\nHuman: q\n\nAssistant:",
+    ]
+    assert report.skipped == {"empty text": 1, "not a text or conversation": 1}
+    with pytest.raises(
+        ValueError, match=r"column\(s\) \['text'\] missing; the records have \['prompt'\].*prompts.column"
+    ):
+        load_prompt_texts(records, column="text")
+
+
+def test_conversational_pairs_explicit_and_implicit_prompt():
+    user = {"role": "user", "content": "tell me a joke"}
+    explicit = {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "a good joke"}],
+        "rejected": [{"role": "assistant", "content": "a rude joke"}],
+    }
+    implicit = {  # TRL's implicit prompt: the shared turns are the prompt
+        "chosen": [user, {"role": "assistant", "content": "a good joke"}],
+        "rejected": [user, {"role": "assistant", "content": "a rude joke"}],
+    }
+    mixed = {"prompt": [user], "chosen": "a good joke", "rejected": "a rude joke"}
+    no_assistant = {"chosen": [user, user], "rejected": [user, {"role": "user", "content": "x"}]}
+    pairs, report = load_preference_pairs([explicit, implicit, mixed, no_assistant])
+    expected = PreferencePair("\n\nHuman: tell me a joke\n\nAssistant:", " a good joke", " a rude joke")
+    assert pairs == [expected] * 3
+    assert report.skipped == {"not a conversation": 1}
+    # the same text as the HH transcript of that conversation, split as HH pairs are
+    hh, _ = load_preference_pairs(
+        [{"chosen": expected.prompt + expected.chosen, "rejected": expected.prompt + expected.rejected}]
+    )
+    assert hh == [expected]

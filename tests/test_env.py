@@ -89,6 +89,46 @@ def test_long_prompt_truncated_from_left_with_one_warning(tokenizer):
     assert len(env.prompt_token_ids[0]) == 4
 
 
+def special_tokens_tokenizer(template: str):
+    """The tiny word-level tokenizer with a post-processor that adds ``<bos>`` (and ``<sep>``) as ``template``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", "<bos>", "<sep>", *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 3), ("<sep>", 4)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        sep_token="<sep>",
+    )
+
+
+@pytest.mark.parametrize("template", ["<bos> $A", "<bos> $A <sep>"])
+def test_left_truncation_keeps_the_special_tokens_the_tokenizer_adds(template):
+    tokenizer = special_tokens_tokenizer(template)
+    long_prompt = " ".join(WORDS[:12])
+    with pytest.warns(UserWarning, match="1 of 2 prompts"):
+        env = TokenGenerationEnv([long_prompt, "the cat"], tokenizer, max_prompt_tokens=5, max_new_tokens=2)
+    suffix = [tokenizer.sep_token_id] if "<sep>" in template else []
+    words = tokenizer(" ".join(WORDS[12 - 4 + len(suffix) : 12]), add_special_tokens=False)["input_ids"]
+    assert env.prompt_token_ids[0] == [tokenizer.bos_token_id, *words, *suffix]
+    assert env.prompt_token_ids[1] == tokenizer("the cat")["input_ids"]  # a short prompt is untouched
+    assert env.prompt_texts[0] == " ".join(WORDS[12 - 4 + len(suffix) : 12])
+    obs, _ = env.reset(options={"prompt_index": 0})
+    assert obs["input_ids"][-5:].tolist() == env.prompt_token_ids[0]
+    # without the tokenizer's special tokens, the cut is the plain last max_prompt_tokens tokens
+    with pytest.warns(UserWarning, match="1 of 1 prompts"):
+        plain = TokenGenerationEnv([long_prompt], tokenizer, 5, 2, add_special_tokens=False)
+    assert plain.prompt_token_ids[0] == tokenizer(" ".join(WORDS[7:12]), add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="leaves no room for prompt text besides the .* special tokens"):
+        TokenGenerationEnv([long_prompt], tokenizer, max_prompt_tokens=len(suffix) + 1, max_new_tokens=2)
+
+
 def test_render_ansi(prompts, tokenizer):
     env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=4, render_mode="ansi")
     env.reset(options={"prompt_index": 0})

@@ -55,13 +55,57 @@ def test_rollouts_hold_whole_groups_of_one_prompt(tokenizer, model_path):
     prompts = buffer.prompt_ids.view(-1, 4, buffer.prompt_ids.shape[1])
     assert (prompts == prompts[:, :1]).all()  # every group shares its prompt
     assert len({tuple(p[0].tolist()) for p in prompts}) > 1
-    # the advantages are the leave-one-out ones of the sequence returns (then scaled to unit variance)
+    # the advantages are the leave-one-out ones of the sequence returns, not whitened (the paper's default)
+    assert model.normalize_advantage is False
     returns = buffer.sequence_returns.view(-1, 4)
     loo = returns - (returns.sum(-1, keepdim=True) - returns) / 3
-    scale = loo.flatten().std(unbiased=False)
-    assert th.allclose(buffer.sequence_advantages, (loo.flatten() - loo.mean()) / scale, atol=1e-4)
+    assert loo.abs().sum() > 0
+    assert th.allclose(buffer.sequence_advantages, loo.flatten(), atol=1e-6)
     order = buffer._episode_order()
     assert (order.view(-1, 4) // 4 == (order.view(-1, 4) // 4)[:, :1]).all()  # minibatches keep groups whole
+
+
+def test_rloo_with_one_step_per_rollout_is_the_reinforce_leave_one_out_step(tokenizer, model_path):
+    import copy
+
+    # n_epochs=1 and batch_size=n_episodes: one gradient step per rollout, at the rollout policy (ratio 1)
+    lr = 0.05
+    model = RLOO(
+        TransformerActorCriticPolicy,
+        rule_env(tokenizer),
+        samples_per_prompt=4,
+        n_episodes=8,
+        batch_size=8,
+        n_epochs=1,
+        learning_rate=lr,
+        max_grad_norm=1e9,  # no gradient clipping, so the step is −lr·∇L exactly
+        seed=0,
+        policy_kwargs=dict(model_name_or_path=model_path, optimizer_class=th.optim.SGD),
+    )
+    start = copy.deepcopy(model.policy)
+    model.learn(total_timesteps=1)  # one rollout, one update
+    buffer = model.rollout_buffer
+    assert model.logger.name_to_value["train/clip_fraction"] == 0.0
+
+    # REINFORCE with the leave-one-out baseline, by hand, at the rollout's parameters:
+    #   L = −Σ_i Σ_t A_i · log π(a_it|s_it) / Σ_i |y_i|,   A_i = R_i − 1/(k−1) Σ_{j≠i} R_j
+    returns = buffer.sequence_returns.view(-1, 4)
+    advantages = (returns - (returns.sum(-1, keepdim=True) - returns) / 3).reshape(-1, 1)
+    assert advantages.abs().sum() > 0
+    mask = buffer.response_mask
+    input_ids = th.cat([buffer.prompt_ids, buffer.response_ids], dim=1)
+    attention_mask = th.cat([buffer.prompt_mask, mask.long()], dim=1)
+    start.set_training_mode(True)
+    logprobs, _, _ = start.evaluate_sequences(input_ids, attention_mask, mask.shape[1], with_entropy=False)
+    loss = -(advantages * logprobs * mask).sum() / mask.sum()
+    start.optimizer.zero_grad()
+    loss.backward()
+    moved = 0
+    for (name, before), after in zip(start.named_parameters(), model.policy.parameters()):
+        expected = before.detach() if before.grad is None else before.detach() - lr * before.grad
+        th.testing.assert_close(after.detach(), expected, atol=1e-6, rtol=1e-4, msg=name)
+        moved += before.grad is not None and bool(before.grad.abs().sum() > 0)
+    assert moved > 0
 
 
 def test_p3o_advantages_ignore_a_per_prompt_reward_shift_and_ppo_does_not(tokenizer, model_path):

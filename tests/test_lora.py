@@ -6,7 +6,7 @@ from sb3_rlhf import RLHFPPO
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.models import load_causal_lm
 from sb3_rlhf.rewards import KLPenaltyWrapper
-from tests.helpers import generate_batch
+from tests.helpers import generate_batch, make_policy
 from tests.test_ppo import rule_env
 
 pytest.importorskip("peft")
@@ -67,3 +67,24 @@ def test_lora_trains_only_the_adapter_and_the_reference_is_the_base(tokenizer, m
     loaded = RLHFPPO.load(tmp_path / "lora.zip", env=env)
     for name, tensor in policy.state_dict().items():
         assert th.equal(tensor, loaded.policy.state_dict()[name]), name
+
+
+def test_lora_dropout_is_off_so_ratio_starts_at_one(env, model_path):
+    """peft puts an nn.Dropout in every adapted layer when lora_dropout > 0: the policy switches it off too, so
+    that two passes in training mode agree and π/π_old is exactly 1 on the first PPO step."""
+    th.manual_seed(0)
+    policy = make_policy(env, model_path, lora=dict(r=4, lora_dropout=0.5))
+    with th.no_grad():  # peft starts lora_B at zero, which would hide any dropout on the adapter's input
+        for name, parameter in policy.actor.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    assert any(isinstance(m, th.nn.Dropout) for m in policy.actor.modules())  # peft's lora_dropout modules
+    assert all(m.p == 0.0 for m in policy.actor.modules() if isinstance(m, th.nn.Dropout))
+    batch = generate_batch(policy, env, [0, 1, 2, 3])
+    policy.set_training_mode(True)
+    args = (batch.input_ids, batch.attention_mask, batch.response_length)
+    first, _, _ = policy.evaluate_sequences(*args)
+    second, _, _ = policy.evaluate_sequences(*args)
+    assert th.equal(first, second)
+    ratio = th.exp(first - batch.logprobs)[batch.response_mask]
+    th.testing.assert_close(ratio, th.ones_like(ratio), atol=1e-6, rtol=0)

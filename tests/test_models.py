@@ -10,7 +10,7 @@ from sb3_rlhf.common.models import load_causal_lm, packaged_model_path, resolve_
 def test_unknown_and_missing_models_get_clear_errors(tmp_path):
     with pytest.raises(KeyError, match="unknown packaged model"):
         packaged_model_path("GPT-5")
-    with pytest.raises(FileNotFoundError, match="neither a local folder nor a packaged model"):
+    with pytest.raises(FileNotFoundError, match="does not exist as a local folder"):
         resolve_model_path(str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_causal_lm(str(tmp_path / "nothing"))

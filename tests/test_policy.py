@@ -184,3 +184,115 @@ def test_gradient_checkpointing_gives_the_same_gradients(env, model_path, lora):
     assert sum(grad.abs().sum() for grad in checkpointed.values()) > 0
     for name, grad in plain.items():
         th.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+@pytest.fixture
+def opinionated_checkpoint(model_path, tokenizer, tmp_path) -> str:
+    """The tiny Llama saved with a generation_config.json full of logits-changing defaults, as many hub models
+    ship (repetition penalty, minimum length, suppressed and banned tokens, top-k, a sequence bias)."""
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    the, cat, good, dog = tokenizer.convert_tokens_to_ids(["the", "cat", "good", "dog"])
+    model.generation_config.update(
+        do_sample=True,
+        temperature=0.5,
+        top_k=4,
+        repetition_penalty=1.3,
+        min_new_tokens=3,
+        no_repeat_ngram_size=2,
+        suppress_tokens=[the, cat],
+        bad_words_ids=[[good]],
+        sequence_bias=[[[dog], 4.0]],  # the JSON-safe form
+    )
+    model.save_pretrained(tmp_path / "opinionated")
+    return str(tmp_path / "opinionated")
+
+
+def _generated_and_recomputed_logprobs(policy, env, indices):
+    """generate()'s own log-probs of the tokens it drew (log_softmax of its scores) and the policy's teacher-forced
+    log-probs of the same sequences, on the real response tokens: two ``(n_tokens,)`` tensors, and the batch."""
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(indices))
+    th.manual_seed(0)
+    response, scores = policy.generate(
+        prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_scores=True
+    )
+    assert scores.shape == (*response.shape, env.n_actions)
+    batch = GenerationBatch.from_generation(env, indices, prompt_ids, prompt_mask, response)
+    with th.no_grad():
+        logprobs, _, entropy = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    sampled = scores.log_softmax(-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask
+    return sampled[mask], logprobs[mask], scores, entropy, batch
+
+
+def test_sampling_ignores_the_checkpoints_generation_config(env, opinionated_checkpoint):
+    """generate() samples from exactly the distribution whose log-probs PPO uses: none of the checkpoint's
+    generation defaults (repetition penalty, min_new_tokens, suppress_tokens, ...) leak into sampling."""
+    policy = make_policy(env, opinionated_checkpoint, temperature=0.7)
+    sampled, recomputed, _, _, _ = _generated_and_recomputed_logprobs(policy, env, list(range(8)))
+    assert th.isfinite(sampled).all()
+    th.testing.assert_close(recomputed, sampled, atol=1e-5, rtol=0)
+    # the checkpoint keeps its own defaults (what save_pretrained exports)
+    assert policy.actor.generation_config.repetition_penalty == 1.3
+    assert policy.actor.generation_config.min_new_tokens == 3
+
+
+def test_top_k_and_top_p_are_the_policy(env, opinionated_checkpoint, tmp_path):
+    """With top_k/top_p the policy is the truncated, renormalised distribution: in generate(), in the teacher-forced
+    log-probs and entropy, in the per-step SB3 methods, and recorded when the policy is saved."""
+    from sb3_rlhf import RLHFPPO, TransformerActorCriticPolicy
+    from tests.test_ppo import rule_env
+
+    policy = make_policy(env, opinionated_checkpoint, temperature=0.7, top_k=6, top_p=0.6)
+    sampled, recomputed, scores, entropy, batch = _generated_and_recomputed_logprobs(policy, env, list(range(8)))
+    th.testing.assert_close(recomputed, sampled, atol=1e-5, rtol=0)
+    kept = th.isfinite(scores).sum(-1)[batch.response_mask]
+    assert kept.max() <= 6 and kept.min() >= 1 and (kept < 6).any()  # top_p truncated some steps further
+    # the entropy is the truncated distribution's, finite
+    probs = scores.softmax(-1)
+    expected_entropy = -(probs * scores.log_softmax(-1).nan_to_num(neginf=0.0)).sum(-1)
+    th.testing.assert_close(entropy[batch.response_mask], expected_entropy[batch.response_mask], atol=1e-5, rtol=0)
+
+    # per-step SB3 API: the same log-probs and entropies from the env's observations, and predict() stays inside
+    row = 1
+    obs, _ = env.reset(options={"prompt_index": row})
+    for t in range(int(batch.lengths[row])):
+        token = batch.response_ids[row, t : t + 1]
+        obs_t = {k: th.as_tensor(v).unsqueeze(0) for k, v in obs.items()}
+        with th.no_grad():
+            _, logprob, step_entropy = policy.evaluate_actions(obs_t, token)
+            allowed = th.isfinite(policy.get_distribution(obs_t).distribution.logits[0])
+        assert logprob.item() == pytest.approx(recomputed_at(batch, policy, row, t), abs=1e-5)
+        assert step_entropy.item() == pytest.approx(entropy[row, t].item(), abs=1e-5)
+        th.testing.assert_close(allowed, th.isfinite(scores[row, t]), atol=0, rtol=0)
+        assert allowed[int(policy.predict(obs)[0])]
+        obs, *_ = env.step(int(token))
+
+    # PPO trains on it (finite ratios, KL against the untruncated reference), and the SB3 zip records the options
+    model = RLHFPPO(
+        TransformerActorCriticPolicy,
+        rule_env(env.tokenizer),
+        n_episodes=8,
+        batch_size=8,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=dict(model_name_or_path=opinionated_checkpoint, top_k=6, top_p=0.6),
+    )
+    model.learn(total_timesteps=48)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    model.save(tmp_path / "ppo.zip")
+    loaded = RLHFPPO.load(tmp_path / "ppo.zip", env=model.env)
+    assert (loaded.policy.top_k, loaded.policy.top_p) == (6, 0.6)
+    assert policy._get_constructor_parameters()["top_p"] == 0.6
+
+
+def recomputed_at(batch, policy, row, t) -> float:
+    with th.no_grad():
+        logprobs, _, _ = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    return logprobs[row, t].item()
+
+
+def test_sampling_option_errors(env, model_path):
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        make_policy(env, model_path, top_k=-1)
+    with pytest.raises(ValueError, match=r"top_p must be a probability in \(0, 1\]"):
+        make_policy(env, model_path, top_p=0.0)

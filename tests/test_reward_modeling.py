@@ -140,6 +140,43 @@ def test_save_load_round_trip_and_wrapper_by_path(tokenizer, model_path, tmp_pat
     th.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["reward_model", "sequence_classifier"])
+def test_wrapper_cuts_texts_to_the_saved_training_length_unless_told(kind, tokenizer, model_path, tmp_path, prompts):
+    if kind == "reward_model":
+        model = RewardModel(tiny_bert(len(tokenizer)))
+    else:
+        config = tiny_config(len(tokenizer))
+        config.num_labels = 1
+        th.manual_seed(0)
+        model = LlamaForSequenceClassification(config)
+    # a training length shorter than the episodes (8 prompt + up to 6 response tokens), so that it matters
+    trainer = RewardModelTrainer(model, tokenizer, toy_pairs(8), max_length=6, n_epochs=0)
+    folder = str(tmp_path / "rm")
+    trainer.save(folder)
+    env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    wrapper = RewardModelWrapper(env, folder)  # max_length not given: the saved one
+    assert wrapper.max_length == 6
+    batch = generate_batch(make_policy(env, model_path), wrapper, list(range(6)))
+    assert max(len(tokenizer(t)["input_ids"]) for t in batch.texts) > 6  # the cut is exercised
+    expected, _ = trainer.score_pairs([PreferencePair("", t, t) for t in batch.texts])
+    th.testing.assert_close(wrapper.score(batch), expected, atol=1e-5, rtol=0)
+    # an explicit max_length wins (a task's [reward] max_length), and cuts differently
+    explicit = RewardModelWrapper(env, folder, max_length=14)
+    assert explicit.max_length == 14
+    assert not th.allclose(explicit.score(batch), expected, atol=1e-4)
+    if kind == "reward_model":  # a RewardModel loaded by from_pretrained carries its length as an object too
+        loaded = RewardModel.from_pretrained(folder)
+        assert loaded.max_length == 6
+        assert RewardModelWrapper(env, loaded, reward_tokenizer=tokenizer).max_length == 6
+    # a model saved without its training length (its own save_pretrained, not the trainer's save): 512
+    foreign = str(tmp_path / "foreign")
+    model.save_pretrained(foreign)
+    tokenizer.save_pretrained(foreign)
+    assert RewardModelWrapper(env, foreign).max_length == 512
+    with pytest.raises(ValueError, match="max_length must be a positive number of tokens"):
+        RewardModelWrapper(env, folder, max_length=0)
+
+
 def test_sequence_classifier_as_reward_model(tokenizer):
     config = tiny_config(len(tokenizer))
     config.num_labels = 1
@@ -171,9 +208,9 @@ def test_packaged_minilm_backbone_scores_hh_pairs():
 
     try:
         path = packaged_model_path("all-MiniLM-L6-v2")
-        data = find_data_file("hh_harmless_base_test.jsonl.gz")
     except (ImportError, FileNotFoundError) as missing:
         pytest.skip(str(missing))
+    data = find_data_file("hh_harmless_base_test.jsonl.gz")  # shipped with the package
     pairs, _ = load_preference_pairs(data)
     trainer = RewardModelTrainer(path, None, pairs[:8], pairs[8:16], max_length=64)
     assert isinstance(trainer.model, RewardModel) and trainer.model.pooling == "mean"

@@ -49,6 +49,10 @@ def minimal() -> dict:
         (lambda d: d["algorithm"].update(n_epoch=2), r"unknown key algorithm.n_epoch: no algorithm takes it"),
         (lambda d: d["algorithm"].update(p3o={"vf_coef": 1.0}), r"unknown key algorithm.p3o.vf_coef"),
         (lambda d: d.update(kl={"estimator": "k4"}), "kl.estimator must be"),
+        (lambda d: d["reward"].update(function=None, model="m", score="prob"), "reward.score must be one of"),
+        (lambda d: d["reward"].update(label="POSITIVE"), "reward.label applies to reward.model"),
+        (lambda d: d["reward"].update(revision="v1"), "reward.revision applies to reward.model"),
+        (lambda d: d["reward"].update(score="probability"), "reward.score applies to a reward model"),
         (lambda d: d["task"].update(algorithm="dpo") or d["algorithm"].update(dpo={"beta": 0.0}), None),
     ],
 )
@@ -128,6 +132,77 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     assert "'the cat' -> " in capsys.readouterr().out
 
 
+def save_sentiment_classifier(folder, words: list[str]) -> None:
+    """A tiny two-label BERT classifier (NEGATIVE, POSITIVE) and its tokenizer, saved like a hub checkpoint."""
+    import torch as th
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sb3_rlhf.common.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(words)
+    th.manual_seed(0)
+    labels = {0: "NEGATIVE", 1: "POSITIVE"}
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=labels,
+        label2id={name: i for i, name in labels.items()},
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def classifier_task(model: str, **reward) -> dict:
+    data = minimal()
+    data["reward"] = {"model": model, "label": "POSITIVE", **reward}
+    data["prompts"]["texts"] = ["a b", "b a", "a a", "b b", "a", "b"]
+    data["prompts"]["eval_size"] = 2
+    data["generation"] = {"max_prompt_tokens": 4, "max_new_tokens": 3}
+    data["algorithm"] = {"total_timesteps": 24, "n_episodes": 4, "batch_size": 4, "n_epochs": 1}
+    data["evaluation"] = {"n_prompts": 2, "n_samples_shown": 1}
+    return data
+
+
+def classifier_wrapper(prepared):
+    from sb3_rlhf.rewards import RewardModelWrapper, reward_wrappers
+
+    (wrapper,) = [w for w in reward_wrappers(prepared.env(prepared.eval_prompts)) if isinstance(w, RewardModelWrapper)]
+    return wrapper
+
+
+def test_a_sentiment_classifier_folder_rewards_a_task(tmp_path):
+    from sb3_rlhf.tasks.run import prepare, run_task
+
+    save_sentiment_classifier(tmp_path / "sentiment", ["a", "b"])
+    task = parse_task(classifier_task(str(tmp_path / "sentiment"), score="logit_margin"))
+    results = run_task(task, str(tmp_path / "run"), progress_bar=False)
+    assert results["timesteps"] >= 24 and (tmp_path / "run" / "ppo_model.zip").exists()
+    wrapper = classifier_wrapper(prepare(task, str(tmp_path / "run"), train_reward_model=False)[0])
+    assert (wrapper.label_index, wrapper.score_kind) == (1, "logit_margin")
+
+
+def test_a_hub_classifier_task_honours_the_revision(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from sb3_rlhf.tasks.run import prepare
+    from tests.helpers import build_hub_cache
+
+    save_sentiment_classifier(tmp_path / "sentiment", ["a", "b"])
+    commit = build_hub_cache(tmp_path / "hf_home", "org/tiny-sentiment", tmp_path / "sentiment", revision="v1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    task = parse_task(classifier_task("org/tiny-sentiment", revision="v1", score="probability"))
+    prepared, _ = prepare(task, str(tmp_path / "run"), train_reward_model=False)
+    assert prepared.reward_model.endswith(commit)  # the snapshot of tag v1 (the cache has no "main")
+    wrapper = classifier_wrapper(prepared)
+    assert (wrapper.label_index, wrapper.score_kind) == (1, "probability")
+    with pytest.raises(FileNotFoundError, match="'org/tiny-sentiment' does not exist as a local folder.*as a hub id at revision 'v2'"):
+        prepare(parse_task(classifier_task("org/tiny-sentiment", revision="v2")), str(tmp_path / "run"), False)
+
+
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo", "p3o", "dpo"])
 def test_every_algorithm_runs_the_tiny_task_from_the_cli(algorithm, tmp_path, capsys):
     out = tmp_path / algorithm
@@ -159,9 +234,9 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     try:
         packaged_model_path("all-MiniLM-L6-v2")
         packaged_model_path("SmolLM2-135M-Instruct")
-        find_data_file("imdb_subset.csv")
     except (ImportError, FileNotFoundError) as missing:
         pytest.skip(str(missing))
+    find_data_file("imdb_subset.csv")  # shipped with the package: never a reason to skip
     short = [
         "algorithm.total_timesteps=16",
         "algorithm.n_episodes=4",

@@ -20,8 +20,11 @@ import numpy as np
 
 T = TypeVar("T")
 
-#: Environment variable naming a folder of data files (checked before ``../shared/data``).
+#: Environment variable naming a folder of data files (checked before the data shipped with the package).
 DATA_DIR_ENV = "SB3_RLHF_DATA_DIR"
+#: The data shipped inside the package (``sb3_rlhf/data``: the IMDB subset and the HH harmless-base pairs).
+PACKAGE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 
 
@@ -66,15 +69,16 @@ class LoadReport:
 
 # ---------------------------------------------------------------------------------------------- files
 def find_data_file(name: str, data_dir: str | None = None) -> str:
-    """Resolve a data file: an existing path as given, else ``data_dir``, ``$SB3_RLHF_DATA_DIR``, then
-    ``../shared/data`` beside the working directory or beside this checkout.
+    """Resolve a data file: an existing path as given, else in ``data_dir``, ``$SB3_RLHF_DATA_DIR``, the data
+    shipped with the package (:data:`PACKAGE_DATA_DIR`), and last ``../shared/data`` beside the working
+    directory or the checkout (a development layout, for files the package does not ship).
 
     :raises FileNotFoundError: listing every place looked at.
     """
     if os.path.exists(name):
         return name
-    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    candidates = [d for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
+    checkout = os.path.dirname(os.path.dirname(PACKAGE_DATA_DIR))
+    candidates = [d for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d] + [PACKAGE_DATA_DIR]
     candidates += [os.path.join(os.getcwd(), "..", "shared", "data"), os.path.join(checkout, "..", "shared", "data")]
     for folder in candidates:
         path = os.path.join(folder, name)
@@ -84,6 +88,58 @@ def find_data_file(name: str, data_dir: str | None = None) -> str:
         f"data file {name!r} not found (looked in: {', '.join(dict.fromkeys(os.path.normpath(c) for c in candidates))}); "
         f"pass its path or set {DATA_DIR_ENV}"
     )
+
+
+#: The data sets the package ships, for error messages about unreachable hub data sets.
+SHIPPED_DATA = ("imdb_subset.csv", "hh_harmless_base_test.jsonl.gz")
+
+
+def load_hub_dataset(
+    name: str,
+    config: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    data_dir: str | None = None,
+    data_files: str | list[str] | None = None,
+) -> Any:
+    """One split of a data set through ``datasets.load_dataset``: a hub name (``"stanfordnlp/imdb"``, found in
+    ``datasets``' own cache when offline), a local folder, or a packaged builder with files
+    (``"parquet"``, ``"json"``, ``"csv"`` with ``data_files``).
+
+    :param name: the data set's hub name, folder or builder.
+    :param config: its configuration (subset) name.
+    :param split: which split, e.g. ``"train"`` or ``"test[:1000]"``.
+    :param revision: branch, tag or commit of a hub data set.
+    :param data_dir: a folder inside the data set (``Anthropic/hh-rlhf`` has ``harmless-base``).
+    :param data_files: files for a packaged builder.
+    :return: a ``datasets.Dataset`` (an iterable of records, as every loader here takes).
+    :raises ImportError: ``datasets`` is not installed (the message says ``pip install datasets``).
+    :raises FileNotFoundError: the data set cannot be found or reached; the message names it, the offline
+        setting and the data shipped with the package.
+    """
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            f"loading the data set {name!r} needs the `datasets` package: pip install datasets "
+            f"(or pip install sb3-rlhf[datasets]); or use a local file, e.g. the shipped {' or '.join(SHIPPED_DATA)}"
+        ) from error
+    try:
+        dataset = datasets.load_dataset(
+            name, config, split=split, revision=revision, data_dir=data_dir, data_files=data_files
+        )
+    except (ConnectionError, FileNotFoundError) as error:
+        # ConnectionError: offline (HF_HUB_OFFLINE) or no network and not cached; FileNotFoundError: unknown name
+        offline = "HF_HUB_OFFLINE=1" if datasets.config.HF_HUB_OFFLINE else "online mode (HF_HUB_OFFLINE unset)"
+        raise FileNotFoundError(
+            f"data set {name!r}{f' ({config})' if config else ''} could not be loaded with {offline}: it is neither "
+            f"in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) nor reachable on the hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); load it once online, "
+            f"or use a local file such as the shipped {' or '.join(SHIPPED_DATA)}"
+        ) from error
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"data set {name!r}: split={split!r} did not select one split; name one, e.g. 'train'")
+    return dataset
 
 
 def _check_file(path: str) -> None:
@@ -139,16 +195,17 @@ def read_records(source: str | Iterable[Mapping[str, Any]]) -> tuple[Iterator[Ma
     return iter(source), type(source).__name__
 
 
-def _require_columns(record: Mapping[str, Any], columns: Sequence[str], source: str) -> None:
+def _require_columns(
+    record: Mapping[str, Any], columns: Sequence[str], source: str, hint: str = "e.g. chosen_key=..., rejected_key=..."
+) -> None:
     missing = [c for c in columns if c not in record]
     if missing:
         raise ValueError(
-            f"{source}: column(s) {missing} missing; the records have {sorted(record)}; name the right columns "
-            "(e.g. chosen_key=..., rejected_key=...)"
+            f"{source}: column(s) {missing} missing; the records have {sorted(record)}; name the right columns ({hint})"
         )
 
 
-# ---------------------------------------------------------------------------------------------- pairs
+# ---------------------------------------------------------------------------------------------- HH transcripts
 def split_hh_transcript(transcript: str) -> tuple[str, str]:
     """Split an Anthropic HH transcript ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` before its final answer.
 
@@ -162,6 +219,111 @@ def split_hh_transcript(transcript: str) -> tuple[str, str]:
     return transcript[:cut], transcript[cut:]
 
 
+# ---------------------------------------------------------------------------------------------- conversations
+#: One chat turn, as chat templates and TRL's conversational datasets have it: ``{"role": ..., "content": ...}``.
+Message = dict[str, str]
+_HH_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+_HH_ROLES = {name: role for role, name in _HH_NAMES.items()}
+_HH_TURN = re.compile(r"\n\n(System|Human|Assistant):")
+
+
+def is_hh_transcript(text: Any) -> bool:
+    """Whether ``text`` is an HH-style conversation (``"\\n\\nHuman: ..."``, optionally after a System turn)."""
+    return isinstance(text, str) and text.startswith((HH_HUMAN, "\n\nSystem:"))
+
+
+def hh_to_messages(transcript: str) -> list[Message]:
+    """Parse an HH transcript into chat messages: ``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"``
+    gives user ``a``, assistant ``b``, user ``c``; a final empty Assistant turn (the cue to answer) is dropped.
+
+    :raises ValueError: the text is not an HH transcript.
+    """
+    if not is_hh_transcript(transcript):
+        raise ValueError("not an HH transcript: it does not start with '\\n\\nHuman:'")
+    parts = _HH_TURN.split(transcript)  # ["", "Human", " a", "Assistant", " b", ...]
+    messages = [{"role": _HH_ROLES[name], "content": text.strip()} for name, text in zip(parts[1::2], parts[2::2])]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def messages_to_hh(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+    """Render chat messages as an HH transcript (the inverse of :func:`hh_to_messages`): the plain-text form in
+    which reward models read conversations. ``add_generation_prompt`` ends it with ``"\\n\\nAssistant:"``."""
+    text = "".join(f"\n\n{_HH_NAMES[m['role']]}: {m['content']}" for m in as_messages(messages))
+    return text + HH_ASSISTANT if add_generation_prompt else text
+
+
+def as_messages(value: Any) -> list[Message]:
+    """Check a conversation: a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
+
+    :raises ValueError: naming what is wrong with it.
+    """
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"a conversation is a non-empty list of messages, got {type(value).__name__}")
+    messages = []
+    for message in value:
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            raise ValueError(f"a message is {{'role': ..., 'content': str}}, got {message!r:.80}")
+        if message.get("role") not in _HH_NAMES:
+            raise ValueError(f"a message role is one of {list(_HH_NAMES)}, got {message.get('role')!r}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def prompt_messages(prompt: str) -> list[Message]:
+    """The chat messages of a prompt text: an HH transcript as its turns, any other text as one user turn."""
+    return hh_to_messages(prompt) if is_hh_transcript(prompt) else [{"role": "user", "content": prompt}]
+
+
+def _conversation_prompt(value: Any) -> str:
+    """A prompt column's value as prompt text: a string as it is (an HH transcript cut before its final answer);
+    a conversation rendered as an HH transcript up to the assistant's turn (a final assistant answer dropped)."""
+    if isinstance(value, str):
+        return split_hh_transcript(value)[0] if is_hh_transcript(value) else value
+    messages = as_messages(value)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise ValueError("the conversation has no turn before the assistant's answer")
+    return messages_to_hh(messages, add_generation_prompt=True)
+
+
+def load_prompt_texts(
+    source: str | Iterable[Mapping[str, Any]], column: str = "prompt", clean_html: bool = True
+) -> tuple[list[str], LoadReport]:
+    """Prompt texts from ``column`` of a file or records (a Hugging Face dataset is one), in order.
+
+    A value is a plain text, an HH transcript (cut before its final answer, so a ``chosen`` column gives the
+    conversations), or a conversation (TRL's conversational format: a list of ``{"role", "content"}``, e.g. a
+    ``messages`` or ``prompt`` column), kept as an HH transcript ending in ``"\\n\\nAssistant:"``: the form reward
+    models read, and the one :func:`prompt_messages` turns back into turns for a chat template.
+
+    :param clean_html: turn ``<br />`` tags of plain texts into spaces (the IMDB reviews have them).
+    :raises ValueError: the column is missing (the message lists the columns present), or no usable prompt.
+    """
+    records, name = read_records(source)
+    report = LoadReport(name)
+    texts = []
+    for i, record in enumerate(records):
+        if i == 0:
+            _require_columns(record, [column], name, hint="prompts.column = ...")
+        try:
+            text = _conversation_prompt(record.get(column))
+        except ValueError:
+            report.skip("not a text or conversation")
+            continue
+        if not text.strip():
+            report.skip("empty text")
+            continue
+        texts.append(clean_html_breaks(text, " ") if clean_html and not is_hh_transcript(text) else text)
+    report.loaded = len(texts)
+    if not texts:
+        raise ValueError(f"{report}: no usable prompt in column {column!r}")
+    return texts, report
+
+
+# ---------------------------------------------------------------------------------------------- pairs
 def load_preference_pairs(
     source: str | Iterable[Mapping[str, Any]],
     chosen_key: str = "chosen",
@@ -174,6 +336,9 @@ def load_preference_pairs(
 
     Without a prompt column, HH-style transcripts are split into the shared conversation and the two final
     answers (``split_transcripts=None`` detects them); pairs whose conversations differ are skipped.
+    Conversations (TRL's conversational format: lists of ``{"role", "content"}``) are taken with an explicit
+    ``prompt`` list, or else the prompt is the turns the two conversations share; all of it is kept as HH text
+    (``"\\n\\nHuman: ...\\n\\nAssistant:"`` and the answers `` ...``), the form the reward model then reads.
     Pairs with an empty text or identical chosen and rejected are skipped; every skip is counted in the report.
 
     :raises FileNotFoundError: the file does not exist.
@@ -186,11 +351,17 @@ def load_preference_pairs(
         if i == 0:
             _require_columns(record, [chosen_key, rejected_key], name)
         chosen, rejected = record.get(chosen_key), record.get(rejected_key)
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
+        prompt = record.get(prompt_key)
+        if any(isinstance(v, Sequence) and not isinstance(v, str) for v in (prompt, chosen, rejected)):
+            try:
+                prompt, chosen, rejected = _conversation_pair(prompt, chosen, rejected)
+            except ValueError:
+                report.skip("not a conversation")
+                continue
+        elif not isinstance(chosen, str) or not isinstance(rejected, str):
             report.skip("not text")
             continue
-        prompt = record.get(prompt_key)
-        if not isinstance(prompt, str):
+        elif not isinstance(prompt, str):
             prompt = ""
             split = split_transcripts if split_transcripts is not None else HH_ASSISTANT in chosen
             if split:
@@ -217,6 +388,32 @@ def load_preference_pairs(
     if not pairs:
         raise ValueError(f"{report}: no usable preference pair")
     return pairs, report
+
+
+def _conversation_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[str, str, str]:
+    """A conversational comparison as HH text ``(prompt, chosen, rejected)``: the prompt is the ``prompt``
+    messages or, without them (TRL's implicit prompt), the leading turns the two conversations share; the
+    answers are the rest, starting with the assistant's turn. A plain-text part is one user/assistant turn.
+
+    :raises ValueError: not conversations, no shared prompt, or an answer that is not the assistant's.
+    """
+
+    def turns(value: Any, role: str) -> list[Message]:
+        return as_messages([{"role": role, "content": value}] if isinstance(value, str) else value)
+
+    chosen, rejected = turns(chosen, "assistant"), turns(rejected, "assistant")
+    if prompt is None:
+        n = 0  # the shared turns, leaving each side at least its last one
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        context, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    else:
+        context = turns(prompt, "user")
+    if not context or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        raise ValueError("the answers must be assistant turns after a shared prompt")
+    head = messages_to_hh(context, add_generation_prompt=True)
+    # the answers as HH text continue the prompt's final "\n\nAssistant:" with " ..."
+    return head, messages_to_hh(context + chosen)[len(head) :], messages_to_hh(context + rejected)[len(head) :]
 
 
 def pairs_from_ranking(prompt: str, ranked_responses: Sequence[str]) -> list[PreferencePair]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch as th
 import torch.distributed as dist
 
-from sb3_rlhf.common.sequences import masked_whiten
+from sb3_rlhf.common.sequences import masked_whiten, zero_padding
 
 
 def init_distributed() -> bool:
@@ -102,9 +102,8 @@ def masked_whiten_over_ranks(values: th.Tensor, mask: th.Tensor, eps: float = 1e
     so that whitened advantages mean the same on every rank as in one process holding the whole batch."""
     if world_size() == 1:
         return masked_whiten(values, mask, eps)
-    weights = mask.to(values.dtype)
-    total, count = sum_over_ranks([(values * weights).sum().item(), weights.sum().item()])
+    total, count = sum_over_ranks([zero_padding(values, mask).sum().item(), mask.sum().item()])
     mean = total / max(count, 1.0)
-    (squares,) = sum_over_ranks([(((values - mean) ** 2) * weights).sum().item()])
+    (squares,) = sum_over_ranks([zero_padding((values - mean) ** 2, mask).sum().item()])
     var = squares / max(count, 1.0)
     return th.where(mask.bool(), (values - mean) / (var + eps) ** 0.5, th.zeros_like(values))

@@ -140,6 +140,22 @@ class GenerationBatch:
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(self.input_ids.cpu(), self.attention_mask.cpu())]
         return self.env.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
+    @property
+    def reward_texts(self) -> list[str]:
+        """What a text reward model reads of each episode: :attr:`texts`, or, when the env has
+        ``reward_prompts`` (e.g. a chat-templated policy), the plain prompt and the response joined by one space,
+        as HH transcripts join ``"\\n\\nAssistant:"`` and the answer: the format such a reward model was trained on,
+        not the policy's chat template."""
+        reward_prompts = getattr(self.env, "reward_prompts", None)
+        if reward_prompts is None:
+            return self.texts
+        texts = []
+        for index, completion in zip(self.prompt_indices, self.completions):
+            prompt = reward_prompts[int(index)]
+            separator = " " if prompt and not prompt[-1].isspace() else ""
+            texts.append(prompt + separator + completion.lstrip())
+        return texts
+
     def right_padded(self) -> tuple[th.Tensor, th.Tensor]:
         """The episodes with their real tokens moved to the front: ``(input_ids, attention_mask)``, each
         ``(batch, P + T)``, padding only on the right (the layout encoder and decoder classifiers both read)."""

@@ -1,8 +1,9 @@
-"""Loading Hugging Face models by local path, safely and without a model hub."""
+"""Loading Hugging Face models safely: by local folder, packaged name or hub id (through the hub's own cache)."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from sb3_rlhf.common.io import atomic_directory
@@ -32,33 +34,34 @@ def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
     return resolved
 
 
-def _check_local(name_or_path: str, what: str) -> None:
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a path (str), got {type(name_or_path).__name__}")
-    if not os.path.isdir(name_or_path):
-        raise FileNotFoundError(
-            f"{what} {str(name_or_path)!r} does not exist: pass a local folder written by save_pretrained() "
-            "(no model hub is reached at run time)"
-        )
-
-
 def load_causal_lm(
     name_or_path: str,
     dtype: str | th.dtype | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local folder (safetensors preferred by transformers), in eval mode.
+    """Load a causal LM (safetensors preferred by transformers), in eval mode.
 
-    :param name_or_path: folder written by ``save_pretrained``.
+    :param name_or_path: a folder written by ``save_pretrained``, a packaged model name or a hub id
+        (see :func:`resolve_model_path`).
     :param dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
     :param trust_remote_code: run the checkpoint's own Python code; off unless the user asks.
+    :param revision: branch, tag or commit of a hub id.
     """
-    _check_local(name_or_path, "model path")
+    path = resolve_model_path(name_or_path, revision, "model", trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
+        path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
     )
     return model.eval()
+
+
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, packaged model or hub id (see :func:`resolve_model_path`)."""
+    path = resolve_model_path(name_or_path, revision, "tokenizer", trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
 def causal_lm_from_config(
@@ -74,12 +77,13 @@ def load_backbone(
     config: PretrainedConfig | dict[str, Any] | None,
     dtype: str | th.dtype | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """The transformer without its LM head (``AutoModel``), for a separate critic."""
     if name_or_path is not None:
-        _check_local(name_or_path, "critic model path")
+        path = resolve_model_path(name_or_path, revision, "critic model", trust_remote_code)
         return AutoModel.from_pretrained(
-            name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
+            path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
         ).eval()
     assert config is not None
     return AutoModel.from_config(_as_config(config), dtype=_resolve_dtype(dtype)).eval()
@@ -186,16 +190,100 @@ def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A local model folder as given, or the folder of a packaged model named in ``PACKAGED_MODELS``."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if name_or_path in PACKAGED_MODELS:
-        return packaged_model_path(name_or_path)
-    raise FileNotFoundError(
-        f"model {name_or_path!r} is neither a local folder nor a packaged model ({', '.join(PACKAGED_MODELS)}): "
-        "pass a folder written by save_pretrained()"
-    )
+#: What a hub snapshot downloads: configs, safetensors weights, tokenizer files and chat templates, at the top
+#: level of the repository. Pickled weights (``*.bin``, ``*.pt``), other frameworks' files and code are left out.
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def _is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def resolve_model_path(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    what: str = "model",
+    trust_remote_code: bool = False,
+) -> str:
+    """The local folder of a model named the way transformers users name one.
+
+    * an existing folder (``save_pretrained`` layout): returned as it is;
+    * a packaged model name (``PACKAGED_MODELS``): its folder, converted once if it ships as GGUF;
+    * a hub id (``"org/name"`` or ``"name"``, with an optional ``revision``): a snapshot in the Hugging Face cache
+      (``$HF_HOME/hub``), fetched by ``huggingface_hub.snapshot_download`` when online and read from the cache
+      when ``HF_HUB_OFFLINE=1`` or the hub cannot be reached. Only :data:`HUB_MODEL_FILES` are fetched (safetensors
+      weights, no pickles; Python files only with ``trust_remote_code``).
+
+    :param what: what the model is, for error messages (``"reward model"``, ``"backbone"``, ...).
+    :raises FileNotFoundError: neither a folder, a packaged name nor a usable hub id (one line naming the id, the
+        offline setting and the packaged alternatives); an unknown revision.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a folder, a packaged model name or a hub id (str), got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        if revision is not None:
+            raise ValueError(f"{what} {name!r} is a local folder: a revision ({revision!r}) applies to hub ids only")
+        return name
+    if name in PACKAGED_MODELS:
+        return packaged_model_path(name)
+    return _hub_snapshot(name, revision, what, trust_remote_code)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, what: str, trust_remote_code: bool) -> str:
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RevisionNotFoundError
+
+    packaged = ", ".join(PACKAGED_MODELS)
+    not_found = f"{what} {repo_id!r} does not exist as a local folder and is not a packaged model ({packaged})"
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{not_found} or a hub id: pass a folder written by save_pretrained() or an 'org/name' hub id"
+        ) from None
+    patterns = HUB_MODEL_FILES + (["*.py"] if trust_remote_code else [])
+    try:
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(
+            f"{what} {repo_id!r} has no revision {revision!r} on the hub: name an existing branch, tag or commit"
+        ) from None
+    except LocalEntryNotFoundError:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        reason = "HF_HUB_OFFLINE=1 is set" if offline else "the hub cannot be reached"
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(
+            f"{not_found}, and as a hub id{at} it is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
+            f"while {reason}: download it once online (hf download {repo_id}), pass a local folder, or use a packaged model"
+        ) from None
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{not_found}, and the hub has no repository {repo_id!r} (or it is private: log in with `hf auth login`)"
+        ) from None
+    if not _is_model_folder(path):
+        raise FileNotFoundError(f"{what} {repo_id!r}: the hub snapshot {path} has no config.json, so it is not a transformers model")
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)) and what != "tokenizer":
+        raise FileNotFoundError(
+            f"{what} {repo_id!r} has no safetensors weights on the hub (only pickled ones, which are not loaded): "
+            "convert it with save_pretrained(safe_serialization=True) and pass the folder"
+        )
+    return path
+
+
+def count_parameters(folder: str) -> int:
+    """Parameters stored in a model folder's safetensors files, read from their headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    files = [f for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")]
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    total = 0
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as weights:
+            for key in weights.keys():
+                total += math.prod(weights.get_slice(key).get_shape())
+    return total
 
 
 def disable_dropout(model: th.nn.Module) -> None:

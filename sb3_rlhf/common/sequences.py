@@ -52,10 +52,22 @@ def entropy_from_logits(logits: th.Tensor) -> th.Tensor:
     return th.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+def zero_padding(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """``values`` with 0 at the positions where ``mask`` is false, whatever they held there (inf, NaN).
+
+    Padding is selected away, never multiplied by 0: ``inf · 0`` and ``NaN · 0`` are NaN. Apply it to a loss's
+    inputs before any ``exp``/product, so that the gradient at padded positions is 0 as well: ``th.where``
+    passes 0 to a discarded branch, and ``0 · ∂exp(1e4)`` would again be NaN.
+
+    :param values: ``(batch, T)`` (or any shape ``mask`` broadcasts to).
+    :param mask: bool or 0/1, the real positions.
+    """
+    return th.where(mask.bool(), values, th.zeros((), dtype=values.dtype, device=values.device))
+
+
 def masked_mean(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
-    """Mean over the positions where ``mask`` is true; padding never enters a statistic."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    """Mean over the positions where ``mask`` is true; padding never enters a statistic, even inf or NaN."""
+    return zero_padding(values, mask).sum() / mask.sum().to(values.dtype).clamp(min=1.0)
 
 
 #: How a per-token loss becomes one number: ``"token"`` averages over every real token of the batch (PPO,
@@ -68,8 +80,7 @@ def masked_aggregate(values: th.Tensor, mask: th.Tensor, aggregation: str = "tok
     if aggregation == "token":
         return masked_mean(values, mask)
     if aggregation == "sequence":
-        mask = mask.to(values.dtype)
-        per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        per_sequence = zero_padding(values, mask).sum(-1) / mask.sum(-1).to(values.dtype).clamp(min=1.0)
         return per_sequence.mean()
     raise ValueError(f"unknown loss aggregation {aggregation!r}: use one of {LOSS_AGGREGATIONS}")
 

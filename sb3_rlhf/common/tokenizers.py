@@ -7,6 +7,8 @@ from typing import Any
 import torch as th
 from transformers import PreTrainedTokenizerBase
 
+from sb3_rlhf.common.data import prompt_messages
+
 DEFAULT_PAD_TOKEN = "<|pad|>"
 
 
@@ -110,12 +112,13 @@ def encode_prompt_response(
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one prompt and response; labels are :data:`IGNORE_INDEX` on the prompt.
 
-    With ``chat_template`` the prompt is a user turn followed by the assistant header. The response (and EOS
-    when ``add_eos``) is kept up to ``max_length - 1`` tokens; the prompt is cut from the left to fit.
+    With ``chat_template`` the prompt is a user turn followed by the assistant header (an HH transcript goes in
+    as its turns, as the task prompts do, see :func:`~sb3_rlhf.common.data.prompt_messages`). The response (and
+    EOS when ``add_eos``) is kept up to ``max_length - 1`` tokens; the prompt is cut from the left to fit.
     """
     if chat_template:
         prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            prompt_messages(prompt), add_generation_prompt=True, tokenize=True, return_dict=False
         )
     else:
         prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []

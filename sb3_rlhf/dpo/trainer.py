@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch as th
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
-from sb3_rlhf.common.models import disable_dropout, freeze, load_causal_lm, with_lora
+from sb3_rlhf.common.models import disable_dropout, freeze, load_causal_lm, load_tokenizer, with_lora
 from sb3_rlhf.common.sequences import position_ids_from_mask
 from sb3_rlhf.common.tokenizers import (
     check_vocabulary,
@@ -47,7 +47,7 @@ class DPOTrainer(SupervisedTrainer):
     β·log π/π_ref, TRL's names), ``train/logps/{chosen,rejected}``, and the same under ``eval/`` on the held-out
     pairs after each epoch.
 
-    :param model: a causal LM or its local folder.
+    :param model: a causal LM, or its folder, packaged name or hub id.
     :param tokenizer: its tokenizer (object or folder; default: the model folder's); it needs a pad token.
     :param train_pairs: the training comparisons (:class:`~sb3_rlhf.common.data.PreferencePair`).
     :param eval_pairs: held-out comparisons (optional).
@@ -107,7 +107,7 @@ class DPOTrainer(SupervisedTrainer):
             tokenizer = tokenizer if tokenizer is not None else self.model_path
             model = load_causal_lm(self.model_path)
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: add one with sb3_rlhf.add_pad_token(tokenizer, model)")
         check_vocabulary(model, len(tokenizer))

@@ -10,8 +10,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from sb3_rlhf.common.models import load_tokenizer
 from sb3_rlhf.common.tokenizers import check_tokenizer
 
 
@@ -33,15 +34,20 @@ class TokenGenerationEnv(gym.Env):
       and ``completion_ids``.
 
     Prompts longer than ``max_prompt_tokens`` are truncated **from the left** (the end of a prompt is the part
-    the response continues), with one warning naming how many prompts were cut.
+    the response continues), with one warning naming how many prompts were cut; the special tokens the
+    tokenizer adds (e.g. BOS) stay in place.
 
     :param prompts: the prompt texts; an episode starts from one sampled uniformly with ``self.np_random``.
-    :param tokenizer: a Hugging Face tokenizer (or a local path to one) with a pad token distinct from EOS.
+    :param tokenizer: a Hugging Face tokenizer, or the folder, packaged name or hub id of one, with a pad token distinct from EOS.
     :param max_prompt_tokens: longest prompt, in tokens.
     :param max_new_tokens: longest response, in tokens.
     :param stop_token_ids: extra tokens that end a response besides the tokenizer's EOS.
     :param add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to prompts.
     :param render_mode: ``None`` or ``"ansi"`` (the prompt and response so far as text).
+    :param reward_prompts: what reward models read as each prompt, when it differs from what the policy reads:
+        e.g. the plain HH transcript behind a chat-templated prompt (a reward model trained on HH text then
+        scores ``reward_prompt + " " + response``, see :attr:`~sb3_rlhf.common.generation.GenerationBatch.reward_texts`).
+        One per prompt; ``None``: reward models read the episode's own text.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -55,14 +61,11 @@ class TokenGenerationEnv(gym.Env):
         stop_token_ids: Sequence[int] | None = None,
         add_special_tokens: bool = True,
         render_mode: str | None = None,
+        reward_prompts: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(tokenizer, (str, os.PathLike)):
-            if not os.path.isdir(tokenizer):
-                raise FileNotFoundError(
-                    f"tokenizer path {str(tokenizer)!r} does not exist: pass a local tokenizer folder"
-                )
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = check_tokenizer(tokenizer)
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of strings, e.g. prompts=['Once upon a time', ...]")
@@ -77,7 +80,15 @@ class TokenGenerationEnv(gym.Env):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
 
+        if reward_prompts is not None and (
+            isinstance(reward_prompts, str)
+            or len(reward_prompts) != len(prompts)
+            or not all(isinstance(p, str) for p in reward_prompts)
+        ):
+            raise ValueError(f"reward_prompts must be {len(prompts)} strings, one for each prompt")
+
         self.prompts = list(prompts)
+        self.reward_prompts = list(reward_prompts) if reward_prompts is not None else None
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.max_new_tokens = int(max_new_tokens)
         self.render_mode = render_mode
@@ -107,7 +118,7 @@ class TokenGenerationEnv(gym.Env):
             if len(ids) == 0:
                 raise ValueError(f"prompt {i} ({text[:40]!r}) tokenizes to no tokens")
             if len(ids) > self.max_prompt_tokens:
-                ids = ids[-self.max_prompt_tokens :]
+                ids = self._cut_from_left(ids, text, add_special_tokens)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 n_cut += 1
             token_ids.append(list(ids))
@@ -119,6 +130,23 @@ class TokenGenerationEnv(gym.Env):
                 stacklevel=3,
             )
         return token_ids, texts
+
+    def _cut_from_left(self, ids: list[int], text: str, add_special_tokens: bool) -> list[int]:
+        """The last ``max_prompt_tokens`` tokens of a prompt, keeping the special tokens the tokenizer added
+        around it (BOS, [CLS] ... [SEP]): the model was trained to see them, whatever is cut from the text."""
+        plain = self.tokenizer(text, add_special_tokens=False)["input_ids"] if add_special_tokens else ids
+        # where the text's own tokens sit among ``ids``: the rest are the added prefix and suffix
+        start = next((i for i in range(len(ids) - len(plain) + 1) if ids[i : i + len(plain)] == plain), None)
+        if start is None or not plain:  # the tokenizer merged added tokens into the text: cut plainly
+            return ids[-self.max_prompt_tokens :]
+        prefix, suffix = ids[:start], ids[start + len(plain) :]
+        keep = self.max_prompt_tokens - len(prefix) - len(suffix)
+        if keep < 1:
+            raise ValueError(
+                f"max_prompt_tokens={self.max_prompt_tokens} leaves no room for prompt text besides the "
+                f"{len(prefix) + len(suffix)} special tokens the tokenizer adds: raise max_prompt_tokens"
+            )
+        return prefix + plain[-keep:] + suffix
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch as th
 
-from sb3_rlhf.common.sequences import masked_aggregate
+from sb3_rlhf.common.sequences import masked_aggregate, zero_padding
 from sb3_rlhf.ppo.losses import clipped_surrogate
 from sb3_rlhf.rewards.kl import kl_estimate
 
@@ -57,6 +57,8 @@ def grpo_losses(
     if kl_estimator == "k1":
         raise ValueError("k1 in the loss has zero expected gradient (E[∇log π] = 0): use estimator 'k3' (GRPO) or 'k2'")
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, aggregation)
-    kl_loss = masked_aggregate(kl_estimate(logprobs, ref_logprobs, kl_estimator), mask, aggregation)
+    # k3 takes exp of the log-ratio: zero padded positions first (exp(1e4)·0 is NaN, in the value and the gradient)
+    kl = kl_estimate(zero_padding(logprobs, mask), zero_padding(ref_logprobs, mask), kl_estimator)
+    kl_loss = masked_aggregate(kl, mask, aggregation)
     loss = surrogate.pg_loss + kl_coef * kl_loss
     return GRPOLosses(loss, surrogate.pg_loss, kl_loss, surrogate.approx_kl, surrogate.clip_fraction)

@@ -8,7 +8,7 @@ import torch as th
 
 from sb3_rlhf.buffers import SequenceBatch
 from sb3_rlhf.common.group_rollouts import GroupRolloutAlgorithm
-from sb3_rlhf.common.sequences import masked_mean
+from sb3_rlhf.common.sequences import masked_mean, zero_padding
 from sb3_rlhf.p3o.losses import P3O_CLIPPING, p3o_loss, pairwise_reward_difference
 
 
@@ -60,14 +60,14 @@ class P3O(GroupRolloutAlgorithm):
     ) -> tuple[th.Tensor, dict[str, float]]:
         mask = batch.response_mask
         # sequence log-probabilities log π(y|x) = Σ_t log π(a_t|s_t), laid out as (n_pairs, 2)
-        sequence_logprobs = (logprobs * mask).sum(-1).view(-1, 2)
-        old_sequence_logprobs = (batch.old_logprobs * mask).sum(-1).view(-1, 2)
+        sequence_logprobs = zero_padding(logprobs, mask).sum(-1).view(-1, 2)
+        old_sequence_logprobs = zero_padding(batch.old_logprobs, mask).sum(-1).view(-1, 2)
         delta = batch.advantages[:, 0].view(-1, 2)[:, 0]  # every response has at least one token
         losses = p3o_loss(sequence_logprobs, old_sequence_logprobs, delta, clip_range, self.weight_clip, self.clipping)
         entropy_loss = -masked_mean(entropy, mask)
         loss = losses.loss + self.ent_coef * entropy_loss
         with th.no_grad():
-            log_ratio = logprobs - batch.old_logprobs
+            log_ratio = zero_padding(logprobs - batch.old_logprobs, mask)
             approx_kl = masked_mean(th.expm1(log_ratio) - log_ratio, mask).item()
         return loss, {
             "policy_gradient_loss": losses.loss.item(),

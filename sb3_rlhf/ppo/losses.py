@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch as th
 
-from sb3_rlhf.common.sequences import masked_aggregate, masked_mean
+from sb3_rlhf.common.sequences import masked_aggregate, masked_mean, zero_padding
 
 
 class PPOLosses(NamedTuple):
@@ -43,7 +43,9 @@ def clipped_surrogate(
 
     :param aggregation: ``"token"`` or ``"sequence"`` (see :func:`~sb3_rlhf.common.sequences.masked_aggregate`).
     """
-    log_ratio = logprobs - old_logprobs
+    # padded positions may hold anything (±inf log-ratios, NaN advantages): zero them before exp and products
+    log_ratio = zero_padding(logprobs - old_logprobs, mask)
+    advantages = zero_padding(advantages, mask)
     ratio = th.exp(log_ratio)
     pg_loss_unclipped = -advantages * ratio
     pg_loss_clipped = -advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
@@ -84,6 +86,7 @@ def ppo_losses(
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
 
     # L^VF = ½ E_t[ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²) ]
+    values, old_values, returns = (zero_padding(x, mask) for x in (values, old_values, returns))
     value_loss_unclipped = (values - returns) ** 2
     if clip_range_vf is None:
         value_loss = 0.5 * masked_mean(value_loss_unclipped, mask)

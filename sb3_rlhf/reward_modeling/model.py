@@ -14,10 +14,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as MASKED_LM_NAMES
 
 from sb3_rlhf.common.io import atomic_directory
-from sb3_rlhf.common.models import _check_local, _resolve_dtype
+from sb3_rlhf.common.models import _resolve_dtype, resolve_model_path
 
 CONFIG_NAME = "reward_model.json"
 HEAD_NAME = "reward_head.safetensors"
+#: beside a sequence classifier saved by the trainer: its training settings (``max_length``)
+SETTINGS_NAME = "reward_settings.json"
 POOLINGS = ("mean", "last", "first")
 
 
@@ -54,6 +56,8 @@ class RewardModel(th.nn.Module):
         self.pooling = pooling
         hidden_size = backbone.get_input_embeddings().embedding_dim
         self.head = th.nn.Linear(hidden_size, 1)
+        #: the input length (tokens) it was trained on, saved with it; ``None``: unknown
+        self.max_length: int | None = None
 
     @property
     def config(self) -> Any:
@@ -70,14 +74,16 @@ class RewardModel(th.nn.Module):
         pooling: str = "auto",
         dtype: str | th.dtype | None = None,
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> RewardModel:
-        """A new reward model on a pretrained backbone (a folder, or a model object); the head starts random."""
+        """A new reward model on a pretrained backbone (a model object, or a folder, packaged name or hub id);
+        the head starts random."""
         if isinstance(name_or_path, PreTrainedModel):
             backbone = getattr(name_or_path, name_or_path.base_model_prefix, name_or_path)
         else:
-            _check_local(name_or_path, "reward-model backbone path")
+            path = resolve_model_path(name_or_path, revision, "reward-model backbone", trust_remote_code)
             backbone = AutoModel.from_pretrained(
-                name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
+                path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
             )
         return cls(backbone, pooling)
 
@@ -104,8 +110,13 @@ class RewardModel(th.nn.Module):
         :return: ``logits (batch, 1)`` float32."""
         return SequenceClassifierOutput(logits=self.head(self.pool(input_ids, attention_mask, **kwargs)))
 
-    def save_pretrained(self, path: str, tokenizer: Any = None) -> None:
-        """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically."""
+    def save_pretrained(self, path: str, tokenizer: Any = None, max_length: int | None = None) -> None:
+        """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically.
+
+        :param max_length: the input length it was trained on (default: :attr:`max_length`), saved in
+            ``reward_model.json`` so that ``RewardModelWrapper`` cuts texts the same way.
+        """
+        max_length = self.max_length if max_length is None else max_length
         with atomic_directory(path) as tmp:
             self.backbone.save_pretrained(tmp, safe_serialization=True)
             save_file(
@@ -113,26 +124,46 @@ class RewardModel(th.nn.Module):
                 os.path.join(tmp, HEAD_NAME),
             )
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-                json.dump({"pooling": self.pooling, "format_version": 1}, f)
+                json.dump({"pooling": self.pooling, "max_length": max_length, "format_version": 1}, f)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False
+        cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False, revision: str | None = None
     ) -> RewardModel:
-        """Load what :meth:`save_pretrained` wrote (safetensors only)."""
-        _check_local(path, "reward model path")
+        """Load what :meth:`save_pretrained` wrote (safetensors only): a folder or a hub id."""
+        path = resolve_model_path(path, revision, "reward model", trust_remote_code)
         with open(os.path.join(path, CONFIG_NAME)) as f:
             settings = json.load(f)
         model = cls.from_backbone(path, pooling=settings["pooling"], dtype=dtype, trust_remote_code=trust_remote_code)
         model.head.load_state_dict(load_file(os.path.join(path, HEAD_NAME)))
+        model.max_length = settings.get("max_length")
         return model.eval()
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False) -> th.nn.Module:
-    """A reward model by path: a :class:`RewardModel` folder, or any ``AutoModelForSequenceClassification``."""
-    _check_local(path, "reward model path")
+def save_reward_settings(folder: str, max_length: int) -> None:
+    """Write ``reward_settings.json`` (the training ``max_length``) beside a saved sequence classifier."""
+    with open(os.path.join(folder, SETTINGS_NAME), "w") as f:
+        json.dump({"max_length": int(max_length)}, f)
+
+
+def saved_max_length(folder: str) -> int | None:
+    """The input length a reward model in ``folder`` was trained on, if it was saved with it: from
+    ``reward_model.json`` (:class:`RewardModel`) or ``reward_settings.json`` (a sequence classifier)."""
+    for name in (CONFIG_NAME, SETTINGS_NAME):
+        file = os.path.join(folder, name)
+        if os.path.exists(file):
+            with open(file) as f:
+                value = json.load(f).get("max_length")
+            if value is not None:
+                return int(value)
+    return None
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False, revision: str | None = None) -> th.nn.Module:
+    """A reward model by folder or hub id: a :class:`RewardModel`, or any ``AutoModelForSequenceClassification``."""
+    path = resolve_model_path(path, revision, "reward model", trust_remote_code)
     if os.path.exists(os.path.join(path, CONFIG_NAME)):
         return RewardModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     return AutoModelForSequenceClassification.from_pretrained(

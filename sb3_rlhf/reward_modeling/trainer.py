@@ -8,13 +8,14 @@ from typing import Any
 
 import torch as th
 import torch.nn.functional as F
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
+from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
 from sb3_rlhf.common.trainer import SupervisedTrainer
-from sb3_rlhf.reward_modeling.model import RewardModel, load_reward_model
+from sb3_rlhf.reward_modeling.model import RewardModel, load_reward_model, save_reward_settings
 
 
 def bradley_terry_loss(
@@ -74,7 +75,8 @@ class RewardModelTrainer(SupervisedTrainer):
     :param learning_rate: AdamW learning rate.
     :param batch_size: pairs per step.
     :param n_epochs: passes over ``train_pairs`` per :meth:`learn`.
-    :param max_length: tokens per text, cut from the left (the final answer is kept).
+    :param max_length: tokens per text, cut from the left (the final answer is kept); saved with the model, it is
+        the length ``RewardModelWrapper`` cuts texts to by default.
     :param use_margins: subtract each pair's ``margin`` inside the loss where it has one.
     :param center_coef: weight of the reward-centering term.
     :param pooling: for a backbone folder: ``"auto"``, ``"mean"``, ``"last"`` or ``"first"``.
@@ -106,7 +108,7 @@ class RewardModelTrainer(SupervisedTrainer):
     ) -> None:
         super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
         if isinstance(model, (str, os.PathLike)):
-            path = os.fspath(model)
+            path = resolve_model_path(model, what="reward model or backbone")
             model = (
                 load_reward_model(path)
                 if os.path.exists(os.path.join(path, "reward_model.json"))
@@ -114,7 +116,7 @@ class RewardModelTrainer(SupervisedTrainer):
             )
             tokenizer = tokenizer if tokenizer is not None else path
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ValueError(
                 "the reward model's tokenizer needs a pad token: set tokenizer.pad_token (e.g. to its EOS or [PAD])"
@@ -242,13 +244,15 @@ class RewardModelTrainer(SupervisedTrainer):
         }
 
     def save(self, path: str) -> None:
-        """Save the model and tokenizer so that ``RewardModelWrapper(env, path)`` loads them."""
+        """Save the model and tokenizer so that ``RewardModelWrapper(env, path)`` loads them, with ``max_length``
+        (``reward_model.json`` or ``reward_settings.json``), the length the wrapper then cuts texts to."""
         if isinstance(self.model, RewardModel):
-            self.model.save_pretrained(path, tokenizer=self.tokenizer)
+            self.model.save_pretrained(path, tokenizer=self.tokenizer, max_length=self.max_length)
         else:
             with atomic_directory(path) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
+                save_reward_settings(tmp, self.max_length)
 
     @classmethod
     def load(cls, path: str, train_pairs: Sequence[PreferencePair], **kwargs: Any) -> RewardModelTrainer:

@@ -15,7 +15,7 @@ from sb3_rlhf.common.forward import next_token_logits, response_logprobs
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.kl_controllers import AdaptiveKLController, FixedKLController
 from sb3_rlhf.common.models import freeze, load_causal_lm
-from sb3_rlhf.common.sequences import logprobs_of_tokens
+from sb3_rlhf.common.sequences import logprobs_of_tokens, zero_padding
 from sb3_rlhf.rewards.base import RewardWrapper
 
 if TYPE_CHECKING:
@@ -51,14 +51,15 @@ class KLPenaltyWrapper(RewardWrapper):
 
     :param env: the environment to wrap.
     :param coef: β, or its initial value with a target.
-    :param ref_model: the reference (model or local folder); ``None``: the policy's initial model when
-        :class:`~sb3_rlhf.RLHFPPO` binds it.
+    :param ref_model: the reference: a model, or a folder, packaged name or hub id; ``None``: the policy's initial
+        model when :class:`~sb3_rlhf.RLHFPPO` binds it.
     :param target: target KL per episode (nats) for the adaptive controller; ``None`` keeps β fixed.
     :param horizon: the adaptive controller's horizon, in episodes.
     :param estimator: the per-token KL estimator, ``"k1"`` (default, as in Ziegler et al. and TRL), ``"k2"`` or
         ``"k3"`` (see :func:`kl_estimate`); GRPO puts the same estimator in its loss (``"k3"`` there).
     :param policy: the policy, when this env is stepped by an agent other than RLHFPPO (which binds its own).
     :param name: key of the term in ``info["reward_terms"]`` and the logs.
+    :param ref_revision: branch, tag or commit when ``ref_model`` is a hub id.
     """
 
     is_score = False
@@ -73,6 +74,7 @@ class KLPenaltyWrapper(RewardWrapper):
         estimator: str = "k1",
         policy: TransformerActorCriticPolicy | None = None,
         name: str = "kl_penalty",
+        ref_revision: str | None = None,
     ) -> None:
         super().__init__(env, name)
         if not coef > 0:
@@ -83,7 +85,7 @@ class KLPenaltyWrapper(RewardWrapper):
             raise ValueError(f"unknown KL estimator {estimator!r}: use one of {KL_ESTIMATORS}")
         self.kl_controller = FixedKLController(coef) if target is None else AdaptiveKLController(coef, target, horizon)
         if isinstance(ref_model, (str, os.PathLike)):
-            ref_model = load_causal_lm(str(ref_model))
+            ref_model = load_causal_lm(os.fspath(ref_model), revision=ref_revision)
         self.ref_model = None if ref_model is None else freeze(ref_model)
         #: True when the reference was made by the policy (its initial model) rather than given
         self.reference_from_policy = False
@@ -167,7 +169,8 @@ class KLPenaltyWrapper(RewardWrapper):
             raise ValueError("the batch has no policy log-probs: the algorithm fills batch.logprobs before scoring")
         if ref_logprobs is None:
             ref_logprobs = self.reference_logprobs(batch)
-        kl = kl_estimate(batch.logprobs, ref_logprobs, self.estimator) * batch.response_mask
+        mask = batch.response_mask  # padding selected away before k3's exp: exp(1e4)·0 is NaN
+        kl = kl_estimate(zero_padding(batch.logprobs, mask), zero_padding(ref_logprobs, mask), self.estimator)
         self._rollout_kl.append(kl.sum(-1).float().cpu())
         return kl
 

@@ -20,7 +20,14 @@ class RLOO(GroupRolloutAlgorithm):
     return of the other responses to the same prompt (no value function). The return is the sum of the env's
     reward terms: the reward model's score and, with a :class:`~sb3_rlhf.rewards.KLPenaltyWrapper`, the KL
     penalty to the reference (β fixed or adapted by its controller). The advantage weights every token of the
-    response in PPO's clipped surrogate; with ``n_epochs=1`` the ratio is 1 and this is plain REINFORCE.
+    response in PPO's clipped surrogate. With ``n_epochs=1`` **and** ``batch_size == n_episodes`` (one gradient
+    step per rollout) the ratio is 1 at that step, clipping never acts, and this is plain REINFORCE with the
+    leave-one-out baseline, as in the paper; smaller minibatches take several steps per rollout, and every step
+    after the first is off-policy and clipped, PPO-style.
+
+    Advantages are not whitened by default (``normalize_advantage=False``), as in the paper: the leave-one-out
+    baseline already centres them, and the reward scale stays in the step size. ``normalize_advantage=True``
+    scales them to unit variance over the rollout.
 
     :param loss_aggregation: ``"token"`` (mean over every response token of the minibatch) or ``"sequence"``.
     :param kwargs: :class:`~sb3_rlhf.common.group_rollouts.GroupRolloutAlgorithm` arguments.
@@ -32,6 +39,7 @@ class RLOO(GroupRolloutAlgorithm):
         if loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}")
         self.loss_aggregation = loss_aggregation
+        kwargs.setdefault("normalize_advantage", False)  # Ahmadian et al. use the raw leave-one-out advantages
         super().__init__(*args, **kwargs)
 
     def group_advantages(self, returns: th.Tensor) -> th.Tensor:

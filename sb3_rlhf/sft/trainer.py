@@ -9,11 +9,11 @@ from typing import Any
 
 import torch as th
 import torch.nn.functional as F
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.data import Demonstration
 from sb3_rlhf.common.io import atomic_directory
-from sb3_rlhf.common.models import load_causal_lm
+from sb3_rlhf.common.models import load_causal_lm, load_tokenizer
 from sb3_rlhf.common.sequences import position_ids_from_mask
 from sb3_rlhf.common.tokenizers import IGNORE_INDEX, check_vocabulary, collate_right_padded, encode_prompt_response
 from sb3_rlhf.common.trainer import SupervisedTrainer
@@ -28,7 +28,7 @@ class SFTTrainer(SupervisedTrainer):
     ``train/loss`` and, after each epoch on the held-out demonstrations, ``eval/loss`` (mean NLL per
     response token) and ``eval/perplexity``; writes a checkpoint folder per epoch when ``checkpoint_dir`` is set.
 
-    :param model: a causal LM or its local folder.
+    :param model: a causal LM, or its folder, packaged name or hub id.
     :param tokenizer: its tokenizer (object or folder; default: the model folder's); it needs an EOS and a pad token.
     :param train_demos: the training demonstrations.
     :param eval_demos: held-out demonstrations for perplexity (optional).
@@ -67,7 +67,7 @@ class SFTTrainer(SupervisedTrainer):
             tokenizer = tokenizer if tokenizer is not None else os.fspath(model)
             model = load_causal_lm(os.fspath(model))
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an EOS token: set tokenizer.eos_token so responses can end")
         if tokenizer.pad_token_id is None:

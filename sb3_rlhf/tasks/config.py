@@ -14,11 +14,14 @@ C = TypeVar("C")
 
 @dataclass
 class PolicySection:
-    """``[policy]``: ``model`` is a local folder, a packaged model name (``SmolLM2-135M-Instruct``) or
-    ``"tiny"`` (a random tiny Llama over ``tiny_words``, built and saved into the run folder)."""
+    """``[policy]``: ``model`` is a local folder, a packaged model name (``SmolLM2-135M-Instruct``), a Hugging
+    Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``, with an optional ``revision``) or ``"tiny"`` (a random tiny Llama over ``tiny_words``, built and saved into the run folder)."""
 
     model: str
+    revision: str | None = None  # branch, tag or commit when ``model`` is a hub id
     temperature: float = 1.0
+    top_k: int = 0  # 0: off; sampling and log-probs both use the truncated distribution
+    top_p: float = 1.0  # 1.0: off
     dtype: str | None = None
     value_head: str = "shared"
     lora: dict[str, Any] | None = None
@@ -29,8 +32,13 @@ class PolicySection:
 @dataclass
 class PromptsSection:
     """``[prompts]``: ``source`` is ``"inline"`` (``texts``), ``"csv"`` (``column`` of ``path``), ``"jsonl"``
-    (``column`` of each record) or ``"hh"`` (the conversations of HH-RLHF pairs). ``first_words`` keeps the
-    beginning of each text (a review to continue); ``chat_template`` wraps prompts as a user turn."""
+    (``column`` of each record), ``"hh"`` (the conversations of HH-RLHF pairs) or ``"hub"`` (``column`` of a
+    ``datasets`` data set: ``dataset`` is a hub name, a folder or a builder such as ``"parquet"`` with
+    ``data_files``; ``config``, ``data_dir``, ``split``, ``revision`` as in ``datasets.load_dataset``). A
+    column holds texts, HH transcripts or conversations (lists of ``{"role", "content"}``, TRL's format).
+    ``first_words`` keeps the beginning of each text (a review to continue); ``chat_template`` feeds prompts
+    through the policy tokenizer's chat template (an HH conversation as its turns, other texts as one user
+    turn), while reward models still read the plain text."""
 
     source: str
     texts: list[str] = field(default_factory=list)
@@ -40,6 +48,12 @@ class PromptsSection:
     max_prompts: int | None = None
     eval_size: float = 0.1  # a share (< 1) or a count of held-out prompts
     chat_template: bool = False
+    dataset: str | None = None
+    config: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    revision: str | None = None
 
 
 @dataclass
@@ -52,11 +66,15 @@ class GenerationSection:
 
 @dataclass
 class RewardModelTrainingSection:
-    """``[reward.train]``: a reward-model stage run before PPO. ``source`` is ``"pairs"`` (JSONL of
-    comparisons) or ``"labels"`` (a CSV whose ``positive_label`` texts beat the others)."""
+    """``[reward.train]``: a reward-model stage run before PPO. ``source`` is ``"pairs"`` (a JSONL file
+    ``data`` of comparisons), ``"labels"`` (a CSV file ``data`` whose ``positive_label`` texts beat the others)
+    or ``"hub"`` (a ``datasets`` data set, keys as in ``[prompts]``, read as ``format = "pairs"`` with the
+    ``*_key`` columns, plain, HH or conversational, or ``format = "labels"`` with the label columns; a class
+    label may be named by its class name, e.g. ``positive_label = "pos"``)."""
 
-    data: str
-    backbone: str = "all-MiniLM-L6-v2"
+    data: str | None = None
+    backbone: str = "all-MiniLM-L6-v2"  # a folder, packaged model name or hub id
+    backbone_revision: str | None = None  # branch, tag or commit of a hub id
     source: str = "pairs"
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
@@ -74,17 +92,30 @@ class RewardModelTrainingSection:
     max_length: int = 128
     pooling: str = "auto"
     center_coef: float = 0.0
+    dataset: str | None = None
+    config: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    revision: str | None = None
+    format: str = "pairs"  # with source = "hub": "pairs" or "labels"
 
 
 @dataclass
 class RewardSection:
     """``[reward]``: exactly one of ``function`` (``"module:function"``, called as ``fn(prompts, completions)``),
-    ``model`` (a reward-model folder) or ``[reward.train]`` (train one first)."""
+    ``model`` (a reward-model or classifier folder, packaged name or hub id, at ``revision``) or
+    ``[reward.train]`` (train one first). A classifier with several labels needs ``label`` (the class to
+    reward, by name or index); ``score`` is ``"logit"``, ``"probability"`` or ``"logit_margin"``
+    (see :class:`~sb3_rlhf.rewards.RewardModelWrapper`)."""
 
     function: str | None = None
     model: str | None = None
     train: RewardModelTrainingSection | None = None
-    max_length: int = 128
+    max_length: int | None = None  # None: the length the reward model was trained with (saved with it), else 512
+    label: str | int | None = None
+    score: str = "logit"
+    revision: str | None = None
 
 
 @dataclass
@@ -274,12 +305,18 @@ def _check(task: TaskConfig) -> None:
         raise ValueError(f"[reward] needs exactly one of function, model or [reward.train]; got {given or 'none'}")
     if reward.function is not None and ":" not in reward.function:
         raise ValueError(f"reward.function must be 'module:function', got {reward.function!r}")
-    if task.prompts.source not in ("inline", "csv", "jsonl", "hh"):
-        raise ValueError(f"prompts.source must be inline, csv, jsonl or hh; got {task.prompts.source!r}")
-    if task.prompts.source == "inline" and not task.prompts.texts:
-        raise ValueError("prompts.source = 'inline' needs prompts.texts")
-    if task.prompts.source != "inline" and not task.prompts.path:
-        raise ValueError(f"prompts.source = {task.prompts.source!r} needs prompts.path")
+    from sb3_rlhf.rewards.reward_model import SCORES
+
+    if reward.score not in SCORES:
+        raise ValueError(f"reward.score must be one of {list(SCORES)}, got {reward.score!r}")
+    for key, value in (("label", reward.label), ("revision", reward.revision)):
+        if value is not None and reward.model is None:
+            raise ValueError(f"reward.{key} applies to reward.model (a classifier or hub id); this task has no model")
+    if reward.function is not None and reward.score != "logit":
+        raise ValueError("reward.score applies to a reward model; a reward.function returns its scores as they are")
+    _check_prompts(task.prompts)
+    if task.policy.model == "tiny" and task.policy.revision is not None:
+        raise ValueError("policy.revision names a hub revision: the tiny model is built locally, remove it")
     if task.policy.model == "tiny" and not task.policy.tiny_words:
         raise ValueError("policy.model = 'tiny' needs policy.tiny_words (the tiny tokenizer's vocabulary)")
     every, keep = task.checkpoint.every, task.checkpoint.keep
@@ -287,8 +324,51 @@ def _check(task: TaskConfig) -> None:
         raise ValueError(f"checkpoint.every must be a positive number of timesteps, got {every!r}")
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"checkpoint.keep must be a positive integer, got {keep!r}")
-    if reward.train is not None and reward.train.source not in ("pairs", "labels"):
-        raise ValueError(f"reward.train.source must be 'pairs' or 'labels', got {reward.train.source!r}")
+    if reward.train is not None:
+        _check_reward_training(reward.train)
+
+
+#: The keys that name a ``datasets`` data set (``source = "hub"`` only), with their defaults.
+_HUB_KEYS = {"dataset": None, "config": None, "data_dir": None, "data_files": None, "split": "train", "revision": None}
+
+
+def _check_hub_keys(section: PromptsSection | RewardModelTrainingSection, where: str) -> None:
+    hub = section.source == "hub"
+    if hub and not section.dataset:
+        raise ValueError(
+            f"{where}.source = 'hub' needs {where}.dataset: a hub name (e.g. 'stanfordnlp/imdb'), a folder, "
+            f"or a builder such as 'parquet' with {where}.data_files"
+        )
+    given = [key for key, default in _HUB_KEYS.items() if getattr(section, key) != default]
+    if given and not hub:
+        raise ValueError(f"{where}.{given[0]} names a datasets data set: it needs {where}.source = 'hub'")
+
+
+def _check_prompts(prompts: PromptsSection) -> None:
+    sources = ("inline", "csv", "jsonl", "hh", "hub")
+    if prompts.source not in sources:
+        raise ValueError(f"prompts.source must be one of {', '.join(sources)}; got {prompts.source!r}")
+    if prompts.source == "inline" and not prompts.texts:
+        raise ValueError("prompts.source = 'inline' needs prompts.texts")
+    if prompts.source in ("csv", "jsonl", "hh") and not prompts.path:
+        raise ValueError(f"prompts.source = {prompts.source!r} needs prompts.path")
+    if prompts.source == "hub" and prompts.path:
+        raise ValueError("prompts.path is a file: with source = 'hub' name the data set in prompts.dataset")
+    _check_hub_keys(prompts, "prompts")
+
+
+def _check_reward_training(stage: RewardModelTrainingSection) -> None:
+    if stage.source not in ("pairs", "labels", "hub"):
+        raise ValueError(f"reward.train.source must be 'pairs', 'labels' or 'hub', got {stage.source!r}")
+    if stage.source != "hub" and not stage.data:
+        raise ValueError(f"reward.train.source = {stage.source!r} needs reward.train.data (a file name or path)")
+    if stage.source == "hub" and stage.data:
+        raise ValueError("reward.train.data is a file: with source = 'hub' name the data set in reward.train.dataset")
+    if stage.format not in ("pairs", "labels"):
+        raise ValueError(f"reward.train.format must be 'pairs' or 'labels', got {stage.format!r}")
+    if stage.format != "pairs" and stage.source != "hub":
+        raise ValueError("reward.train.format is for source = 'hub'; for a file, source = 'labels' says it")
+    _check_hub_keys(stage, "reward.train")
 
 
 def kl_estimator(task: TaskConfig) -> str:

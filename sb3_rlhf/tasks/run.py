@@ -11,21 +11,24 @@ from typing import Any
 
 import torch.distributed as dist
 from stable_baselines3.common.utils import get_device, set_random_seed
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_checkpoint
 from sb3_rlhf.common.data import (
-    clean_html_breaks,
+    LoadReport,
+    PreferencePair,
     find_data_file,
+    load_hub_dataset,
     load_labelled_texts,
     load_preference_pairs,
+    load_prompt_texts,
     pairs_from_labels,
-    read_records,
+    prompt_messages,
     train_test_split,
 )
 from sb3_rlhf.common.distributed import init_distributed, is_main_process
-from sb3_rlhf.common.models import resolve_model_path
+from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tiny import save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
@@ -45,43 +48,103 @@ from sb3_rlhf.tasks.config import (
 
 
 def policy_model_path(task: TaskConfig, out: str) -> str:
-    """The policy's model folder: resolved by path or packaged name, or a tiny random model built into ``out``."""
+    """The policy's model as the policy names it (and the SB3 zip records it): the task's folder, packaged name or
+    hub id, checked to resolve now so that a missing model fails before any work; or a tiny random model built
+    into ``out``."""
     if task.policy.model != "tiny":
-        return resolve_model_path(task.policy.model)
+        resolve_model_path(task.policy.model, task.policy.revision, "policy model")
+        return task.policy.model
     path = os.path.join(out, "base_model")
     if not os.path.exists(os.path.join(path, "config.json")):
         save_tiny_model(path, task.policy.tiny_words, "llama", seed=task.seed, hidden_size=task.policy.tiny_hidden_size)
     return path
 
 
-def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The task's prompt texts, in file order (the split is seeded later)."""
+def _hub_dataset(section: PromptsSection | RewardModelTrainingSection, where: str, columns: dict[str, str]) -> Any:
+    """The ``datasets`` split a ``source = "hub"`` section names, checked to have the ``columns`` its keys name.
+
+    :raises ValueError: one line naming the missing column, its key and the data set's columns.
+    """
+    dataset = load_hub_dataset(
+        section.dataset, section.config, section.split, section.revision, section.data_dir, section.data_files
+    )
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"data set {section.dataset!r} has no column {column!r} ({where}.{key}); its columns are "
+                f"{dataset.column_names}"
+            )
+    return dataset
+
+
+def load_prompt_forms(
+    section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[list[str], list[str]]:
+    """The task's prompts in file order (the split is seeded later), in two parallel forms: what the policy
+    reads (through its chat template when ``prompts.chat_template``: an HH conversation as its turns, any other
+    text as one user turn, ending in the assistant's header) and the plain text that reward models score
+    (the same texts without a chat template).
+
+    :param tokenizer: the policy's tokenizer (used only with ``chat_template``).
+    :raises ValueError: a missing column (naming the columns present), or a chat template asked of a tokenizer without one.
+    """
     if section.source == "inline":
         texts = list(section.texts)
     elif section.source == "hh":
         pairs, _ = load_preference_pairs(find_data_file(section.path))
         texts = list(dict.fromkeys(p.prompt for p in pairs))
     else:
-        records, name = read_records(find_data_file(section.path))
-        texts = []
-        for record in records:
-            if section.column not in record:
-                raise ValueError(
-                    f"{name}: no column {section.column!r} (prompts.column); the records have {sorted(record)}"
-                )
-            text = record[section.column]
-            if isinstance(text, str) and text.strip():
-                texts.append(clean_html_breaks(text, " "))
+        if section.source == "hub":
+            source = _hub_dataset(section, "prompts", {"column": section.column})
+        else:
+            source = find_data_file(section.path)
+        texts, _ = load_prompt_texts(source, section.column)
     if section.first_words:
         texts = [" ".join(t.split()[: section.first_words]) for t in texts]
     if section.max_prompts:
         texts = texts[: section.max_prompts]
-    if section.chat_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-            for t in texts
-        ]
-    return texts
+    if not section.chat_template:
+        return texts, texts
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompts.chat_template = true but the policy tokenizer has no chat template: set it to false")
+    templated = [
+        tokenizer.apply_chat_template(prompt_messages(t), add_generation_prompt=True, tokenize=False) for t in texts
+    ]
+    return templated, texts
+
+
+def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+    """The task's prompt texts as the policy reads them, in file order (see :func:`load_prompt_forms`)."""
+    return load_prompt_forms(section, tokenizer)[0]
+
+
+def reward_training_pairs(stage: RewardModelTrainingSection, seed: int) -> tuple[list[PreferencePair], LoadReport]:
+    """The comparisons of a ``[reward.train]`` stage: a file's pairs (plain, HH or conversational), labelled
+    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set.
+
+    :raises ValueError: a missing column, naming it and the columns present.
+    """
+    labels = stage.source == "labels" or (stage.source == "hub" and stage.format == "labels")
+    positive_label = str(stage.positive_label)
+    if stage.source == "hub":
+        if labels:
+            columns = {"text_column": stage.text_column, "label_column": stage.label_column}
+        else:
+            columns = {"chosen_key": stage.chosen_key, "rejected_key": stage.rejected_key}
+        source = _hub_dataset(stage, "reward.train", columns)
+        names = getattr(source.features[stage.label_column], "names", None) if labels else None
+        if names and positive_label in names:  # a ClassLabel column stores class indices
+            positive_label = str(names.index(positive_label))
+    else:
+        source = find_data_file(stage.data)
+    if labels:
+        positives, negatives, report = load_labelled_texts(
+            source, stage.text_column, stage.label_column, positive_label
+        )
+        pairs = pairs_from_labels(positives, negatives, seed=seed)
+    else:
+        pairs, report = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+    return pairs, report
 
 
 def train_reward_model_stage(
@@ -91,19 +154,12 @@ def train_reward_model_stage(
 
     :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
     """
-    path = find_data_file(stage.data)
-    if stage.source == "labels":
-        positives, negatives, report = load_labelled_texts(
-            path, stage.text_column, stage.label_column, stage.positive_label
-        )
-        pairs = pairs_from_labels(positives, negatives, seed=seed)
-    else:
-        pairs, report = load_preference_pairs(path, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+    pairs, report = reward_training_pairs(stage, seed)
     train, test = train_test_split(pairs, stage.test_size, seed=seed)
     if stage.max_pairs:
         train = train[: stage.max_pairs]
     trainer = RewardModelTrainer(
-        resolve_model_path(stage.backbone),
+        resolve_model_path(stage.backbone, stage.backbone_revision, "reward-model backbone"),
         None,
         train,
         test,
@@ -150,14 +206,37 @@ def import_function(spec: str) -> Any:
     return function
 
 
-def make_env(task: TaskConfig, prompts: list[str], tokenizer: PreTrainedTokenizerBase, reward_model: str | None) -> Any:
-    """The task's env under its reward wrappers."""
-    env = TokenGenerationEnv(prompts, tokenizer, task.generation.max_prompt_tokens, task.generation.max_new_tokens)
+def make_env(
+    task: TaskConfig,
+    prompts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    reward_model: str | None,
+    reward_prompts: dict[str, str] | None = None,
+) -> Any:
+    """The task's env under its reward wrappers.
+
+    :param reward_prompts: the plain text of each chat-templated prompt (see :func:`load_prompt_forms`), which
+        reward models read instead of the template.
+    """
+    env = TokenGenerationEnv(
+        prompts,
+        tokenizer,
+        task.generation.max_prompt_tokens,
+        task.generation.max_new_tokens,
+        reward_prompts=[reward_prompts[p] for p in prompts] if reward_prompts else None,
+    )
     if task.reward.function is not None:
         env = RewardFunctionWrapper(env, import_function(task.reward.function))
     else:
         # the reward model runs beside the policy (GPU when there is one)
-        env = RewardModelWrapper(env, reward_model, max_length=task.reward.max_length, device=get_device(task.device))
+        env = RewardModelWrapper(
+            env,
+            reward_model,
+            max_length=task.reward.max_length,
+            device=get_device(task.device),
+            label=task.reward.label,
+            score=task.reward.score,
+        )
     if task.kl.coef > 0:
         env = KLPenaltyWrapper(
             env, task.kl.coef, target=task.kl.target, horizon=task.kl.horizon, estimator=kl_estimator(task)
@@ -176,20 +255,25 @@ class PreparedTask:
     train_prompts: list[str]
     eval_prompts: list[str]
     reward_model: str | None
+    #: policy prompt -> its plain text, when the prompts are chat-templated (what reward models read)
+    reward_prompts: dict[str, str] | None = None
 
     @property
     def policy_kwargs(self) -> dict[str, Any]:
         policy = self.task.policy
         return dict(
             model_name_or_path=self.policy_path,
+            revision=policy.revision,
             temperature=policy.temperature,
+            top_k=policy.top_k,
+            top_p=policy.top_p,
             dtype=policy.dtype,
             value_head=policy.value_head,
             lora=policy.lora,
         )
 
     def env(self, prompts: list[str]) -> Any:
-        return make_env(self.task, prompts, self.tokenizer, self.reward_model)
+        return make_env(self.task, prompts, self.tokenizer, self.reward_model, self.reward_prompts)
 
 
 def prepare(
@@ -200,8 +284,8 @@ def prepare(
     os.makedirs(out, exist_ok=True)
     set_random_seed(task.seed)
     policy_path = policy_model_path(task, out)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path, local_files_only=True)
-    prompts = load_prompts(task.prompts, tokenizer)
+    tokenizer = load_tokenizer(policy_path, task.policy.revision)
+    prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
@@ -211,10 +295,14 @@ def prepare(
         else:
             reward_model = os.path.join(out, "reward_model")
     if reward_model is not None:
-        reward_model = resolve_model_path(reward_model)
+        # a folder, packaged name or hub id (at [reward] revision) -> a local folder, once for every env built
+        revision = task.reward.revision if task.reward.model is not None else None
+        reward_model = resolve_model_path(reward_model, revision, "reward model")
     prepared = PreparedTask(
         task, out, policy_path, tokenizer, train_prompts, eval_prompts[: task.evaluation.n_prompts], reward_model
     )
+    if task.prompts.chat_template:
+        prepared.reward_prompts = dict(zip(prompts, plain_prompts))
     return prepared, metrics
 
 
@@ -229,7 +317,8 @@ def exported_policy(prepared: PreparedTask, folder: str, env: Any, device: Any) 
     """A policy whose actor is an exported model folder (e.g. DPO's), with the task's other policy settings."""
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder} is not a model folder: run `sb3-rlhf train` with --out for this run first")
-    settings = {**prepared.policy_kwargs, "model_name_or_path": folder, "lora": None}  # LoRA was merged on export
+    # LoRA was merged on export; the folder is local, so no revision
+    settings = {**prepared.policy_kwargs, "model_name_or_path": folder, "revision": None, "lora": None}
     return TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 0.0, **settings).to(device)
 
 
@@ -300,7 +389,8 @@ def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrain
     settings.setdefault("tensorboard_log", os.path.join(prepared.out, "tensorboard"))
     settings.setdefault("seed", task.seed)
     settings.setdefault("device", task.device)
-    trainer = DPOTrainer(prepared.policy_path, prepared.tokenizer, pairs, lora=task.policy.lora, **settings)
+    model = resolve_model_path(prepared.policy_path, task.policy.revision)
+    trainer = DPOTrainer(model, prepared.tokenizer, pairs, lora=task.policy.lora, **settings)
     return trainer, counts
 
 

@@ -1,0 +1,410 @@
+"""Where prompts and preference data come from: data sets by hub name (offline, through local parquet files and
+through ``datasets``' own cache), the data shipped inside the package, and chat-templated prompts whose reward
+model still reads plain text."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch as th
+
+from sb3_rlhf.common.data import load_hub_dataset, messages_to_hh, prompt_messages
+from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.rewards import RewardModelWrapper
+from sb3_rlhf.tasks.config import PromptsSection, parse_task
+from sb3_rlhf.tasks.run import load_prompt_forms, load_prompts, prepare, reward_training_pairs
+from tests.conftest import WORDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH = "\n\nHuman: the cat sat\n\nAssistant: a dog ran\n\nHuman: it was good\n\nAssistant:"
+HH_PAIRS = [
+    {"chosen": HH + " happy dog", "rejected": HH + " bad dog"},
+    {"chosen": "\n\nHuman: the mat\n\nAssistant: good", "rejected": "\n\nHuman: the mat\n\nAssistant: sad"},
+]
+#: a chat template over whole words, so the tiny word-level tokenizer reads what it renders
+TEMPLATE = (
+    "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+def task_dict(prompts: dict, reward_train: dict | None = None, **sections) -> dict:
+    reward = {"train": {"backbone": "unused", **reward_train}} if reward_train else {"function": "m:f"}
+    return {
+        "task": {"name": "t"},
+        "policy": {"model": "tiny", "tiny_words": ["a"]},
+        "prompts": prompts,
+        "reward": reward,
+        "algorithm": {"total_timesteps": 8},
+        **sections,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- hub data sets
+def test_hub_prompts_and_pairs_from_local_parquet_files(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    conversations = datasets.Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                [{"role": "system", "content": "be kind"}, {"role": "user", "content": "a joke?"}],
+            ]
+        }
+    )
+    conversations.to_parquet(str(tmp_path / "prompts.parquet"))
+    prefs = datasets.Dataset.from_dict(
+        {
+            "question": ["Q1", "Q2"],
+            "good": ["A1", "A2"],
+            "bad": ["B1", "B2"],
+        }
+    )
+    os.makedirs(tmp_path / "prefs")
+    prefs.to_parquet(str(tmp_path / "prefs" / "train.parquet"))  # a local folder, as a hub repository lays it out
+    task = parse_task(
+        task_dict(
+            {
+                "source": "hub",
+                "dataset": "parquet",
+                "data_files": str(tmp_path / "prompts.parquet"),
+                "column": "messages",
+            },
+            {
+                "source": "hub",
+                "dataset": str(tmp_path / "prefs"),
+                "prompt_key": "question",
+                "chosen_key": "good",
+                "rejected_key": "bad",
+            },
+        )
+    )
+    # a conversation is kept as HH text up to the assistant's turn (a final assistant answer is dropped)
+    assert load_prompts(task.prompts, None) == [
+        "\n\nHuman: hi\n\nAssistant:",
+        "\n\nSystem: be kind\n\nHuman: a joke?\n\nAssistant:",
+    ]
+    pairs, report = reward_training_pairs(task.reward.train, seed=0)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("Q1", "A1", "B1"), ("Q2", "A2", "B2")]
+    assert report.loaded == 2
+
+
+def test_hub_labels_by_class_name_and_missing_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    reviews = datasets.Dataset.from_dict(
+        {"text": ["great film", "dull film", "fine film", "bad film"], "label": [1, 0, 1, 0]}, features=features
+    )
+    reviews.to_parquet(str(tmp_path / "reviews.parquet"))
+    hub = {"source": "hub", "dataset": "parquet", "data_files": str(tmp_path / "reviews.parquet")}
+    labels = {**hub, "format": "labels", "text_column": "text", "label_column": "label", "positive_label": "pos"}
+    pairs, _ = reward_training_pairs(
+        parse_task(task_dict({"source": "inline", "texts": ["a"]}, labels)).reward.train, 0
+    )
+    assert {p.chosen for p in pairs} == {"great film", "fine film"}  # "pos" is class 1
+    assert {p.rejected for p in pairs} == {"dull film", "bad film"}
+    by_index = {**labels, "positive_label": "1"}  # the class index works too
+    pairs, _ = reward_training_pairs(
+        parse_task(task_dict({"source": "inline", "texts": ["a"]}, by_index)).reward.train, 0
+    )
+    assert {p.chosen for p in pairs} == {"great film", "fine film"}
+
+    missing = parse_task(task_dict({"source": "inline", "texts": ["a"]}, {**hub, "chosen_key": "better"})).reward.train
+    with pytest.raises(ValueError) as error:
+        reward_training_pairs(missing, 0)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "no column 'better' (reward.train.chosen_key); its columns are ['text', 'label']" in message
+    prompts = parse_task(task_dict({**hub, "column": "prompt"})).prompts
+    with pytest.raises(ValueError, match=r"no column 'prompt' \(prompts.column\); its columns are \['text', 'label'\]"):
+        load_prompts(prompts, None)
+
+
+def build_datasets_cache(cache_dir, repo_id: str, records: list[dict], workdir, data_dir: str | None = None) -> None:
+    """Lay out ``records`` as ``datasets`` caches a hub data set once loaded online:
+    ``<cache>/<namespace>___<name>/<config id>/0.0.0/<hash>/`` with the Arrow file and ``dataset_info.json``,
+    which ``load_dataset(repo_id)`` reads offline (``CachedDatasetModuleFactory`` and the ``cache`` builder)."""
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    os.makedirs(workdir, exist_ok=True)
+    source = os.path.join(workdir, "train.parquet")
+    datasets.Dataset.from_list(records).to_parquet(source)
+    # the config id the cache lookup computes: "default", or e.g. "default-data_dir=harmless-base"
+    config_kwargs = {"data_dir": data_dir} if data_dir else {}
+    config_id = datasets.BuilderConfig("default").create_config_id(config_kwargs=config_kwargs)
+    staging = os.path.join(workdir, "staging")
+    builder = Parquet(
+        cache_dir=staging,
+        dataset_name=name,  # the Arrow file is named after it
+        config_name="default",
+        config_id=config_id,
+        data_files={"train": source},
+        hash="0123456789abcdef",
+    )
+    builder.download_and_prepare()
+    # a repo id adds its namespace to the folder name; local files cannot carry a repo id, so move it there
+    shutil.move(os.path.join(staging, name), os.path.join(cache_dir, f"{namespace}___{name}"))
+
+
+OFFLINE_SCRIPT = """
+import json, sys
+from sb3_rlhf.common.data import load_hub_dataset
+from sb3_rlhf.tasks.config import parse_task
+from sb3_rlhf.tasks.run import load_prompts, reward_training_pairs
+
+task = parse_task(json.loads(sys.argv[1]))
+pairs, report = reward_training_pairs(task.reward.train, 0)
+result = {"pairs": [[p.prompt, p.chosen, p.rejected] for p in pairs], "prompts": load_prompts(task.prompts, None)}
+try:
+    load_hub_dataset("org/never-downloaded")
+except FileNotFoundError as error:
+    result["error"] = str(error)
+print(json.dumps(result))
+"""
+
+
+def test_hub_data_set_by_name_offline_from_the_datasets_cache(tmp_path):
+    pytest.importorskip("datasets")
+    cache = tmp_path / "datasets_cache"
+    cache.mkdir()
+    build_datasets_cache(cache, "org/hh-mini", HH_PAIRS, tmp_path / "build", data_dir="harmless-base")
+    hub = {"source": "hub", "dataset": "org/hh-mini", "data_dir": "harmless-base", "split": "train"}
+    task = task_dict({**hub, "column": "chosen"}, dict(hub))
+    # datasets reads HF_HUB_OFFLINE and its cache folder at import: a fresh process
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SB3_RLHF"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), HF_DATASETS_CACHE=str(cache))
+    done = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, json.dumps(task)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pairs"] == [[HH, " happy dog", " bad dog"], ["\n\nHuman: the mat\n\nAssistant:", " good", " sad"]]
+    assert result["prompts"] == [HH, "\n\nHuman: the mat\n\nAssistant:"]  # the conversations of the chosen column
+    error = result["error"]
+    assert "\n" not in error
+    assert "'org/never-downloaded'" in error and "HF_HUB_OFFLINE=1" in error
+    assert "imdb_subset.csv" in error and "hh_harmless_base_test.jsonl.gz" in error
+
+
+def test_hub_without_the_datasets_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install datasets"):
+        load_hub_dataset("stanfordnlp/imdb")
+
+
+@pytest.mark.parametrize(
+    "prompts, reward_train, match",
+    [
+        ({"source": "hub"}, None, "prompts.source = 'hub' needs prompts.dataset"),
+        ({"source": "hub", "dataset": "x", "path": "f.csv"}, None, "prompts.path is a file"),
+        ({"source": "csv", "path": "f.csv", "dataset": "x"}, None, "prompts.dataset names a datasets data set"),
+        ({"source": "csv", "path": "f.csv", "split": "test"}, None, "prompts.split names a datasets data set"),
+        ({"source": "parquet", "path": "f"}, None, "prompts.source must be one of inline, csv, jsonl, hh, hub"),
+        (
+            {"source": "inline", "texts": ["a"]},
+            {"source": "hub"},
+            "reward.train.source = 'hub' needs reward.train.dataset",
+        ),
+        ({"source": "inline", "texts": ["a"]}, {"source": "pairs"}, "needs reward.train.data"),
+        ({"source": "inline", "texts": ["a"]}, {"source": "hub", "dataset": "x", "format": "ranks"}, "format must be"),
+        ({"source": "inline", "texts": ["a"]}, {"source": "labels", "data": "f", "format": "labels"}, "format is for"),
+        ({"source": "inline", "texts": ["a"]}, {"source": "labels", "data": "f", "revision": "v1"}, "revision names"),
+    ],
+)
+def test_data_source_keys_are_checked(prompts, reward_train, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        parse_task(task_dict(prompts, reward_train))
+
+
+def test_task_files_name_their_public_originals_as_valid_alternatives():
+    """Each real task names its public data set in commented ``source = "hub"`` lines; switched on, they parse."""
+    for name, dataset in (("imdb_positive", "stanfordnlp/imdb"), ("hh_harmless", "Anthropic/hh-rlhf")):
+        path = os.path.join(REPO, "envs", f"{name}.toml")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        data = tomllib.loads("\n".join(lines))
+        online, section = {}, None
+        for line in lines:
+            if line.startswith("["):
+                section = line.split("]")[0].strip("[")
+            match = re.match(r"#\s{3}(\w+ = .*)$", line)
+            if match:
+                online.setdefault(section, {}).update(tomllib.loads(match.group(1)))
+        assert set(online) == {"prompts", "reward.train"}, name
+        assert data["prompts"].get("path") and data["reward"]["train"].get("data")  # shipped data by default
+        data["prompts"].pop("path")
+        data["prompts"].update(online["prompts"])
+        data["reward"]["train"].pop("data")
+        data["reward"]["train"].update(online["reward.train"])
+        task = parse_task(data, source=path)
+        assert task.prompts.source == task.reward.train.source == "hub"
+        assert task.prompts.dataset == task.reward.train.dataset == dataset
+
+
+# ---------------------------------------------------------------------------------------------- shipped data
+COPY_SCRIPT = """
+import dataclasses, glob, json, os
+import sb3_rlhf
+from sb3_rlhf.common.data import find_data_file
+from sb3_rlhf.tasks.config import load_task
+from sb3_rlhf.tasks.run import load_prompts, reward_training_pairs
+
+result = {"package": os.path.abspath(sb3_rlhf.__file__), "tasks": {}}
+for path in sorted(glob.glob("envs/*.toml")):
+    task = load_task(path)
+    names = [n for n in (task.prompts.path, task.reward.train.data if task.reward.train else None) if n]
+    prompts = load_prompts(dataclasses.replace(task.prompts, chat_template=False), None)
+    pairs = reward_training_pairs(task.reward.train, task.seed)[0] if task.reward.train else []
+    files = [os.path.abspath(find_data_file(n)) for n in names]
+    result["tasks"][path] = {"files": files, "prompts": len(prompts), "pairs": len(pairs)}
+print(json.dumps(result))
+"""
+
+
+def test_a_copy_of_the_repository_alone_resolves_every_task_data_file(tmp_path):
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    copy = tmp_path / "clone"  # nothing beside it: no ../shared
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(REPO, name)):
+            os.makedirs(copy / os.path.dirname(name), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, name), copy / name)
+    assert (copy / "sb3_rlhf" / "data" / "imdb_subset.csv").is_file()  # the data travels with the repository
+    env = {k: v for k, v in os.environ.items() if k != "SB3_RLHF_DATA_DIR"}
+    env["PYTHONPATH"] = str(copy)
+    done = subprocess.run(
+        [sys.executable, "-c", COPY_SCRIPT], cwd=copy, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["package"].startswith(str(copy))
+    tasks = result["tasks"]
+    assert set(tasks) == {
+        os.path.join("envs", f) for f in os.listdir(os.path.join(REPO, "envs")) if f.endswith(".toml")
+    }
+    shipped = str(copy / "sb3_rlhf" / "data")
+    for path, found in tasks.items():
+        assert all(os.path.dirname(f) == shipped for f in found["files"]), (path, found)
+        assert found["prompts"] > 0
+    assert tasks[os.path.join("envs", "imdb_positive.toml")]["pairs"] == 664  # min(716 positive, 664 negative)
+    assert tasks[os.path.join("envs", "hh_harmless.toml")]["pairs"] > 2000
+    assert len(tasks[os.path.join("envs", "hh_harmless.toml")]["files"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def chat_tokenizer():
+    tokenizer = tiny_tokenizer([*WORDS, "user", "assistant", "system"])
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def write_hh(path) -> str:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for record in HH_PAIRS:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def tiny_bert(vocab_size: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    th.manual_seed(0)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def test_chat_templated_hh_prompts_are_turns_and_the_reward_model_reads_hh_text(tmp_path):
+    tokenizer = chat_tokenizer()
+    section = PromptsSection(source="hh", path=write_hh(tmp_path / "hh.jsonl.gz"), chat_template=True)
+    templated, plain = load_prompt_forms(section, tokenizer)
+    # multi-turn messages through the template, not the flattened transcript as one user turn
+    assert templated[0] == "user the cat sat assistant a dog ran user it was good assistant"
+    assert plain == [HH, "\n\nHuman: the mat\n\nAssistant:"]
+    assert templated[0] == tokenizer.apply_chat_template(
+        prompt_messages(HH), add_generation_prompt=True, tokenize=False
+    )
+
+    env = TokenGenerationEnv(templated, tokenizer, max_prompt_tokens=32, max_new_tokens=4, reward_prompts=plain)
+    # a reward model trained on HH text, with its own vocabulary (the HH speaker names, not the template's roles)
+    reward_tokenizer = tiny_tokenizer([*WORDS, "Human:", "Assistant:"])
+    reward_model = tiny_bert(len(reward_tokenizer))
+    wrapped = RewardModelWrapper(env, reward_model, reward_tokenizer=reward_tokenizer)
+    completion = tokenizer("happy dog", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    batch = GenerationBatch.from_episode(env, 0, completion)
+    assert batch.reward_texts == [HH + " happy dog"]  # the format of HH_PAIRS' chosen transcripts
+
+    def score(text: str) -> float:
+        (ids,) = encode_keep_end(reward_tokenizer, [text], wrapped.max_length)
+        with th.no_grad():
+            return reward_model(input_ids=th.tensor([ids])).logits[0, 0].item()
+
+    expected = score(HH + " happy dog")
+    assert wrapped.checked_score(batch).item() == pytest.approx(expected, abs=1e-5)
+    assert abs(score(batch.texts[0]) - expected) > 1e-4  # the templated text would score differently
+    # the step path scores the same text
+    wrapped.reset(options={"prompt_index": 0})
+    for token in completion:
+        _, _, terminated, truncated, info = wrapped.step(token)
+    assert terminated and info["reward_terms"]["reward_model"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_prepare_gives_the_env_the_plain_prompts_of_a_chat_template(tmp_path):
+    tokenizer = chat_tokenizer()
+    policy = tmp_path / "policy"
+    tiny_causal_lm(len(tokenizer)).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    data = task_dict(
+        {"source": "hh", "path": write_hh(tmp_path / "hh.jsonl.gz"), "chat_template": True, "eval_size": 1},
+        reward={"function": "sb3_rlhf.rewards.rules:share_of_good"},
+    )
+    data["policy"] = {"model": str(policy)}
+    prepared, _ = prepare(parse_task(data), str(tmp_path / "run"), train_reward_model=False)
+    plain_of = {
+        tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=False): p
+        for p in (HH, "\n\nHuman: the mat\n\nAssistant:")
+    }
+    for prompts in (prepared.train_prompts, prepared.eval_prompts):
+        env = prepared.env(prompts).unwrapped
+        assert env.prompts == prompts and set(prompts) <= set(plain_of)
+        assert env.reward_prompts == [plain_of[p] for p in prompts]
+
+    data["prompts"]["chat_template"] = False
+    prepared, _ = prepare(parse_task(data), str(tmp_path / "run"), train_reward_model=False)
+    assert prepared.env(prepared.train_prompts).unwrapped.reward_prompts is None  # the prompts are the plain text
+    no_template = tiny_tokenizer(WORDS)
+    with pytest.raises(ValueError, match="the policy tokenizer has no chat template"):
+        load_prompt_forms(PromptsSection(source="inline", texts=["the cat"], chat_template=True), no_template)
+
+
+def test_sft_and_dpo_encode_hh_prompts_as_the_env_does():
+    """The offline trainers' chat encoding of an HH prompt is the env's chat-templated prompt, token for token."""
+    tokenizer = chat_tokenizer()
+    input_ids, labels = encode_prompt_response(tokenizer, HH, " happy dog", 64, chat_template=True)
+    env_prompt = tokenizer.apply_chat_template(prompt_messages(HH), add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(env_prompt)["input_ids"]
+    assert input_ids[: len(prompt_ids)] == prompt_ids
+    assert labels[len(prompt_ids) :] == input_ids[len(prompt_ids) :] and labels[len(prompt_ids) - 1] == -100
+    assert messages_to_hh(prompt_messages(HH), add_generation_prompt=True) == HH

@@ -1,0 +1,230 @@
+"""Models by hub id, offline: a hub-style cache built in a temporary HF_HOME from a tiny saved model.
+
+huggingface_hub reads ``HF_HOME`` and ``HF_HUB_OFFLINE`` when it is imported, so the end-to-end run happens in a
+fresh Python process with those variables set, as a user's would.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import huggingface_hub
+import pytest
+
+from sb3_rlhf.common.models import PACKAGED_MODELS, resolve_model_path
+from tests.helpers import build_hub_cache
+
+REPO_ID = "tiny-org/tiny-llama"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def hub_home(tmp_path, model_path):
+    """``$HF_HOME`` whose hub cache holds the tiny Llama as ``tiny-org/tiny-llama`` (revision ``main``)."""
+    home = tmp_path / "hf_home"
+    commit = build_hub_cache(home, REPO_ID, model_path)
+    return home, commit
+
+
+@pytest.fixture
+def offline_cache(hub_home, monkeypatch):
+    """This process's huggingface_hub pointed at the temporary cache, offline."""
+    home, commit = hub_home
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return home, commit
+
+
+def test_a_cached_hub_id_resolves_to_its_snapshot(offline_cache):
+    home, commit = offline_cache
+    path = resolve_model_path(REPO_ID)
+    assert path == str(home / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / commit)
+    assert resolve_model_path(REPO_ID, revision=commit) == path  # a pinned commit
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
+def test_hub_errors_are_one_line_and_name_the_fix(offline_cache, tmp_path, model_path):
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model_path("someone/not-cached")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'someone/not-cached'" in message and "HF_HUB_OFFLINE=1" in message
+    assert all(name in message for name in PACKAGED_MODELS)  # the offline alternatives
+    with pytest.raises(FileNotFoundError, match="as a hub id at revision 'v9' it is not in the Hugging Face cache"):
+        resolve_model_path(REPO_ID, revision="v9")
+    with pytest.raises(FileNotFoundError, match="does not exist as a local folder"):
+        resolve_model_path(str(tmp_path / "missing" / "folder"))
+    with pytest.raises(ValueError, match="applies to hub ids only"):
+        resolve_model_path(model_path, revision="main")
+
+
+def test_an_unknown_revision_online_is_named(monkeypatch):
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    def no_such_revision(repo_id, revision=None, **kwargs):
+        # built without an HTTP response object, whose class differs between huggingface_hub versions
+        error = RevisionNotFoundError.__new__(RevisionNotFoundError)
+        Exception.__init__(error, f"404: {repo_id}@{revision}")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_such_revision)
+    with pytest.raises(FileNotFoundError, match="'org/model' has no revision 'v2' on the hub"):
+        resolve_model_path("org/model", revision="v2")
+
+
+def test_pickled_weights_from_the_hub_are_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    home = tmp_path / "home"
+    build_hub_cache(home, "org/pickled", folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        resolve_model_path("org/pickled")
+
+
+END_TO_END = textwrap.dedent(
+    """
+    import json, os, socket, sys, zipfile
+    import torch as th
+    from transformers import AutoModelForCausalLM
+
+    if os.environ.get("REFUSE_SOCKETS"):
+        def refuse(*args, **kwargs):
+            raise ConnectionRefusedError("no network in this test")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+
+    from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
+    from sb3_rlhf.common.tiny import tiny_prompts
+    from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
+    from sb3_rlhf.rewards.rules import share_of_good
+
+    repo_id, revision, out = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    def make_env():
+        env = TokenGenerationEnv(tiny_prompts(16, 0), repo_id, max_prompt_tokens=8, max_new_tokens=6)
+        return KLPenaltyWrapper(RewardFunctionWrapper(env, share_of_good), coef=0.05)
+
+    kwargs = dict(model_name_or_path=repo_id, revision=revision)
+    model = RLHFPPO(TransformerActorCriticPolicy, make_env(), policy_kwargs=kwargs, n_episodes=8, batch_size=4,
+                    n_epochs=1, learning_rate=1e-3, seed=0)
+    model.learn(48)
+    model.save(os.path.join(out, "ppo.zip"))
+    loaded = RLHFPPO.load(os.path.join(out, "ppo.zip"), env=make_env())
+    env = make_env().unwrapped
+    samples = []
+    for policy in (model.policy, loaded.policy):
+        th.manual_seed(7)
+        samples.append(policy.sample_episodes(env, list(range(8)))[0].response_ids.tolist())
+    model.policy.save_pretrained(os.path.join(out, "export"), tokenizer=env.tokenizer)
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export"), local_files_only=True)
+    weights = loaded.policy.actor.state_dict()
+    same = all(th.equal(weights[k], v) for k, v in exported.state_dict().items())
+    with zipfile.ZipFile(os.path.join(out, "ppo.zip")) as archive:
+        data = json.loads(archive.read("data"))
+    print(json.dumps({
+        "timesteps": loaded.num_timesteps,
+        "same_samples": samples[0] == samples[1],
+        "export_matches": same,
+        "zip_policy_kwargs": data["policy_kwargs"],
+    }))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["HF_HUB_OFFLINE=1", "sockets refused"])
+def test_train_save_load_export_by_hub_id_offline(hub_home, tmp_path, mode):
+    """The whole PPO path by hub id from the cache alone: env tokenizer, policy, KL reference, save, load, export."""
+    home, commit = hub_home
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(home), PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    env["HF_HUB_OFFLINE" if mode == "HF_HUB_OFFLINE=1" else "REFUSE_SOCKETS"] = "1"
+    revision = commit if mode == "sockets refused" else "main"
+    result = subprocess.run(
+        [sys.executable, "-c", END_TO_END, REPO_ID, revision, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["timesteps"] >= 48
+    assert report["same_samples"] and report["export_matches"]
+    # the zip names the model by its id and revision, never by a machine's cache path
+    kwargs = report["zip_policy_kwargs"]
+    assert kwargs["model_name_or_path"] == REPO_ID and kwargs["revision"] == revision
+    with zipfile.ZipFile(tmp_path / "ppo.zip") as archive:
+        assert str(home) not in archive.read("data").decode()
+
+
+def test_every_model_slot_takes_a_hub_id(offline_cache, tokenizer, model_path):
+    """The KL reference, the tokenizer, a reward-model backbone, SFT and DPO by hub id, from the cache."""
+    import torch as th
+
+    from sb3_rlhf import TokenGenerationEnv
+    from sb3_rlhf.common.data import Demonstration, PreferencePair
+    from sb3_rlhf.common.models import load_causal_lm, load_tokenizer
+    from sb3_rlhf.dpo import DPOTrainer
+    from sb3_rlhf.reward_modeling import RewardModel
+    from sb3_rlhf.rewards import KLPenaltyWrapper
+    from sb3_rlhf.sft import SFTTrainer
+
+    _, commit = offline_cache
+    local = load_causal_lm(model_path)
+    env = TokenGenerationEnv(["the cat"], REPO_ID, max_prompt_tokens=4, max_new_tokens=2)
+    assert env.tokenizer.get_vocab() == load_tokenizer(model_path).get_vocab()
+    kl = KLPenaltyWrapper(env, 0.1, ref_model=REPO_ID, ref_revision=commit)
+    for name, tensor in local.state_dict().items():
+        assert th.equal(kl.ref_model.state_dict()[name], tensor), name
+    backbone = RewardModel.from_backbone(REPO_ID).backbone
+    assert th.equal(backbone.get_input_embeddings().weight, local.get_input_embeddings().weight)
+    sft = SFTTrainer(REPO_ID, None, [Demonstration("the cat", "sat on the mat")], n_epochs=1)
+    assert len(sft.train_examples) == 1
+    dpo = DPOTrainer(REPO_ID, None, [PreferencePair("the cat", "sat", "ran")])
+    assert dpo.reference_path == REPO_ID
+
+
+TASKS = os.path.join(ROOT, "envs")
+
+
+def test_dry_run_resolves_a_hub_policy_and_counts_it(offline_cache, tmp_path, capsys, model_path):
+    """``train --dry-run`` with the policy named by hub id: resolved from the cache, counted, nothing written."""
+    from sb3_rlhf.cli import main
+    from sb3_rlhf.common.models import load_causal_lm
+
+    out = tmp_path / "run"
+    _, commit = offline_cache
+    argv = ["train", os.path.join(TASKS, "tiny_synthetic.toml"), "--out", str(out), "--dry-run"]
+    argv += ["--set", f"policy.model={REPO_ID}", "--set", f"policy.revision={commit}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    parameters = sum(p.numel() for p in load_causal_lm(model_path).parameters())
+    assert f"policy: {REPO_ID}@{commit} -> " in printed and f"({parameters:,} parameters)" in printed
+    assert "prompts: inline: total 20, train 15, held out 5" in printed
+    # 20000 tokens of 64 responses of at most 12 tokens: ceil(20000 / 768) = 27 rollouts at least
+    assert "20000 generated tokens in 27–313 rollouts of 64 responses; 16 gradient steps each" in printed
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("policy.model=org/missing", "'org/missing' does not exist as a local folder"),
+        ("prompts.source=csv", "prompts.source = 'csv' needs prompts.path"),
+        ("reward.function=no_such_module:f", "cannot import 'no_such_module'"),
+    ],
+)
+def test_dry_run_names_what_is_missing(offline_cache, tmp_path, capsys, override, words):
+    from sb3_rlhf.cli import main
+
+    argv = ["train", os.path.join(TASKS, "tiny_synthetic.toml"), "--out", str(tmp_path / "run"), "--dry-run"]
+    assert main([*argv, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
