@@ -1,9 +1,10 @@
 """Train a reward model on human comparisons with the Bradley–Terry loss, then use it as a PPO reward.
 
-    python examples/train_reward_model.py                                   # HH-RLHF pairs + MiniLM, if present
-    python examples/train_reward_model.py --data pairs.jsonl --model path   # your own pairs and backbone
+    python examples/train_reward_model.py                                   # shipped HH-RLHF pairs + MiniLM
+    python examples/train_reward_model.py --data pairs.jsonl --model path   # your own pairs and backbone (or hub id)
 
-Without the shared HH data or the MiniLM package, a tiny random backbone learns toy pairs instead.
+The HH-RLHF harmless pairs ship with the package; without the MiniLM package (make install installs it), a tiny
+random backbone learns toy pairs instead.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from sb3_rlhf.reward_modeling import RewardModelTrainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="hh_harmless_base_test.jsonl.gz")
-parser.add_argument("--model", help="backbone folder (default: the packaged all-MiniLM-L6-v2)")
+parser.add_argument("--model", help="backbone folder or hub id (default: the packaged all-MiniLM-L6-v2)")
 parser.add_argument("--out", default="runs/reward_model")
 parser.add_argument("--pairs", type=int, default=400, help="training pairs to use (CPU-friendly)")
 parser.add_argument("--test-pairs", type=int, default=200, help="held-out pairs to score")

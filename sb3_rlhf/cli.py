@@ -65,9 +65,15 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
 
     stage = RewardModelTrainingSection(
         data=args.data,
+        dataset=args.dataset,
+        config=args.dataset_config,
+        split=args.split,
+        data_dir=args.data_dir,
+        revision=args.dataset_revision,
+        format=args.format,
         backbone=args.model,
         backbone_revision=args.revision,
-        source="labels" if args.data.lower().endswith((".csv", ".csv.gz")) else "pairs",
+        source="hub" if args.dataset else "labels" if args.data.lower().endswith((".csv", ".csv.gz")) else "pairs",
         prompt_key=args.prompt_key,
         chosen_key=args.chosen_key,
         rejected_key=args.rejected_key,
@@ -124,7 +130,7 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
     from sb3_rlhf.common.models import resolve_model_path
     from sb3_rlhf.sft import SFTTrainer
 
-    demos, report = load_demonstrations(args.data, args.prompt_key, args.response_key)
+    demos, report = load_demonstrations(_records(args), args.prompt_key, args.response_key)
     train, test = train_test_split(demos, args.test_size, seed=args.seed)
     trainer = SFTTrainer(
         resolve_model_path(args.model, args.revision),
@@ -154,7 +160,7 @@ def train_dpo(args: argparse.Namespace) -> dict[str, float]:
     from sb3_rlhf.common.models import resolve_model_path
     from sb3_rlhf.dpo import DPOTrainer
 
-    pairs, report = load_preference_pairs(args.data, args.chosen_key, args.rejected_key, args.prompt_key)
+    pairs, report = load_preference_pairs(_records(args), args.chosen_key, args.rejected_key, args.prompt_key)
     train, test = train_test_split(pairs, args.test_size, seed=args.seed)
     trainer = DPOTrainer(
         resolve_model_path(args.model, args.revision),
@@ -230,13 +236,25 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_generate(args: argparse.Namespace) -> list[str]:
-    """``sb3-rlhf generate``: responses of an exported policy."""
+    """``sb3-rlhf generate``: responses of an exported policy, sampled as the policy samples (temperature and
+    top-k/top-p in the policy's own processor; a checkpoint's generation_config does not apply)."""
     import torch as th
+    from gymnasium import spaces
 
-    from sb3_rlhf.common.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
+    from sb3_rlhf.policies import TransformerActorCriticPolicy
 
     path = resolve_model_path(args.model, args.revision)
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    policy = TransformerActorCriticPolicy(
+        spaces.Dict({}),
+        spaces.Discrete(len(tokenizer)),
+        lambda _: 0.0,
+        model_name_or_path=path,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
     th.manual_seed(args.seed)
     answers = []
     for prompt in args.prompt:
@@ -244,26 +262,42 @@ def run_generate(args: argparse.Namespace) -> list[str]:
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
-        inputs = tokenizer(prompt, return_tensors="pt")
-        with th.no_grad():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=not args.greedy,
-                temperature=args.temperature if not args.greedy else None,
-                top_k=0 if not args.greedy else None,
-                top_p=1.0 if not args.greedy else None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat_template)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        response = policy.generate(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            args.max_new_tokens,
+            (tokenizer.eos_token_id,),
+            pad,
+            deterministic=args.greedy,
+        )
+        answers.append(tokenizer.decode(response[0], skip_special_tokens=True))
         print(f"{prompt!r} -> {answers[-1]!r}")
     return answers
+
+
+def _records(args: argparse.Namespace) -> Any:
+    """The ``--data`` file, or the ``--dataset`` split loaded with ``datasets`` (an iterable of records)."""
+    if args.data:
+        return args.data
+    from sb3_rlhf.common.data import load_hub_dataset
+
+    return load_hub_dataset(args.dataset, args.dataset_config, args.split, args.dataset_revision, args.data_dir)
 
 
 def _common_training_args(
     parser: argparse.ArgumentParser, learning_rate: float, batch_size: int, max_length: int
 ) -> None:
-    parser.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz file (or .csv for labelled texts)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a .jsonl/.jsonl.gz file (or .csv for labelled texts)")
+    source.add_argument(
+        "--dataset", help="a `datasets` data set instead: a hub name (e.g. Anthropic/hh-rlhf), a folder or a builder"
+    )
+    parser.add_argument("--dataset-config", help="--dataset: its configuration (subset)")
+    parser.add_argument("--split", default="train", help="--dataset: the split, e.g. train or 'test[:1000]'")
+    parser.add_argument("--data-dir", help="--dataset: a folder inside it (Anthropic/hh-rlhf: harmless-base)")
+    parser.add_argument("--dataset-revision", help="--dataset: a branch, tag or commit")
     parser.add_argument(
         "--model", required=True, help="a local model folder, a packaged model name or a Hugging Face hub id"
     )
@@ -304,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rm.add_argument("--text-column", default="review", help="CSV: the text column")
     rm.add_argument("--label-column", default="sentiment", help="CSV: the label column")
     rm.add_argument("--positive-label", default="positive", help="CSV: the preferred label")
+    rm.add_argument(
+        "--format", default="pairs", choices=["pairs", "labels"], help="--dataset: comparisons, or labelled texts"
+    )
 
     sft = sub.add_parser("sft", help="supervised fine-tuning of a causal LM on demonstrations")
     _common_training_args(sft, learning_rate=5e-5, batch_size=8, max_length=512)
@@ -360,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--prompt", required=True, action="append", help="a prompt (repeatable)")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k most probable tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0: all)")
     generate.add_argument("--greedy", action="store_true")
     generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn")
     generate.add_argument("--seed", type=int, default=0)

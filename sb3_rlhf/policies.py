@@ -23,6 +23,7 @@ from sb3_rlhf.common.models import (
     freeze,
     load_backbone,
     load_causal_lm,
+    pinned_revision,
     with_lora,
 )
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
@@ -151,7 +152,8 @@ class TransformerActorCriticPolicy(BasePolicy):
     :param model_name_or_path: a causal LM: a local folder (``save_pretrained`` layout), a packaged model name or
         a hub id (``"org/name"``, resolved through the Hugging Face cache; see
         :func:`~sb3_rlhf.common.models.resolve_model_path`). The SB3 zip records the name, not the weights.
-    :param revision: branch, tag or commit of a hub id (recorded in the zip, so ``load`` gets the same weights).
+    :param revision: branch, tag or commit of a hub id; the zip records the commit it resolved to, so ``load``
+        gets the same weights even after the branch has moved.
     :param model_config: instead of a path, a config (``PretrainedConfig.to_dict()``) for a randomly initialised model.
     :param value_head: ``"shared"`` (head on the actor's backbone) or ``"separate"`` (its own backbone).
     :param critic_model_name_or_path: backbone for a separate critic; defaults to the actor's weights.
@@ -235,6 +237,8 @@ class TransformerActorCriticPolicy(BasePolicy):
             self.actor = load_causal_lm(
                 model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
             )
+            # a hub id is pinned to the commit it resolved to: the zip reloads (and the KL reference is) these weights
+            self.revision = pinned_revision(model_name_or_path, revision)
         else:
             self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
         check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")

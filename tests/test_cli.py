@@ -139,3 +139,61 @@ def test_cli_errors(tmp_path, model_path, capsys):
     # --traceback gives the exception itself, for debugging
     with pytest.raises(FileNotFoundError, match="does not exist as a local folder and is not a packaged model"):
         main(["--traceback", "sft", "--data", data, "--model", "no-such-model", "--out", str(tmp_path)])
+
+
+def test_cli_trainers_read_a_datasets_data_set(tmp_path, model_path, tokenizer, capsys):
+    """``--dataset`` (a folder laid out as a hub data set, read by ``datasets``) trains exactly as ``--data``."""
+    from tests.test_dpo import toy_pairs
+
+    folder = tmp_path / "pairs_dataset"
+    folder.mkdir()
+    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(40)]
+    data = write_jsonl(folder / "train.jsonl", records)
+    common = ["--model", model_path, "--test-size", "8", "--epochs", "1", "--no-progress-bar"]
+    printed = []
+    for source in (["--data", data], ["--dataset", str(folder), "--split", "train"]):
+        assert main(["dpo", *source, "--out", str(tmp_path / source[0]), *common]) == 0
+        printed.append(capsys.readouterr().out.split("held-out loss ")[1].splitlines()[0])
+    assert printed[0] == printed[1]
+    with pytest.raises(SystemExit) as usage_error:  # argparse refuses both at once
+        main(["dpo", "--data", data, "--dataset", str(folder), "--out", str(tmp_path / "x"), *common])
+    assert usage_error.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    backbone = tmp_path / "backbone"
+    tiny_bert(len(tokenizer)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    rm = ["reward-model", "--model", str(backbone), "--test-size", "8", "--no-progress-bar"]
+    accuracies = []
+    for source in (["--data", data], ["--dataset", str(folder)]):
+        assert main([*rm, *source, "--out", str(tmp_path / ("rm" + source[0]))]) == 0
+        accuracies.append(capsys.readouterr().out.split("held-out accuracy: ")[1].splitlines()[0])
+    assert accuracies[0] == accuracies[1]
+
+
+def test_cli_generate_samples_as_the_policy(tmp_path, model_path, tokenizer, capsys):
+    """`sb3-rlhf generate` draws what the policy draws for the same seed, whatever the checkpoint's own
+    generation_config says (here a repetition penalty and suppressed tokens)."""
+    import shutil
+
+    import torch as th
+    from gymnasium import spaces
+    from transformers import GenerationConfig
+
+    from sb3_rlhf import TransformerActorCriticPolicy
+
+    folder = tmp_path / "opinionated"
+    shutil.copytree(model_path, folder)
+    suppressed = tokenizer.convert_tokens_to_ids(["good", "cat"])
+    GenerationConfig(repetition_penalty=3.0, suppress_tokens=suppressed, min_new_tokens=6).save_pretrained(folder)
+    argv = ["generate", "--model", str(folder), "--prompt", "the dog", "--max-new-tokens", "6", "--top-k", "8"]
+    assert main([*argv, "--seed", "3", "--temperature", "1.5"]) == 0
+    printed = capsys.readouterr().out
+    policy = TransformerActorCriticPolicy(
+        spaces.Dict({}), spaces.Discrete(len(tokenizer)), lambda _: 0.0, model_name_or_path=str(folder),
+        temperature=1.5, top_k=8,
+    )
+    inputs = tokenizer("the dog", return_tensors="pt")
+    th.manual_seed(3)
+    response = policy.generate(inputs["input_ids"], inputs["attention_mask"], 6, (tokenizer.eos_token_id,),
+                               tokenizer.pad_token_id)
+    assert printed.strip() == f"'the dog' -> {tokenizer.decode(response[0], skip_special_tokens=True)!r}"

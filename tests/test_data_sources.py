@@ -400,11 +400,32 @@ def test_prepare_gives_the_env_the_plain_prompts_of_a_chat_template(tmp_path):
 
 
 def test_sft_and_dpo_encode_hh_prompts_as_the_env_does():
-    """The offline trainers' chat encoding of an HH prompt is the env's chat-templated prompt, token for token."""
+    """The offline trainers' chat encoding of an HH prompt is the task env's chat-templated prompt, token for
+    token, also for a tokenizer that adds BOS to plain text (the template writes the special tokens itself)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from sb3_rlhf.tasks.run import make_env
+
     tokenizer = chat_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("<unk>")  # stands in for a BOS the tokenizer adds to plain text
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", bos)])
+    assert tokenizer("the cat")["input_ids"][0] == bos
     input_ids, labels = encode_prompt_response(tokenizer, HH, " happy dog", 64, chat_template=True)
-    env_prompt = tokenizer.apply_chat_template(prompt_messages(HH), add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(env_prompt)["input_ids"]
+    task = parse_task(
+        {
+            "task": {"name": "chat"},
+            "policy": {"model": "tiny", "tiny_words": ["the"]},
+            "prompts": {"source": "inline", "texts": [HH], "chat_template": True},
+            "generation": {"max_prompt_tokens": 64, "max_new_tokens": 4},
+            "reward": {"function": "sb3_rlhf.rewards.rules:share_of_good"},
+            "kl": {"coef": 0.0},
+            "algorithm": {"total_timesteps": 10},
+        }
+    )
+    templated = tokenizer.apply_chat_template(prompt_messages(HH), add_generation_prompt=True, tokenize=False)
+    env = make_env(task, [templated], tokenizer, None).unwrapped
+    prompt_ids = env.prompt_token_ids[0]
+    assert prompt_ids[0] != bos  # no BOS added on top of the template's own tokens
     assert input_ids[: len(prompt_ids)] == prompt_ids
     assert labels[len(prompt_ids) :] == input_ids[len(prompt_ids) :] and labels[len(prompt_ids) - 1] == -100
     assert messages_to_hh(prompt_messages(HH), add_generation_prompt=True) == HH

@@ -6,6 +6,7 @@ fresh Python process with those variables set, as a user's would.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -157,9 +158,9 @@ def test_train_save_load_export_by_hub_id_offline(hub_home, tmp_path, mode):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["timesteps"] >= 48
     assert report["same_samples"] and report["export_matches"]
-    # the zip names the model by its id and revision, never by a machine's cache path
+    # the zip names the model by its id and the commit "main" resolved to, never by a machine's cache path
     kwargs = report["zip_policy_kwargs"]
-    assert kwargs["model_name_or_path"] == REPO_ID and kwargs["revision"] == revision
+    assert kwargs["model_name_or_path"] == REPO_ID and kwargs["revision"] == commit
     with zipfile.ZipFile(tmp_path / "ppo.zip") as archive:
         assert str(home) not in archive.read("data").decode()
 
@@ -228,3 +229,58 @@ def test_dry_run_names_what_is_missing(offline_cache, tmp_path, capsys, override
     assert main([*argv, "--set", override]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_dry_run_checks_the_policy_tokenizer_and_the_classifier_label(offline_cache, tmp_path, tokenizer, capsys):
+    """What would stop the run at its first step also stops the dry run: a tokenizer that pads with EOS and has
+    no spare special token, a classifier reward without a label it has."""
+    from sb3_rlhf.cli import main
+    from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+    from tests.test_rewards import tiny_classifier
+
+    task = ["train", os.path.join(TASKS, "tiny_synthetic.toml"), "--out", str(tmp_path / "run"), "--dry-run"]
+    classifier = tmp_path / "sentiment"
+    tiny_classifier(len(tokenizer)).save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    with open(os.path.join(TASKS, "tiny_synthetic.toml")) as f:
+        text = f.read().replace('function = "sb3_rlhf.rewards.rules:share_of_good"', f'model = "{classifier}"')
+    (tmp_path / "classifier.toml").write_text(text)
+    task[1] = str(tmp_path / "classifier.toml")
+    assert main(task) == 2
+    assert "2 labels ['NEGATIVE', 'POSITIVE']: pass label=" in capsys.readouterr().err
+    assert main([*task, "--set", "reward.label=happy"]) == 2
+    assert "'happy'" in capsys.readouterr().err
+    assert main([*task, "--set", "reward.label=POSITIVE"]) == 0
+    assert "reward_model: " in capsys.readouterr().out
+
+    eos_padded = tiny_tokenizer(["the", "cat"])
+    eos_padded.pad_token = eos_padded.eos_token  # and no other special token to pad with
+    eos_padded.add_special_tokens({"unk_token": eos_padded.eos_token})
+    folder = tmp_path / "eos_padded"
+    tiny_causal_lm(len(eos_padded)).save_pretrained(folder)
+    eos_padded.save_pretrained(folder)
+    assert main([*task, "--set", f"policy.model={folder}"]) == 2
+    assert "pad token equals its EOS token" in capsys.readouterr().err
+
+
+def test_a_tokenizer_padding_with_eos_gets_a_spare_special_token(tmp_path):
+    """Hub causal LMs often pad with EOS (or not at all): loading by name reuses a special token that is not EOS,
+    so the env accepts it without resizing the model; a tokenizer object is left as the user gave it."""
+    from sb3_rlhf import TokenGenerationEnv
+    from sb3_rlhf.common.models import load_tokenizer
+    from sb3_rlhf.common.tiny import tiny_tokenizer
+
+    chat_like = tiny_tokenizer(["the", "cat", "<|endoftext|>"])
+    chat_like.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    chat_like.pad_token = chat_like.eos_token
+    chat_like.save_pretrained(tmp_path / "tok")
+    size = len(chat_like)
+    with pytest.warns(UserWarning, match=re.escape("using its special token '<|endoftext|>'")):
+        loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded.pad_token == "<|endoftext|>" and loaded.pad_token_id != loaded.eos_token_id
+    assert len(loaded) == size  # no new token: the model's embeddings fit as they are
+    with pytest.warns(UserWarning):
+        env = TokenGenerationEnv(["the cat"], str(tmp_path / "tok"), max_prompt_tokens=4, max_new_tokens=2)
+    assert env.pad_token_id == loaded.pad_token_id
+    with pytest.raises(ValueError, match="pad token equals its EOS token"):
+        TokenGenerationEnv(["the cat"], chat_like, max_prompt_tokens=4, max_new_tokens=2)

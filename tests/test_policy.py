@@ -296,3 +296,24 @@ def test_sampling_option_errors(env, model_path):
         make_policy(env, model_path, top_k=-1)
     with pytest.raises(ValueError, match=r"top_p must be a probability in \(0, 1\]"):
         make_policy(env, model_path, top_p=0.0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.7), (8, 0.5), (0, 0.05)])
+def test_truncation_is_transformers_top_k_then_top_p(top_k, top_p):
+    """``truncate_logits`` keeps exactly the tokens transformers' own top-k and top-p warpers keep, in that order."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from sb3_rlhf.policies import truncate_logits
+
+    generator = th.Generator().manual_seed(top_k * 100 + int(top_p * 100))
+    logits = th.randn(64, 40, generator=generator) * 3
+    logits[:4, :10] = 1.0  # ties at the top
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    ours = truncate_logits(logits, top_k, top_p)
+    assert th.equal(th.isinf(ours), th.isinf(expected))
+    assert th.equal(ours[~th.isinf(ours)], logits[~th.isinf(ours)])  # kept logits are untouched
+    assert (~th.isinf(ours)).sum(-1).min() >= 1

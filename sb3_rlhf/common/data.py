@@ -124,12 +124,15 @@ def load_hub_dataset(
             f"loading the data set {name!r} needs the `datasets` package: pip install datasets "
             f"(or pip install sb3-rlhf[datasets]); or use a local file, e.g. the shipped {' or '.join(SHIPPED_DATA)}"
         ) from error
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         dataset = datasets.load_dataset(
             name, config, split=split, revision=revision, data_dir=data_dir, data_files=data_files
         )
-    except (ConnectionError, FileNotFoundError) as error:
-        # ConnectionError: offline (HF_HUB_OFFLINE) or no network and not cached; FileNotFoundError: unknown name
+    except (ConnectionError, FileNotFoundError, HfHubHTTPError) as error:
+        # ConnectionError: offline (HF_HUB_OFFLINE) or no network and not cached; FileNotFoundError: unknown name;
+        # HfHubHTTPError: the hub answered with an error (down, gated, private)
         offline = "HF_HUB_OFFLINE=1" if datasets.config.HF_HUB_OFFLINE else "online mode (HF_HUB_OFFLINE unset)"
         raise FileNotFoundError(
             f"data set {name!r}{f' ({config})' if config else ''} could not be loaded with {offline}: it is neither "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +60,34 @@ def load_causal_lm(
 def load_tokenizer(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model folder, packaged model or hub id (see :func:`resolve_model_path`)."""
+    """The tokenizer of a model folder, packaged model or hub id (see :func:`resolve_model_path`).
+
+    Many hub causal LMs pad with their EOS token or have no pad token; batching episodes needs a pad distinct
+    from EOS. When the tokenizer already has a special token that is not EOS (``<|endoftext|>`` beside a chat
+    model's ``<|im_end|>``, ``<unk>``), it becomes the pad token, with a warning, and no embedding changes; without
+    one, :func:`~sb3_rlhf.common.tokenizers.check_tokenizer` later names the fix (``add_pad_token``).
+    """
     path = resolve_model_path(name_or_path, revision, "tokenizer", trust_remote_code)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    from sb3_rlhf.common.tokenizers import use_spare_pad_token
+
+    spare = use_spare_pad_token(tokenizer)
+    if spare is not None:
+        warnings.warn(
+            f"the tokenizer of {os.fspath(name_or_path)!r} pads with its EOS token or has no pad token: using its "
+            f"special token {spare!r} (id {tokenizer.pad_token_id}) as the pad token; save the tokenizer with the "
+            "exported policy to keep it",
+            stacklevel=2,
+        )
+    return tokenizer
+
+
+def pinned_revision(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit a hub id resolves to (its cache snapshot), so that a saved run reloads exactly these weights
+    wherever ``main`` has moved since; ``revision`` unchanged for folders and packaged models."""
+    if os.path.isdir(name_or_path) or name_or_path in PACKAGED_MODELS:
+        return revision
+    return os.path.basename(os.path.normpath(resolve_model_path(name_or_path, revision)))
 
 
 def causal_lm_from_config(
@@ -172,17 +198,11 @@ def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(_as_config(config))
     model.load_state_dict(quantized.state_dict())
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # reuse an existing special token that is not EOS (no embedding resize), else add one
-        spare = [
-            t for t in tokenizer.all_special_tokens if tokenizer.convert_tokens_to_ids(t) != tokenizer.eos_token_id
-        ]
-        if "<|endoftext|>" in spare:
-            tokenizer.pad_token = "<|endoftext|>"
-        else:
-            from sb3_rlhf.common.tokenizers import add_pad_token
+    from sb3_rlhf.common.tokenizers import add_pad_token, use_spare_pad_token
 
-            add_pad_token(tokenizer, model)
+    # reuse an existing special token that is not EOS (no embedding resize), else add one
+    if use_spare_pad_token(tokenizer) is None and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
+        add_pad_token(tokenizer, model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_directory(out) as tmp:
@@ -190,9 +210,12 @@ def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-#: What a hub snapshot downloads: configs, safetensors weights, tokenizer files and chat templates, at the top
-#: level of the repository. Pickled weights (``*.bin``, ``*.pt``), other frameworks' files and code are left out.
+#: What a hub snapshot downloads: configs, safetensors weights, tokenizer files and chat templates. Pickled weights
+#: (``*.bin``, ``*.pt``), other frameworks' files and code are left out, and so is everything in sub-folders
+#: (``onnx/``, ``original/``, ...) and Mistral-style ``consolidated*`` copies of the sharded weights
+#: (:data:`HUB_IGNORED_FILES`: huggingface_hub's patterns are fnmatch patterns, whose ``*`` crosses ``/``).
 HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+HUB_IGNORED_FILES = ["*/*", "consolidated*"]
 
 
 def _is_model_folder(path: str) -> bool:
@@ -244,7 +267,9 @@ def _hub_snapshot(repo_id: str, revision: str | None, what: str, trust_remote_co
         ) from None
     patterns = HUB_MODEL_FILES + (["*.py"] if trust_remote_code else [])
     try:
-        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORED_FILES
+        )
     except RevisionNotFoundError:
         raise FileNotFoundError(
             f"{what} {repo_id!r} has no revision {revision!r} on the hub: name an existing branch, tag or commit"

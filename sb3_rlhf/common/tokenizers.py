@@ -57,6 +57,26 @@ def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+#: special tokens that may serve as padding when a tokenizer pads with EOS, in order of preference
+SPARE_PAD_TOKENS = ("<|endoftext|>", "<pad>", "[PAD]", "<|pad|>", "<unk>", "[UNK]")
+
+
+def use_spare_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """When ``tokenizer`` has no pad token or pads with EOS, make one of its own special tokens that is not EOS
+    (:data:`SPARE_PAD_TOKENS`, in that order) the pad token: no new token, so no embedding resize.
+
+    :return: the token now used for padding, or ``None`` when nothing changed (a distinct pad already, or no spare).
+    """
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id not in (None, tokenizer.eos_token_id):
+        return None
+    special = set(tokenizer.all_special_tokens)
+    for token in SPARE_PAD_TOKENS:
+        if token in special and tokenizer.convert_tokens_to_ids(token) != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            return token
+    return None
+
+
 def add_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None, pad_token: str = DEFAULT_PAD_TOKEN) -> int:
     """Give ``tokenizer`` a pad token distinct from EOS, resizing ``model``'s embeddings to match.
 

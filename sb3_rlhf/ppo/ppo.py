@@ -225,6 +225,9 @@ class RLHFPPO(PPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        if getattr(self.policy, "revision", None) is not None:
+            # the zip's policy_kwargs name a hub model by the commit it resolved to, not a branch that moves
+            self.policy_kwargs = {**self.policy_kwargs, "revision": self.policy.revision}
         broadcast_parameters(self.policy)  # every rank starts from rank 0's weights (the value head is random)
         if self.env is not None:
             self._bind_reward_wrappers()

@@ -100,7 +100,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
         if isinstance(reward_tokenizer, (str, os.PathLike)):
             reward_tokenizer = load_tokenizer(os.fspath(reward_tokenizer))
         num_labels = reward_model.config.num_labels if isinstance(reward_model, PreTrainedModel) else 1
-        self.label_index = _label_index(reward_model.config, num_labels, label)
+        self.label_index = classifier_label_index(reward_model.config, num_labels, label)
         self.score_kind = score
         # one-output models and multi-label classifiers score each label on its own (sigmoid), others by softmax
         self.independent_labels = (
@@ -205,7 +205,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
         return z_k - th.logsumexp(others, dim=-1)
 
 
-def _label_index(config: Any, num_labels: int, label: str | int | None) -> int:
+def classifier_label_index(config: Any, num_labels: int, label: str | int | None) -> int:
     """The logit index of ``label`` (a name from the config's label maps, or an index) in a classifier's output."""
     if num_labels == 1:
         if label not in (None, 0) or isinstance(label, bool):

@@ -8,10 +8,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import AutoConfig
+
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS, algorithm_class
 from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.common.models import count_parameters, load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from sb3_rlhf.common.tokenizers import check_tokenizer
+from sb3_rlhf.rewards.reward_model import classifier_label_index
 from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, TaskConfig, kl_estimator
 from sb3_rlhf.tasks.run import import_function, load_prompts, reward_training_pairs
 
@@ -50,7 +54,9 @@ def _model_entry(name: str, revision: str | None, what: str) -> dict[str, Any]:
 def plan_task(task: TaskConfig) -> TaskPlan:
     """Resolve every model and data file of ``task`` (local, packaged or hub) and compute its budget.
 
-    Nothing is trained and nothing is written: a tiny policy is built in memory to be counted.
+    Nothing is trained and the run folder is not touched: a tiny policy is built in memory to be counted. A hub
+    id or data set not cached yet is downloaded into the Hugging Face cache, and a packaged GGUF model is
+    converted once into its cache, as the run itself would.
 
     :raises FileNotFoundError: a model or data file is missing (the message names it and the fix).
     """
@@ -63,7 +69,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         plan.models["policy"] = {"name": "tiny", "revision": None, "path": None, "parameters": parameters}
     else:
         plan.models["policy"] = _model_entry(policy.model, policy.revision, "policy model")
-        tokenizer = load_tokenizer(plan.models["policy"]["path"])
+        tokenizer = check_tokenizer(load_tokenizer(plan.models["policy"]["path"]))
     if policy.lora is not None:
         plan.models["policy"]["lora"] = dict(policy.lora)
 
@@ -93,6 +99,11 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         import_function(reward.function)  # importable, and a callable: fail now, not after the first rollout
     elif reward.model is not None:
         plan.models["reward_model"] = _model_entry(reward.model, reward.revision, "reward model")
+        folder = plan.models["reward_model"]["path"]
+        # a classifier needs a label it has: check it now, from the config alone
+        scalar = os.path.exists(os.path.join(folder, "reward_model.json"))  # a RewardModel: one score
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        classifier_label_index(config, 1 if scalar else config.num_labels, reward.label)
 
     settings = {**argument_defaults(algorithm_class(task.algorithm_name)), **task.algorithm_settings()}
     if task.algorithm_name in ONLINE_ALGORITHMS:
@@ -157,4 +168,4 @@ def format_plan(plan: TaskPlan) -> str:
 
 def describe_output(out: str) -> str:
     """Where the run would write."""
-    return f"run folder: {os.path.abspath(out)} (nothing written by --dry-run)"
+    return f"run folder: {os.path.abspath(out)} (not written by --dry-run)"

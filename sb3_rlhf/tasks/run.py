@@ -223,6 +223,8 @@ def make_env(
         tokenizer,
         task.generation.max_prompt_tokens,
         task.generation.max_new_tokens,
+        # a chat template writes the special tokens itself (BOS included, or not), as SFT/DPO tokenize it
+        add_special_tokens=not task.prompts.chat_template,
         reward_prompts=[reward_prompts[p] for p in prompts] if reward_prompts else None,
     )
     if task.reward.function is not None:
