@@ -25,6 +25,7 @@ from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
 from sb3_rlhf.tasks.run import load_prompt_forms, load_prompts, prepare, reward_training_pairs
 from tests.conftest import WORDS
+from tests.test_rewards import tiny_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = "\n\nHuman: the cat sat\n\nAssistant: a dog ran\n\nHuman: it was good\n\nAssistant:"
@@ -321,21 +322,6 @@ def write_hh(path) -> str:
     return str(path)
 
 
-def tiny_bert(vocab_size: int):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    th.manual_seed(0)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=1,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
 def test_chat_templated_hh_prompts_are_turns_and_the_reward_model_reads_hh_text(tmp_path):
     tokenizer = chat_tokenizer()
     section = PromptsSection(source="hh", path=write_hh(tmp_path / "hh.jsonl.gz"), chat_template=True)
@@ -350,7 +336,7 @@ def test_chat_templated_hh_prompts_are_turns_and_the_reward_model_reads_hh_text(
     env = TokenGenerationEnv(templated, tokenizer, max_prompt_tokens=32, max_new_tokens=4, reward_prompts=plain)
     # a reward model trained on HH text, with its own vocabulary (the HH speaker names, not the template's roles)
     reward_tokenizer = tiny_tokenizer([*WORDS, "Human:", "Assistant:"])
-    reward_model = tiny_bert(len(reward_tokenizer))
+    reward_model = tiny_reward_model(len(reward_tokenizer))
     wrapped = RewardModelWrapper(env, reward_model, reward_tokenizer=reward_tokenizer)
     completion = tokenizer("happy dog", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     batch = GenerationBatch.from_episode(env, 0, completion)

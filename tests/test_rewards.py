@@ -11,16 +11,8 @@ from tests.helpers import build_hub_cache, generate_batch, make_policy, replay_t
 
 
 def tiny_reward_model(vocab_size: int, seed: int = 0) -> BertForSequenceClassification:
-    th.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=1,
-    )
-    return BertForSequenceClassification(config).eval()
+    """A tiny one-output BERT reward model (a classifier with the single default label)."""
+    return tiny_classifier(vocab_size, {0: "LABEL_0"}, seed)
 
 
 def test_function_wrapper_step_and_batch_agree(env, tokenizer, model_path):

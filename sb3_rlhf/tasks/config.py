@@ -29,8 +29,22 @@ class PolicySection:
     tiny_hidden_size: int = 64
 
 
+@dataclass(kw_only=True)
+class HubDataKeys:
+    """The keys that name a ``datasets`` data set when a section's ``source = "hub"``: ``dataset`` is a hub name,
+    a folder or a builder such as ``"parquet"`` with ``data_files``; ``config``, ``data_dir``, ``split`` and
+    ``revision`` as in ``datasets.load_dataset``."""
+
+    dataset: str | None = None
+    config: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
 @dataclass
-class PromptsSection:
+class PromptsSection(HubDataKeys):
     """``[prompts]``: ``source`` is ``"inline"`` (``texts``), ``"csv"`` (``column`` of ``path``), ``"jsonl"``
     (``column`` of each record), ``"hh"`` (the conversations of HH-RLHF pairs) or ``"hub"`` (``column`` of a
     ``datasets`` data set: ``dataset`` is a hub name, a folder or a builder such as ``"parquet"`` with
@@ -48,12 +62,6 @@ class PromptsSection:
     max_prompts: int | None = None
     eval_size: float = 0.1  # a share (< 1) or a count of held-out prompts
     chat_template: bool = False
-    dataset: str | None = None
-    config: str | None = None
-    data_dir: str | None = None
-    data_files: str | list[str] | None = None
-    split: str = "train"
-    revision: str | None = None
 
 
 @dataclass
@@ -65,7 +73,7 @@ class GenerationSection:
 
 
 @dataclass
-class RewardModelTrainingSection:
+class RewardModelTrainingSection(HubDataKeys):
     """``[reward.train]``: a reward-model stage run before PPO. ``source`` is ``"pairs"`` (a JSONL file
     ``data`` of comparisons), ``"labels"`` (a CSV file ``data`` whose ``positive_label`` texts beat the others)
     or ``"hub"`` (a ``datasets`` data set, keys as in ``[prompts]``, read as ``format = "pairs"`` with the
@@ -92,12 +100,6 @@ class RewardModelTrainingSection:
     max_length: int = 128
     pooling: str = "auto"
     center_coef: float = 0.0
-    dataset: str | None = None
-    config: str | None = None
-    data_dir: str | None = None
-    data_files: str | list[str] | None = None
-    split: str = "train"
-    revision: str | None = None
     format: str = "pairs"  # with source = "hub": "pairs" or "labels"
 
 
@@ -329,7 +331,7 @@ def _check(task: TaskConfig) -> None:
 
 
 #: The keys that name a ``datasets`` data set (``source = "hub"`` only), with their defaults.
-_HUB_KEYS = {"dataset": None, "config": None, "data_dir": None, "data_files": None, "split": "train", "revision": None}
+_HUB_KEYS = {f.name: f.default for f in dataclasses.fields(HubDataKeys)}
 
 
 def _check_hub_keys(section: PromptsSection | RewardModelTrainingSection, where: str) -> None:
