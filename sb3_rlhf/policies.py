@@ -24,6 +24,7 @@ from sb3_rlhf.common.models import (
     load_backbone,
     load_causal_lm,
     pinned_revision,
+    resolve_model_path,
     with_lora,
 )
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
@@ -233,23 +234,23 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.lora = lora
         self.n_actions = int(action_space.n)
 
+        path = None
         if model_name_or_path is not None:
-            self.actor = load_causal_lm(
-                model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
-            )
+            # resolved once (a hub id: one look-up) for the actor and a critic on the same weights
+            path = resolve_model_path(model_name_or_path, revision, "policy model", trust_remote_code)
+            self.actor = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
             # a hub id is pinned to the commit it resolved to: the zip reloads (and the KL reference is) these weights
-            self.revision = pinned_revision(model_name_or_path, revision)
+            self.revision = pinned_revision(model_name_or_path, revision, path)
         else:
             self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
         check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")
         self.critic: PreTrainedModel | None = None
         if value_head == "separate":
             self.critic = load_backbone(
-                critic_model_name_or_path or model_name_or_path,
-                None if (critic_model_name_or_path or model_name_or_path) else self.model_config,
+                critic_model_name_or_path or path,
+                None if (critic_model_name_or_path or path) else self.model_config,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
-                revision=None if critic_model_name_or_path else revision,
             )
         for model in (self.actor, self.critic):
             if model is not None and gradient_checkpointing:

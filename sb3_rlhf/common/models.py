@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from sb3_rlhf.common.io import atomic_directory
+from sb3_rlhf.common.tokenizers import add_pad_token, use_spare_pad_token
 
 
 def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
@@ -69,8 +70,6 @@ def load_tokenizer(
     """
     path = resolve_model_path(name_or_path, revision, "tokenizer", trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    from sb3_rlhf.common.tokenizers import use_spare_pad_token
-
     spare = use_spare_pad_token(tokenizer)
     if spare is not None:
         warnings.warn(
@@ -82,12 +81,16 @@ def load_tokenizer(
     return tokenizer
 
 
-def pinned_revision(name_or_path: str, revision: str | None = None) -> str | None:
+def pinned_revision(name_or_path: str, revision: str | None = None, path: str | None = None) -> str | None:
     """The commit a hub id resolves to (its cache snapshot), so that a saved run reloads exactly these weights
-    wherever ``main`` has moved since; ``revision`` unchanged for folders and packaged models."""
+    wherever ``main`` has moved since; ``revision`` unchanged for folders and packaged models.
+
+    :param path: what :func:`resolve_model_path` already returned for it (else it is resolved here).
+    """
     if os.path.isdir(name_or_path) or name_or_path in PACKAGED_MODELS:
         return revision
-    return os.path.basename(os.path.normpath(resolve_model_path(name_or_path, revision)))
+    path = path if path is not None else resolve_model_path(name_or_path, revision)
+    return os.path.basename(os.path.normpath(path))  # snapshots/<commit>
 
 
 def causal_lm_from_config(
@@ -198,8 +201,6 @@ def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(_as_config(config))
     model.load_state_dict(quantized.state_dict())
-    from sb3_rlhf.common.tokenizers import add_pad_token, use_spare_pad_token
-
     # reuse an existing special token that is not EOS (no embedding resize), else add one
     if use_spare_pad_token(tokenizer) is None and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
         add_pad_token(tokenizer, model)

@@ -28,7 +28,7 @@ from sb3_rlhf.common.data import (
     train_test_split,
 )
 from sb3_rlhf.common.distributed import init_distributed, is_main_process
-from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
+from sb3_rlhf.common.models import load_tokenizer, pinned_revision, resolve_model_path
 from sb3_rlhf.common.tiny import save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
@@ -49,10 +49,8 @@ from sb3_rlhf.tasks.config import (
 
 def policy_model_path(task: TaskConfig, out: str) -> str:
     """The policy's model as the policy names it (and the SB3 zip records it): the task's folder, packaged name or
-    hub id, checked to resolve now so that a missing model fails before any work; or a tiny random model built
-    into ``out``."""
+    hub id; or a tiny random model built into ``out``."""
     if task.policy.model != "tiny":
-        resolve_model_path(task.policy.model, task.policy.revision, "policy model")
         return task.policy.model
     path = os.path.join(out, "base_model")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -257,6 +255,9 @@ class PreparedTask:
     train_prompts: list[str]
     eval_prompts: list[str]
     reward_model: str | None
+    #: the commit a hub-id policy resolved to (see :func:`~sb3_rlhf.common.models.pinned_revision`): every later
+    #: load (policy, reference, DPO) gets the same weights without looking the branch up again
+    policy_revision: str | None = None
     #: policy prompt -> its plain text, when the prompts are chat-templated (what reward models read)
     reward_prompts: dict[str, str] | None = None
 
@@ -265,7 +266,7 @@ class PreparedTask:
         policy = self.task.policy
         return dict(
             model_name_or_path=self.policy_path,
-            revision=policy.revision,
+            revision=self.policy_revision,
             temperature=policy.temperature,
             top_k=policy.top_k,
             top_p=policy.top_p,
@@ -286,7 +287,10 @@ def prepare(
     os.makedirs(out, exist_ok=True)
     set_random_seed(task.seed)
     policy_path = policy_model_path(task, out)
-    tokenizer = load_tokenizer(policy_path, task.policy.revision)
+    # resolved now, so that a missing model fails before any work
+    policy_folder = resolve_model_path(policy_path, task.policy.revision, "policy model")
+    policy_revision = pinned_revision(policy_path, task.policy.revision, policy_folder)
+    tokenizer = load_tokenizer(policy_folder)
     prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
     reward_model, metrics = task.reward.model, None
@@ -301,7 +305,14 @@ def prepare(
         revision = task.reward.revision if task.reward.model is not None else None
         reward_model = resolve_model_path(reward_model, revision, "reward model")
     prepared = PreparedTask(
-        task, out, policy_path, tokenizer, train_prompts, eval_prompts[: task.evaluation.n_prompts], reward_model
+        task,
+        out,
+        policy_path,
+        tokenizer,
+        train_prompts,
+        eval_prompts[: task.evaluation.n_prompts],
+        reward_model,
+        policy_revision,
     )
     if task.prompts.chat_template:
         prepared.reward_prompts = dict(zip(prompts, plain_prompts))
@@ -391,7 +402,7 @@ def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrain
     settings.setdefault("tensorboard_log", os.path.join(prepared.out, "tensorboard"))
     settings.setdefault("seed", task.seed)
     settings.setdefault("device", task.device)
-    model = resolve_model_path(prepared.policy_path, task.policy.revision)
+    model = resolve_model_path(prepared.policy_path, prepared.policy_revision)
     trainer = DPOTrainer(model, prepared.tokenizer, pairs, lora=task.policy.lora, **settings)
     return trainer, counts
 
