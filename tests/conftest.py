@@ -6,14 +6,8 @@ import pytest
 import torch as th
 
 from sb3_rlhf import TokenGenerationEnv
-from sb3_rlhf.common.tiny import TINY_WORDS, tiny_causal_lm, tiny_prompts, tiny_tokenizer
-from sb3_rlhf.rewards.rules import share_of_good  # noqa: F401  (re-exported for the tests)
-
-WORDS = TINY_WORDS
-
-
-def make_prompts(n: int = 24, seed: int = 0) -> list[str]:
-    return tiny_prompts(n, seed)
+from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
+from tests.helpers import WORDS, make_prompts
 
 
 @pytest.fixture(autouse=True)

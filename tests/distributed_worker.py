@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv  # noqa: E402
 from sb3_rlhf.common.distributed import init_distributed, rank, world_size  # noqa: E402
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper  # noqa: E402
-from tests.conftest import make_prompts, share_of_good  # noqa: E402
+from tests.helpers import make_prompts, share_of_good  # noqa: E402
 
 EPISODES_PER_RANK = 8
 

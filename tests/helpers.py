@@ -1,12 +1,104 @@
-"""Shared test helpers: a policy built straight from an env, a generated batch, a step-path replay."""
+"""Shared test builders: tiny vocabularies and prompts, rule-reward envs and PPO models, tiny reward models and
+classifiers, toy comparisons and demonstrations, a policy built straight from an env, a generated batch, a
+step-path replay, a hub cache laid out offline. Test modules import these from here, never from each other."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch as th
+from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from sb3_rlhf import TransformerActorCriticPolicy
+from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
+from sb3_rlhf.common.data import Demonstration, PreferencePair
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.tiny import TINY_WORDS, tiny_prompts
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
+from sb3_rlhf.rewards.rules import share_of_good
+
+WORDS = TINY_WORDS
+SENTIMENT = {0: "NEGATIVE", 1: "POSITIVE"}
+
+
+def make_prompts(n: int = 24, seed: int = 0) -> list[str]:
+    return tiny_prompts(n, seed)
+
+
+def rule_env(tokenizer, kl_coef: float = 0.02, **kl_kwargs):
+    env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    return KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=kl_coef, **kl_kwargs)
+
+
+def make_model(env, model_path, **kwargs) -> RLHFPPO:
+    settings = dict(learning_rate=1e-3, n_episodes=32, batch_size=8, n_epochs=4, seed=0)
+    settings.update(kwargs)
+    return RLHFPPO(TransformerActorCriticPolicy, env, policy_kwargs=dict(model_name_or_path=model_path), **settings)
+
+
+def tiny_classifier(vocab_size: int, labels: dict[int, str] = SENTIMENT, seed: int = 0, **config):
+    """A tiny BERT sequence classifier with named labels, like a hub sentiment classifier."""
+    th.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=dict(labels),
+        label2id={name: i for i, name in labels.items()},
+        **config,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_reward_model(vocab_size: int, seed: int = 0) -> BertForSequenceClassification:
+    """A tiny one-output BERT reward model (a classifier with the single default label)."""
+    return tiny_classifier(vocab_size, {0: "LABEL_0"}, seed)
+
+
+def tiny_bert(vocab_size: int, seed: int = 0) -> BertModel:
+    th.manual_seed(seed)
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    )
+
+
+def toy_reward_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
+    """Separable comparisons: the chosen answer says "good", the rejected one "bad"."""
+    rng = np.random.default_rng(seed)
+    filler = [w for w in WORDS if w not in ("good", "bad")]
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(filler, size=3)) + " "
+        body = list(rng.choice(filler, size=4))
+        position = int(rng.integers(0, 5))
+        chosen = " ".join(body[:position] + ["good"] + body[position:])
+        rejected = " ".join(body[:position] + ["bad"] + body[position:])
+        pairs.append(PreferencePair(prompt, chosen, rejected))
+    return pairs
+
+
+def toy_dpo_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
+    """The preferred continuation says "good", the other "bad"."""
+    rng = np.random.default_rng(seed)
+    filler = [w for w in WORDS if w not in ("good", "bad")]
+    pairs = []
+    for _ in range(n):
+        prompt, middle = " ".join(rng.choice(filler, size=3)), " ".join(rng.choice(filler, size=2))
+        pairs.append(PreferencePair(prompt, f"{middle} good", f"{middle} bad"))
+    return pairs
+
+
+def toy_demos(n: int, seed: int = 0) -> list[Demonstration]:
+    """Copy the prompt's first word, then say 'good': learnable by a tiny model."""
+    rng = np.random.default_rng(seed)
+    filler = [w for w in WORDS if w != "good"]
+    demos = []
+    for _ in range(n):
+        words = list(rng.choice(filler, size=3))
+        demos.append(Demonstration(" ".join(words), f"{words[0]} good"))
+    return demos
 
 
 def make_policy(env, model_path: str, **kwargs) -> TransformerActorCriticPolicy:

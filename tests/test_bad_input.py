@@ -22,8 +22,7 @@ from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.reward_modeling import RewardModelTrainer
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
 from sb3_rlhf.sft import SFTTrainer
-from tests.conftest import WORDS, make_prompts, share_of_good
-from tests.test_ppo import rule_env
+from tests.helpers import WORDS, make_prompts, rule_env, share_of_good
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TASK = os.path.join(ROOT, "envs", "tiny_synthetic.toml")
@@ -241,7 +240,10 @@ def test_bad_input_gets_a_clear_error_from_this_library(name, tokenizer, model_p
         (["train", TINY_TASK, "--resume", "--out", "{tmp}/fresh"], "no checkpoint in"),
         (["train", TINY_TASK, "--algorithm", "dpo", "--resume", "--out", "{tmp}/fresh"], "continues an online run"),
         (["evaluate", TINY_TASK, "--out", "{tmp}/never_trained"], "run `sb3-rlhf train`"),
-        (["generate", "--model", "{tmp}/no_model", "--prompt", "hi"], "does not exist as a local folder and is not a packaged model"),
+        (
+            ["generate", "--model", "{tmp}/no_model", "--prompt", "hi"],
+            "does not exist as a local folder and is not a packaged model",
+        ),
         (
             ["reward-model", "--data", "{tmp}/none.jsonl", "--model", "all-MiniLM-L6-v2", "--out", "{tmp}/rm"],
             "not found",

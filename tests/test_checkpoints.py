@@ -17,8 +17,7 @@ from sb3_rlhf.common.checkpoints import (
     save_checkpoint,
 )
 from sb3_rlhf.rewards import RewardFunctionWrapper
-from tests.conftest import make_prompts, share_of_good
-from tests.test_ppo import make_model, rule_env
+from tests.helpers import make_model, make_prompts, rule_env, share_of_good
 
 TOTAL = 480
 

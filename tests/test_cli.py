@@ -5,8 +5,7 @@ import pytest
 
 from sb3_rlhf.cli import main
 from sb3_rlhf.reward_modeling import load_reward_model
-from tests.test_reward_modeling import tiny_bert, toy_pairs
-from tests.test_sft import toy_demos
+from tests.helpers import tiny_bert, toy_demos, toy_dpo_pairs, toy_reward_pairs
 
 
 def write_jsonl(path, records):
@@ -22,7 +21,7 @@ def test_cli_reward_model(tmp_path, tokenizer, capsys):
     tokenizer.save_pretrained(backbone)
     data = write_jsonl(
         tmp_path / "pairs.jsonl",
-        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(120)],
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_reward_pairs(120)],
     )
     out = tmp_path / "out"
     args = [
@@ -111,9 +110,7 @@ def test_cli_sft(tmp_path, model_path, capsys):
 
 
 def test_cli_dpo(tmp_path, model_path, capsys):
-    from tests.test_dpo import toy_pairs
-
-    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(80)]
+    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_dpo_pairs(80)]
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     args = ["dpo", "--data", data, "--model", model_path, "--out", str(tmp_path / "dpo"), "--test-size", "16"]
     assert main([*args, "--epochs", "2", "--learning-rate", "1e-3", "--beta", "0.1", "--no-progress-bar"]) == 0
@@ -143,11 +140,9 @@ def test_cli_errors(tmp_path, model_path, capsys):
 
 def test_cli_trainers_read_a_datasets_data_set(tmp_path, model_path, tokenizer, capsys):
     """``--dataset`` (a folder laid out as a hub data set, read by ``datasets``) trains exactly as ``--data``."""
-    from tests.test_dpo import toy_pairs
-
     folder = tmp_path / "pairs_dataset"
     folder.mkdir()
-    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_pairs(40)]
+    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in toy_dpo_pairs(40)]
     data = write_jsonl(folder / "train.jsonl", records)
     common = ["--model", model_path, "--test-size", "8", "--epochs", "1", "--no-progress-bar"]
     printed = []
@@ -189,11 +184,16 @@ def test_cli_generate_samples_as_the_policy(tmp_path, model_path, tokenizer, cap
     assert main([*argv, "--seed", "3", "--temperature", "1.5"]) == 0
     printed = capsys.readouterr().out
     policy = TransformerActorCriticPolicy(
-        spaces.Dict({}), spaces.Discrete(len(tokenizer)), lambda _: 0.0, model_name_or_path=str(folder),
-        temperature=1.5, top_k=8,
+        spaces.Dict({}),
+        spaces.Discrete(len(tokenizer)),
+        lambda _: 0.0,
+        model_name_or_path=str(folder),
+        temperature=1.5,
+        top_k=8,
     )
     inputs = tokenizer("the dog", return_tensors="pt")
     th.manual_seed(3)
-    response = policy.generate(inputs["input_ids"], inputs["attention_mask"], 6, (tokenizer.eos_token_id,),
-                               tokenizer.pad_token_id)
+    response = policy.generate(
+        inputs["input_ids"], inputs["attention_mask"], 6, (tokenizer.eos_token_id,), tokenizer.pad_token_id
+    )
     assert printed.strip() == f"'the dog' -> {tokenizer.decode(response[0], skip_special_tokens=True)!r}"

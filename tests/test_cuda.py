@@ -5,7 +5,7 @@ import torch as th
 
 from sb3_rlhf import RLHFPPO, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
-from tests.test_ppo import rule_env
+from tests.helpers import rule_env
 
 pytestmark = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA GPU")
 

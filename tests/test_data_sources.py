@@ -24,8 +24,7 @@ from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
 from sb3_rlhf.tasks.run import load_prompt_forms, load_prompts, prepare, reward_training_pairs
-from tests.conftest import WORDS
-from tests.test_rewards import tiny_reward_model
+from tests.helpers import WORDS, tiny_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = "\n\nHuman: the cat sat\n\nAssistant: a dog ran\n\nHuman: it was good\n\nAssistant:"

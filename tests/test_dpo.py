@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch as th
 from transformers import AutoModelForCausalLM
@@ -12,24 +11,13 @@ from transformers import AutoModelForCausalLM
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.dpo import DPOTrainer
-from tests.conftest import WORDS
-
-
-def toy_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
-    """The preferred continuation says "good", the other "bad"."""
-    rng = np.random.default_rng(seed)
-    filler = [w for w in WORDS if w not in ("good", "bad")]
-    pairs = []
-    for _ in range(n):
-        prompt, middle = " ".join(rng.choice(filler, size=3)), " ".join(rng.choice(filler, size=2))
-        pairs.append(PreferencePair(prompt, f"{middle} good", f"{middle} bad"))
-    return pairs
+from tests.helpers import WORDS, toy_dpo_pairs
 
 
 def make(model_path, **kwargs):
     settings = dict(learning_rate=1e-3, batch_size=8, n_epochs=3, beta=0.1, seed=0)
     settings.update(kwargs)
-    return DPOTrainer(model_path, None, toy_pairs(64), toy_pairs(32, seed=1), **settings)
+    return DPOTrainer(model_path, None, toy_dpo_pairs(64), toy_dpo_pairs(32, seed=1), **settings)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -77,17 +65,17 @@ def test_save_load_round_trip(model_path, tmp_path):
     ids = th.tensor([[1, 5, 6, 7]])
     with th.no_grad():
         assert th.allclose(plain(ids).logits, trainer.model(ids).logits, atol=1e-4)
-    resumed = DPOTrainer.load(str(tmp_path / "dpo"), toy_pairs(16), learning_rate=1e-3)
+    resumed = DPOTrainer.load(str(tmp_path / "dpo"), toy_dpo_pairs(16), learning_rate=1e-3)
     assert resumed.num_steps == trainer.num_steps and resumed.beta == 0.1
     assert resumed.reference_path == model_path  # the original reference, not the trained model
     resumed.learn(n_epochs=1)
     assert resumed.num_steps > trainer.num_steps
     with pytest.raises(FileNotFoundError, match="dpo_config.json"):
-        DPOTrainer.load(model_path, toy_pairs(4))
+        DPOTrainer.load(model_path, toy_dpo_pairs(4))
 
 
 def test_bad_input_gets_clear_errors(model_path, tmp_path):
-    pairs = toy_pairs(4)
+    pairs = toy_dpo_pairs(4)
     with pytest.raises(ValueError, match="train_pairs is empty"):
         DPOTrainer(model_path, None, [])
     for beta in (0.0, -1.0):
@@ -111,8 +99,7 @@ def test_pairs_from_policy_samples_are_labelled_by_the_reward(tokenizer, model_p
     from sb3_rlhf import TokenGenerationEnv
     from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
     from sb3_rlhf.rewards import RewardFunctionWrapper
-    from tests.conftest import make_prompts, share_of_good
-    from tests.helpers import make_policy
+    from tests.helpers import make_policy, make_prompts, share_of_good
 
     env = RewardFunctionWrapper(TokenGenerationEnv(make_prompts(10), tokenizer, 8, 6), fn=share_of_good)
     policy = make_policy(env, model_path)

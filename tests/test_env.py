@@ -7,7 +7,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from sb3_rlhf import TokenGenerationEnv, add_pad_token
 from sb3_rlhf.common.tiny import tiny_tokenizer
 from sb3_rlhf.envs import ENV_ID
-from tests.conftest import WORDS
+from tests.helpers import WORDS
 
 
 def test_gymnasium_and_sb3_checkers_pass(env):

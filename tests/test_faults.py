@@ -7,9 +7,7 @@ import torch as th
 
 from sb3_rlhf import GRPO, TokenGenerationEnv
 from sb3_rlhf.rewards import KLPenaltyWrapper, NonFiniteRewardError, RewardFunctionWrapper, RewardModelWrapper
-from tests.conftest import make_prompts, share_of_good
-from tests.test_ppo import make_model
-from tests.test_rewards import tiny_reward_model
+from tests.helpers import make_model, make_prompts, share_of_good, tiny_reward_model
 
 
 class FlakyReward:

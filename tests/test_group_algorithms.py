@@ -11,7 +11,7 @@ from sb3_rlhf.p3o import P3O
 from sb3_rlhf.ppo import RLHFPPO
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 from sb3_rlhf.rloo import RLOO
-from tests.conftest import make_prompts, share_of_good
+from tests.helpers import make_prompts, share_of_good
 
 ALGORITHMS = [
     (RLOO, {"samples_per_prompt": 4}, "k1"),

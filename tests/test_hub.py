@@ -236,7 +236,7 @@ def test_dry_run_checks_the_policy_tokenizer_and_the_classifier_label(offline_ca
     no spare special token, a classifier reward without a label it has."""
     from sb3_rlhf.cli import main
     from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
-    from tests.test_rewards import tiny_classifier
+    from tests.helpers import tiny_classifier
 
     task = ["train", os.path.join(TASKS, "tiny_synthetic.toml"), "--out", str(tmp_path / "run"), "--dry-run"]
     classifier = tmp_path / "sentiment"

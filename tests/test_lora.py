@@ -6,8 +6,7 @@ from sb3_rlhf import RLHFPPO
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.models import load_causal_lm
 from sb3_rlhf.rewards import KLPenaltyWrapper
-from tests.helpers import generate_batch, make_policy
-from tests.test_ppo import rule_env
+from tests.helpers import generate_batch, make_policy, rule_env
 
 pytest.importorskip("peft")
 

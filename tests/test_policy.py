@@ -240,7 +240,7 @@ def test_top_k_and_top_p_are_the_policy(env, opinionated_checkpoint, tmp_path):
     """With top_k/top_p the policy is the truncated, renormalised distribution: in generate(), in the teacher-forced
     log-probs and entropy, in the per-step SB3 methods, and recorded when the policy is saved."""
     from sb3_rlhf import RLHFPPO, TransformerActorCriticPolicy
-    from tests.test_ppo import rule_env
+    from tests.helpers import rule_env
 
     policy = make_policy(env, opinionated_checkpoint, temperature=0.7, top_k=6, top_p=0.6)
     sampled, recomputed, scores, entropy, batch = _generated_and_recomputed_logprobs(policy, env, list(range(8)))

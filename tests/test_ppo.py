@@ -15,19 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
-from tests.conftest import make_prompts, share_of_good
-from tests.test_rewards import tiny_reward_model
-
-
-def rule_env(tokenizer, kl_coef: float = 0.02, **kl_kwargs):
-    env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
-    return KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=kl_coef, **kl_kwargs)
-
-
-def make_model(env, model_path, **kwargs) -> RLHFPPO:
-    settings = dict(learning_rate=1e-3, n_episodes=32, batch_size=8, n_epochs=4, seed=0)
-    settings.update(kwargs)
-    return RLHFPPO(TransformerActorCriticPolicy, env, policy_kwargs=dict(model_name_or_path=model_path), **settings)
+from tests.helpers import make_model, make_prompts, rule_env, share_of_good, tiny_reward_model
 
 
 def test_learning_raises_the_rule_reward_with_finite_kl(tokenizer, model_path):

@@ -3,39 +3,14 @@ import math
 import numpy as np
 import pytest
 import torch as th
-from transformers import BertConfig, BertModel, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.data import PreferencePair, train_test_split
 from sb3_rlhf.common.tiny import tiny_config, tiny_tokenizer
 from sb3_rlhf.reward_modeling import RewardModel, RewardModelTrainer, bradley_terry_loss, load_reward_model
 from sb3_rlhf.rewards import RewardModelWrapper
-from tests.conftest import WORDS
-from tests.helpers import generate_batch, make_policy
-
-
-def tiny_bert(vocab_size: int, seed: int = 0) -> BertModel:
-    th.manual_seed(seed)
-    return BertModel(
-        BertConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-        )
-    )
-
-
-def toy_pairs(n: int, seed: int = 0) -> list[PreferencePair]:
-    """Separable comparisons: the chosen answer says "good", the rejected one "bad"."""
-    rng = np.random.default_rng(seed)
-    filler = [w for w in WORDS if w not in ("good", "bad")]
-    pairs = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(filler, size=3)) + " "
-        body = list(rng.choice(filler, size=4))
-        position = int(rng.integers(0, 5))
-        chosen = " ".join(body[:position] + ["good"] + body[position:])
-        rejected = " ".join(body[:position] + ["bad"] + body[position:])
-        pairs.append(PreferencePair(prompt, chosen, rejected))
-    return pairs
+from tests.helpers import WORDS, generate_batch, make_policy, tiny_bert, toy_reward_pairs
 
 
 def test_bradley_terry_loss_against_hand_computation():
@@ -52,7 +27,7 @@ def test_bradley_terry_loss_against_hand_computation():
 
 
 def test_separable_toy_set_reaches_full_accuracy(tokenizer):
-    train, test = train_test_split(toy_pairs(240), 40, seed=0)
+    train, test = train_test_split(toy_reward_pairs(240), 40, seed=0)
     model = RewardModel(tiny_bert(len(tokenizer)))
     assert model.pooling == "mean"
     trainer = RewardModelTrainer(
@@ -68,7 +43,7 @@ def test_separable_toy_set_reaches_full_accuracy(tokenizer):
 
 
 def test_causal_backbone_uses_last_token_and_learns(model_path, tokenizer):
-    train, test = train_test_split(toy_pairs(200, seed=1), 40, seed=0)
+    train, test = train_test_split(toy_reward_pairs(200, seed=1), 40, seed=0)
     trainer = RewardModelTrainer(
         model_path,
         None,
@@ -87,7 +62,7 @@ def test_causal_backbone_uses_last_token_and_learns(model_path, tokenizer):
 
 
 def test_linear_probe_fits_the_head_on_frozen_features(tokenizer):
-    train, test = train_test_split(toy_pairs(120, seed=3), 40, seed=0)
+    train, test = train_test_split(toy_reward_pairs(120, seed=3), 40, seed=0)
     model = RewardModel(tiny_bert(len(tokenizer), seed=1))
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer = RewardModelTrainer(model, tokenizer, train, test, max_length=32)
@@ -118,7 +93,7 @@ def test_pooling_reads_only_real_tokens(tokenizer):
 
 
 def test_save_load_round_trip_and_wrapper_by_path(tokenizer, model_path, tmp_path, prompts):
-    pairs = toy_pairs(64)
+    pairs = toy_reward_pairs(64)
     trainer = RewardModelTrainer(
         RewardModel(tiny_bert(len(tokenizer))), tokenizer, pairs, learning_rate=1e-3, batch_size=16
     )
@@ -150,7 +125,7 @@ def test_wrapper_cuts_texts_to_the_saved_training_length_unless_told(kind, token
         th.manual_seed(0)
         model = LlamaForSequenceClassification(config)
     # a training length shorter than the episodes (8 prompt + up to 6 response tokens), so that it matters
-    trainer = RewardModelTrainer(model, tokenizer, toy_pairs(8), max_length=6, n_epochs=0)
+    trainer = RewardModelTrainer(model, tokenizer, toy_reward_pairs(8), max_length=6, n_epochs=0)
     folder = str(tmp_path / "rm")
     trainer.save(folder)
     env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=6)
@@ -182,7 +157,7 @@ def test_sequence_classifier_as_reward_model(tokenizer):
     config.num_labels = 1
     model = LlamaForSequenceClassification(config)
     trainer = RewardModelTrainer(
-        model, tokenizer, toy_pairs(32), toy_pairs(16, seed=2), learning_rate=1e-3, batch_size=8
+        model, tokenizer, toy_reward_pairs(32), toy_reward_pairs(16, seed=2), learning_rate=1e-3, batch_size=8
     )
     trainer.learn()
     assert set(trainer.evaluate()) == {"accuracy", "loss", "mean", "std", "margin"}
@@ -192,11 +167,11 @@ def test_reward_trainer_bad_input(tokenizer):
     no_pad = tiny_tokenizer(WORDS)
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
-        RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), no_pad, toy_pairs(4))
+        RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), no_pad, toy_reward_pairs(4))
     with pytest.raises(ValueError, match="train_pairs is empty"):
         RewardModelTrainer(RewardModel(tiny_bert(len(tokenizer))), tokenizer, [])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        RewardModelTrainer("/no/such/backbone", tokenizer, toy_pairs(4))
+        RewardModelTrainer("/no/such/backbone", tokenizer, toy_reward_pairs(4))
     with pytest.raises(ValueError, match="pooling"):
         RewardModel(tiny_bert(len(tokenizer)), pooling="max")
 

@@ -6,13 +6,16 @@ from transformers import BertConfig, BertForSequenceClassification
 from sb3_rlhf.common.kl_controllers import AdaptiveKLController, FixedKLController
 from sb3_rlhf.common.tiny import tiny_config, tiny_tokenizer
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper, kl_estimate, reward_wrappers
-from tests.conftest import WORDS, share_of_good
-from tests.helpers import build_hub_cache, generate_batch, make_policy, replay_through_step
-
-
-def tiny_reward_model(vocab_size: int, seed: int = 0) -> BertForSequenceClassification:
-    """A tiny one-output BERT reward model (a classifier with the single default label)."""
-    return tiny_classifier(vocab_size, {0: "LABEL_0"}, seed)
+from tests.helpers import (
+    WORDS,
+    build_hub_cache,
+    generate_batch,
+    make_policy,
+    replay_through_step,
+    share_of_good,
+    tiny_classifier,
+    tiny_reward_model,
+)
 
 
 def test_function_wrapper_step_and_batch_agree(env, tokenizer, model_path):
@@ -91,25 +94,6 @@ def test_decoder_classifier_with_its_own_pad_id_reads_the_last_real_token(env, t
             expected = reward_model(input_ids=ids).logits[0, 0].item()
         assert scores[row].item() == pytest.approx(expected, abs=1e-5), row
     assert reward_model.config.pad_token_id == foreign_pad  # the user's model is as it was outside scoring
-
-
-SENTIMENT = {0: "NEGATIVE", 1: "POSITIVE"}
-
-
-def tiny_classifier(vocab_size: int, labels: dict[int, str] = SENTIMENT, seed: int = 0, **config):
-    """A tiny BERT sequence classifier with named labels, like a hub sentiment classifier."""
-    th.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        id2label=dict(labels),
-        label2id={name: i for i, name in labels.items()},
-        **config,
-    )
-    return BertForSequenceClassification(config).eval()
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from sb3_rlhf import RLHFPPO
 from sb3_rlhf.common.models import load_causal_lm
 from sb3_rlhf.common.safe_load import UnsafeZipError
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardModelWrapper
-from tests.test_ppo import make_model, rule_env
-from tests.test_rewards import tiny_reward_model
+from tests.helpers import make_model, rule_env, tiny_reward_model
 
 
 class Payload:

@@ -1,7 +1,6 @@
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch as th
 from transformers import AutoModelForCausalLM
@@ -12,22 +11,11 @@ from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.rewards import RewardFunctionWrapper
 from sb3_rlhf.sft import SFTTrainer
 from sb3_rlhf.sft.trainer import IGNORE_INDEX
-from tests.conftest import WORDS, share_of_good
+from tests.helpers import WORDS, share_of_good, toy_demos
 
 TEMPLATE = (
     "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
 )
-
-
-def toy_demos(n: int, seed: int = 0) -> list[Demonstration]:
-    """Copy the prompt's first word, then say 'good': learnable by a tiny model."""
-    rng = np.random.default_rng(seed)
-    filler = [w for w in WORDS if w != "good"]
-    demos = []
-    for _ in range(n):
-        words = list(rng.choice(filler, size=3))
-        demos.append(Demonstration(" ".join(words), f"{words[0]} good"))
-    return demos
 
 
 def test_loss_only_on_response_tokens(tokenizer, model_path):

@@ -199,7 +199,9 @@ def test_a_hub_classifier_task_honours_the_revision(tmp_path, monkeypatch):
     assert prepared.reward_model.endswith(commit)  # the snapshot of tag v1 (the cache has no "main")
     wrapper = classifier_wrapper(prepared)
     assert (wrapper.label_index, wrapper.score_kind) == (1, "probability")
-    with pytest.raises(FileNotFoundError, match="'org/tiny-sentiment' does not exist as a local folder.*as a hub id at revision 'v2'"):
+    with pytest.raises(
+        FileNotFoundError, match="'org/tiny-sentiment' does not exist as a local folder.*as a hub id at revision 'v2'"
+    ):
         prepare(parse_task(classifier_task("org/tiny-sentiment", revision="v2")), str(tmp_path / "run"), False)
 
 
