@@ -32,7 +32,7 @@ import torch as th
 from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
-from sb3_rlhf.evaluation import evaluate_policy
+from sb3_rlhf.common.evaluation import evaluate_policy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks import load_task
 from sb3_rlhf.tasks.config import kl_estimator

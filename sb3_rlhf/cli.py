@@ -203,7 +203,7 @@ def launch_processes(nproc: int, argv: Sequence[str]) -> int:
 def run_train(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf train``: every stage of a task file, then the comparison with the initial policy."""
     from sb3_rlhf.common.distributed import is_main_process
-    from sb3_rlhf.evaluation import report_markdown
+    from sb3_rlhf.common.evaluation import report_markdown
     from sb3_rlhf.tasks import load_task, run_task
 
     task = load_task(args.task, _with_algorithm(args))
@@ -226,7 +226,7 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf evaluate``: the comparison of a finished run's policy with the initial one."""
-    from sb3_rlhf.evaluation import report_markdown
+    from sb3_rlhf.common.evaluation import report_markdown
     from sb3_rlhf.tasks import evaluate_task, load_task
 
     task = load_task(args.task, _with_algorithm(args))

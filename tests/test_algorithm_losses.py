@@ -160,7 +160,7 @@ def test_grpo_loss_and_gradient_ignore_extreme_log_ratios_at_padding(estimator, 
 def test_rloo_and_p3o_policy_losses_ignore_garbage_at_padding(algorithm):
     from types import SimpleNamespace
 
-    from sb3_rlhf.buffers import SequenceBatch
+    from sb3_rlhf.common.buffers import SequenceBatch
     from sb3_rlhf.p3o import P3O
     from sb3_rlhf.rloo import RLOO
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_rlhf.evaluation import evaluate_policy
+from sb3_rlhf.common.evaluation import evaluate_policy
 from sb3_rlhf.rewards.base import reward_wrappers
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
+from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceBatch
 from sb3_rlhf.common.distributed import mean_over_ranks, rank, world_size
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch as th
 
-from sb3_rlhf.buffers import SequenceBatch
+from sb3_rlhf.common.buffers import SequenceBatch
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.group_rollouts import GroupRolloutAlgorithm
 from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, masked_mean

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch as th
 
-from sb3_rlhf.buffers import SequenceBatch
+from sb3_rlhf.common.buffers import SequenceBatch
 from sb3_rlhf.common.group_rollouts import GroupRolloutAlgorithm
 from sb3_rlhf.common.sequences import masked_mean, zero_padding
 from sb3_rlhf.p3o.losses import P3O_CLIPPING, p3o_loss, pairwise_reward_difference

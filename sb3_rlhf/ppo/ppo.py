@@ -19,7 +19,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_rlhf.buffers import SequenceBatch, SequenceRolloutBuffer
+from sb3_rlhf.common.buffers import SequenceBatch, SequenceRolloutBuffer
 from sb3_rlhf.common.distributed import (
     any_rank,
     average_gradients,
@@ -73,7 +73,7 @@ class RLHFPPO(PPO):
         step), and so is the update of a rollout with a non-finite reward; both are counted in
         ``train/skipped_updates``. After this many skips in a row the run stops with an error (0: at the first).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
-    :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
+    :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see :class:`~sb3_rlhf.common.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
     :param tensorboard_log: TensorBoard log folder.

@@ -33,7 +33,7 @@ from sb3_rlhf.common.tiny import save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
-from sb3_rlhf.evaluation import compare_policies, report_markdown
+from sb3_rlhf.common.evaluation import compare_policies, report_markdown
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.ppo import RLHFPPO
 from sb3_rlhf.reward_modeling import RewardModelTrainer
