@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.grpo import GRPO
 from sb3_rlhf.p3o import P3O
@@ -11,7 +12,7 @@ from sb3_rlhf.ppo import RLHFPPO
 from sb3_rlhf.rloo import RLOO
 
 #: Online algorithms: they sample from the policy and learn from the env's reward wrappers.
-ONLINE_ALGORITHMS: dict[str, type[RLHFPPO]] = {"ppo": RLHFPPO, "rloo": RLOO, "grpo": GRPO, "p3o": P3O}
+ONLINE_ALGORITHMS: dict[str, type[RLHFOnPolicyAlgorithm]] = {"ppo": RLHFPPO, "rloo": RLOO, "grpo": GRPO, "p3o": P3O}
 #: Offline algorithms: they learn from preference pairs.
 OFFLINE_ALGORITHMS = {"dpo": DPOTrainer}
 ALGORITHM_NAMES = (*ONLINE_ALGORITHMS, *OFFLINE_ALGORITHMS)
@@ -26,13 +27,6 @@ def algorithm_class(name: str) -> type:
 
 
 def accepted_arguments(cls: type) -> set[str]:
-    """Every keyword argument ``cls(...)`` accepts, following ``**kwargs`` up the class hierarchy."""
-    accepted: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters
-        accepted |= {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return accepted - set(getattr(cls, "fixed_arguments", ())) - {"self"}
+    """Every keyword argument ``cls(...)`` accepts (each algorithm declares its own, explicitly)."""
+    parameters = inspect.signature(cls).parameters
+    return {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.distributions import CategoricalDistribution
@@ -113,6 +114,8 @@ def _generation_defaults(model: PreTrainedModel, config: GenerationConfig) -> It
 class _AdapterDisabled(th.nn.Module):
     """The LoRA actor with its adapter switched off, i.e. the frozen base model: the KL reference under LoRA,
     without a second copy of the weights. It holds the actor without registering it, so it owns no parameters."""
+
+    peft_model: Any  # peft's PeftModel, set past nn.Module's registration
 
     def __init__(self, peft_model: Any) -> None:
         super().__init__()
@@ -235,6 +238,8 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.n_actions = int(action_space.n)
 
         path = None
+        # a transformers causal LM, or under LoRA peft's PeftModel around one (which forwards the LM's attributes)
+        self.actor: Any
         if model_name_or_path is not None:
             # resolved once (a hub id: one look-up) for the actor and a critic on the same weights
             path = resolve_model_path(model_name_or_path, revision, "policy model", trust_remote_code)
@@ -242,6 +247,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             # a hub id is pinned to the commit it resolved to: the zip reloads (and the KL reference is) these weights
             self.revision = pinned_revision(model_name_or_path, revision, path)
         else:
+            assert self.model_config is not None  # exactly one of the two, checked above
             self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
         check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")
         self.critic: PreTrainedModel | None = None
@@ -263,10 +269,11 @@ class TransformerActorCriticPolicy(BasePolicy):
         for model in (self.actor, self.critic):
             if model is not None:
                 disable_dropout(model)
-        hidden_size = (self.critic or self.actor).get_input_embeddings().embedding_dim
+        hidden_size = cast(th.nn.Embedding, (self.critic or self.actor).get_input_embeddings()).embedding_dim
         self.value_head = th.nn.Linear(hidden_size, 1)
         trainable = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
+        # as SB3's ActorCriticPolicy: optimizer_class is any torch optimizer, whose base class takes no lr
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -311,6 +318,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         values = None
         if with_values:
             hidden = hidden if shared else self._critic_hidden(input_ids, attention_mask, 1)
+            assert hidden is not None  # the actor's, asked for when shared
             values = self._values_from_hidden(hidden[:, -1])
         return logits, values
 
@@ -321,6 +329,7 @@ class TransformerActorCriticPolicy(BasePolicy):
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """:return: ``actions (batch,)``, ``values (batch, 1)``, ``log_prob (batch,)``, as SB3's ActorCriticPolicy."""
         logits, values = self._step_outputs(obs, with_values=True)
+        assert values is not None
         distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values.unsqueeze(-1), distribution.log_prob(actions)
@@ -332,11 +341,14 @@ class TransformerActorCriticPolicy(BasePolicy):
         """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` for SB3's PPO."""
         actions = actions.reshape(-1).long()
         logits, values = self._step_outputs(obs, with_values=True, actions=actions)
+        assert values is not None
         distribution = CategoricalDistribution(self.n_actions).proba_distribution(action_logits=logits)
         return values.unsqueeze(-1), distribution.log_prob(actions), distribution.entropy()
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
-        return self._step_outputs(obs, with_values=True)[1].unsqueeze(-1)
+        values = self._step_outputs(obs, with_values=True)[1]
+        assert values is not None
+        return values.unsqueeze(-1)
 
     def action_log_prob(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
         """log π(action | obs) at the policy temperature (and top-k/top-p): ``(batch,)`` float32."""
@@ -460,6 +472,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         )
         if not shared:
             hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
+        assert hidden is not None  # the actor's, asked for when shared
         tokens = input_ids[:, -response_length:]
         truncated = self.top_k > 0 or self.top_p < 1.0
         # π(a_t | s_t) = softmax(z_t / τ) renormalised over top-k/top-p (the response token always kept)
@@ -473,7 +486,7 @@ class TransformerActorCriticPolicy(BasePolicy):
 
     @th.no_grad()
     def sample_episodes(
-        self, env: TokenGenerationEnv, prompt_indices: Sequence[int]
+        self, env: TokenGenerationEnv, prompt_indices: Sequence[int] | np.ndarray
     ) -> tuple[GenerationBatch, th.Tensor]:
         """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass.
 
@@ -482,6 +495,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         """
         prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
         response = self.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id)
+        assert isinstance(response, th.Tensor)  # no output_scores: the tokens alone
         batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
         logprobs, values, _ = self.evaluate_sequences(
             batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False

@@ -95,8 +95,15 @@ def _reward_model(model_path: str) -> object:
     tokenizer = tiny_tokenizer(WORDS)
     train, test = train_test_split(toy_reward_pairs(64), 16, seed=0)
     return RewardModelTrainer(
-        RewardModel(tiny_bert(len(tokenizer))), tokenizer, train, test, learning_rate=3e-3, batch_size=16,
-        n_epochs=2, max_length=32, seed=0,
+        RewardModel(tiny_bert(len(tokenizer))),
+        tokenizer,
+        train,
+        test,
+        learning_rate=3e-3,
+        batch_size=16,
+        n_epochs=2,
+        max_length=32,
+        seed=0,
     )
 
 

@@ -1,4 +1,6 @@
-"""SequenceRolloutBuffer: whole episodes (prompt + response) and GAE over response tokens."""
+"""Rollout storage for language episodes: one storage base (add, merge, minibatches by episodes or by token
+budget) and its two kinds of advantage, GAE over response tokens (:class:`SequenceRolloutBuffer`, RLHFPPO) and
+sequence advantages from groups of responses to one prompt (:class:`GroupRolloutBuffer`, RLOO, GRPO, P3O)."""
 
 from __future__ import annotations
 
@@ -39,27 +41,35 @@ def _pad(tensors: list[th.Tensor], width: int, value: float, left: bool) -> th.T
     return th.cat(padded)
 
 
-class SequenceRolloutBuffer(BaseBuffer):
+class BaseSequenceBuffer(BaseBuffer):
     """Rollout storage for language episodes: one row per episode, one column per response token.
 
-    Episodes arrive in chunks (one per ``generate()`` call) and are padded together: prompts on the left,
-    responses on the right. :meth:`compute_returns_and_advantage` runs GAE over the real response tokens of
-    each episode, then optionally whitens the advantages over all real tokens of the rollout.
-
-    The return ends at the last response token, whether the episode terminated (EOS) or was truncated at
-    ``max_new_tokens``: the reward wrappers score a truncated response at its last token, nothing follows it,
-    and V(s_T) of a cut-off state is never trained, so bootstrapping from it would add an untrained guess to
-    a complete return. ``bootstrap_truncated=True`` restores the time-limit convention (add γ·V(s_T)).
+    Episodes arrive in chunks (one per ``generate()`` call) and are padded together when the rollout is complete:
+    prompts on the left, responses on the right. A subclass fills :attr:`advantages` and :attr:`returns` from
+    the stored rewards; :meth:`get` then yields minibatches of whole episodes (or whole groups, :attr:`_unit`).
 
     :param buffer_size: episodes per rollout.
     :param observation_space: the env's observation space (SB3 signature).
     :param action_space: the env's action space (SB3 signature).
     :param device: where minibatches are returned.
-    :param gamma: discount γ (1.0 is usual for language).
-    :param gae_lambda: GAE λ.
     :param n_envs: number of SB3 envs (1: the fast path batches episodes itself).
-    :param bootstrap_truncated: bootstrap truncated responses from V(s_T).
     """
+
+    #: rows that must stay in one minibatch (a group of responses to one prompt in GroupRolloutBuffer)
+    _unit = 1
+    # the merged rollout, ``(n_episodes, P)`` / ``(n_episodes, T)`` (``values``: ``T + 1``), set by _merge()
+    prompt_ids: th.Tensor
+    prompt_mask: th.Tensor
+    response_ids: th.Tensor
+    response_mask: th.Tensor
+    logprobs: th.Tensor
+    values: th.Tensor
+    rewards: th.Tensor
+    terminated: th.Tensor
+    ref_logprobs: th.Tensor | None
+    #: set by the subclass's advantage computation, ``(n_episodes, T)``
+    advantages: th.Tensor | None
+    returns: th.Tensor
 
     def __init__(
         self,
@@ -67,15 +77,9 @@ class SequenceRolloutBuffer(BaseBuffer):
         observation_space: spaces.Space,
         action_space: spaces.Space,
         device: th.device | str = "auto",
-        gamma: float = 1.0,
-        gae_lambda: float = 0.95,
         n_envs: int = 1,
-        bootstrap_truncated: bool = False,
     ) -> None:
         super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
-        self.gamma = gamma
-        self.gae_lambda = gae_lambda
-        self.bootstrap_truncated = bootstrap_truncated
         self.reset()
 
     def reset(self) -> None:
@@ -140,36 +144,6 @@ class SequenceRolloutBuffer(BaseBuffer):
         self.terminated = th.cat(c["terminated"]).squeeze(-1)
         self.ref_logprobs = _pad(c["ref_logprobs"], t_width, 0.0, left=False) if "ref_logprobs" in c else None
 
-    def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
-        """Generalised advantage estimation over response tokens (Schulman et al. 2016):
-
-        δ_t = r_t + γ·V(s_{t+1})·[t+1 < len] − V(s_t),   Â_t = δ_t + γλ·Â_{t+1}·[t+1 < len],   R_t = Â_t + V(s_t)
-
-        The term after the last token is γ·V(s_len) only for truncated responses with ``bootstrap_truncated``.
-        """
-        self._merge()
-        mask = self.response_mask
-        n, length = mask.shape
-        lengths = mask.long().sum(-1)
-        is_last = th.arange(length, device=mask.device).unsqueeze(0) == (lengths - 1).unsqueeze(-1)
-        # Padding is selected away, never multiplied by 0 (inf·0 and NaN·0 are NaN): what a padded
-        # position holds never reaches a real one.
-        values = zero_padding(self.values[:, :-1], mask)
-        rewards = zero_padding(self.rewards, mask)
-        bootstrap = (~self.terminated & self.bootstrap_truncated).unsqueeze(-1)
-        # V(s_{t+1}) inside the response; after its last token only when bootstrapping
-        next_values = zero_padding(self.values[:, 1:], mask & (~is_last | bootstrap))
-
-        advantages = th.zeros_like(values)
-        last_gae = th.zeros(n, device=mask.device)
-        for t in reversed(range(length)):
-            delta = rewards[:, t] + self.gamma * next_values[:, t] - values[:, t]
-            carried = th.where(is_last[:, t], th.zeros_like(last_gae), last_gae)  # nothing after the last token
-            last_gae = delta + self.gamma * self.gae_lambda * carried
-            advantages[:, t] = zero_padding(last_gae, mask[:, t])
-        self.returns = zero_padding(advantages + values, mask)
-        self.advantages = masked_whiten_over_ranks(advantages, mask) if normalize_advantage else advantages
-
     def get(  # type: ignore[override]
         self, batch_size: int | None = None, max_tokens: int | None = None
     ) -> Generator[SequenceBatch, None, None]:
@@ -182,7 +156,9 @@ class SequenceRolloutBuffer(BaseBuffer):
             group of :class:`GroupRolloutBuffer`) longer than the budget on its own forms a minibatch alone.
         """
         if self.advantages is None:
-            raise RuntimeError("call compute_returns_and_advantage() before get()")
+            raise RuntimeError(
+                "compute the advantages (compute_returns_and_advantage() or compute_group_advantages()) before get()"
+            )
         n = self.prompt_ids.shape[0]
         batch_size = batch_size or n
         for index in self._minibatch_indices(self._episode_order(), batch_size, max_tokens):
@@ -190,9 +166,6 @@ class SequenceRolloutBuffer(BaseBuffer):
 
     def _episode_order(self) -> th.Tensor:
         return th.randperm(self.prompt_ids.shape[0])
-
-    #: rows that must stay in one minibatch (a group of responses to one prompt in GroupRolloutBuffer)
-    _unit = 1
 
     def _minibatch_indices(self, order: th.Tensor, batch_size: int, max_tokens: int | None) -> list[th.Tensor]:
         """Split the episode order into minibatches of at most ``batch_size`` rows and ``max_tokens`` tokens."""
@@ -224,37 +197,111 @@ class SequenceRolloutBuffer(BaseBuffer):
         t_end = int(response_mask.sum(-1).max())
         input_ids = th.cat([self.prompt_ids[index, p_start:], self.response_ids[index, :t_end]], dim=1)
         attention_mask = th.cat([prompt_mask[:, p_start:], response_mask[:, :t_end].long()], dim=1)
+        assert self.advantages is not None  # checked by get()
         return SequenceBatch(
-            *(
-                x.to(self.device)
-                for x in (
-                    input_ids,
-                    attention_mask,
-                    response_mask[:, :t_end],
-                    self.logprobs[index, :t_end],
-                    self.values[index, :t_end],
-                    self.advantages[index, :t_end],
-                    self.returns[index, :t_end],
-                )
-            ),
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            response_mask=response_mask[:, :t_end].to(self.device),
+            old_logprobs=self.logprobs[index, :t_end].to(self.device),
+            old_values=self.values[index, :t_end].to(self.device),
+            advantages=self.advantages[index, :t_end].to(self.device),
+            returns=self.returns[index, :t_end].to(self.device),
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index, :t_end].to(self.device),
         )
 
 
-class GroupRolloutBuffer(SequenceRolloutBuffer):
+class SequenceRolloutBuffer(BaseSequenceBuffer):
+    """The rollout storage of RLHFPPO: generalised advantage estimation over the response tokens of each episode
+    (the value head's estimates), then, optionally, advantages whitened over all real tokens of the rollout.
+
+    The return ends at the last response token, whether the episode terminated (EOS) or was truncated at
+    ``max_new_tokens``: the reward wrappers score a truncated response at its last token, nothing follows it,
+    and V(s_T) of a cut-off state is never trained, so bootstrapping from it would add an untrained guess to
+    a complete return. ``bootstrap_truncated=True`` restores the time-limit convention (add γ·V(s_T)).
+
+    :param buffer_size: episodes per rollout.
+    :param observation_space: the env's observation space (SB3 signature).
+    :param action_space: the env's action space (SB3 signature).
+    :param device: where minibatches are returned.
+    :param n_envs: number of SB3 envs (1: the fast path batches episodes itself).
+    :param gamma: discount γ (1.0 is usual for language).
+    :param gae_lambda: GAE λ.
+    :param bootstrap_truncated: bootstrap truncated responses from V(s_T).
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        bootstrap_truncated: bool = False,
+    ) -> None:
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.bootstrap_truncated = bootstrap_truncated
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
+
+    def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
+        """Generalised advantage estimation over response tokens (Schulman et al. 2016):
+
+        δ_t = r_t + γ·V(s_{t+1})·[t+1 < len] − V(s_t),   Â_t = δ_t + γλ·Â_{t+1}·[t+1 < len],   R_t = Â_t + V(s_t)
+
+        The term after the last token is γ·V(s_len) only for truncated responses with ``bootstrap_truncated``.
+        """
+        self._merge()
+        mask = self.response_mask
+        n, length = mask.shape
+        lengths = mask.long().sum(-1)
+        is_last = th.arange(length, device=mask.device).unsqueeze(0) == (lengths - 1).unsqueeze(-1)
+        # Padding is selected away, never multiplied by 0 (inf·0 and NaN·0 are NaN): what a padded
+        # position holds never reaches a real one.
+        values = zero_padding(self.values[:, :-1], mask)
+        rewards = zero_padding(self.rewards, mask)
+        bootstrap = (~self.terminated & self.bootstrap_truncated).unsqueeze(-1)
+        # V(s_{t+1}) inside the response; after its last token only when bootstrapping
+        next_values = zero_padding(self.values[:, 1:], mask & (~is_last | bootstrap))
+
+        advantages = th.zeros_like(values)
+        last_gae = th.zeros(n, device=mask.device)
+        for t in reversed(range(length)):
+            delta = rewards[:, t] + self.gamma * next_values[:, t] - values[:, t]
+            carried = th.where(is_last[:, t], th.zeros_like(last_gae), last_gae)  # nothing after the last token
+            last_gae = delta + self.gamma * self.gae_lambda * carried
+            advantages[:, t] = zero_padding(last_gae, mask[:, t])
+        self.returns = zero_padding(advantages + values, mask)
+        self.advantages = masked_whiten_over_ranks(advantages, mask) if normalize_advantage else advantages
+
+
+class GroupRolloutBuffer(BaseSequenceBuffer):
     """Rollout storage for critic-free algorithms that sample ``group_size`` responses per prompt (RLOO, GRPO,
     P3O). Episodes arrive group by group (consecutive rows share a prompt); advantages are per sequence,
     computed from the group's returns, and broadcast over the response tokens; minibatches hold whole groups.
 
+    :param buffer_size: episodes per rollout.
+    :param observation_space: the env's observation space (SB3 signature).
+    :param action_space: the env's action space (SB3 signature).
+    :param device: where minibatches are returned.
+    :param n_envs: number of SB3 envs (1: the fast path batches episodes itself).
     :param group_size: responses per prompt (``k``).
-    :param kwargs: :class:`SequenceRolloutBuffer` arguments.
     """
 
-    def __init__(self, *args, group_size: int = 2, **kwargs) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+        group_size: int = 2,
+    ) -> None:
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {group_size}")
         self.group_size = group_size
-        super().__init__(*args, **kwargs)
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
 
     def compute_group_advantages(
         self, estimator: Callable[[th.Tensor], th.Tensor], normalize_advantage: bool = False
@@ -273,9 +320,6 @@ class GroupRolloutBuffer(SequenceRolloutBuffer):
         self.sequence_advantages = advantages
         self.advantages = zero_padding(advantages.unsqueeze(-1).expand_as(mask), mask)
         self.returns = zero_padding(self.sequence_returns.unsqueeze(-1).expand_as(mask), mask)
-
-    def compute_returns_and_advantage(self, normalize_advantage: bool = True) -> None:  # type: ignore[override]
-        raise RuntimeError("GroupRolloutBuffer computes advantages from groups: call compute_group_advantages()")
 
     @property
     def _unit(self) -> int:  # type: ignore[override]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_rlhf.common.evaluation import evaluate_policy
 from sb3_rlhf.rewards.base import reward_wrappers
+
+if TYPE_CHECKING:
+    from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 
 
 class RolloutHistoryCallback(BaseCallback):
@@ -47,6 +50,8 @@ class HeldOutEvaluationCallback(BaseCallback):
     :param seed: sampling seed of every evaluation (the same prompts and draws each time).
     :param samples_per_prompt: responses sampled per held-out prompt (more: less noise).
     """
+
+    model: RLHFOnPolicyAlgorithm  # BaseCallback's BaseAlgorithm, narrowed: a TransformerActorCriticPolicy, n_steps
 
     def __init__(
         self,

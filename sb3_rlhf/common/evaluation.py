@@ -18,7 +18,10 @@ from sb3_rlhf.rewards.base import RewardWrapper, SequenceRewardWrapper
 
 @th.no_grad()
 def sample(
-    policy: TransformerActorCriticPolicy, env: TokenGenerationEnv, indices: Sequence[int], batch_size: int = 32
+    policy: TransformerActorCriticPolicy,
+    env: TokenGenerationEnv,
+    indices: Sequence[int] | np.ndarray,
+    batch_size: int = 32,
 ) -> list[GenerationBatch]:
     """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled."""
     return [
@@ -65,6 +68,7 @@ def evaluate_policy(
             policy.temperature,
             policy.n_actions,
         )
+        assert batch.logprobs is not None  # sample() fills them
         kls += zero_padding(batch.logprobs - ref, batch.response_mask).sum(-1).tolist()
         scores += score.tolist()
         lengths += batch.lengths.tolist()

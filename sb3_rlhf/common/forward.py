@@ -6,18 +6,17 @@ import inspect
 from functools import cache
 
 import torch as th
-from transformers import PreTrainedModel
 
 from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 
 
 @cache
-def _accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+def _accepts_logits_to_keep(model: th.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def forward_last_positions(
-    model: PreTrainedModel,
+    model: th.nn.Module,
     input_ids: th.Tensor,
     attention_mask: th.Tensor,
     n_positions: int,
@@ -50,7 +49,7 @@ def forward_last_positions(
 
 
 def response_logits(
-    model: PreTrainedModel,
+    model: th.nn.Module,
     input_ids: th.Tensor,
     attention_mask: th.Tensor,
     response_length: int,
@@ -71,7 +70,7 @@ def response_logits(
 
 
 def response_logprobs(
-    model: PreTrainedModel,
+    model: th.nn.Module,
     input_ids: th.Tensor,
     attention_mask: th.Tensor,
     response_length: int,
@@ -84,7 +83,7 @@ def response_logprobs(
 
 
 def next_token_logits(
-    model: PreTrainedModel, input_ids: th.Tensor, attention_mask: th.Tensor, temperature: float, n_actions: int
+    model: th.nn.Module, input_ids: th.Tensor, attention_mask: th.Tensor, temperature: float, n_actions: int
 ) -> th.Tensor:
     """Temperature-scaled logits of the next token after a left-padded window: ``(batch, n_actions)``."""
     logits, _ = forward_last_positions(model, input_ids, attention_mask, 1)

@@ -42,7 +42,7 @@ class GenerationBatch:
     def from_generation(
         cls,
         env: TokenGenerationEnv,
-        prompt_indices: Sequence[int],
+        prompt_indices: Sequence[int] | np.ndarray,
         prompt_ids: th.Tensor,
         prompt_mask: th.Tensor,
         response_ids: th.Tensor,

@@ -59,7 +59,7 @@ def load_causal_lm(
 
 
 def load_tokenizer(
-    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
+    name_or_path: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, packaged model or hub id (see :func:`resolve_model_path`).
 
@@ -188,6 +188,7 @@ def packaged_model_path(name: str) -> str:
         f"{name}-transformers-{transformers.__version__}",
     )
     if not os.path.exists(os.path.join(cache, "config.json")):
+        assert packaged.gguf_file is not None  # every PackagedModel names a folder or a GGUF file
         _convert_gguf(package_dir, packaged.gguf_file, cache)
     return cache
 
@@ -319,7 +320,7 @@ def disable_dropout(model: th.nn.Module) -> None:
         if isinstance(module, th.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+            setattr(module, "attention_dropout", 0.0)  # a float attribute, which nn.Module's typing cannot express
 
 
 def with_lora(model: PreTrainedModel, lora: dict[str, Any]) -> Any:

@@ -93,7 +93,7 @@ def safe_custom_objects(
             data = json.loads(archive.read("data"))
     except (zipfile.BadZipFile, KeyError) as error:
         raise ValueError(f"{path!r} is not a model zip written by model.save() ({error})") from None
-    if not isinstance(source, str):
+    if not isinstance(path, (str, os.PathLike)):
         path.seek(start)
     objects = dict(given or {})
     for key, value in data.items():

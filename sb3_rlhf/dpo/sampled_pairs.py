@@ -8,8 +8,8 @@ import numpy as np
 import torch as th
 
 from sb3_rlhf.common.data import PreferencePair
-from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.common.evaluation import sample
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import RewardWrapper, SequenceRewardWrapper
 

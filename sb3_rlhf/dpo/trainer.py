@@ -102,8 +102,9 @@ class DPOTrainer(SupervisedTrainer):
         _check_pairs(train_pairs, "train_pairs")
         if eval_pairs:
             _check_pairs(eval_pairs, "eval_pairs")
-        self.model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        if self.model_path is not None:
+        self.model_path: str | None = None
+        if isinstance(model, (str, os.PathLike)):
+            self.model_path = os.fspath(model)
             tokenizer = tokenizer if tokenizer is not None else self.model_path
             model = load_causal_lm(self.model_path)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -123,7 +124,8 @@ class DPOTrainer(SupervisedTrainer):
             ref_model = copy.deepcopy(model)  # the initial policy, kept because it is needed at every step
         if ref_model is None and self.model_path is not None:
             self.reference_path = self.model_path  # the initial model (the base, under LoRA)
-        self.model = (with_lora(model, lora) if lora is not None else model).to(self.device)
+        # transformers wraps Module.to with functools.wraps, which mypy reads as the unbound function
+        self.model = (with_lora(model, lora) if lora is not None else model).to(self.device)  # type: ignore[arg-type]
         self.ref_model = None if ref_model is None else freeze(ref_model).to(self.device)
         self.tokenizer = tokenizer
         self.beta = float(beta)
@@ -154,7 +156,8 @@ class DPOTrainer(SupervisedTrainer):
     def _collate(self, pairs: Sequence[_EncodedPair]) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """Chosen rows first, then rejected rows, one batch of ``2 · len(pairs)``."""
         examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return tuple(t.to(self.device) for t in collate_right_padded(examples, self.tokenizer.pad_token_id))
+        input_ids, attention_mask, labels = collate_right_padded(examples, self.tokenizer.pad_token_id)
+        return input_ids.to(self.device), attention_mask.to(self.device), labels.to(self.device)
 
     def _sequence_logps(self, model: Any, pairs: Sequence[_EncodedPair]) -> tuple[th.Tensor, th.Tensor]:
         """log π(chosen|x), log π(rejected|x): ``(batch,)`` each; averaged over tokens for IPO."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -51,6 +51,8 @@ class TokenGenerationEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["ansi"]}
+    observation_space: spaces.Dict
+    action_space: spaces.Discrete
 
     def __init__(
         self,
@@ -119,7 +121,7 @@ class TokenGenerationEnv(gym.Env):
                 raise ValueError(f"prompt {i} ({text[:40]!r}) tokenizes to no tokens")
             if len(ids) > self.max_prompt_tokens:
                 ids = self._cut_from_left(ids, text, add_special_tokens)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))  # one sequence: one string
                 n_cut += 1
             token_ids.append(list(ids))
             texts.append(text)
@@ -187,7 +189,7 @@ class TokenGenerationEnv(gym.Env):
 
     def _observation(self) -> dict[str, np.ndarray]:
         tokens = self.prompt_token_ids[self._prompt_index] + self._response
-        window = self.observation_space["input_ids"].shape[0]
+        window = cast(spaces.Box, self.observation_space["input_ids"]).shape[0]
         input_ids = np.full(window, self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros(window, dtype=np.int64)
         input_ids[window - len(tokens) :] = tokens
@@ -211,7 +213,7 @@ class TokenGenerationEnv(gym.Env):
         indices = np.arange(shard, len(self.prompts), n_shards)
         return indices[self.np_random.integers(len(indices), size=n)]
 
-    def prompt_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompts for a batch of episodes.
 
         :return: ``input_ids (n, P) int64`` and ``attention_mask (n, P) int64``, ``P`` the longest prompt.
@@ -227,7 +229,7 @@ class TokenGenerationEnv(gym.Env):
 
     def decode_completion(self, token_ids: Sequence[int]) -> str:
         """The response text, special tokens (EOS) dropped."""
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(list(token_ids), skip_special_tokens=True))  # one sequence: one string
 
     def episode_info(self, prompt_index: int, completion_ids: Sequence[int], truncated: bool) -> dict[str, Any]:
         """The end-of-episode ``info`` dict, shared by ``step()`` and the fast path."""

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch as th
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_rlhf.common.buffers import SequenceBatch
+from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceBatch
 from sb3_rlhf.common.generation import GenerationBatch
-from sb3_rlhf.common.group_rollouts import GroupRolloutAlgorithm
-from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, masked_mean
+from sb3_rlhf.common.on_policy_algorithm import (
+    RLHFOnPolicyAlgorithm,
+    check_loss_aggregation,
+    check_samples_per_prompt,
+)
+from sb3_rlhf.common.sequences import masked_mean
 from sb3_rlhf.grpo.losses import group_normalized_advantages, grpo_losses
+from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import RewardWrapper
 from sb3_rlhf.rewards.kl import KLPenaltyWrapper
 
 
-class GRPO(GroupRolloutAlgorithm):
+class GRPO(RLHFOnPolicyAlgorithm):
     """Group Relative Policy Optimization (Shao et al. 2024), SB3-style.
 
     Each prompt gets ``samples_per_prompt`` responses; a response's advantage is its score normalised by the
@@ -25,24 +32,100 @@ class GRPO(GroupRolloutAlgorithm):
     β·KL per token with that estimator (``"k3"`` in the paper; ``"k1"`` is refused, its gradient is zero in
     expectation). Without a KL wrapper GRPO trains without a KL term.
 
+    :param policy: :class:`~sb3_rlhf.TransformerActorCriticPolicy` (or its name); its value head is kept (one
+        policy class serves every algorithm) but nothing trains it.
+    :param env: a :class:`~sb3_rlhf.TokenGenerationEnv` under its reward wrappers.
+    :param learning_rate: learning rate, constant or schedule of the remaining progress.
+    :param n_episodes: episodes (responses) per rollout, a multiple of ``samples_per_prompt``.
+    :param samples_per_prompt: responses sampled for each prompt (``k >= 2``).
+    :param batch_size: episodes per minibatch, a multiple of ``samples_per_prompt`` (groups stay whole).
+    :param max_batch_tokens: also cap each minibatch at this many tokens (whole groups; ``None``: no cap).
+    :param n_epochs: passes over the rollout per update (1: every sample is used once, on-policy).
+    :param clip_range: the trust-region clip ε (float or schedule).
+    :param normalize_advantage: also scale the advantages to unit variance over the rollout (off: they are
+        already normalised within each group).
+    :param ent_coef: entropy bonus coefficient.
+    :param max_grad_norm: gradient clipping norm.
+    :param target_kl: stop the epochs early when the approximate KL to the rollout policy exceeds 1.5×this.
     :param loss_aggregation: ``"sequence"`` (the paper: each response's tokens averaged, then the responses)
         or ``"token"`` (all tokens of the minibatch weighted equally, as DAPO).
     :param advantage_eps: ε in Â = (R − mean) / (std + ε).
-    :param kwargs: :class:`~sb3_rlhf.common.group_rollouts.GroupRolloutAlgorithm` arguments.
+    :param max_consecutive_skips: non-finite minibatches (or rollouts) skipped in a row before the run stops
+        with an error (see :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`).
+    :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
+    :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
+    :param tensorboard_log: TensorBoard log folder.
+    :param policy_kwargs: for the policy; models are named by path (``model_name_or_path``).
+    :param verbose: 0 silent, 1 info.
+    :param seed: seed of every RNG (prompt sampling, generation, minibatch order).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    :param _init_setup_model: build the model now (SB3's ``load`` passes False).
     """
 
-    algorithm_name = "GRPO"
+    rollout_buffer: GroupRolloutBuffer
 
     def __init__(
-        self, *args: Any, loss_aggregation: str = "sequence", advantage_eps: float = 1e-4, **kwargs: Any
+        self,
+        policy: str | type[TransformerActorCriticPolicy],
+        env: GymEnv | str | None,
+        learning_rate: float | Schedule = 1e-5,
+        n_episodes: int = 64,
+        samples_per_prompt: int = 4,
+        batch_size: int = 16,
+        max_batch_tokens: int | None = None,
+        n_epochs: int = 1,
+        clip_range: float | Schedule = 0.2,
+        normalize_advantage: bool = False,
+        ent_coef: float = 0.0,
+        max_grad_norm: float = 1.0,
+        target_kl: float | None = None,
+        loss_aggregation: str = "sequence",
+        advantage_eps: float = 1e-4,
+        max_consecutive_skips: int = 5,
+        generation_batch_size: int | None = None,
+        n_logged_samples: int = 4,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
     ) -> None:
-        if loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}")
-        self.loss_aggregation = loss_aggregation
+        samples_per_prompt = check_samples_per_prompt("GRPO", samples_per_prompt)
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_episodes=n_episodes,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            clip_range=clip_range,
+            normalize_advantage=normalize_advantage,
+            ent_coef=ent_coef,
+            max_grad_norm=max_grad_norm,
+            rollout_buffer_class=GroupRolloutBuffer,
+            rollout_buffer_kwargs={"group_size": samples_per_prompt},
+            max_batch_tokens=max_batch_tokens,
+            target_kl=target_kl,
+            max_consecutive_skips=max_consecutive_skips,
+            generation_batch_size=generation_batch_size,
+            samples_per_prompt=samples_per_prompt,
+            n_logged_samples=n_logged_samples,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+        )
+        self.loss_aggregation = check_loss_aggregation(loss_aggregation)
         self.advantage_eps = advantage_eps
         self._rollout_kl: tuple[float, str] | None = None  # (β, estimator) the rollout was scored with
-        kwargs.setdefault("normalize_advantage", False)  # already normalised within each group
-        super().__init__(*args, **kwargs)
+        if _init_setup_model:
+            self._setup_model()
 
     def _kl_wrapper(self, wrappers: list[RewardWrapper]) -> KLPenaltyWrapper | None:
         found = [w for w in wrappers if isinstance(w, KLPenaltyWrapper)]
@@ -65,7 +148,7 @@ class GRPO(GroupRolloutAlgorithm):
     ) -> tuple[th.Tensor, dict[str, th.Tensor], th.Tensor | None]:
         kl_wrapper = self._kl_wrapper(wrappers)
         terms = {w.name: w.batch_rewards(batch) for w in wrappers if w is not kl_wrapper}
-        rewards = sum(terms.values(), th.zeros_like(batch.logprobs))
+        rewards = sum(terms.values(), th.zeros_like(batch.response_mask, dtype=th.float32))
         ref_logprobs, self._rollout_kl = None, None
         if kl_wrapper is not None:
             ref_logprobs = kl_wrapper.reference_logprobs(batch)
@@ -75,16 +158,23 @@ class GRPO(GroupRolloutAlgorithm):
             self._rollout_kl = (kl_wrapper.coef, kl_wrapper.estimator)
         return rewards, terms, ref_logprobs
 
-    def group_advantages(self, returns: th.Tensor) -> th.Tensor:
-        return group_normalized_advantages(returns, self.advantage_eps)
+    def compute_advantages(self, rollout_buffer: GroupRolloutBuffer) -> None:  # type: ignore[override]
+        estimator = partial(group_normalized_advantages, eps=self.advantage_eps)
+        rollout_buffer.compute_group_advantages(estimator, self.normalize_advantage)
 
-    def policy_loss(
-        self, batch: SequenceBatch, logprobs: th.Tensor, entropy: th.Tensor, clip_range: float
+    def compute_loss(
+        self,
+        batch: SequenceBatch,
+        logprobs: th.Tensor,
+        values: th.Tensor,
+        entropy: th.Tensor,
+        clip_range: float,
     ) -> tuple[th.Tensor, dict[str, float]]:
         mask = batch.response_mask
         if self._rollout_kl is None:  # no KL wrapper: no KL term
             ref_logprobs, (kl_coef, estimator) = logprobs.detach(), (0.0, "k3")
         else:
+            assert batch.ref_logprobs is not None  # stored by _score_batch with the rollout
             ref_logprobs, (kl_coef, estimator) = batch.ref_logprobs, self._rollout_kl
         losses = grpo_losses(
             logprobs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch as th
 from safetensors.torch import load_file, save_file
@@ -54,7 +54,7 @@ class RewardModel(th.nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS} or 'auto', got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        hidden_size = backbone.get_input_embeddings().embedding_dim
+        hidden_size = cast(th.nn.Embedding, backbone.get_input_embeddings()).embedding_dim
         self.head = th.nn.Linear(hidden_size, 1)
         #: the input length (tokens) it was trained on, saved with it; ``None``: unknown
         self.max_length: int | None = None

@@ -218,6 +218,7 @@ class RewardModelTrainer(SupervisedTrainer):
         :return: the chosen ``l2`` and the probe's ``train_accuracy``.
         """
         differences = self.pooled_differences(self.train_pairs)
+        assert isinstance(self.model, RewardModel)  # pooled_differences raised otherwise
         order = th.as_tensor(self.rng.permutation(len(differences)))
         n_val = max(1, int(len(differences) * validation_fraction))
         val, fit = differences[order[:n_val]], differences[order[n_val:]]
@@ -249,8 +250,9 @@ class RewardModelTrainer(SupervisedTrainer):
         if isinstance(self.model, RewardModel):
             self.model.save_pretrained(path, tokenizer=self.tokenizer, max_length=self.max_length)
         else:
+            classifier: Any = self.model  # a transformers sequence classifier, typed as the nn.Module it also is
             with atomic_directory(path) as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                classifier.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 save_reward_settings(tmp, self.max_length)
 

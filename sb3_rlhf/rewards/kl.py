@@ -86,7 +86,9 @@ class KLPenaltyWrapper(RewardWrapper):
         self.kl_controller = FixedKLController(coef) if target is None else AdaptiveKLController(coef, target, horizon)
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_causal_lm(os.fspath(ref_model), revision=ref_revision)
-        self.ref_model = None if ref_model is None else freeze(ref_model)
+        # a causal LM, or the policy's adapter-disabled LoRA actor (both have get_output_embeddings()); None: the
+        # policy's initial model, made when it binds
+        self.ref_model: Any = None if ref_model is None else freeze(ref_model)
         #: True when the reference was made by the policy (its initial model) rather than given
         self.reference_from_policy = False
         self.estimator = estimator

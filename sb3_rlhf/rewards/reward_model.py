@@ -69,7 +69,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
     def __init__(
         self,
         env: gym.Env,
-        reward_model: PreTrainedModel | str,
+        reward_model: th.nn.Module | str,
         reward_tokenizer: PreTrainedTokenizerBase | str | None = None,
         max_length: int | None = None,
         batch_size: int = 32,
@@ -100,6 +100,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
         if isinstance(reward_tokenizer, (str, os.PathLike)):
             reward_tokenizer = load_tokenizer(os.fspath(reward_tokenizer))
         num_labels = reward_model.config.num_labels if isinstance(reward_model, PreTrainedModel) else 1
+        assert num_labels is not None  # a classifier's config has its labels
         self.label_index = classifier_label_index(reward_model.config, num_labels, label)
         self.score_kind = score
         # one-output models and multi-label classifiers score each label on its own (sigmoid), others by softmax
@@ -107,7 +108,9 @@ class RewardModelWrapper(SequenceRewardWrapper):
             num_labels == 1 or getattr(reward_model.config, "problem_type", None) == "multi_label_classification"
         )
         self.source = described if num_labels == 1 else f"{described} (label {label!r}, {score})"
-        self.reward_model = freeze(reward_model)
+        # a transformers classifier or a RewardModel: both carry .config and get_input_embeddings()
+        model: Any = freeze(reward_model)
+        self.reward_model = model
         self.reward_tokenizer = reward_tokenizer
         if reward_tokenizer is not None and reward_tokenizer.pad_token is None:
             raise ValueError("the reward tokenizer has no pad token: set reward_tokenizer.pad_token before wrapping")
@@ -125,9 +128,10 @@ class RewardModelWrapper(SequenceRewardWrapper):
         max_length = max_length if max_length is not None else trained_length or DEFAULT_MAX_LENGTH
         if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
-        self.max_length = int(max_length)
-        self.batch_size = int(batch_size)
-        self.explicit_device = device is not None
+        # annotated: mypy may check bind() and score() before this __init__ (an import cycle defers it)
+        self.max_length: int = int(max_length)
+        self.batch_size: int = int(batch_size)
+        self.explicit_device: bool = device is not None
         if device is not None:
             self.reward_model.to(device)
 

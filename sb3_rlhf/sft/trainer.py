@@ -88,7 +88,8 @@ class SFTTrainer(SupervisedTrainer):
                     )
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
-        self.model = model.to(self.device)
+        # transformers wraps Module.to with functools.wraps, which mypy reads as the unbound function
+        self.model = model.to(self.device)  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_chat_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
@@ -105,7 +106,8 @@ class SFTTrainer(SupervisedTrainer):
         )
 
     def _collate(self, examples: Sequence[tuple[list[int], list[int]]]) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        return tuple(t.to(self.device) for t in collate_right_padded(list(examples), self.tokenizer.pad_token_id))
+        input_ids, attention_mask, labels = collate_right_padded(list(examples), self.tokenizer.pad_token_id)
+        return input_ids.to(self.device), attention_mask.to(self.device), labels.to(self.device)
 
     def _nll(self, input_ids: th.Tensor, attention_mask: th.Tensor, labels: th.Tensor) -> tuple[th.Tensor, int]:
         """Summed negative log-likelihood of the labelled tokens, and their count."""

@@ -1,0 +1,769 @@
+"""RLHFOnPolicyAlgorithm: the base of every online algorithm for language models (RLHFPPO, RLOO, GRPO, P3O).
+
+As SB3's :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm` is for PPO and A2C, this class
+owns what the online algorithms share: env access and reward binding, the batched rollout (``generate()`` and one
+teacher-forced pass, every reward term in one call per wrapper, logging), the epoch/minibatch loop of the update
+with the early stop on ``target_kl`` and the non-finite skip logic, seeding and the distributed hooks, and atomic
+``save``, safe ``load`` and resuming from a checkpoint. A subclass says how advantages are computed
+(:meth:`compute_advantages`) and what the loss of a minibatch is (:meth:`compute_loss`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from typing import Any, ClassVar, TypeVar
+
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.utils import FloatSchedule, set_random_seed
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+from sb3_rlhf.common.buffers import BaseSequenceBuffer, SequenceBatch
+from sb3_rlhf.common.checkpoints import MODEL_FILE, STATE_FILE, latest_checkpoint
+from sb3_rlhf.common.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    init_distributed,
+    is_main_process,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.io import atomic_file
+from sb3_rlhf.common.safe_load import safe_custom_objects
+from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+from sb3_rlhf.rewards.base import NonFiniteRewardError, RewardWrapper, reward_wrappers
+
+SelfRLHFOnPolicyAlgorithm = TypeVar("SelfRLHFOnPolicyAlgorithm", bound="RLHFOnPolicyAlgorithm")
+
+
+class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
+    """The base class of the online algorithms: one timestep is one generated token, one rollout is
+    ``n_episodes`` responses sampled in batches, and the update runs ``n_epochs`` over minibatches of whole
+    episodes (or whole groups of responses to one prompt).
+
+    :param policy: :class:`~sb3_rlhf.TransformerActorCriticPolicy` (or its name).
+    :param env: a :class:`~sb3_rlhf.TokenGenerationEnv` under its reward wrappers (one env: episodes are batched
+        inside the rollout, not across a VecEnv).
+    :param learning_rate: learning rate, constant or schedule of the remaining progress.
+    :param n_episodes: episodes (responses) per rollout.
+    :param batch_size: episodes per minibatch.
+    :param max_batch_tokens: also cap each minibatch at this many tokens (episodes × longest prompt + response):
+        long responses then come in smaller minibatches, so one forward's memory stays bounded (``None``: no cap).
+    :param n_epochs: passes over the rollout per update.
+    :param clip_range: the trust-region clip ε (float or schedule).
+    :param normalize_advantage: whiten (or scale) the advantages over the rollout.
+    :param ent_coef: entropy bonus coefficient.
+    :param max_grad_norm: gradient clipping norm.
+    :param target_kl: stop the epochs early when the approximate KL to the rollout policy exceeds 1.5×this.
+    :param max_consecutive_skips: a minibatch whose loss or gradient is not finite is skipped (no optimizer
+        step), and so is the update of a rollout with a non-finite reward; both are counted in
+        ``train/skipped_updates``. After this many skips in a row the run stops with an error (0: at the first).
+    :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param samples_per_prompt: responses sampled for each prompt drawn (consecutive episodes share a prompt);
+        ``n_episodes`` and ``batch_size`` must be multiples of it, so that a group stays in one minibatch.
+    :param rollout_buffer_class: the rollout storage, a :class:`~sb3_rlhf.common.buffers.BaseSequenceBuffer`.
+    :param rollout_buffer_kwargs: its own arguments.
+    :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
+    :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
+    :param tensorboard_log: TensorBoard log folder.
+    :param policy_kwargs: for the policy; models are named by path (``model_name_or_path``).
+    :param verbose: 0 silent, 1 info.
+    :param seed: seed of every RNG (prompt sampling, generation, minibatch order).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    :param _init_setup_model: build the model now (SB3's ``load`` passes False).
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "TransformerActorCriticPolicy": TransformerActorCriticPolicy
+    }
+    #: what a minibatch loss is a mean over, for weighting the ranks of a distributed run: ``"token"`` (every
+    #: response token) or ``"sequence"`` (every response)
+    loss_aggregation: str = "token"
+    rollout_buffer: BaseSequenceBuffer  # type: ignore[assignment]
+    policy: TransformerActorCriticPolicy  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: str | type[TransformerActorCriticPolicy],
+        env: GymEnv | str | None,
+        learning_rate: float | Schedule,
+        n_episodes: int,
+        batch_size: int,
+        n_epochs: int,
+        clip_range: float | Schedule,
+        normalize_advantage: bool,
+        ent_coef: float,
+        max_grad_norm: float,
+        rollout_buffer_class: type[BaseSequenceBuffer],
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        max_batch_tokens: int | None = None,
+        target_kl: float | None = None,
+        max_consecutive_skips: int = 5,
+        generation_batch_size: int | None = None,
+        samples_per_prompt: int = 1,
+        n_logged_samples: int = 4,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size), ("n_epochs", n_epochs)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, schedule in (("learning_rate", learning_rate), ("clip_range", clip_range)):
+            if not (callable(schedule) or isinstance(schedule, (int, float))):
+                raise TypeError(
+                    f"{name} must be a number or a schedule (a callable of the remaining progress), got {schedule!r}"
+                )
+        if samples_per_prompt > 1:
+            for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size)):
+                if value % samples_per_prompt:
+                    raise ValueError(
+                        f"{name} ({value}) must be a multiple of samples_per_prompt ({samples_per_prompt}): "
+                        "every group of responses to one prompt stays whole"
+                    )
+        _check_policy_kwargs(self.policy_aliases, policy, policy_kwargs)
+        for name, limit in (("generation_batch_size", generation_batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {limit!r}")
+        super().__init__(
+            policy,  # type: ignore[arg-type]
+            env,  # type: ignore[arg-type]
+            learning_rate=learning_rate,
+            # SB3 sizes the rollout buffer by n_steps per env: here that is episodes per rollout.
+            n_steps=n_episodes,
+            # SB3's GAE settings; the GAE family (RLHFPPO) sets its own, the group family has none
+            gamma=1.0,
+            gae_lambda=1.0,
+            ent_coef=ent_coef,
+            vf_coef=0.0,
+            max_grad_norm=max_grad_norm,
+            use_sde=False,
+            sde_sample_freq=-1,
+            rollout_buffer_class=rollout_buffer_class,  # type: ignore[arg-type]
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            supported_action_spaces=(spaces.Discrete,),
+        )
+        if init_distributed() and max_batch_tokens is not None:
+            raise ValueError(
+                "max_batch_tokens is not supported with several processes: the ranks would take different numbers "
+                "of optimizer steps; leave it None"
+            )
+        if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
+        self.n_episodes = n_episodes
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.max_batch_tokens = max_batch_tokens
+        self.max_consecutive_skips = max_consecutive_skips
+        self.generation_batch_size = generation_batch_size
+        self.samples_per_prompt = int(samples_per_prompt)
+        self.n_logged_samples = n_logged_samples
+        self.n_skipped_updates = 0
+        self._skips_in_a_row = 0
+        self._rollout_fault: str | None = None
+        # the training state of a checkpoint, restored when the next learn() starts (see load_checkpoint)
+        self._pending_training_state: dict[str, Any] | None = None
+        if self.env is not None:
+            self._single_env()
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ what a subclass defines
+    def compute_advantages(self, rollout_buffer: BaseSequenceBuffer) -> None:
+        """Fill the rollout's advantages (and returns) once its episodes and rewards are stored."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self,
+        batch: SequenceBatch,
+        logprobs: th.Tensor,
+        values: th.Tensor,
+        entropy: th.Tensor,
+        clip_range: float,
+    ) -> tuple[th.Tensor, dict[str, float]]:
+        """The loss of one minibatch and its diagnostics, ``approx_kl`` among them (the early stop reads it).
+
+        :param batch: the minibatch.
+        :param logprobs: ``(batch, T)`` log π_θ of the response tokens (with gradient).
+        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T) (with gradient).
+        :param entropy: ``(batch, T)`` entropy of π_θ at each response position.
+        :param clip_range: the clip ε now.
+        """
+        raise NotImplementedError
+
+    def _rollout_buffer_arguments(self) -> dict[str, Any]:
+        """The rollout storage's own arguments (besides its size, spaces, device and number of envs)."""
+        return dict(self.rollout_buffer_kwargs)
+
+    # ------------------------------------------------------------------ model and env
+    def _setup_model(self) -> None:
+        if getattr(self, "observation_space", None) is None:  # built without an env, and not by load()
+            raise ValueError(f"{type(self).__name__} needs an env: a TokenGenerationEnv under its reward wrappers")
+        # SB3's OnPolicyAlgorithm._setup_model, with a rollout storage that takes only its own arguments
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.rollout_buffer = self.rollout_buffer_class(  # type: ignore[assignment,misc]
+            self.n_steps,
+            self.observation_space,  # type: ignore[arg-type]
+            self.action_space,
+            device=self.device,
+            n_envs=self.n_envs,
+            **self._rollout_buffer_arguments(),
+        )
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **self.policy_kwargs
+        )
+        self.policy = self.policy.to(self.device)
+        self.clip_range = FloatSchedule(self.clip_range)
+        if getattr(self.policy, "revision", None) is not None:
+            # the zip's policy_kwargs name a hub model by the commit it resolved to, not a branch that moves
+            self.policy_kwargs = {**self.policy_kwargs, "revision": self.policy.revision}
+        broadcast_parameters(self.policy)  # every rank starts from rank 0's weights (the value head is random)
+        if self.env is not None:
+            self._bind_reward_wrappers()
+
+    def _single_env(self) -> gym.Env:
+        env = self.env
+        name = type(self).__name__
+        if not isinstance(env, DummyVecEnv) or env.num_envs != 1:
+            raise ValueError(
+                f"{name} batches episodes inside its rollout: pass one TokenGenerationEnv (under its reward "
+                "wrappers), not a VecEnv; set n_episodes for more episodes per rollout"
+            )
+        if not isinstance(env.envs[0].unwrapped, TokenGenerationEnv):
+            raise TypeError(f"{name} needs a TokenGenerationEnv, got {type(env.envs[0].unwrapped).__name__}")
+        return env.envs[0]
+
+    @property
+    def generation_env(self) -> TokenGenerationEnv:
+        """The unwrapped TokenGenerationEnv (prompts, tokenizer, limits)."""
+        return self._single_env().unwrapped  # type: ignore[return-value]
+
+    @property
+    def reward_wrappers(self) -> list[RewardWrapper]:
+        """The env's reward wrappers, outermost first."""
+        return reward_wrappers(self._single_env())
+
+    def _bind_reward_wrappers(self) -> None:
+        wrappers = self.reward_wrappers
+        if not wrappers:
+            raise ValueError(
+                "the env has no reward: wrap it with sb3_rlhf.rewards.RewardFunctionWrapper or RewardModelWrapper "
+                "(and KLPenaltyWrapper to stay near the reference model)"
+            )
+        for wrapper in wrappers:
+            wrapper.bind(self.policy)
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's seeding, offset by the rank: each rank of a distributed run draws its own prompts and samples."""
+        super().set_random_seed(None if seed is None else seed + rank())
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset=force_reset)
+        self._single_env()
+        self._bind_reward_wrappers()
+
+    # ------------------------------------------------------------------ rollout
+    def collect_rollouts(  # type: ignore[override]
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: BaseSequenceBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """Generate ``n_rollout_steps`` episodes in batches and store them with their rewards.
+
+        Callbacks see one ``on_step()`` per generated token, after generation, so step-based callbacks
+        (checkpoints, progress bar) count timesteps as SB3 does.
+        """
+        gen_env = self.generation_env
+        wrappers = self.reward_wrappers
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        for wrapper in wrappers:
+            wrapper.on_rollout_start()
+        callback.on_rollout_start()
+
+        indices = self._rollout_prompt_indices(gen_env, n_rollout_steps)
+        chunk = self.generation_batch_size or n_rollout_steps
+        episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
+        terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
+        fault = None
+        for start in range(0, n_rollout_steps, chunk):
+            batch, values = self.policy.sample_episodes(gen_env, indices[start : start + chunk])
+            assert batch.logprobs is not None  # sample_episodes fills the old log-probs
+            try:
+                rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
+            except NonFiniteRewardError as error:
+                fault = str(error)
+                break
+            for name, term in terms.items():
+                terms_per_episode[name].append(term.sum(-1).cpu())
+            rollout_buffer.add(
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.response_ids,
+                batch.response_mask,
+                batch.logprobs,
+                values,
+                rewards,
+                batch.terminated,
+                ref_logprobs,
+            )
+            episodes["reward"] += rewards.sum(-1).tolist()
+            episodes["length"] += batch.lengths.tolist()
+            episodes["eos"] += batch.terminated.tolist()
+            episodes["neg_logprob"] += (-batch.logprobs.sum(-1)).tolist()
+            episodes["infos"] += batch.infos
+
+        # every rank must agree on the rollout's fate and on the timestep counter (it decides when learn() stops)
+        local_tokens = int(sum(episodes["length"]))
+        global_tokens, faults = sum_over_ranks([local_tokens, float(fault is not None)])
+        if faults:
+            # nothing to learn from: the rollout is dropped (no timesteps counted) and train() skips its update
+            self._rollout_fault = fault or "another rank's rollout had a non-finite reward"
+            return True
+        self._rollout_fault = None
+
+        elapsed = time.time() - self.start_time / 1e9
+        for i, (reward, length) in enumerate(zip(episodes["reward"], episodes["length"])):
+            info = {**episodes["infos"][i], "episode": {"r": reward, "l": length, "t": round(elapsed, 6)}}
+            self.ep_info_buffer.append(info["episode"])  # type: ignore[union-attr]
+            for t in range(length):
+                self.num_timesteps += 1
+                done = t == length - 1
+                callback.update_locals(
+                    {
+                        "dones": np.array([done]),
+                        "infos": [info if done else {}],
+                        "rewards": np.zeros(1, dtype=np.float32),
+                    }
+                )
+                if not callback.on_step():
+                    return False
+        self.num_timesteps += int(global_tokens) - local_tokens  # the other ranks' tokens
+
+        self.compute_advantages(rollout_buffer)
+        self._log_rollout(wrappers, episodes, {k: th.cat(v) for k, v in terms_per_episode.items()})
+        for wrapper in wrappers:
+            wrapper.on_rollout_end()
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _rollout_prompt_indices(self, env: TokenGenerationEnv, n_episodes: int) -> np.ndarray:
+        """The prompt of each episode of the rollout, drawn from the env's RNG (from this rank's shard), each
+        repeated ``samples_per_prompt`` times."""
+        prompts = env.sample_prompt_indices(n_episodes // self.samples_per_prompt, rank(), world_size())
+        return np.repeat(prompts, self.samples_per_prompt)
+
+    def _score_batch(
+        self, batch: GenerationBatch, wrappers: list[RewardWrapper]
+    ) -> tuple[th.Tensor, dict[str, th.Tensor], th.Tensor | None]:
+        """Every reward term of a batch, in one call per wrapper.
+
+        :return: the summed per-token rewards ``(batch, T)``, each wrapper's term ``(batch, T)`` by name, and
+            the reference log-probs to store (``None``: the KL is a reward term here, not a loss term).
+        """
+        terms = {wrapper.name: wrapper.batch_rewards(batch) for wrapper in wrappers}
+        return sum(terms.values(), th.zeros_like(batch.response_mask, dtype=th.float32)), terms, None
+
+    def _log_rollout(
+        self, wrappers: list[RewardWrapper], episodes: dict[str, list[Any]], terms: dict[str, th.Tensor]
+    ) -> None:
+        """RLHF metrics under ``rlhf/`` (TRL's names where they exist) and a few samples as text."""
+        n = len(episodes["reward"])
+        scores = sum((terms[w.name] for w in wrappers if w.is_score), th.zeros(n))
+        non_scores = sum((terms[w.name] for w in wrappers if not w.is_score), th.zeros(n))
+        record = self.logger.record
+        record("rlhf/scores", scores.mean().item())
+        record("rlhf/non_score_reward", non_scores.mean().item())
+        record("rlhf/rlhf_reward", (scores + non_scores).mean().item())
+        for name, values in terms.items():
+            record(f"rlhf/reward_terms/{name}", values.mean().item())
+        for wrapper in wrappers:
+            for key, value in wrapper.rollout_stats().items():
+                record(f"rlhf/{key}", value)
+        record("rlhf/entropy", float(np.mean(episodes["neg_logprob"])))
+        record("rlhf/response_length", float(np.mean(episodes["length"])))
+        record("rlhf/eos_fraction", float(np.mean(episodes["eos"])))
+        if self.n_logged_samples > 0:
+            self._log_samples(episodes["infos"][: self.n_logged_samples], scores, episodes["reward"])
+
+    def _log_samples(self, infos: list[dict[str, Any]], scores: th.Tensor, rewards: list[float]) -> None:
+        writers = [f.writer for f in self.logger.output_formats if isinstance(f, TensorBoardOutputFormat)]
+        if not writers:
+            return
+
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        rows = ["| prompt | completion | score | reward |", "|---|---|---|---|"]
+        for i, info in enumerate(infos):
+            rows.append(f"| {cell(info['prompt'])} | {cell(info['completion'])} | {scores[i]:.3f} | {rewards[i]:.3f} |")
+        for writer in writers:
+            writer.add_text("rlhf/samples", "\n".join(rows), self.num_timesteps)
+
+    def _update_current_progress_remaining(self, num_timesteps: int, total_timesteps: int) -> None:
+        # A rollout generates a variable number of tokens and can overshoot total_timesteps: without the clamp a
+        # linear schedule would hand the last update a negative learning rate.
+        super()._update_current_progress_remaining(num_timesteps, total_timesteps)
+        self._current_progress_remaining = max(0.0, self._current_progress_remaining)
+
+    # ------------------------------------------------------------------ update
+    def train(self) -> None:
+        """``n_epochs`` over minibatches of whole episodes (or groups), one forward per minibatch (CleanRL-style,
+        masked means over the real response tokens)."""
+        if self._skipped_rollout():
+            return
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        stats: dict[str, list[float]] = defaultdict(list)
+        last_loss = float("nan")
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for batch in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
+                logprobs, values, entropy = self.policy.evaluate_sequences(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.response_mask.shape[1],
+                    entropy_grad=self.ent_coef != 0,
+                )
+                assert entropy is not None  # evaluate_sequences computes it by default
+                loss, metrics = self.compute_loss(batch, logprobs, values, entropy, clip_range)
+                last_loss = loss.item()
+                approx_kl = mean_over_ranks(metrics.pop("approx_kl"))  # the same early stop on every rank
+                stats["approx_kl"].append(approx_kl)
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
+                    break
+                if not self._optimizer_step(loss, self._loss_normalizer(batch)):
+                    continue
+                for key, value in metrics.items():
+                    stats[key].append(value)
+                stats["loss"].append(last_loss)
+            self._n_updates += 1
+            if not continue_training:
+                break
+        self._record_train_stats(stats, clip_range, last_loss)
+
+    def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
+        """Log the update under ``train/`` (SB3's keys): the mean of each diagnostic over the minibatches that
+        took a step (``approx_kl``: over every minibatch evaluated).
+
+        :param last_loss: the loss of the last minibatch evaluated (SB3's PPO logs that as ``train/loss``).
+        """
+        for key, values in stats.items():
+            self.logger.record(f"train/{key}", float(np.mean(values)) if values else float("nan"))
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/skipped_updates", self.n_skipped_updates)
+        self.logger.record("train/clip_range", clip_range)
+
+    def _loss_normalizer(self, batch: SequenceBatch) -> float:
+        """What the minibatch loss is a mean over (see :attr:`loss_aggregation`)."""
+        if self.loss_aggregation == "token":
+            return float(batch.response_mask.sum())
+        return float(batch.response_mask.shape[0])
+
+    def _optimizer_step(self, loss: th.Tensor, normalizer: float = 1.0) -> bool:
+        """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
+        loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
+
+        With several ranks each holds part of the minibatch: its loss, a mean over ``normalizer`` items (tokens, or
+        sequences), is weighted by its share of all ranks' items, and the gradients are averaged across ranks, so
+        the step is the one a single process would take on the whole minibatch.
+        """
+        self.policy.optimizer.zero_grad()
+        finite = bool(th.isfinite(loss))
+        if any_rank(not finite):
+            self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
+            return False
+        if world_size() > 1:
+            (total,) = sum_over_ranks([normalizer])
+            loss = loss * (world_size() * normalizer / total)
+        loss.backward()
+        average_gradients(self.policy.parameters())
+        grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if not th.isfinite(grad_norm):
+            self.policy.optimizer.zero_grad()
+            self._skip_update(f"the gradient norm is {grad_norm.item()}")
+            return False
+        self.policy.optimizer.step()
+        self._skips_in_a_row = 0
+        return True
+
+    def _skipped_rollout(self) -> bool:
+        """Skip the update of a rollout dropped for a non-finite reward (see :meth:`collect_rollouts`)."""
+        if self._rollout_fault is None:
+            return False
+        fault, self._rollout_fault = self._rollout_fault, None
+        self._skip_update(fault)
+        self.logger.record("train/skipped_updates", self.n_skipped_updates)
+        return True
+
+    def _skip_update(self, reason: str) -> None:
+        """Count a skipped update; stop the run after more than ``max_consecutive_skips`` in a row."""
+        self.n_skipped_updates += 1
+        self._skips_in_a_row += 1
+        if self.verbose >= 1:
+            print(f"Skipping an update: {reason}")
+        if self._skips_in_a_row > self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self._skips_in_a_row} updates in a row were skipped because of non-finite values (the last: "
+                f"{reason}); stopping. Check the reward for NaN/inf, lower the learning rate, or train in float32 "
+                "or bfloat16 rather than float16; raise max_consecutive_skips to tolerate more"
+            )
+
+    # ------------------------------------------------------------------ saving, loading and resuming
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_pending_training_state"]
+
+    def save(  # type: ignore[override]
+        self,
+        path: str | os.PathLike | io.BufferedIOBase,
+        exclude: list[str] | None = None,
+        include: list[str] | None = None,
+    ) -> None:
+        """SB3's ``save``, written to a temporary file and renamed into place: a crash mid-save leaves the
+        previous file intact."""
+        if isinstance(path, io.BufferedIOBase):
+            return super().save(path, exclude, include)
+        with atomic_file(str(path) if str(path).endswith(".zip") else f"{path}.zip") as tmp:
+            super().save(tmp, exclude, include)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfRLHFOnPolicyAlgorithm],
+        path: str | os.PathLike | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        trust_pickled_objects: bool = False,
+        **kwargs: Any,
+    ) -> SelfRLHFOnPolicyAlgorithm:
+        """SB3's ``load``, without running code from the zip: tensors load with ``weights_only=True`` (as in SB3)
+        and the pickled hyperparameters through an allowlist (:mod:`sb3_rlhf.common.safe_load`).
+
+        :param trust_pickled_objects: unpickle the zip's data as SB3 does, with no allowlist (needed for a zip that
+            holds your own code, e.g. a lambda learning-rate schedule); only for files you trust.
+        :param kwargs: the rest of SB3's ``load`` arguments.
+        """
+        if not trust_pickled_objects:
+            custom_objects = safe_custom_objects(path, custom_objects)
+        return super().load(path, env=env, device=device, custom_objects=custom_objects, **kwargs)  # type: ignore[arg-type]
+
+    def get_training_state(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the SB3 zip, as JSON-serialisable values (no pickle): the reward
+        wrappers' state (the KL controller's β) and every random number generator (torch, CUDA, NumPy, Python,
+        the env's prompt sampler)."""
+        state: dict[str, Any] = {
+            "num_timesteps": int(self.num_timesteps),
+            "reward_wrappers": {w.name: w.state_dict() for w in self.reward_wrappers},
+            "env_rng": self.generation_env.np_random.bit_generator.state,
+            "torch_rng": th.get_rng_state().tolist(),
+            "numpy_rng": _numpy_global_state(),
+            "python_rng": _python_state(),
+        }
+        if th.cuda.is_available():
+            state["cuda_rng"] = [s.tolist() for s in th.cuda.get_rng_state_all()]
+        return state
+
+    def set_training_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`get_training_state` recorded (the algorithm's own state comes from the zip).
+
+        A distributed run is checkpointed by rank 0: the other ranks take its β and counters but draw fresh,
+        distinct random streams of their own.
+        """
+        wrappers = {w.name: w for w in self.reward_wrappers}
+        saved = state["reward_wrappers"]
+        if set(saved) != set(wrappers):
+            raise ValueError(
+                f"the checkpoint was written with reward wrappers {sorted(saved)} but the env has "
+                f"{sorted(wrappers)}: resume with the env the run was started with"
+            )
+        for name, wrapper_state in saved.items():
+            wrappers[name].load_state_dict(wrapper_state)
+        if rank() > 0:
+            seed = ((self.seed or 0) + 7919 * rank() + int(state["num_timesteps"])) % 2**32
+            self.generation_env.np_random = np.random.default_rng(seed)
+            set_random_seed(seed, using_cuda=th.cuda.is_available())
+            return
+        self.generation_env.np_random.bit_generator.state = state["env_rng"]
+        th.set_rng_state(th.tensor(state["torch_rng"], dtype=th.uint8))
+        if "cuda_rng" in state and th.cuda.is_available() and len(state["cuda_rng"]) == th.cuda.device_count():
+            th.cuda.set_rng_state_all([th.tensor(s, dtype=th.uint8) for s in state["cuda_rng"]])
+        name, keys, position, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+
+    @classmethod
+    def load_checkpoint(
+        cls: type[SelfRLHFOnPolicyAlgorithm], path: str, env: GymEnv, device: th.device | str = "auto", **kwargs: Any
+    ) -> SelfRLHFOnPolicyAlgorithm:
+        """Resume from the newest checkpoint in ``path`` (see :class:`~sb3_rlhf.common.checkpoints.TrainingCheckpointCallback`).
+
+        The policy, value head, optimizer and counters load now; the KL controller, the env's prompt sampler and
+        every RNG are restored (:meth:`set_training_state`) when ``learn(..., reset_num_timesteps=False)`` starts,
+        after SB3's own setup, so the run continues as if it had never stopped.
+        ``learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)`` finishes a run planned for
+        ``total_timesteps``.
+
+        :param path: a checkpoint folder, or the folder of ``checkpoint_<timesteps>`` folders.
+        :param env: the env of the original run (same prompts and reward wrappers).
+        :param device: where to load the model.
+        :param kwargs: the rest of :meth:`load`'s arguments.
+        """
+        path = latest_checkpoint(path)
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+        model = cls.load(os.path.join(path, MODEL_FILE), env=env, device=device, **kwargs)
+        if model.num_timesteps != state["num_timesteps"]:
+            raise ValueError(
+                f"{path} is inconsistent: the zip is at {model.num_timesteps} timesteps, the state at "
+                f"{state['num_timesteps']}"
+            )
+        policy = model.policy
+        if policy.model_name_or_path is None and policy.lora is None:
+            for wrapper in model.reward_wrappers:
+                if getattr(wrapper, "reference_from_policy", False):
+                    raise ValueError(
+                        f"{wrapper.name}: the policy was built from model_config, so its initial weights exist "
+                        "nowhere but in the original run; resume with KLPenaltyWrapper(..., ref_model=<the initial "
+                        "model>)"
+                    )
+        model._pending_training_state = state
+        return model
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        if rank() > 0 and not self._custom_logger:
+            self.set_logger(Logger(folder=None, output_formats=[]))  # rank 0 logs for all
+        progress_bar = progress_bar and is_main_process()
+        if self._pending_training_state is not None and reset_num_timesteps:
+            raise ValueError(
+                "this model was loaded from a checkpoint to resume a run: call "
+                "learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False) so that its timestep "
+                "counter, schedules and logs carry on"
+            )
+        total_timesteps, callback = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        if self._pending_training_state is not None:
+            # after SB3's setup (which resets the env), so that the first rollout draws what it would have drawn
+            self.set_training_state(self._pending_training_state)
+            self._pending_training_state = None
+        return total_timesteps, callback
+
+    def learn(  # type: ignore[override]
+        self: SelfRLHFOnPolicyAlgorithm,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 1,
+        tb_log_name: str | None = None,
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfRLHFOnPolicyAlgorithm:
+        """Train for ``total_timesteps`` generated tokens (SB3's ``learn``).
+
+        :param tb_log_name: the TensorBoard run's name (default: the algorithm's class name).
+        """
+        if (
+            isinstance(total_timesteps, bool)
+            or not isinstance(total_timesteps, (int, np.integer))
+            or total_timesteps < 0
+        ):
+            raise ValueError(f"total_timesteps must be an integer >= 0 (generated tokens), got {total_timesteps!r}")
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name or type(self).__name__,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+
+def check_loss_aggregation(loss_aggregation: str) -> str:
+    """``loss_aggregation`` itself, or a clear error."""
+    if loss_aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}")
+    return loss_aggregation
+
+
+def check_samples_per_prompt(algorithm: str, samples_per_prompt: int) -> int:
+    """``samples_per_prompt`` of an algorithm that compares responses to one prompt (``>= 2``), or a clear error."""
+    if not isinstance(samples_per_prompt, (int, np.integer)) or samples_per_prompt < 2:
+        raise ValueError(
+            f"{algorithm} compares responses to the same prompt: samples_per_prompt must be an integer >= 2, "
+            f"got {samples_per_prompt!r}"
+        )
+    return int(samples_per_prompt)
+
+
+def _check_policy_kwargs(
+    aliases: dict[str, type[BasePolicy]], policy: Any, policy_kwargs: dict[str, Any] | None
+) -> None:
+    """Name an unknown ``policy_kwargs`` key before SB3 builds the policy with it."""
+    policy_class = aliases.get(policy, policy) if isinstance(policy, str) else policy
+    if not policy_kwargs or not isinstance(policy_class, type):
+        return
+    parameters = inspect.signature(policy_class.__init__).parameters  # type: ignore[misc]
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    taken = set(parameters) - {"self", "observation_space", "action_space", "lr_schedule"}
+    unknown = sorted(set(policy_kwargs) - taken)
+    if unknown:
+        raise ValueError(f"unknown policy_kwargs key {unknown[0]!r}: {policy_class.__name__} takes {sorted(taken)}")
+
+
+def _numpy_global_state() -> list[Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return [name, keys.tolist(), int(position), int(has_gauss), float(cached)]  # type: ignore[union-attr]
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
