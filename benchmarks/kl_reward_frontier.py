@@ -36,7 +36,8 @@ from sb3_rlhf.common.evaluation import evaluate_policy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks import load_task
 from sb3_rlhf.tasks.config import kl_estimator
-from sb3_rlhf.tasks.run import PreparedTask, initial_policy, make_dpo_trainer, make_online_model, prepare
+from sb3_rlhf.tasks.run import prepare
+from sb3_rlhf.tasks.stages import PreparedTask, initial_policy, make_dpo_trainer, make_online_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: method name → (task algorithm, algorithm overrides)

@@ -13,7 +13,7 @@ import os
 import random
 
 from sb3_rlhf.common.data import PreferencePair, load_preference_pairs, train_test_split
-from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
 
 parser = argparse.ArgumentParser()
@@ -27,9 +27,8 @@ parser.add_argument("--lora", action="store_true", help="train a LoRA adapter in
 args = parser.parse_args()
 
 if args.model is None:
-    words = "the a cat dog sat on mat good bad happy sad and then it was".split()
     args.model = os.path.join(args.out, "tiny_model")
-    save_tiny_model(args.model, words, hidden_size=64)
+    save_tiny_model(args.model, TINY_WORDS, hidden_size=64)
 if args.data is None:
     rng = random.Random(0)
     nouns = ["cat", "dog", "mat"]

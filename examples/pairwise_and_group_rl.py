@@ -14,7 +14,7 @@ import os
 from transformers import AutoTokenizer
 
 from sb3_rlhf import GRPO, P3O, RLOO, TokenGenerationEnv, TransformerActorCriticPolicy
-from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 
 parser = argparse.ArgumentParser()
@@ -25,9 +25,8 @@ parser.add_argument("--timesteps", type=int, default=20_000)
 args = parser.parse_args()
 
 if args.model is None:
-    words = "the a cat dog sat on mat good bad happy sad and then it was".split()
     args.model = os.path.join(args.out, "tiny_model")
-    save_tiny_model(args.model, words, hidden_size=64)
+    save_tiny_model(args.model, TINY_WORDS, hidden_size=64)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 
 prompts = ["the cat sat on", "a dog was", "then it", "the mat was", "a happy cat", "the sad dog and"]

@@ -13,7 +13,7 @@ import os
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv
-from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardModelWrapper
 
 parser = argparse.ArgumentParser()
@@ -25,7 +25,7 @@ args = parser.parse_args()
 
 if args.policy is None or args.reward_model is None:
     args.policy = os.path.join(args.out, "tiny_policy")
-    tokenizer = save_tiny_model(args.policy, "the a cat dog sat on mat good bad and then it was".split())
+    tokenizer = save_tiny_model(args.policy, TINY_WORDS)
     args.reward_model = os.path.join(args.out, "tiny_reward_model")
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1

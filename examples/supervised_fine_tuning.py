@@ -8,7 +8,7 @@ import argparse
 import os
 
 from sb3_rlhf.common.data import Demonstration, load_demonstrations, train_test_split
-from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.common.tiny import TINY_WORDS, save_tiny_model
 from sb3_rlhf.sft import SFTTrainer
 
 parser = argparse.ArgumentParser()
@@ -22,11 +22,10 @@ if args.data:
     demos, report = load_demonstrations(args.data)
     print(report)
 else:
-    words = "the a cat dog sat on mat good bad and then".split()
-    demos = [Demonstration(f"{a} {b}", f"{a} good") for a in words for b in words]
+    demos = [Demonstration(f"{a} {b}", f"{a} good") for a in TINY_WORDS for b in TINY_WORDS]
 if args.model is None:
     args.model = os.path.join(args.out, "tiny_model")
-    save_tiny_model(args.model, "the a cat dog sat on mat good bad and then".split(), hidden_size=64)
+    save_tiny_model(args.model, TINY_WORDS, hidden_size=64)
 
 train, test = train_test_split(demos, 0.1, seed=0)
 trainer = SFTTrainer(

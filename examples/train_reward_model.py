@@ -30,16 +30,15 @@ except (FileNotFoundError, ImportError) as missing:
     print(f"{missing}\nfalling back to toy pairs and a tiny backbone")
     from transformers import BertConfig, BertModel
 
-    from sb3_rlhf.common.tiny import tiny_tokenizer
+    from sb3_rlhf.common.tiny import TINY_WORDS, tiny_tokenizer
 
-    words = "the a cat dog sat on mat good bad".split()
-    tokenizer = tiny_tokenizer(words)
+    tokenizer = tiny_tokenizer(TINY_WORDS)
     model = os.path.join(args.out, "tiny_backbone")
     BertModel(
         BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(model)
     tokenizer.save_pretrained(model)
-    pairs = [PreferencePair("the cat ", f"sat {w} good", f"sat {w} bad") for w in words[:6] for _ in range(8)]
+    pairs = [PreferencePair("the cat ", f"sat {w} good", f"sat {w} bad") for w in TINY_WORDS[:6] for _ in range(8)]
 
 train, test = train_test_split(pairs, 0.2, seed=0)
 trainer = RewardModelTrainer(

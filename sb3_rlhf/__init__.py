@@ -1,6 +1,6 @@
 """sb3_rlhf: RLHF for language models in the Gymnasium + Stable-Baselines3 ecosystem."""
 
-from sb3_rlhf.common.buffers import SequenceRolloutBuffer
+from sb3_rlhf.buffers import SequenceRolloutBuffer
 from sb3_rlhf.common.tokenizers import add_pad_token, check_tokenizer
 from sb3_rlhf.envs import TokenGenerationEnv
 from sb3_rlhf.grpo import GRPO

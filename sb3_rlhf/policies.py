@@ -513,7 +513,10 @@ class TransformerActorCriticPolicy(BasePolicy):
             return _AdapterDisabled(self.actor)
         if self.model_name_or_path is not None:
             reference = load_causal_lm(
-                self.model_name_or_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code, revision=self.revision
+                self.model_name_or_path,
+                dtype=self.dtype,
+                trust_remote_code=self.trust_remote_code,
+                revision=self.revision,
             )
             return freeze(reference).to(self.device)
         return freeze(copy.deepcopy(self.actor))

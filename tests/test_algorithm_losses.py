@@ -17,8 +17,10 @@ def test_pairwise_difference_is_invariant_to_a_per_prompt_shift():
     delta = pairwise_reward_difference(rewards)
     assert th.equal(delta, th.tensor([[0.75, -0.75], [-5.0, 5.0], [0.0, -0.0]]))
     assert th.allclose(pairwise_reward_difference(rewards + shift), delta)
-    # the per-token alternative PPO uses is not: the return of each response moves with the shift
-    assert not th.allclose(rewards + shift, rewards)
+    # invariant, not blind: raising one response's reward raises its Δ by as much and lowers its partner's
+    bump = th.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    moved = pairwise_reward_difference(rewards + bump) - delta
+    assert th.allclose(moved, th.tensor([[1.0, -1.0], [0.0, 0.0], [-2.0, 2.0]]))
 
 
 def test_p3o_loss_hand_computed_inside_the_clip_region():
@@ -160,19 +162,19 @@ def test_grpo_loss_and_gradient_ignore_extreme_log_ratios_at_padding(estimator, 
 def test_rloo_and_p3o_policy_losses_ignore_garbage_at_padding(algorithm):
     from types import SimpleNamespace
 
-    from sb3_rlhf.common.buffers import SequenceBatch
+    from sb3_rlhf.buffers import SequenceBatch
     from sb3_rlhf.p3o import P3O
     from sb3_rlhf.rloo import RLOO
 
-    # policy_loss reads only these settings from the algorithm
+    # compute_loss reads only these settings from the algorithm
     settings = SimpleNamespace(ent_coef=0.01, loss_aggregation="token", weight_clip=2.0, clipping="separate")
-    policy_loss = RLOO.policy_loss if algorithm == "rloo" else P3O.policy_loss
+    compute_loss = RLOO.compute_loss if algorithm == "rloo" else P3O.compute_loss
     results = []
     for garbage in (False, True):
         logprobs, old, _, advantages, mask = _padded_batch(garbage)
         entropy = th.where(mask, th.full((2, 4), 0.7), th.tensor(math.nan if garbage else 0.0))
         batch = SequenceBatch(th.zeros(2, 4), th.ones(2, 4), mask, old, th.zeros(2, 4), advantages, th.zeros(2, 4))
-        loss, stats = policy_loss(settings, batch, logprobs, entropy, 0.2)
+        loss, stats = compute_loss(settings, batch, logprobs, None, entropy, 0.2)  # critic-free: no values
         (grad,) = th.autograd.grad(loss, logprobs)
         results.append((loss, stats, grad))
     (clean, clean_stats, clean_grad), (dirty, dirty_stats, dirty_grad) = results

@@ -125,6 +125,11 @@ def bad_inputs(tokenizer, model_path, tmp_path):
             "RewardFunctionWrapper",
         ),
         "ppo: batch_size 0": (lambda: algorithm(tokenizer, model_path, batch_size=0), ValueError, "positive integer"),
+        "ppo: clip_range_vf 0": (
+            lambda: algorithm(tokenizer, model_path, clip_range_vf=0.0),
+            ValueError,
+            "clip_range_vf must be > 0",
+        ),
         "ppo: learning rate as text": (
             lambda: algorithm(tokenizer, model_path, learning_rate="1e-5"),
             TypeError,

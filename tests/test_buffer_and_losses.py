@@ -4,7 +4,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceRolloutBuffer
+from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceRolloutBuffer
 from sb3_rlhf.common.sequences import masked_mean, masked_whiten, response_mask_until_stop
 from sb3_rlhf.ppo.losses import ppo_losses
 

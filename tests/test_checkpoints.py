@@ -16,7 +16,8 @@ from sb3_rlhf.common.checkpoints import (
     list_checkpoints,
     save_checkpoint,
 )
-from sb3_rlhf.rewards import RewardFunctionWrapper
+from sb3_rlhf.common.tiny import tiny_prompts
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 from tests.helpers import make_model, make_prompts, rule_env, share_of_good
 
 TOTAL = 480
@@ -185,3 +186,24 @@ def test_a_training_process_killed_hard_resumes_from_its_last_checkpoint(tmp_pat
     assert final.num_timesteps >= 6000
     assert final._n_updates > 0
     assert (out / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "name, cls, kl, buffer",
+    [
+        ("rlhfppo", RLHFPPO, {}, "SequenceRolloutBuffer"),
+        ("grpo", GRPO, {"estimator": "k3"}, "GroupRolloutBuffer"),
+    ],
+)
+def test_zips_saved_before_the_on_policy_base_load_and_train_on(name, cls, kl, buffer, tokenizer):
+    # saved by the code of commit 313adcb, when RLHFPPO subclassed SB3's PPO and GRPO subclassed RLHFPPO: SB3
+    # pickles the rollout buffer's class by its module path, so that path must still resolve
+    path = os.path.join(os.path.dirname(__file__), "data", f"{name}_before_issue13.zip")
+    env = TokenGenerationEnv(tiny_prompts(8), tokenizer, max_prompt_tokens=8, max_new_tokens=4)
+    env = KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=0.05, **kl)
+    model = cls.load(path, env=env)
+    assert type(model.rollout_buffer).__name__ == buffer
+    assert model.num_timesteps > 0
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    model.learn(8, reset_num_timesteps=False)
+    assert any(not th.equal(before[k], v) for k, v in model.policy.state_dict().items())

@@ -16,14 +16,21 @@ import tomllib
 import pytest
 import torch as th
 
-from sb3_rlhf.common.data import load_hub_dataset, messages_to_hh, prompt_messages
+from sb3_rlhf.common.data import (
+    load_hub_dataset,
+    load_prompt_forms,
+    load_prompts,
+    messages_to_hh,
+    prompt_messages,
+    reward_training_pairs,
+)
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
-from sb3_rlhf.tasks.run import load_prompt_forms, load_prompts, prepare, reward_training_pairs
+from sb3_rlhf.tasks.run import prepare
 from tests.helpers import WORDS, tiny_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,9 +166,8 @@ def build_datasets_cache(cache_dir, repo_id: str, records: list[dict], workdir, 
 
 OFFLINE_SCRIPT = """
 import json, sys
-from sb3_rlhf.common.data import load_hub_dataset
+from sb3_rlhf.common.data import load_hub_dataset, load_prompts, reward_training_pairs
 from sb3_rlhf.tasks.config import parse_task
-from sb3_rlhf.tasks.run import load_prompts, reward_training_pairs
 
 task = parse_task(json.loads(sys.argv[1]))
 pairs, report = reward_training_pairs(task.reward.train, 0)
@@ -256,9 +262,8 @@ def test_task_files_name_their_public_originals_as_valid_alternatives():
 COPY_SCRIPT = """
 import dataclasses, glob, json, os
 import sb3_rlhf
-from sb3_rlhf.common.data import find_data_file
+from sb3_rlhf.common.data import find_data_file, load_prompts, reward_training_pairs
 from sb3_rlhf.tasks.config import load_task
-from sb3_rlhf.tasks.run import load_prompts, reward_training_pairs
 
 result = {"package": os.path.abspath(sb3_rlhf.__file__), "tasks": {}}
 for path in sorted(glob.glob("envs/*.toml")):
@@ -389,7 +394,7 @@ def test_sft_and_dpo_encode_hh_prompts_as_the_env_does():
     token, also for a tokenizer that adds BOS to plain text (the template writes the special tokens itself)."""
     from tokenizers.processors import TemplateProcessing
 
-    from sb3_rlhf.tasks.run import make_env
+    from sb3_rlhf.tasks.stages import make_env
 
     tokenizer = chat_tokenizer()
     bos = tokenizer.convert_tokens_to_ids("<unk>")  # stands in for a BOS the tokenizer adds to plain text

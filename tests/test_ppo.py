@@ -1,3 +1,4 @@
+import copy
 import glob
 import io
 import json
@@ -211,21 +212,91 @@ def test_token_budget_bounds_every_forward_of_the_update(tokenizer, model_path):
 
 
 def test_reward_model_end_to_end(tokenizer, model_path):
+    """The score PPO logs for each rollout is the reward model's own score of that rollout's responses: each
+    finished episode's prompt and completion, as the callbacks see them, scored here one text at a time."""
+    reward_model = tiny_reward_model(len(tokenizer))
     env = TokenGenerationEnv(make_prompts(), tokenizer, max_prompt_tokens=8, max_new_tokens=6)
-    env = KLPenaltyWrapper(
-        RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), reward_tokenizer=tokenizer), coef=0.05
-    )
+    env = KLPenaltyWrapper(RewardModelWrapper(env, reward_model, reward_tokenizer=tokenizer), coef=0.05)
     model = make_model(env, model_path, n_episodes=16)
-    history = RolloutHistoryCallback()
+
+    class ScoreFinishedEpisodes(RolloutHistoryCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rollouts: list[list[float]] = [[]]
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "completion" in info:  # the episode ended at this step
+                    text = " ".join(part for part in (info["prompt"], info["completion"]) if part)
+                    with th.no_grad():
+                        logits = reward_model(**tokenizer(text, return_tensors="pt")).logits
+                    self.rollouts[-1].append(logits[0, 0].item())
+            return True
+
+        def _on_rollout_end(self) -> None:
+            super()._on_rollout_end()
+            self.rollouts.append([])
+
+    history = ScoreFinishedEpisodes()
     model.learn(total_timesteps=150, callback=history)
-    assert all(np.isfinite(row["reward_terms/reward_model"]) for row in history.history)
+    assert len(history.history) >= 2
+    for row, scores in zip(history.history, history.rollouts):
+        assert len(scores) == 16
+        assert row["reward_terms/reward_model"] == pytest.approx(np.mean(scores), abs=1e-5)
+        assert row["scores"] == pytest.approx(np.mean(scores), abs=1e-5)  # the KL term is not part of the score
+    assert np.std(history.rollouts[0]) > 1e-3  # the responses get different scores: the match is not trivial
 
 
 def test_target_kl_stops_epochs_early(tokenizer, model_path):
-    model = make_model(rule_env(tokenizer), model_path, learning_rate=0.05, target_kl=1e-4, n_epochs=8)
-    model.learn(total_timesteps=200)
-    # without the early stop: 8 epochs per update
-    assert model._n_updates < 8 * 2
+    """One update of 4 epochs over 2 minibatches: with ``target_kl`` the epochs stop at the first minibatch whose
+    approximate KL to the rollout policy (recomputed here from the rollout policy's own log-probs) exceeds
+    1.5 × target_kl, without a step on it; a KL above target_kl but not above 1.5 × target_kl does not stop them;
+    without ``target_kl`` every one of the 8 steps is taken."""
+
+    def one_update(target_kl: float | None) -> tuple[list[tuple[str, float]], float]:
+        """The minibatches evaluated (with their recomputed approx KL) and the steps taken, in order; the logged KL."""
+        model = make_model(
+            rule_env(tokenizer), model_path, learning_rate=0.05, n_epochs=4, n_episodes=16, target_kl=target_kl
+        )
+        rollout_policy = copy.deepcopy(model.policy).eval()  # the policy of the first (and only) rollout
+        events: list[tuple[str, float]] = []
+        evaluate, step = model.policy.evaluate_sequences, model.policy.optimizer.step
+
+        def recording_evaluate(input_ids, attention_mask, response_length, *args, **kwargs):
+            outputs = evaluate(input_ids, attention_mask, response_length, *args, **kwargs)
+            if th.is_grad_enabled():  # a training minibatch (the rollout's own pass runs without gradients)
+                with th.no_grad():
+                    old = rollout_policy.evaluate_sequences(input_ids, attention_mask, response_length)[0]
+                log_ratio = (outputs[0].detach() - old)[attention_mask[:, -response_length:].bool()]
+                events.append(("minibatch", ((log_ratio.exp() - 1) - log_ratio).mean().item()))
+            return outputs
+
+        def counting_step(*args, **kwargs):
+            events.append(("step", 0.0))
+            return step(*args, **kwargs)
+
+        model.policy.evaluate_sequences = recording_evaluate
+        model.policy.optimizer.step = counting_step
+        model.learn(total_timesteps=1)  # one rollout, one update
+        return events, model.logger.name_to_value["train/approx_kl"]
+
+    full, _ = one_update(None)
+    assert [kind for kind, _ in full] == ["minibatch", "step"] * 4 * 2
+    full_kls = [kl for kind, kl in full if kind == "minibatch"]
+    assert full_kls[1] > 1e-3
+    # the second minibatch's KL lies above target_kl but not above 1.5 × target_kl: the epochs must go on
+    target_kl = full_kls[1] / 1.25
+    stop = next(i for i, kl in enumerate(full_kls) if kl > 1.5 * target_kl)
+    assert 1 < stop < 4 * 2
+
+    events, logged_kl = one_update(target_kl)
+    # the same seeded run up to the stop: every minibatch took its step until the first one over 1.5 × target_kl
+    assert [kind for kind, _ in events] == ["minibatch", "step"] * stop + ["minibatch"]
+    kls = [kl for kind, kl in events if kind == "minibatch"]
+    assert kls == pytest.approx(full_kls[: stop + 1], rel=1e-4, abs=1e-6)
+    assert kls[-1] > 1.5 * target_kl >= max(kls[:-1])
+    # the logged approx KL is the mean over the minibatches evaluated, the stopping one included
+    assert logged_kl == pytest.approx(np.mean(kls), rel=1e-3)
 
 
 def test_stock_sb3_ppo_runs_on_the_env_through_step(tokenizer, model_path):

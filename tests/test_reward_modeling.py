@@ -1,9 +1,8 @@
 import math
 
-import numpy as np
 import pytest
 import torch as th
-from transformers import LlamaForSequenceClassification
+from transformers import AutoModel, AutoTokenizer, LlamaForSequenceClassification
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.data import PreferencePair, train_test_split
@@ -189,7 +188,50 @@ def test_packaged_minilm_backbone_scores_hh_pairs():
     pairs, _ = load_preference_pairs(data)
     trainer = RewardModelTrainer(path, None, pairs[:8], pairs[8:16], max_length=64)
     assert isinstance(trainer.model, RewardModel) and trainer.model.pooling == "mean"
+    trainer.fit_linear_probe()
+    # the reported metrics are the model's own: MiniLM's mean-pooled sentence embedding of each text alone (no
+    # padding), cut from the left to 64 tokens, through the head
+    backbone, backbone_tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    backbone_tokenizer.truncation_side = "left"
+    head = trainer.model.head
+
+    @th.no_grad()
+    def score(text: str) -> float:
+        inputs = backbone_tokenizer(text, truncation=True, max_length=64, return_tensors="pt")
+        return head(backbone(**inputs).last_hidden_state.mean(1)).item()
+
+    chosen = th.tensor([score(p.prompt + p.chosen) for p in pairs[8:16]])
+    rejected = th.tensor([score(p.prompt + p.rejected) for p in pairs[8:16]])
+    assert max(len(backbone_tokenizer(p.prompt + p.chosen)["input_ids"]) for p in pairs[8:16]) > 64  # cut exercised
     metrics = trainer.evaluate()
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["std"])
+    assert metrics["accuracy"] == pytest.approx((chosen > rejected).float().mean().item(), abs=1e-6)
+    assert metrics["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
+    assert metrics["loss"] == pytest.approx(bradley_terry_loss(chosen, rejected).item(), abs=1e-4)
+    assert metrics["std"] == pytest.approx(th.cat([chosen, rejected]).std().item(), abs=1e-4) and metrics["std"] > 0
+
+
+@pytest.mark.real_model
+def test_packaged_minilm_probe_ranks_unseen_words_on_held_out_pairs():
+    """A linear probe on MiniLM's frozen features learns "praise over criticism" from some adjectives and ranks
+    held-out sentences with other adjectives: the held-out set shares no adjective with the training set, so only
+    the backbone's features, pooled and read by the fitted head, can rank it."""
+    from sb3_rlhf.common.models import packaged_model_path
+
+    try:
+        path = packaged_model_path("all-MiniLM-L6-v2")
+    except (ImportError, FileNotFoundError) as missing:
+        pytest.skip(str(missing))
+    subjects = ["The film", "The movie", "The acting", "The story", "The music", "The ending", "The cast", "The plot"]
+    praise = ["wonderful", "brilliant", "delightful", "excellent", "superb", "lovely"]
+    criticism = ["awful", "terrible", "dreadful", "horrible", "boring", "dull"]
+
+    def pairs(good: list[str], bad: list[str]) -> list[PreferencePair]:
+        return [PreferencePair("", f"{s} was {g}.", f"{s} was {b}.") for s in subjects for g in good for b in bad]
+
+    train, test = pairs(praise[:3], criticism[:3]), pairs(praise[3:], criticism[3:])
+    trainer = RewardModelTrainer(path, None, train, test, max_length=32, seed=0)
     probe = trainer.fit_linear_probe()
-    assert probe["train_accuracy"] >= 0.5
+    after = trainer.evaluate()
+    assert probe["train_accuracy"] == 1.0
+    # 72 held-out pairs: chance is 0.5 ± 0.06
+    assert after["accuracy"] >= 0.95 and after["margin"] > 1.0, after

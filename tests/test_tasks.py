@@ -251,8 +251,41 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
         "generation.max_new_tokens=4",
         "evaluation.n_prompts=4",
     ]
-    results = run_task(load_task(os.path.join(ROOT, "envs", f"{name}.toml"), short), str(tmp_path), progress_bar=False)
-    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0
+    task = load_task(os.path.join(ROOT, "envs", f"{name}.toml"), short)
+    results = run_task(task, str(tmp_path), progress_bar=False)
+    # the reported held-out metrics are those of the saved reward model: rebuild the held-out pairs from the data
+    # file and score each text on its own with the saved model, as a user loading the folder would
+    import numpy as np
+    import torch as th
+    from transformers import AutoTokenizer
+
+    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
+    from sb3_rlhf.reward_modeling import load_reward_model
+
+    stage = task.reward.train
+    if stage.source == "labels":
+        positives, negatives, _ = load_labelled_texts(
+            find_data_file(stage.data), stage.text_column, stage.label_column, str(stage.positive_label)
+        )
+        pairs = pairs_from_labels(positives, negatives, seed=task.seed)
+    else:
+        pairs, _ = load_preference_pairs(find_data_file(stage.data))
+    held_out = train_test_split(pairs, 16, seed=task.seed)[1]
+    folder = str(tmp_path / "reward_model")
+    reward_model, reward_tokenizer = load_reward_model(folder), AutoTokenizer.from_pretrained(folder)
+    reward_tokenizer.truncation_side = "left"  # the answer at the end is what is judged
+
+    def score(text: str) -> float:
+        inputs = reward_tokenizer(text, truncation=True, max_length=stage.max_length, return_tensors="pt")
+        with th.no_grad():
+            return reward_model(**inputs).logits[0, 0].item()
+
+    chosen = np.array([score(p.prompt + p.chosen) for p in held_out])
+    rejected = np.array([score(p.prompt + p.rejected) for p in held_out])
+    metrics = results["reward_model"]
+    assert metrics["accuracy"] == pytest.approx(np.mean(chosen > rejected), abs=1e-6), (chosen, rejected)
+    assert metrics["margin"] == pytest.approx(np.mean(chosen - rejected), abs=1e-4)
+    assert metrics["mean"] == pytest.approx(np.mean([*chosen, *rejected]), abs=1e-4)
     assert results["initial"]["kl"] == pytest.approx(0.0, abs=1e-3)
     assert len(results["samples"]) == 4
     assert (tmp_path / "policy" / "model.safetensors").exists()

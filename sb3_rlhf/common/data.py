@@ -1,4 +1,5 @@
-"""Data loading in one place: preference pairs, demonstrations, labelled texts, splits, data-file lookup.
+"""Data loading in one place: preference pairs, demonstrations, labelled texts, splits, data-file lookup, and a
+task's prompts and reward-model comparisons.
 
 Every loader takes a file path (JSONL, gzip'd JSONL or CSV) or any iterable of mappings (a Hugging Face
 ``datasets.Dataset`` is one), and returns the items with a :class:`LoadReport` of what was skipped and why.
@@ -14,9 +15,12 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: transformers is not imported at run time
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -468,7 +472,8 @@ def load_labelled_texts(
     """
     records, name = read_records(source)
     report = LoadReport(name)
-    positives, negatives = [], []
+    positives: list[str] = []
+    negatives: list[str] = []
     for i, record in enumerate(records):
         if i == 0:
             _require_columns(record, [text_column, label_column], name)
@@ -508,6 +513,8 @@ def load_demonstrations(
     report = LoadReport(name)
     demos = []
     for i, record in enumerate(records):
+        prompt: object
+        response: object
         hh = response_key not in record and "chosen" in record
         if i == 0 and not hh:
             _require_columns(record, [prompt_key, response_key], name)
@@ -538,3 +545,134 @@ def train_test_split(items: Sequence[T], test_size: int | float, seed: int = 0) 
         raise ValueError(f"test_size={test_size} leaves no train or no test items out of {n}")
     order = np.random.default_rng(seed).permutation(n)
     return [items[i] for i in order[: n - n_test]], [items[i] for i in order[n - n_test :]]
+
+
+# ---------------------------------------------------------------------------------------------- a task's data
+class HubDataSource(Protocol):
+    """What names a ``datasets`` data set (``source = "hub"``), as in ``datasets.load_dataset``; a task file's
+    ``[prompts]`` and ``[reward.train]`` sections (:mod:`sb3_rlhf.tasks.config`) are such sources."""
+
+    dataset: str | None
+    config: str | None
+    data_dir: str | None
+    data_files: str | list[str] | None
+    split: str
+    revision: str | None
+
+
+class PromptSource(HubDataSource, Protocol):
+    """Where a task's prompts come from (``[prompts]``, see :class:`~sb3_rlhf.tasks.config.PromptsSection`)."""
+
+    source: str
+    texts: list[str]
+    path: str | None
+    column: str
+    first_words: int | None
+    max_prompts: int | None
+    chat_template: bool
+
+
+class ComparisonSource(HubDataSource, Protocol):
+    """Where a reward-model stage's comparisons come from (``[reward.train]``, see
+    :class:`~sb3_rlhf.tasks.config.RewardModelTrainingSection`)."""
+
+    data: str | None
+    source: str
+    format: str
+    prompt_key: str
+    chosen_key: str
+    rejected_key: str
+    text_column: str
+    label_column: str
+    positive_label: str
+
+
+def _hub_dataset(section: HubDataSource, where: str, columns: dict[str, str]) -> Any:
+    """The ``datasets`` split a ``source = "hub"`` section names, checked to have the ``columns`` its keys name.
+
+    :raises ValueError: one line naming the missing column, its key and the data set's columns.
+    """
+    assert section.dataset is not None  # parse_task requires it with source = "hub"
+    dataset = load_hub_dataset(
+        section.dataset, section.config, section.split, section.revision, section.data_dir, section.data_files
+    )
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"data set {section.dataset!r} has no column {column!r} ({where}.{key}); its columns are "
+                f"{dataset.column_names}"
+            )
+    return dataset
+
+
+def load_prompt_forms(section: PromptSource, tokenizer: PreTrainedTokenizerBase | None) -> tuple[list[str], list[str]]:
+    """The task's prompts in file order (the split is seeded later), in two parallel forms: what the policy
+    reads (through its chat template when ``prompts.chat_template``: an HH conversation as its turns, any other
+    text as one user turn, ending in the assistant's header) and the plain text that reward models score
+    (the same texts without a chat template).
+
+    :param tokenizer: the policy's tokenizer (used only with ``chat_template``).
+    :raises ValueError: a missing column (naming the columns present), or a chat template asked of a tokenizer without one.
+    """
+    if section.source == "inline":
+        texts = list(section.texts)
+    elif section.source == "hh":
+        assert section.path is not None  # parse_task requires it of every file source
+        pairs, _ = load_preference_pairs(find_data_file(section.path))
+        texts = list(dict.fromkeys(p.prompt for p in pairs))
+    else:
+        if section.source == "hub":
+            source = _hub_dataset(section, "prompts", {"column": section.column})
+        else:
+            assert section.path is not None
+            source = find_data_file(section.path)
+        texts, _ = load_prompt_texts(source, section.column)
+    if section.first_words:
+        texts = [" ".join(t.split()[: section.first_words]) for t in texts]
+    if section.max_prompts:
+        texts = texts[: section.max_prompts]
+    if not section.chat_template:
+        return texts, texts
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompts.chat_template = true but the policy tokenizer has no chat template: set it to false")
+    # tokenize=False: one string per conversation (the stubs' return type also covers token ids)
+    templated = [
+        cast(str, tokenizer.apply_chat_template(prompt_messages(t), add_generation_prompt=True, tokenize=False))
+        for t in texts
+    ]
+    return templated, texts
+
+
+def load_prompts(section: PromptSource, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+    """The task's prompt texts as the policy reads them, in file order (see :func:`load_prompt_forms`)."""
+    return load_prompt_forms(section, tokenizer)[0]
+
+
+def reward_training_pairs(stage: ComparisonSource, seed: int) -> tuple[list[PreferencePair], LoadReport]:
+    """The comparisons of a ``[reward.train]`` stage: a file's pairs (plain, HH or conversational), labelled
+    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set.
+
+    :raises ValueError: a missing column, naming it and the columns present.
+    """
+    labels = stage.source == "labels" or (stage.source == "hub" and stage.format == "labels")
+    positive_label = str(stage.positive_label)
+    if stage.source == "hub":
+        if labels:
+            columns = {"text_column": stage.text_column, "label_column": stage.label_column}
+        else:
+            columns = {"chosen_key": stage.chosen_key, "rejected_key": stage.rejected_key}
+        source = _hub_dataset(stage, "reward.train", columns)
+        names = getattr(source.features[stage.label_column], "names", None) if labels else None
+        if names and positive_label in names:  # a ClassLabel column stores class indices
+            positive_label = str(names.index(positive_label))
+    else:
+        assert stage.data is not None  # parse_task requires it of a file source
+        source = find_data_file(stage.data)
+    if labels:
+        positives, negatives, report = load_labelled_texts(
+            source, stage.text_column, stage.label_column, positive_label
+        )
+        pairs = pairs_from_labels(positives, negatives, seed=seed)
+    else:
+        pairs, report = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+    return pairs, report

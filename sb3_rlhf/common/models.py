@@ -244,7 +244,9 @@ def resolve_model_path(
         offline setting and the packaged alternatives); an unknown revision.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a folder, a packaged model name or a hub id (str), got {type(name_or_path).__name__}")
+        raise TypeError(
+            f"{what} must be a folder, a packaged model name or a hub id (str), got {type(name_or_path).__name__}"
+        )
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         if revision is not None:
@@ -289,7 +291,9 @@ def _hub_snapshot(repo_id: str, revision: str | None, what: str, trust_remote_co
             f"{not_found}, and the hub has no repository {repo_id!r} (or it is private: log in with `hf auth login`)"
         ) from None
     if not _is_model_folder(path):
-        raise FileNotFoundError(f"{what} {repo_id!r}: the hub snapshot {path} has no config.json, so it is not a transformers model")
+        raise FileNotFoundError(
+            f"{what} {repo_id!r}: the hub snapshot {path} has no config.json, so it is not a transformers model"
+        )
     if not any(f.endswith(".safetensors") for f in os.listdir(path)) and what != "tokenizer":
         raise FileNotFoundError(
             f"{what} {repo_id!r} has no safetensors weights on the hub (only pickled ones, which are not loaded): "

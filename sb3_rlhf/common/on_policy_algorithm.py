@@ -31,7 +31,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import FloatSchedule, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_rlhf.common.buffers import BaseSequenceBuffer, SequenceBatch
+from sb3_rlhf.buffers import BaseSequenceBuffer, SequenceBatch
 from sb3_rlhf.common.checkpoints import MODEL_FILE, STATE_FILE, latest_checkpoint
 from sb3_rlhf.common.distributed import (
     any_rank,
@@ -80,7 +80,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
     :param samples_per_prompt: responses sampled for each prompt drawn (consecutive episodes share a prompt);
         ``n_episodes`` and ``batch_size`` must be multiples of it, so that a group stays in one minibatch.
-    :param rollout_buffer_class: the rollout storage, a :class:`~sb3_rlhf.common.buffers.BaseSequenceBuffer`.
+    :param rollout_buffer_class: the rollout storage, a :class:`~sb3_rlhf.buffers.BaseSequenceBuffer`.
     :param rollout_buffer_kwargs: its own arguments.
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.

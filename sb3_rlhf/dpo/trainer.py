@@ -65,8 +65,13 @@ class DPOTrainer(SupervisedTrainer):
     :param chat_template: ``None`` uses the tokenizer's template when it has one; ``True`` requires it; ``False`` never.
     :param add_eos: end each response with EOS (turn off for responses that were cut at a length limit).
     :param eval_batch_size: pairs per forward pass when evaluating or precomputing.
-    :param kwargs: :class:`~sb3_rlhf.common.trainer.SupervisedTrainer` settings (``seed``, ``device``,
-        ``tensorboard_log``, ``log_interval``, ...).
+    :param weight_decay: AdamW weight decay.
+    :param max_grad_norm: gradient clipping norm.
+    :param log_interval: log training metrics every this many optimizer steps.
+    :param tensorboard_log: TensorBoard folder (``None``: no TensorBoard).
+    :param verbose: 0 silent, 1 prints the logged tables.
+    :param seed: seeds Python, NumPy and torch (data order, initialisation of new heads).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
     name = "dpo"
@@ -90,9 +95,26 @@ class DPOTrainer(SupervisedTrainer):
         chat_template: bool | None = None,
         add_eos: bool = True,
         eval_batch_size: int = 16,
-        **kwargs: Any,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        log_interval: int = 10,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int = 0,
+        device: th.device | str = "auto",
     ) -> None:
-        super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
+        super().__init__(
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            log_interval=log_interval,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}: it scales the implicit KL constraint")
         if loss_type not in DPO_LOSS_TYPES:

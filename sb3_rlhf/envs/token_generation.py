@@ -28,7 +28,7 @@ class TokenGenerationEnv(gym.Env):
     * **End of episode**: sampling EOS (or any ``stop_token_ids``) is *termination*: the model finished its
       answer. Reaching ``max_new_tokens`` is *truncation*: the answer was cut off. Reward wrappers score the
       response in both cases at its last token, and :class:`sb3_rlhf.RLHFPPO` ends the return there (no
-      bootstrap, see :class:`sb3_rlhf.common.buffers.SequenceRolloutBuffer`); ``info["truncated_response"]`` tells
+      bootstrap, see :class:`sb3_rlhf.buffers.SequenceRolloutBuffer`); ``info["truncated_response"]`` tells
       the two apart.
     * At the end of an episode ``info`` carries ``prompt``, ``completion`` (decoded texts), ``prompt_index``
       and ``completion_ids``.

@@ -8,7 +8,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceBatch
+from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.on_policy_algorithm import (
     RLHFOnPolicyAlgorithm,
@@ -94,6 +94,7 @@ class GRPO(RLHFOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         samples_per_prompt = check_samples_per_prompt("GRPO", samples_per_prompt)
+        loss_aggregation = check_loss_aggregation(loss_aggregation)
         super().__init__(
             policy,
             env,
@@ -121,7 +122,7 @@ class GRPO(RLHFOnPolicyAlgorithm):
             device=device,
             _init_setup_model=False,
         )
-        self.loss_aggregation = check_loss_aggregation(loss_aggregation)
+        self.loss_aggregation = loss_aggregation
         self.advantage_eps = advantage_eps
         self._rollout_kl: tuple[float, str] | None = None  # (β, estimator) the rollout was scored with
         if _init_setup_model:

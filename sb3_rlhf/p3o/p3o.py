@@ -7,7 +7,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceBatch
+from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
 from sb3_rlhf.common.on_policy_algorithm import (
     RLHFOnPolicyAlgorithm,
     check_samples_per_prompt,

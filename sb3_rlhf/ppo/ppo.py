@@ -8,7 +8,7 @@ import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 
-from sb3_rlhf.common.buffers import SequenceBatch, SequenceRolloutBuffer
+from sb3_rlhf.buffers import SequenceBatch, SequenceRolloutBuffer
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.losses import ppo_losses
@@ -46,7 +46,7 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         with an error (see :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
     :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see
-        :class:`~sb3_rlhf.common.buffers.SequenceRolloutBuffer`).
+        :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
     :param tensorboard_log: TensorBoard log folder.
@@ -94,6 +94,9 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
                 "clip_range_vf must be a number, a schedule (a callable of the remaining progress) or None, "
                 f"got {clip_range_vf!r}"
             )
+        if isinstance(clip_range_vf, (int, float)) and not clip_range_vf > 0:
+            # 0 would pin the value head to its rollout estimates: it would never learn
+            raise ValueError(f"clip_range_vf must be > 0, or None for an unclipped value loss, got {clip_range_vf}")
         super().__init__(
             policy,
             env,

@@ -130,7 +130,11 @@ class RewardModel(th.nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: str | th.dtype | None = None, trust_remote_code: bool = False, revision: str | None = None
+        cls,
+        path: str,
+        dtype: str | th.dtype | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> RewardModel:
         """Load what :meth:`save_pretrained` wrote (safetensors only): a folder or a hub id."""
         path = resolve_model_path(path, revision, "reward model", trust_remote_code)

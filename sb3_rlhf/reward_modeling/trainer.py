@@ -83,8 +83,13 @@ class RewardModelTrainer(SupervisedTrainer):
     :param head_learning_rate: learning rate of a :class:`RewardModel`'s new scalar head (``None``: as the
         backbone); a new head learns faster than the pretrained weights should move.
     :param eval_batch_size: texts per forward pass when scoring.
-    :param kwargs: :class:`~sb3_rlhf.common.trainer.SupervisedTrainer` settings (``weight_decay``,
-        ``max_grad_norm``, ``log_interval``, ``tensorboard_log``, ``verbose``, ``seed``, ``device``).
+    :param weight_decay: AdamW weight decay.
+    :param max_grad_norm: gradient clipping norm.
+    :param log_interval: log training metrics every this many optimizer steps.
+    :param tensorboard_log: TensorBoard folder (``None``: no TensorBoard).
+    :param verbose: 0 silent, 1 prints the logged tables.
+    :param seed: seeds Python, NumPy and torch (data order, initialisation of new heads).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
     name = "reward_model"
@@ -104,9 +109,26 @@ class RewardModelTrainer(SupervisedTrainer):
         pooling: str = "auto",
         head_learning_rate: float | None = None,
         eval_batch_size: int = 64,
-        **kwargs: Any,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        log_interval: int = 10,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int = 0,
+        device: th.device | str = "auto",
     ) -> None:
-        super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
+        super().__init__(
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            log_interval=log_interval,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
         if isinstance(model, (str, os.PathLike)):
             path = resolve_model_path(model, what="reward model or backbone")
             model = (

@@ -7,7 +7,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_rlhf.common.buffers import GroupRolloutBuffer, SequenceBatch
+from sb3_rlhf.buffers import GroupRolloutBuffer, SequenceBatch
 from sb3_rlhf.common.on_policy_algorithm import (
     RLHFOnPolicyAlgorithm,
     check_loss_aggregation,
@@ -90,6 +90,7 @@ class RLOO(RLHFOnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         samples_per_prompt = check_samples_per_prompt("RLOO", samples_per_prompt)
+        loss_aggregation = check_loss_aggregation(loss_aggregation)
         super().__init__(
             policy,
             env,
@@ -117,7 +118,7 @@ class RLOO(RLHFOnPolicyAlgorithm):
             device=device,
             _init_setup_model=False,
         )
-        self.loss_aggregation = check_loss_aggregation(loss_aggregation)
+        self.loss_aggregation = loss_aggregation
         if _init_setup_model:
             self._setup_model()
 

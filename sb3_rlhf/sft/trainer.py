@@ -41,7 +41,13 @@ class SFTTrainer(SupervisedTrainer):
     :param checkpoint_dir: write ``checkpoint-<step>`` folders here after each epoch.
     :param keep_checkpoints: how many of those to keep (oldest removed first).
     :param eval_batch_size: demonstrations per forward pass when evaluating.
-    :param kwargs: :class:`~sb3_rlhf.common.trainer.SupervisedTrainer` settings.
+    :param weight_decay: AdamW weight decay.
+    :param max_grad_norm: gradient clipping norm.
+    :param log_interval: log training metrics every this many optimizer steps.
+    :param tensorboard_log: TensorBoard folder (``None``: no TensorBoard).
+    :param verbose: 0 silent, 1 prints the logged tables.
+    :param seed: seeds Python, NumPy and torch (data order, initialisation of new heads).
+    :param device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
     """
 
     name = "sft"
@@ -60,9 +66,26 @@ class SFTTrainer(SupervisedTrainer):
         checkpoint_dir: str | None = None,
         keep_checkpoints: int = 2,
         eval_batch_size: int = 16,
-        **kwargs: Any,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        log_interval: int = 10,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int = 0,
+        device: th.device | str = "auto",
     ) -> None:
-        super().__init__(learning_rate=learning_rate, batch_size=batch_size, n_epochs=n_epochs, **kwargs)
+        super().__init__(
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            log_interval=log_interval,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else os.fspath(model)
             model = load_causal_lm(os.fspath(model))

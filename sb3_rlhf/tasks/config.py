@@ -7,9 +7,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 @dataclass
@@ -225,7 +228,7 @@ def parse_task(data: dict[str, Any], source: str = "<dict>") -> TaskConfig:
     top = dict(data.pop("task", {}))
     if "algorithm" in top:
         top["algorithm_name"] = top.pop("algorithm")
-    sections = {}
+    sections: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _SECTIONS:
             raise ValueError(f"unknown section [{key}] in {source}: the sections are {['task', *_SECTIONS]}")

@@ -8,16 +8,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS, algorithm_class
-from sb3_rlhf.common.data import train_test_split
+from sb3_rlhf.common.data import load_prompts, reward_training_pairs, train_test_split
 from sb3_rlhf.common.models import count_parameters, load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import check_tokenizer
 from sb3_rlhf.rewards.reward_model import classifier_label_index
 from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, TaskConfig, kl_estimator
-from sb3_rlhf.tasks.run import import_function, load_prompts, reward_training_pairs
+from sb3_rlhf.tasks.stages import import_function
 
 
 @dataclass
@@ -63,7 +63,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
     plan = TaskPlan(task)
     policy = task.policy
     if policy.model == "tiny":
-        tokenizer = tiny_tokenizer(policy.tiny_words)
+        tokenizer: PreTrainedTokenizerBase = tiny_tokenizer(policy.tiny_words)
         model = tiny_causal_lm(len(tokenizer), "llama", seed=task.seed, hidden_size=policy.tiny_hidden_size)
         parameters = sum(p.numel() for p in model.parameters())
         plan.models["policy"] = {"name": "tiny", "revision": None, "path": None, "parameters": parameters}
@@ -128,11 +128,11 @@ def plan_task(task: TaskConfig) -> TaskPlan:
     else:
         pair_settings = {k: settings.get(k) for k in DPO_TASK_SETTINGS}
         n_prompts = min(pair_settings["n_prompts"] or len(train_prompts), len(train_prompts))
-        pairs = n_prompts * (pair_settings["pairs_per_prompt"] or 1)
-        steps = settings["n_epochs"] * math.ceil(pairs / settings["batch_size"])
-        plan.budget = {"sampled_pairs": pairs, "gradient_steps": (steps, steps)}
+        n_pairs = n_prompts * (pair_settings["pairs_per_prompt"] or 1)
+        steps = settings["n_epochs"] * math.ceil(n_pairs / settings["batch_size"])
+        plan.budget = {"sampled_pairs": n_pairs, "gradient_steps": (steps, steps)}
         plan.stages.append(
-            f"dpo: sample {pairs} pairs from the initial policy on {n_prompts} training prompts, label them with the "
+            f"dpo: sample {n_pairs} pairs from the initial policy on {n_prompts} training prompts, label them with the "
             f"reward, then up to {steps} gradient steps (ties are dropped)"
         )
     plan.stages.append(f"report: trained against initial policy on {plan.data['prompts']['held_out']} held-out prompts")
@@ -156,12 +156,16 @@ def format_plan(plan: TaskPlan) -> str:
         lines.append(f"reward: function {task.reward.function}")
     if task.kl.coef > 0:
         adaptive = f", adapted to a KL target of {task.kl.target}" if task.kl.target is not None else ""
-        lines.append(f"kl: β = {task.kl.coef}{adaptive}, estimator {kl_estimator(task)}, reference = the initial policy")
+        lines.append(
+            f"kl: β = {task.kl.coef}{adaptive}, estimator {kl_estimator(task)}, reference = the initial policy"
+        )
     for what, data in plan.data.items():
         counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data.items() if k != "source")
         lines.append(f"{what}: {data['source']}: {counts}")
     generation = task.generation
-    lines.append(f"episodes: prompts up to {generation.max_prompt_tokens} tokens, responses up to {generation.max_new_tokens}")
+    lines.append(
+        f"episodes: prompts up to {generation.max_prompt_tokens} tokens, responses up to {generation.max_new_tokens}"
+    )
     lines += [f"stage {i}. {stage}" for i, stage in enumerate(plan.stages, start=1)]
     return "\n".join(lines)
 

@@ -1,0 +1,52 @@
+"""The ``sb3-rlhf`` command: one module per sub-command, each with its ``add_parser(subparsers)`` and the
+function it runs (``set_defaults(func=...)``); the options several share are in :mod:`sb3_rlhf.cli.common`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+from collections.abc import Sequence
+
+from sb3_rlhf.cli import demo, dpo, evaluate, generate, reward_model, sft, train
+from sb3_rlhf.cli.common import launch_processes
+
+#: the sub-commands, in the order ``sb3-rlhf --help`` lists them
+COMMANDS = (demo, reward_model, sft, dpo, train, evaluate, generate)
+
+#: errors that come from what the user gave (or a run that stopped for a reason it names), printed without a traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, pickle.UnpicklingError)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``sb3-rlhf`` parser with every sub-command; ``args.func(args)`` runs the one parsed."""
+    parser = argparse.ArgumentParser(prog="sb3-rlhf", description="RLHF for language models with Stable-Baselines3")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the whole Python traceback")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the sub-command.
+
+    :return: the exit status: 0, 2 for an error in what the user gave (printed in one line unless ``--traceback``),
+        or torchrun's status for ``train --nproc N``.
+    """
+    args = make_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and not args.dry_run and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return launch_processes(args.nproc, list(sys.argv[1:] if argv is None else argv))
+    try:
+        args.func(args)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        # bad input, a missing file, a run that cannot go on: the message names the fix; a traceback adds nothing
+        print(f"sb3-rlhf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["USER_ERRORS", "main", "make_parser"]

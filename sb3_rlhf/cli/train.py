@@ -1,0 +1,73 @@
+"""``sb3-rlhf train``: run a task file end to end, or print its plan (``--dry-run``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from sb3_rlhf.cli.common import add_algorithm_argument, with_algorithm
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train`` sub-command to ``subparsers``."""
+    parser = subparsers.add_parser("train", help="run a task file (envs/*.toml): reward-model stage, RL or DPO, report")
+    parser.add_argument("task", help="a task file, e.g. envs/tiny_synthetic.toml")
+    add_algorithm_argument(parser, help="override the task's algorithm (task.algorithm)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a task key, e.g. algorithm.total_timesteps=2000",
+    )
+    parser.add_argument("--out", help="run folder (default runs/<task name>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (online algorithms)"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="train in this many processes on this machine (torchrun; one per GPU)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve every model and data file, print the plan (models, data sizes, budget) and exit without training",
+    )
+    parser.add_argument("--no-progress-bar", action="store_true")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> dict[str, object]:
+    """``sb3-rlhf train``: every stage of a task file, then the comparison with the initial policy."""
+    from sb3_rlhf.common.distributed import is_main_process
+    from sb3_rlhf.common.evaluation import report_markdown
+    from sb3_rlhf.tasks import load_task, run_task
+
+    task = load_task(args.task, with_algorithm(args))
+    out = args.out or os.path.join("runs", task.name)
+    if args.dry_run:
+        from sb3_rlhf.tasks.plan import describe_output, format_plan, plan_task
+
+        print(format_plan(plan_task(task)))
+        print(describe_output(out))
+        return {}
+    results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
+    if not is_main_process():
+        return results
+    if results.get("reward_model"):
+        print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
+    print(report_markdown(task.name, results, task.evaluation.n_prompts))
+    print(f"run folder: {out} (tensorboard/, checkpoints/, {task.algorithm_name}_model.zip, policy/, report.md)")
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """:func:`run_train`, then the end of the process group a torchrun rank joined (even on an error)."""
+    try:
+        return run_train(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

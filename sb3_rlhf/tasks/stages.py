@@ -1,0 +1,229 @@
+"""The stages of a task and the factories the runner builds them with: the reward-model stage, the policy
+(initial, reference, exported), the env under its reward wrappers, and the online algorithm or DPO trainer."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+from stable_baselines3.common.utils import get_device
+from transformers import PreTrainedTokenizerBase
+
+from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
+from sb3_rlhf.common.data import reward_training_pairs, train_test_split
+from sb3_rlhf.common.models import resolve_model_path
+from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
+from sb3_rlhf.common.tiny import save_tiny_model
+from sb3_rlhf.dpo import DPOTrainer
+from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
+from sb3_rlhf.envs.token_generation import TokenGenerationEnv
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+from sb3_rlhf.reward_modeling import RewardModelTrainer
+from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper, reward_wrappers
+from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, RewardModelTrainingSection, TaskConfig, kl_estimator
+
+
+def policy_model_path(task: TaskConfig, out: str) -> str:
+    """The policy's model as the policy names it (and the SB3 zip records it): the task's folder, packaged name or
+    hub id; or a tiny random model built into ``out``."""
+    if task.policy.model != "tiny":
+        return task.policy.model
+    path = os.path.join(out, "base_model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        save_tiny_model(path, task.policy.tiny_words, "llama", seed=task.seed, hidden_size=task.policy.tiny_hidden_size)
+    return path
+
+
+def train_reward_model_stage(
+    stage: RewardModelTrainingSection, out: str, seed: int, device: str, progress_bar: bool
+) -> tuple[str, dict[str, Any]]:
+    """Train a reward model (the task's first stage, or ``sb3-rlhf reward-model``) into ``out/reward_model``.
+
+    :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
+    """
+    pairs, report = reward_training_pairs(stage, seed)
+    train, test = train_test_split(pairs, stage.test_size, seed=seed)
+    if stage.max_pairs:
+        train = train[: stage.max_pairs]
+    trainer = RewardModelTrainer(
+        resolve_model_path(stage.backbone, stage.backbone_revision, "reward-model backbone"),
+        None,
+        train,
+        test,
+        learning_rate=stage.learning_rate,
+        head_learning_rate=stage.head_learning_rate,
+        batch_size=stage.batch_size,
+        n_epochs=stage.epochs,
+        max_length=stage.max_length,
+        pooling=stage.pooling,
+        center_coef=stage.center_coef,
+        tensorboard_log=os.path.join(out, "tensorboard"),
+        seed=seed,
+        device=device,
+    )
+    before = trainer.evaluate()
+    if stage.linear_probe_init:
+        trainer.fit_linear_probe()
+    trainer.learn(progress_bar=progress_bar)
+    folder = os.path.join(out, "reward_model")
+    trainer.save(folder)
+    info = {
+        "before": before,
+        "after": trainer.evaluate(),
+        "n_train": len(train),
+        "n_test": len(test),
+        "data": str(report),
+    }
+    return folder, info
+
+
+def import_function(spec: str) -> Any:
+    """``"package.module:function"`` → the function (only an explicitly named callable is ever imported)."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"reward.function {spec!r}: cannot import {module_name!r} ({error}); the module must be importable "
+            "(installed, or its folder on PYTHONPATH)"
+        ) from error
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward.function {spec!r}: {module_name} has no callable {attribute!r}")
+    return function
+
+
+def make_env(
+    task: TaskConfig,
+    prompts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    reward_model: str | None,
+    reward_prompts: dict[str, str] | None = None,
+) -> Any:
+    """The task's env under its reward wrappers.
+
+    :param reward_prompts: the plain text of each chat-templated prompt (see :func:`~sb3_rlhf.common.data.load_prompt_forms`), which
+        reward models read instead of the template.
+    """
+    env: gym.Env = TokenGenerationEnv(
+        prompts,
+        tokenizer,
+        task.generation.max_prompt_tokens,
+        task.generation.max_new_tokens,
+        # a chat template writes the special tokens itself (BOS included, or not), as SFT/DPO tokenize it
+        add_special_tokens=not task.prompts.chat_template,
+        reward_prompts=[reward_prompts[p] for p in prompts] if reward_prompts else None,
+    )
+    if task.reward.function is not None:
+        env = RewardFunctionWrapper(env, import_function(task.reward.function))
+    else:
+        assert reward_model is not None  # the task has a reward model when it has no reward function
+        # the reward model runs beside the policy (GPU when there is one)
+        env = RewardModelWrapper(
+            env,
+            reward_model,
+            max_length=task.reward.max_length,
+            device=get_device(task.device),
+            label=task.reward.label,
+            score=task.reward.score,
+        )
+    if task.kl.coef > 0:
+        env = KLPenaltyWrapper(
+            env, task.kl.coef, target=task.kl.target, horizon=task.kl.horizon, estimator=kl_estimator(task)
+        )
+    return env
+
+
+@dataclass
+class PreparedTask:
+    """What every stage of a task shares: the policy folder and tokenizer, the prompt split, the reward model."""
+
+    task: TaskConfig
+    out: str
+    policy_path: str
+    tokenizer: PreTrainedTokenizerBase
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    reward_model: str | None
+    #: the commit a hub-id policy resolved to (see :func:`~sb3_rlhf.common.models.pinned_revision`): every later
+    #: load (policy, reference, DPO) gets the same weights without looking the branch up again
+    policy_revision: str | None = None
+    #: policy prompt -> its plain text, when the prompts are chat-templated (what reward models read)
+    reward_prompts: dict[str, str] | None = None
+
+    @property
+    def policy_kwargs(self) -> dict[str, Any]:
+        policy = self.task.policy
+        return dict(
+            model_name_or_path=self.policy_path,
+            revision=self.policy_revision,
+            temperature=policy.temperature,
+            top_k=policy.top_k,
+            top_p=policy.top_p,
+            dtype=policy.dtype,
+            value_head=policy.value_head,
+            lora=policy.lora,
+        )
+
+    def env(self, prompts: list[str]) -> Any:
+        return make_env(self.task, prompts, self.tokenizer, self.reward_model, self.reward_prompts)
+
+
+def initial_policy(prepared: PreparedTask, env: Any, device: Any = "cpu") -> TransformerActorCriticPolicy:
+    """A fresh copy of the task's initial policy (the KL reference of every algorithm)."""
+    return TransformerActorCriticPolicy(
+        env.observation_space, env.action_space, lambda _: 0.0, **prepared.policy_kwargs
+    ).to(device)
+
+
+def exported_policy(prepared: PreparedTask, folder: str, env: Any, device: Any) -> TransformerActorCriticPolicy:
+    """A policy whose actor is an exported model folder (e.g. DPO's), with the task's other policy settings."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{folder} is not a model folder: run `sb3-rlhf train` with --out for this run first")
+    # LoRA was merged on export; the folder is local, so no revision
+    settings = {**prepared.policy_kwargs, "model_name_or_path": folder, "revision": None, "lora": None}
+    return TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 0.0, **settings).to(device)
+
+
+def make_online_model(prepared: PreparedTask, env: Any, **overrides: Any) -> RLHFOnPolicyAlgorithm:
+    """The task's online algorithm (PPO, RLOO, GRPO or P3O) on ``env``, with the task's settings and ``overrides``."""
+    task = prepared.task
+    settings = {
+        "policy_kwargs": prepared.policy_kwargs,
+        "tensorboard_log": os.path.join(prepared.out, "tensorboard"),
+        "seed": task.seed,
+        "device": task.device,
+        **task.algorithm_settings(),
+        **overrides,
+    }
+    return ONLINE_ALGORITHMS[task.algorithm_name](TransformerActorCriticPolicy, env, **settings)
+
+
+def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrainer, dict]:
+    """DPO on pairs of the initial policy's samples on the training prompts, labelled by the task's reward.
+
+    :return: the trainer (not trained yet), and the pair counts (``samples``, ``pairs``, ``ties``, ``empty``).
+    """
+    task = prepared.task
+    settings = {**task.algorithm_settings(), **overrides}
+    pair_settings = {k: settings.pop(k) for k in DPO_TASK_SETTINGS if k in settings}
+    env = prepared.env(prepared.train_prompts)
+    policy = initial_policy(prepared, env, get_device(task.device))
+    pairs, counts = pairs_from_policy_samples(
+        policy, env.unwrapped, reward_wrappers(env), seed=task.seed, **pair_settings
+    )
+    del policy
+    if not pairs:
+        raise ValueError("every sampled pair was a tie under the task's reward: DPO has nothing to learn from")
+    settings.setdefault("chat_template", False)  # the prompts are the env's texts, templated already if asked
+    settings.setdefault("add_eos", False)  # responses cut at max_new_tokens have no EOS
+    settings.setdefault("max_length", task.generation.max_prompt_tokens + task.generation.max_new_tokens + 8)
+    settings.setdefault("tensorboard_log", os.path.join(prepared.out, "tensorboard"))
+    settings.setdefault("seed", task.seed)
+    settings.setdefault("device", task.device)
+    model = resolve_model_path(prepared.policy_path, prepared.policy_revision)
+    trainer = DPOTrainer(model, prepared.tokenizer, pairs, lora=task.policy.lora, **settings)
+    return trainer, counts
