@@ -19,7 +19,8 @@ class SequenceBatch(NamedTuple):
     """A minibatch of sequences for the PPO update, trimmed to its own longest prompt and response.
 
     ``input_ids``/``attention_mask``: ``(batch, P + T)`` int64; every other tensor is ``(batch, T)``:
-    ``response_mask`` bool; ``old_logprobs``, ``old_values`` (V(s_t)), ``advantages``, ``returns`` float32;
+    ``response_mask`` bool; ``old_logprobs``, ``old_values`` (V(s_t); ``None`` for critic-free algorithms),
+    ``advantages``, ``returns`` float32;
     ``ref_logprobs`` (log π_ref, for algorithms with the KL in their loss) or ``None``.
     """
 
@@ -27,7 +28,7 @@ class SequenceBatch(NamedTuple):
     attention_mask: th.Tensor
     response_mask: th.Tensor
     old_logprobs: th.Tensor
-    old_values: th.Tensor
+    old_values: th.Tensor | None
     advantages: th.Tensor
     returns: th.Tensor
     ref_logprobs: th.Tensor | None = None
@@ -63,7 +64,7 @@ class BaseSequenceBuffer(BaseBuffer):
     response_ids: th.Tensor
     response_mask: th.Tensor
     logprobs: th.Tensor
-    values: th.Tensor
+    values: th.Tensor | None
     rewards: th.Tensor
     terminated: th.Tensor
     ref_logprobs: th.Tensor | None
@@ -95,7 +96,7 @@ class BaseSequenceBuffer(BaseBuffer):
         response_ids: th.Tensor,
         response_mask: th.Tensor,
         logprobs: th.Tensor,
-        values: th.Tensor,
+        values: th.Tensor | None,
         rewards: th.Tensor,
         terminated: th.Tensor,
         ref_logprobs: th.Tensor | None = None,
@@ -107,7 +108,7 @@ class BaseSequenceBuffer(BaseBuffer):
         :param response_ids: ``(batch, T)`` int64, right-padded.
         :param response_mask: ``(batch, T)`` bool.
         :param logprobs: ``(batch, T)`` log π_old of the response tokens.
-        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T).
+        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T), or ``None`` (no value function).
         :param rewards: ``(batch, T)`` summed reward terms per token.
         :param terminated: ``(batch,)`` bool, True where the response ended with a stop token.
         :param ref_logprobs: ``(batch, T)`` log π_ref of the response tokens, kept for losses with a KL term.
@@ -118,12 +119,13 @@ class BaseSequenceBuffer(BaseBuffer):
             response_ids=response_ids,
             response_mask=response_mask,
             logprobs=logprobs,
-            values=values,
             rewards=rewards,
             terminated=terminated.unsqueeze(-1),
         )
-        if ref_logprobs is not None:
-            tensors["ref_logprobs"] = ref_logprobs
+        # optional columns: present in every chunk of a rollout or in none
+        for key, optional in (("values", values), ("ref_logprobs", ref_logprobs)):
+            if optional is not None:
+                tensors[key] = optional
         for key, value in tensors.items():
             self._chunks.setdefault(key, []).append(value.detach())
         self.n_episodes += prompt_ids.shape[0]
@@ -139,7 +141,7 @@ class BaseSequenceBuffer(BaseBuffer):
         self.response_ids = _pad(c["response_ids"], t_width, 0, left=False)
         self.response_mask = _pad(c["response_mask"], t_width, False, left=False)
         self.logprobs = _pad(c["logprobs"], t_width, 0.0, left=False)
-        self.values = _pad(c["values"], t_width + 1, 0.0, left=False)
+        self.values = _pad(c["values"], t_width + 1, 0.0, left=False) if "values" in c else None
         self.rewards = _pad(c["rewards"], t_width, 0.0, left=False)
         self.terminated = th.cat(c["terminated"]).squeeze(-1)
         self.ref_logprobs = _pad(c["ref_logprobs"], t_width, 0.0, left=False) if "ref_logprobs" in c else None
@@ -203,7 +205,7 @@ class BaseSequenceBuffer(BaseBuffer):
             attention_mask=attention_mask.to(self.device),
             response_mask=response_mask[:, :t_end].to(self.device),
             old_logprobs=self.logprobs[index, :t_end].to(self.device),
-            old_values=self.values[index, :t_end].to(self.device),
+            old_values=None if self.values is None else self.values[index, :t_end].to(self.device),
             advantages=self.advantages[index, :t_end].to(self.device),
             returns=self.returns[index, :t_end].to(self.device),
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index, :t_end].to(self.device),
@@ -259,6 +261,7 @@ class SequenceRolloutBuffer(BaseSequenceBuffer):
         is_last = th.arange(length, device=mask.device).unsqueeze(0) == (lengths - 1).unsqueeze(-1)
         # Padding is selected away, never multiplied by 0 (inf·0 and NaN·0 are NaN): what a padded
         # position holds never reaches a real one.
+        assert self.values is not None, "GAE needs the values of the rollout"
         values = zero_padding(self.values[:, :-1], mask)
         rewards = zero_padding(self.rewards, mask)
         bootstrap = (~self.terminated & self.bootstrap_truncated).unsqueeze(-1)

@@ -454,7 +454,8 @@ class TransformerActorCriticPolicy(BasePolicy):
         response_length: int,
         with_entropy: bool = True,
         entropy_grad: bool = True,
-    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        with_values: bool = True,
+    ) -> tuple[th.Tensor, th.Tensor | None, th.Tensor | None]:
         """One teacher-forced forward over ``[prompt (P) | response (T)]``.
 
         :param input_ids: ``(batch, P + T)`` int64.
@@ -463,16 +464,21 @@ class TransformerActorCriticPolicy(BasePolicy):
         :param with_entropy: compute the entropy of each position's distribution.
         :param entropy_grad: keep the entropy in the autograd graph (only an entropy bonus needs it; without, it
             is a logged statistic and its backward pass over the whole vocabulary is skipped).
-        :return: ``logprobs (batch, T)`` float32 of the response tokens, ``values (batch, T + 1)`` float32 of the
-            states s_0..s_T (``values[:, t]`` is V of the prompt plus ``t`` tokens), ``entropy (batch, T) | None``.
+        :param with_values: compute the values (the critic-free algorithms have no use for them: then neither the
+            actor's hidden states are kept nor a separate critic runs).
+        :return: ``logprobs (batch, T)`` float32 of the response tokens, ``values (batch, T + 1) | None`` float32 of
+            the states s_0..s_T (``values[:, t]`` is V of the prompt plus ``t`` tokens), ``entropy (batch, T) | None``.
         """
-        shared = self.critic is None
+        shared = with_values and self.critic is None
         logits, hidden = response_logits(
             self.actor, input_ids, attention_mask, response_length, self.temperature, self.n_actions, shared
         )
-        if not shared:
-            hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
-        assert hidden is not None  # the actor's, asked for when shared
+        values = None
+        if with_values:
+            if not shared:
+                hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
+            assert hidden is not None  # the actor's, asked for when shared
+            values = self._values_from_hidden(hidden)
         tokens = input_ids[:, -response_length:]
         truncated = self.top_k > 0 or self.top_p < 1.0
         # π(a_t | s_t) = softmax(z_t / τ) renormalised over top-k/top-p (the response token always kept)
@@ -482,14 +488,15 @@ class TransformerActorCriticPolicy(BasePolicy):
         if with_entropy:
             with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
                 entropy = _entropy_of_truncated(logits) if truncated else entropy_from_logits(logits)
-        return logprobs, self._values_from_hidden(hidden), entropy
+        return logprobs, values, entropy
 
     @th.no_grad()
     def sample_episodes(
-        self, env: TokenGenerationEnv, prompt_indices: Sequence[int] | np.ndarray
-    ) -> tuple[GenerationBatch, th.Tensor]:
+        self, env: TokenGenerationEnv, prompt_indices: Sequence[int] | np.ndarray, with_values: bool = True
+    ) -> tuple[GenerationBatch, th.Tensor | None]:
         """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass.
 
+        :param with_values: also compute the values (``None`` without).
         :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
             padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
         """
@@ -498,7 +505,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         assert isinstance(response, th.Tensor)  # no output_scores: the tokens alone
         batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
         logprobs, values, _ = self.evaluate_sequences(
-            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
+            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False, with_values=with_values
         )
         batch.logprobs = logprobs * batch.response_mask
         return batch, values

@@ -53,8 +53,8 @@ def main() -> None:
     episodes = []
     sample = model.policy.sample_episodes
 
-    def recording(env, indices):
-        batch, values = sample(env, indices)
+    def recording(env, indices, **kwargs):
+        batch, values = sample(env, indices, **kwargs)
         episodes.append(([int(i) for i in indices], batch.response_ids.clone()))
         return batch, values
 

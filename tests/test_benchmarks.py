@@ -122,3 +122,24 @@ def test_memory_benchmark_runs_and_python_objects_stay_flat(tmp_path):
     objects_growth = int(row.strip("|").split("|")[-1])
     # exactly flat: one object kept per iteration would already fail (the benchmark shows +0 here and over 200)
     assert objects_growth <= 0, row
+
+
+def test_gpu_check_is_valid_bash_and_refuses_cleanly_without_cuda(tmp_path):
+    import torch as th
+
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0  # parses
+    if th.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run for real")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert "no CUDA GPU visible" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)  # refused before writing anything
+    direct = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_throughput.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert direct.returncode == 3 and "no CUDA device visible" in direct.stderr

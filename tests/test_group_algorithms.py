@@ -211,3 +211,28 @@ def test_held_out_evaluation_tracks_reward_kl_and_compute_without_changing_train
     assert rows[-1]["episodes"] == n_rollouts * 32 and rows[-1]["timesteps"] == evaluated_model.num_timesteps
     assert rows[-1]["kl"] > 0
     assert evaluated_model.logger.name_to_value["eval/score"] == rows[-1]["score"]
+
+
+@pytest.mark.parametrize("cls,kwargs,estimator", ALGORITHMS, ids=["rloo", "grpo", "p3o-separate", "p3o-joint"])
+def test_critic_free_algorithms_compute_no_values(tokenizer, model_path, cls, kwargs, estimator, monkeypatch):
+    model = make(cls, rule_env(tokenizer, estimator=estimator), model_path, n_episodes=8, **kwargs)
+
+    def no_values(*args, **kwargs):
+        raise AssertionError("a critic-free algorithm computed values")
+
+    monkeypatch.setattr(model.policy, "_values_from_hidden", no_values)
+    monkeypatch.setattr(model.policy, "_critic_hidden", no_values)
+    model.learn(total_timesteps=60)  # a rollout and an update
+    assert model.rollout_buffer.values is None and model._n_updates > 0
+    with pytest.raises(ValueError, match="learns no value function"):
+        cls(
+            TransformerActorCriticPolicy,
+            rule_env(tokenizer, estimator=estimator),
+            policy_kwargs=dict(model_name_or_path=model_path, value_head="separate"),
+            **kwargs,
+        )
+    # PPO does compute them: the patch above is what would catch a critic-free algorithm doing so
+    ppo = make(RLHFPPO, rule_env(tokenizer), model_path, n_episodes=8)
+    monkeypatch.setattr(ppo.policy, "_values_from_hidden", no_values)
+    with pytest.raises(AssertionError, match="computed values"):
+        ppo.learn(total_timesteps=60)

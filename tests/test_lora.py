@@ -87,3 +87,28 @@ def test_lora_dropout_is_off_so_ratio_starts_at_one(env, model_path):
     assert th.equal(first, second)
     ratio = th.exp(first - batch.logprobs)[batch.response_mask]
     th.testing.assert_close(ratio, th.ones_like(ratio), atol=1e-6, rtol=0)
+
+
+def test_lora_actor_and_reference_run_the_lm_head_over_the_response_only(tokenizer, model_path, monkeypatch):
+    from sb3_rlhf.common import forward
+
+    policy = make_policy(rule_env(tokenizer), model_path, lora=dict(r=4))
+    env = rule_env(tokenizer)
+    batch = generate_batch(policy, env, [0, 1, 2, 3])
+    positions: list[int] = []
+    head = policy.actor.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    reference = policy.make_reference_model()
+    args = (batch.input_ids, batch.attention_mask, batch.response_length)
+    logprobs, _, _ = policy.evaluate_sequences(*args)
+    ref_logprobs = response_logprobs(reference, *args, 1.0, policy.n_actions)
+    # the LM head saw the T + 1 last positions, not the prompt: peft passes logits_to_keep through
+    assert positions == [batch.response_length + 1] * 2 and batch.input_ids.shape[1] > batch.response_length + 1
+    # and the log-probs are those of the full forward
+    monkeypatch.setattr(forward, "_accepts_logits_to_keep", lambda model: False)
+    full, _, _ = policy.evaluate_sequences(*args)
+    full_ref = response_logprobs(reference, *args, 1.0, policy.n_actions)
+    hook.remove()
+    assert positions[2:] == [batch.input_ids.shape[1]] * 2
+    th.testing.assert_close(logprobs, full, rtol=0, atol=1e-5)
+    th.testing.assert_close(ref_logprobs, full_ref, rtol=0, atol=1e-5)

@@ -25,7 +25,7 @@ def sample(
 ) -> list[GenerationBatch]:
     """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled."""
     return [
-        policy.sample_episodes(env, list(indices[start : start + batch_size]))[0]
+        policy.sample_episodes(env, list(indices[start : start + batch_size]), with_values=False)[0]
         for start in range(0, len(indices), batch_size)
     ]
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import inspect
-from functools import cache
 
 import torch as th
 
 from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 
+_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
-@cache
+
 def _accepts_logits_to_keep(model: th.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether ``model``'s forward takes ``logits_to_keep``. A peft model (and the adapter-disabled LoRA reference)
+    passes its keyword arguments through to the transformers model inside, whose signature decides."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    model_class = type(base)
+    # cached by class, not by model: a cache keyed by the model would keep every model it saw alive
+    if model_class not in _TAKES_LOGITS_TO_KEEP:
+        _TAKES_LOGITS_TO_KEEP[model_class] = "logits_to_keep" in inspect.signature(model_class.forward).parameters
+    return _TAKES_LOGITS_TO_KEEP[model_class]
 
 
 def forward_last_positions(
@@ -66,7 +74,9 @@ def response_logits(
     """
     logits, hidden = forward_last_positions(model, input_ids, attention_mask, response_length + 1, output_hidden_states)
     # float32 before scaling: bf16 logits divided by a temperature lose the digits the PPO ratio needs
-    return logits[:, :-1, :n_actions].float() / temperature, hidden
+    logits = logits[:, :-1, :n_actions].float()
+    # at temperature 1 no (batch, T, vocab) copy is made for the division
+    return (logits if temperature == 1.0 else logits / temperature), hidden
 
 
 def response_logprobs(

@@ -98,6 +98,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     #: what a minibatch loss is a mean over, for weighting the ranks of a distributed run: ``"token"`` (every
     #: response token) or ``"sequence"`` (every response)
     loss_aggregation: str = "token"
+    #: whether the algorithm learns a value function: the critic-free ones (RLOO, GRPO, P3O) compute no values,
+    #: neither in the rollout nor in the update
+    learns_values: ClassVar[bool] = True
     rollout_buffer: BaseSequenceBuffer  # type: ignore[assignment]
     policy: TransformerActorCriticPolicy  # type: ignore[assignment]
 
@@ -145,6 +148,11 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                         "every group of responses to one prompt stays whole"
                     )
         _check_policy_kwargs(self.policy_aliases, policy, policy_kwargs)
+        if not self.learns_values and (policy_kwargs or {}).get("value_head") == "separate":
+            raise ValueError(
+                f"{type(self).__name__} learns no value function: value_head='separate' would build a critic "
+                "backbone that nothing uses; leave value_head at its default"
+            )
         for name, limit in (("generation_batch_size", generation_batch_size), ("max_batch_tokens", max_batch_tokens)):
             if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {limit!r}")
@@ -210,7 +218,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self,
         batch: SequenceBatch,
         logprobs: th.Tensor,
-        values: th.Tensor,
+        values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
     ) -> tuple[th.Tensor, dict[str, float]]:
@@ -218,7 +226,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
         :param batch: the minibatch.
         :param logprobs: ``(batch, T)`` log π_θ of the response tokens (with gradient).
-        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T) (with gradient).
+        :param values: ``(batch, T + 1)`` V(s_0)..V(s_T) (with gradient); ``None`` unless :attr:`learns_values`.
         :param entropy: ``(batch, T)`` entropy of π_θ at each response position.
         :param clip_range: the clip ε now.
         """
@@ -323,7 +331,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
         fault = None
         for start in range(0, n_rollout_steps, chunk):
-            batch, values = self.policy.sample_episodes(gen_env, indices[start : start + chunk])
+            batch, values = self.policy.sample_episodes(
+                gen_env, indices[start : start + chunk], with_values=self.learns_values
+            )
             assert batch.logprobs is not None  # sample_episodes fills the old log-probs
             try:
                 rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
@@ -462,6 +472,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                     batch.attention_mask,
                     batch.response_mask.shape[1],
                     entropy_grad=self.ent_coef != 0,
+                    with_values=self.learns_values,
                 )
                 assert entropy is not None  # evaluate_sequences computes it by default
                 loss, metrics = self.compute_loss(batch, logprobs, values, entropy, clip_range)

@@ -59,6 +59,7 @@ class P3O(RLHFOnPolicyAlgorithm):
 
     #: P3O's loss is a mean over pairs of sequences
     loss_aggregation = "sequence"
+    learns_values = False
     rollout_buffer: GroupRolloutBuffer
 
     def __init__(
@@ -135,7 +136,7 @@ class P3O(RLHFOnPolicyAlgorithm):
         self,
         batch: SequenceBatch,
         logprobs: th.Tensor,
-        values: th.Tensor,
+        values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
     ) -> tuple[th.Tensor, dict[str, float]]:

@@ -147,11 +147,12 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         self,
         batch: SequenceBatch,
         logprobs: th.Tensor,
-        values: th.Tensor,
+        values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
     ) -> tuple[th.Tensor, dict[str, float]]:
         """Clipped surrogate, clipped value loss and entropy bonus (:func:`~sb3_rlhf.ppo.losses.ppo_losses`)."""
+        assert values is not None and batch.old_values is not None  # learns_values
         clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
         losses = ppo_losses(
             logprobs,
@@ -181,6 +182,7 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         stats["loss"] = [last_loss]  # SB3's PPO logs the loss of the last minibatch
         super()._record_train_stats(stats, clip_range, last_loss)
         buffer = self.rollout_buffer
+        assert buffer.values is not None  # learns_values
         valid = buffer.response_mask.bool()
         self.logger.record(
             "train/explained_variance",

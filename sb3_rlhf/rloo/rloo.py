@@ -60,6 +60,7 @@ class RLOO(RLHFOnPolicyAlgorithm):
     :param _init_setup_model: build the model now (SB3's ``load`` passes False).
     """
 
+    learns_values = False
     rollout_buffer: GroupRolloutBuffer
 
     def __init__(
@@ -129,7 +130,7 @@ class RLOO(RLHFOnPolicyAlgorithm):
         self,
         batch: SequenceBatch,
         logprobs: th.Tensor,
-        values: th.Tensor,
+        values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
     ) -> tuple[th.Tensor, dict[str, float]]:

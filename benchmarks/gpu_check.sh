@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue 14): run it whenever a CUDA GPU is at hand and commit what it writes.
+#
+#     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu.md (or $OUT/gpu.md when OUT is set)
+#
+# 1. tests/test_cuda.py (the bf16 CUDA path of RLHFPPO: learn, save, load);
+# 2. benchmarks/gpu_throughput.py: RLHFPPO on a model of SmolLM2-135M's shape in bf16, generated tokens/s, the
+#    rollout against bare generate(), the update's MFU against the GPU's bf16 peak, peak GPU memory;
+# 3. benchmarks/peers.py on the GPU, when it and the TRL packages are there (see below).
+# It finishes in well under 8 minutes on one H200-class GPU. Without CUDA it refuses at once: exit 3, one line.
+#
+# The machine needs python3 with torch (CUDA), transformers, peft, pytest and tensorboard (the device image has
+# them). Packages it lacks travel as wheels in .whl/ at the repository root (git-ignored), installed here into
+# /tmp/site; prepare them with pip download (see /work/.library/device/README.md), e.g. for a Python 3.12 image:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gymnasium==1.4.0 \
+#         farama-notifications==0.0.4 stable-baselines3==2.9.2 sb3-contrib==2.9.2
+# TRL for the peer comparison travels the same way, each version in its own folder: .whl/trl-1.12/, .whl/trl-1.16/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+RESULTS=${OUT:-benchmarks/results}/gpu.md
+
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU visible to $PYTHON (torch.cuda.is_available() is False, or no torch): run it on a machine with a GPU" >&2
+    exit 3
+fi
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$(dirname "$RESULTS")"
+
+{
+    echo "# GPU check"
+    echo
+    echo "\`bash benchmarks/gpu_check.sh\` on $(date -u +%Y-%m-%d); $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)')"
+    echo
+} >"$RESULTS"
+
+echo "== tests/test_cuda.py"
+if "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee /tmp/gpu_check_tests.log; then
+    status=passed
+else
+    status=FAILED
+fi
+{
+    echo "## tests/test_cuda.py: $status"
+    echo
+    echo '```'
+    tail -n 5 /tmp/gpu_check_tests.log
+    echo '```'
+    echo
+} >>"$RESULTS"
+
+echo "== benchmarks/gpu_throughput.py"
+timeout 300 "$PYTHON" benchmarks/gpu_throughput.py --out "$RESULTS" || echo "gpu_throughput.py failed (exit $?)" | tee -a "$RESULTS"
+
+if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; then
+    echo "== benchmarks/peers.py on the GPU"
+    timeout 240 "$PYTHON" benchmarks/peers.py --device cuda --markdown-out "$RESULTS.peers" \
+        && cat "$RESULTS.peers" >>"$RESULTS" && rm -f "$RESULTS.peers" \
+        || echo "peers.py failed (exit $?)" | tee -a "$RESULTS"
+else
+    echo "## Peers: not run (benchmarks/peers.py and the TRL wheels in .whl/trl-1.12 and .whl/trl-1.16 are needed)" | tee -a "$RESULTS"
+fi
+echo "wrote $RESULTS"

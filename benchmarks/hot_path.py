@@ -1,0 +1,215 @@
+"""Benchmark: the hot-path changes of the update, each against what it replaced, in one process.
+
+    python benchmarks/hot_path.py            # a ~17M-parameter Llama built in memory (about a minute)
+    python benchmarks/hot_path.py --smollm   # the SmolLM2-135M-Instruct shape (vocabulary 49152, 576 wide)
+
+1. Log-probs of the response tokens, log_softmax(z)[a] (the library) against z_a − logsumexp(z) (tried: it was
+   meant to spare autograd a ``(B, T, vocab)`` tensor), on float32 logits: forward + backward time, and the bytes
+   autograd keeps for the backward pass (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``, so
+   the figure does not depend on the machine's load).
+2. The update's teacher-forced pass of a critic-free algorithm (RLOO, GRPO, P3O), ``evaluate_sequences`` with
+   values (before) and without (the library): time of forward + backward, and saved bytes.
+3. The same pass under LoRA with a long prompt: the LM head over every position (before: peft's forward hid
+   ``logits_to_keep``) against over the response positions only.
+
+Medians of ``--repeats`` after a warm-up. Writes ``benchmarks/results/hot_path.md``. A benchmark reports: it fails
+on nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch as th
+from versions import versions_line  # benchmarks/versions.py
+
+from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
+from sb3_rlhf.common import forward
+from sb3_rlhf.common.models import causal_lm_from_config
+from sb3_rlhf.common.sequences import logprobs_of_tokens
+from sb3_rlhf.common.tiny import TINY_WORDS, tiny_config, tiny_prompts, tiny_tokenizer
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hot_path.md")
+
+
+def logsumexp_logprobs(logits: th.Tensor, tokens: th.Tensor) -> th.Tensor:
+    """The alternative: the gather minus the log-sum-exp, with no log-softmax materialised."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - th.logsumexp(logits, dim=-1)
+
+
+def saved_bytes(fn: Callable[[], th.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of ``fn()`` (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: th.Tensor) -> th.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with th.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def median_seconds(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def logprob_rows(batch: int, length: int, vocab: int, repeats: int) -> list[tuple[str, float, int]]:
+    g = th.Generator().manual_seed(0)
+    logits = th.randn(batch, length, vocab, generator=g).requires_grad_(True)
+    tokens = th.randint(0, vocab, (batch, length), generator=g)
+    rows = []
+    for name, fn in (
+        ("log_softmax + gather (the library)", logprobs_of_tokens),
+        ("gather − logsumexp (tried)", logsumexp_logprobs),
+    ):
+
+        def step(fn=fn) -> None:
+            fn(logits, tokens).sum().backward()
+            logits.grad = None
+
+        rows.append((name, median_seconds(step, repeats), saved_bytes(lambda fn=fn: fn(logits, tokens))))
+    return rows
+
+
+def build_policy(vocab: int, config: dict, max_tokens: int, lora: dict | None = None) -> TransformerActorCriticPolicy:
+    """A Llama with a ``vocab``-wide LM head (the tiny tokenizer's words are its first ids), as a policy."""
+    tokenizer = tiny_tokenizer(TINY_WORDS)
+    with tempfile.TemporaryDirectory() as folder:
+        model_config = tiny_config(vocab, "llama", max_positions=max_tokens, **config)
+        causal_lm_from_config(model_config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        env = TokenGenerationEnv(tiny_prompts(8), tokenizer, max_prompt_tokens=8, max_new_tokens=8)
+        return TransformerActorCriticPolicy(
+            env.observation_space, env.action_space, lambda _: 1e-4, model_name_or_path=folder, lora=lora
+        )
+
+
+def pass_rows(
+    policy: TransformerActorCriticPolicy,
+    variants: list[tuple[str, dict, bool]],
+    batch: int,
+    prompt: int,
+    length: int,
+    repeats: int,
+) -> list[tuple[str, float, int]]:
+    """Forward + backward of ``evaluate_sequences`` in each variant: (name, its keyword arguments, whether the LM
+    head may skip the prompt positions)."""
+    g = th.Generator().manual_seed(0)
+    input_ids = th.randint(2, policy.n_actions, (batch, prompt + length), generator=g)
+    attention_mask = th.ones_like(input_ids)
+    rows = []
+    for name, kwargs, keep_logits in variants:
+
+        def run(kwargs: dict = kwargs) -> th.Tensor:
+            logprobs, values, _ = policy.evaluate_sequences(
+                input_ids, attention_mask, length, entropy_grad=False, **kwargs
+            )
+            return logprobs.sum() + (0 if values is None else 0 * values.sum())
+
+        def step(run: Callable[[], th.Tensor] = run) -> None:
+            run().backward()
+            policy.zero_grad()
+
+        accepts = forward._accepts_logits_to_keep
+        if not keep_logits:  # what peft models got before: the LM head over every position
+            forward._accepts_logits_to_keep = lambda model: False  # type: ignore[assignment]
+        try:
+            rows.append((name, median_seconds(step, repeats), saved_bytes(run)))
+        finally:
+            forward._accepts_logits_to_keep = accepts  # type: ignore[assignment]
+    return rows
+
+
+def table(title: str, rows: list[tuple[str, float, int]]) -> list[str]:
+    base_time, base_bytes = rows[0][1], rows[0][2]
+    lines = [
+        f"**{title}**",
+        "",
+        "| | forward + backward | ratio | saved for backward | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, seconds, nbytes in rows:
+        lines.append(
+            f"| {name} | {seconds * 1e3:.1f} ms | {seconds / base_time:.2f} | {nbytes / 2**20:.1f} MiB | "
+            f"{nbytes / base_bytes:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--long-prompt-tokens", type=int, default=256, help="the LoRA pass's prompt (hh_harmless-like)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smollm", action="store_true", help="the SmolLM2-135M shape (vocabulary 49152)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    th.set_num_threads(args.threads)
+    th.manual_seed(0)
+    vocab = 49152 if args.smollm else 32000
+    config = dict(hidden_size=256, num_layers=4, num_heads=4)
+    b, t = args.batch, args.new_tokens
+    lines = [
+        "# Hot path of the update: each change against what it replaced",
+        "",
+        f"`python benchmarks/hot_path.py{' --smollm' if args.smollm else ''}`; {args.threads} threads, median of "
+        f"{args.repeats} after a warm-up; saved bytes counted exactly by autograd's saved-tensor hooks.",
+        "",
+        *table(
+            f"Log-probs of B×T = {b}×{t} response tokens over a {vocab}-token vocabulary",
+            logprob_rows(b, t, vocab, args.repeats),
+        ),
+        *table(
+            f"A critic-free update's teacher-forced pass (Llama 256×4, vocabulary {vocab}, B={b}, prompt "
+            f"{args.prompt_tokens} + {t} tokens, shared value head)",
+            pass_rows(
+                build_policy(vocab, config, args.prompt_tokens + t),
+                [("with values (before)", {}, True), ("without values", {"with_values": False}, True)],
+                b,
+                args.prompt_tokens,
+                t,
+                args.repeats,
+            ),
+        ),
+        *table(
+            f"A LoRA (r=8) update's teacher-forced pass with a long prompt (Llama 256×4, vocabulary {vocab}, B={b}, "
+            f"prompt {args.long_prompt_tokens} + {t} tokens)",
+            pass_rows(
+                build_policy(vocab, config, args.long_prompt_tokens + t, lora={"r": 8}),
+                [("LM head over every position (before)", {}, False), ("logits_to_keep passed through peft", {}, True)],
+                b,
+                args.long_prompt_tokens,
+                t,
+                args.repeats,
+            ),
+        ),
+        versions_line(),
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_write:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        with open(RESULTS, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
