@@ -11,6 +11,8 @@
    values (before) and without (the library): time of forward + backward, and saved bytes.
 3. The same pass under LoRA with a long prompt: the LM head over every position (before: peft's forward hid
    ``logits_to_keep``) against over the response positions only.
+4. The rollout's no-gradient pass of the actor with a shared value head: every layer's hidden states
+   (``output_hidden_states=True``, before) against the last layer's, read from the LM head's input by a hook.
 
 Medians of ``--repeats`` after a warm-up. Writes ``benchmarks/results/hot_path.md``. A benchmark reports: it fails
 on nothing.
@@ -31,7 +33,7 @@ from versions import versions_line  # benchmarks/versions.py
 from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common import forward
 from sb3_rlhf.common.models import causal_lm_from_config
-from sb3_rlhf.common.sequences import logprobs_of_tokens
+from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 from sb3_rlhf.common.tiny import TINY_WORDS, tiny_config, tiny_prompts, tiny_tokenizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hot_path.md")
@@ -134,12 +136,56 @@ def pass_rows(
     return rows
 
 
-def table(title: str, rows: list[tuple[str, float, int]]) -> list[str]:
+def hidden_state_rows(
+    policy: TransformerActorCriticPolicy, batch: int, prompt: int, length: int, repeats: int
+) -> list[tuple[str, float, int]]:
+    """The rollout's teacher-forced pass of the actor with a shared value head (no gradient): the bytes of the
+    hidden states the call hands back (every layer's with ``output_hidden_states``, before; only the last
+    positions of the last layer, taken from the LM head's input, now)."""
+    g = th.Generator().manual_seed(0)
+    input_ids = th.randint(2, policy.n_actions, (batch, prompt + length), generator=g)
+    attention_mask = th.ones_like(input_ids)
+    actor = policy.actor
+    n = length + 1
+    kept: dict[str, int] = {}
+
+    def before() -> None:
+        out = actor(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=n,
+        )
+        kept["before"] = sum(h.untyped_storage().nbytes() for h in out.hidden_states)
+
+    def after() -> None:
+        _, hidden = forward.forward_last_positions(actor, input_ids, attention_mask, n, output_hidden_states=True)
+        assert hidden is not None
+        kept["after"] = hidden.untyped_storage().nbytes()
+
+    rows = []
+    with th.no_grad():
+        for name, key, fn in (
+            ("output_hidden_states=True (before)", "before", before),
+            ("LM head input hook", "after", after),
+        ):
+            rows.append((name, median_seconds(fn, repeats), kept[key] if key in kept else 0))
+    return rows
+
+
+def table(
+    title: str,
+    rows: list[tuple[str, float, int]],
+    columns: tuple[str, str] = ("forward + backward", "saved for backward"),
+) -> list[str]:
     base_time, base_bytes = rows[0][1], rows[0][2]
+    time_label, bytes_label = columns
     lines = [
         f"**{title}**",
         "",
-        "| | forward + backward | ratio | saved for backward | ratio |",
+        f"| | {time_label} | ratio | {bytes_label} | ratio |",
         "|---|---|---|---|---|",
     ]
     for name, seconds, nbytes in rows:
@@ -199,6 +245,14 @@ def main() -> None:
                 t,
                 args.repeats,
             ),
+        ),
+        *table(
+            f"The rollout's teacher-forced pass with a shared value head, no gradient (Llama 256×4, vocabulary {vocab}, "
+            f"B={b}, prompt {args.prompt_tokens} + {t} tokens)",
+            hidden_state_rows(
+                build_policy(vocab, config, args.prompt_tokens + t), b, args.prompt_tokens, t, args.repeats
+            ),
+            ("forward", "hidden states handed back"),
         ),
         versions_line(),
         "",

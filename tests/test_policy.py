@@ -317,3 +317,28 @@ def test_truncation_is_transformers_top_k_then_top_p(top_k, top_p):
     assert th.equal(th.isinf(ours), th.isinf(expected))
     assert th.equal(ours[~th.isinf(ours)], logits[~th.isinf(ours)])  # kept logits are untouched
     assert (~th.isinf(ours)).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_last_hidden_state_from_the_lm_head_input_equals_the_models_own(architecture):
+    from sb3_rlhf.common.forward import forward_last_positions
+    from sb3_rlhf.common.sequences import position_ids_from_mask
+    from sb3_rlhf.common.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(40, architecture, seed=0).eval()
+    g = th.Generator().manual_seed(0)
+    input_ids = th.randint(2, 40, (3, 9), generator=g)
+    attention_mask = th.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # a left-padded prompt
+    logits, hidden = forward_last_positions(model, input_ids, attention_mask, 4, output_hidden_states=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    assert hidden is not None and hidden.shape == (3, 4, model.config.hidden_size)
+    assert th.equal(hidden, out.hidden_states[-1][:, -4:])
+    assert th.equal(logits, out.logits[:, -4:])
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone

@@ -36,23 +36,35 @@ def forward_last_positions(
     ``n_positions`` logits are computed where the model supports ``logits_to_keep`` (the LM head over the
     prompt is wasted work).
 
+    The last-layer hidden states are what the LM head reads, taken from its input by a hook: asking the model for
+    ``output_hidden_states`` would keep every layer's ``(batch, seq_len, hidden)`` states alive until it returns.
+
     :param input_ids: ``(batch, seq_len)`` int64.
     :param attention_mask: ``(batch, seq_len)`` int64.
+    :param output_hidden_states: also return the last-layer hidden states (for a value head on the actor).
     :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
     """
     kwargs = {}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_positions
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=output_hidden_states,
-        use_cache=False,
-        **kwargs,
-    )
+    head_inputs: list[th.Tensor] = []
+    hook = None
+    if output_hidden_states:
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        hook = head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            **kwargs,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     logits = out.logits[:, -n_positions:]
-    hidden = out.hidden_states[-1][:, -n_positions:] if output_hidden_states else None
+    hidden = head_inputs[-1][:, -n_positions:] if output_hidden_states else None
     return logits, hidden
 
 
