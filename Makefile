@@ -12,7 +12,7 @@ BIN = $(VENV)/bin
 # What ruff lints and formats; mypy checks the package only (pyproject.toml's [tool.mypy] files).
 LINT_PATHS = sb3_rlhf tests benchmarks examples
 
-.PHONY: install main demo test lint format type check bench-reward-model bench-frontier bench-throughput bench-memory check-tensorboard clean
+.PHONY: install main demo test lint format type check bench-reward-model bench-frontier bench-throughput bench-peers bench-memory check-tensorboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,22 @@ bench-frontier: install
 bench-throughput: install
 	$(BIN)/python benchmarks/throughput.py --smollm
 
+# TRL as a peer, in virtual environments of its own so that .venv stays as it is: 1.12.0 is the last release with
+# PPOTrainer (trl.experimental.ppo), 1.16.0 has GRPOTrainer and RLOOTrainer. Same torch and, through the constraints,
+# the same transformers as .venv.
+TRL_VENVS = .venv-trl-1.12 .venv-trl-1.16
+
+.venv-trl-%/.installed: $(CONSTRAINTS)
+	$(PYTHON) -m venv .venv-trl-$*
+	.venv-trl-$*/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "$(TORCH_SPEC)"
+	.venv-trl-$*/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "trl==$*.0"
+	touch $@
+
+# sb3_rlhf against TRL side by side (PPO, GRPO, RLOO on GPT-2 128×4 and 512×8, 3 interleaved repeats), about 15
+# minutes on 2 CPU cores; results in benchmarks/results/peers.{md,csv}
+bench-peers: install $(addsuffix /.installed,$(TRL_VENVS))
+	$(BIN)/python benchmarks/peers.py
+
 # resident memory and live Python objects over 200 iterations of the tiny task (PPO, GRPO), about 2 minutes
 bench-memory: install
 	$(BIN)/python benchmarks/memory_growth.py
@@ -75,4 +91,4 @@ check-tensorboard: install
 	$(BIN)/python benchmarks/tensorboard_check.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TRL_VENVS) runs .pytest_cache

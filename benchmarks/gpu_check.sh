@@ -14,7 +14,9 @@
 # /tmp/site; prepare them with pip download (see /work/.library/device/README.md), e.g. for a Python 3.12 image:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gymnasium==1.4.0 \
 #         farama-notifications==0.0.4 stable-baselines3==2.9.2 sb3-contrib==2.9.2
-# TRL for the peer comparison travels the same way, each version in its own folder: .whl/trl-1.12/, .whl/trl-1.16/.
+# TRL for the peer comparison travels the same way, each version with what it needs beyond the image in its own
+# folder: .whl/trl-1.12/, .whl/trl-1.16/; the peers' GPU results land in peers_gpu/ beside gpu.md (merge their rows
+# into benchmarks/results/peers.csv, which holds one row per pair and device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -59,9 +61,24 @@ timeout 300 "$PYTHON" benchmarks/gpu_throughput.py --out "$RESULTS" || echo "gpu
 
 if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; then
     echo "== benchmarks/peers.py on the GPU"
-    timeout 240 "$PYTHON" benchmarks/peers.py --device cuda --markdown-out "$RESULTS.peers" \
-        && cat "$RESULTS.peers" >>"$RESULTS" && rm -f "$RESULTS.peers" \
-        || echo "peers.py failed (exit $?)" | tee -a "$RESULTS"
+    # peers.py runs TRL's side with .venv-trl-<version>/bin/python: here a wrapper over this python, with that
+    # version's wheels on its path
+    for version in 1.12 1.16; do
+        if [ ! -x ".venv-trl-$version/bin/python" ]; then
+            "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target "/tmp/trl-$version" ".whl/trl-$version/"*.whl
+            mkdir -p ".venv-trl-$version/bin"
+            printf '#!/bin/sh\nPYTHONPATH=/tmp/trl-%s:$PYTHONPATH exec %s "$@"\n' "$version" "$(command -v "$PYTHON")" \
+                >".venv-trl-$version/bin/python"
+            chmod +x ".venv-trl-$version/bin/python"
+        fi
+    done
+    peers_dir="$(dirname "$RESULTS")/peers_gpu"
+    if timeout 240 "$PYTHON" benchmarks/peers.py --device cuda --repeats 1 --out-dir "$peers_dir"; then
+        { echo; cat "$peers_dir/peers.md"; } >>"$RESULTS"
+    else
+        echo "peers.py failed (exit $?)" | tee -a "$RESULTS"
+    fi
 else
     echo "## Peers: not run (benchmarks/peers.py and the TRL wheels in .whl/trl-1.12 and .whl/trl-1.16 are needed)" | tee -a "$RESULTS"
 fi

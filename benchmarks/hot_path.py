@@ -13,6 +13,8 @@
    ``logits_to_keep``) against over the response positions only.
 4. The rollout's no-gradient pass of the actor with a shared value head: every layer's hidden states
    (``output_hidden_states=True``, before) against the last layer's, read from the LM head's input by a hook.
+5. The per-token callback loop (``update_locals`` + ``on_step`` per generated token, as SB3 per env step) at
+   1k-token responses, against the whole rollout it belongs to.
 
 Medians of ``--repeats`` after a warm-up. Writes ``benchmarks/results/hot_path.md``. A benchmark reports: it fails
 on nothing.
@@ -27,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch as th
 from versions import versions_line  # benchmarks/versions.py
 
@@ -175,6 +178,70 @@ def hidden_state_rows(
     return rows
 
 
+def callback_loop_rows(n_episodes: int, length: int) -> list[tuple[str, float, int]]:
+    """Per generated token, RLHFPPO calls ``update_locals`` and ``on_step`` of the run's callbacks (as SB3 does per
+    env step). Here: a whole rollout of ``n_episodes`` responses of ``length`` tokens on a tiny model (no stop
+    token), and the same number of callback steps alone with the same callbacks (a progress bar, the rollout
+    history, a checkpoint callback that does not fire), so that the loop's share of a rollout is read off."""
+    from sb3_rlhf import RLHFPPO
+    from sb3_rlhf.common.callbacks import RolloutHistoryCallback
+    from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback
+    from sb3_rlhf.rewards import RewardFunctionWrapper
+
+    tokenizer = tiny_tokenizer(TINY_WORDS)
+    with tempfile.TemporaryDirectory() as folder:
+        causal_lm_from_config(tiny_config(len(tokenizer), "llama", max_positions=length + 16)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        env = TokenGenerationEnv(tiny_prompts(64), tokenizer, max_prompt_tokens=8, max_new_tokens=length)
+        env.stop_token_ids = ()  # every response runs to its full length
+        model = RLHFPPO(
+            TransformerActorCriticPolicy,
+            RewardFunctionWrapper(env, fn=lambda prompts, completions: [0.0] * len(completions)),
+            n_episodes=n_episodes,
+            batch_size=n_episodes,
+            n_epochs=1,
+            policy_kwargs=dict(model_name_or_path=folder),
+            seed=0,
+        )
+        rollout_seconds: list[float] = []
+        original = model.collect_rollouts
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            rollout_seconds.append(time.perf_counter() - start)
+            return result
+
+        model.collect_rollouts = timed  # type: ignore[method-assign]
+        callbacks = [RolloutHistoryCallback(), TrainingCheckpointCallback(10**9, os.path.join(folder, "checkpoints"))]
+        model.learn(n_episodes * length, callback=callbacks, progress_bar=True)
+        # the loop alone: the same calls on the same callbacks, as collect_rollouts makes them
+        total_timesteps = n_episodes * length
+        _, callback = model._setup_learn(total_timesteps, callbacks, True, "loop", True)
+        callback.on_training_start({"total_timesteps": total_timesteps}, globals())
+        info = {"prompt": "", "completion": "", "episode": {"r": 0.0, "l": length, "t": 0.0}}
+        start = time.perf_counter()
+        for _ in range(n_episodes):
+            for t in range(length):
+                model.num_timesteps += 1
+                done = t == length - 1
+                callback.update_locals(
+                    {
+                        "dones": np.array([done]),
+                        "infos": [info if done else {}],
+                        "rewards": np.zeros(1, dtype=np.float32),
+                    }
+                )
+                callback.on_step()
+        loop = time.perf_counter() - start
+        callback.on_training_end()
+    tokens = n_episodes * length
+    return [
+        (f"a rollout of {n_episodes} × {length} tokens (tiny Llama)", rollout_seconds[0], tokens),
+        ("the per-token callback loop alone", loop, tokens),
+    ]
+
+
 def table(
     title: str,
     rows: list[tuple[str, float, int]],
@@ -196,6 +263,19 @@ def table(
     return [*lines, ""]
 
 
+def callback_table(rows: list[tuple[str, float, int]], length: int) -> list[str]:
+    (rollout_name, rollout, tokens), (loop_name, loop, _) = rows
+    return [
+        f"**The per-token callback loop at {length}-token responses**",
+        "",
+        "| | seconds | µs per generated token | share of the rollout |",
+        "|---|---|---|---|",
+        f"| {rollout_name} | {rollout:.2f} | {rollout / tokens * 1e6:.1f} | 1.00 |",
+        f"| {loop_name} | {loop:.3f} | {loop / tokens * 1e6:.2f} | {loop / rollout:.3f} |",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -204,6 +284,8 @@ def main() -> None:
     parser.add_argument("--long-prompt-tokens", type=int, default=256, help="the LoRA pass's prompt (hh_harmless-like)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--callback-episodes", type=int, default=8)
+    parser.add_argument("--callback-tokens", type=int, default=1024, help="response length for the callback loop")
     parser.add_argument("--smollm", action="store_true", help="the SmolLM2-135M shape (vocabulary 49152)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -216,7 +298,9 @@ def main() -> None:
         "# Hot path of the update: each change against what it replaced",
         "",
         f"`python benchmarks/hot_path.py{' --smollm' if args.smollm else ''}`; {args.threads} threads, median of "
-        f"{args.repeats} after a warm-up; saved bytes counted exactly by autograd's saved-tensor hooks.",
+        f"{args.repeats} after a warm-up; saved bytes counted exactly by autograd's saved-tensor hooks. Times on a "
+        "shared 2-core machine vary by about ±20% between runs (seen here): a time ratio inside that band is no "
+        "measured difference.",
         "",
         *table(
             f"Log-probs of B×T = {b}×{t} response tokens over a {vocab}-token vocabulary",
@@ -254,6 +338,7 @@ def main() -> None:
             ),
             ("forward", "hidden states handed back"),
         ),
+        *callback_table(callback_loop_rows(args.callback_episodes, args.callback_tokens), args.callback_tokens),
         versions_line(),
         "",
     ]

@@ -143,3 +143,62 @@ def test_gpu_check_is_valid_bash_and_refuses_cleanly_without_cuda(tmp_path):
         timeout=120,
     )
     assert direct.returncode == 3 and "no CUDA device visible" in direct.stderr
+
+
+def test_peers_benchmark_our_side_and_its_tables(tmp_path, monkeypatch):
+    """Our side of the TRL side-by-side on the tiniest setting, in this process (no TRL needed), then the CSV and
+    Markdown writers on it and a made-up TRL run: the ratios must come from the two sides' own numbers."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import peers
+    from peers_common import parameter_checksum
+    from transformers import AutoModelForCausalLM
+
+    options = ["--models", "gpt2-tiny", "--pairs", "grpo", "--repeats", "1", "--n-episodes", "4"]
+    options += ["--samples-per-prompt", "2", "--response-length", "4", "--eval-prompts", "2", "--eval-samples", "2"]
+    args = peers.parse_args(options)
+    (pair,) = peers.PAIRS["grpo"]
+    policy_dir, reward_dir = peers.build_models(str(tmp_path / "models"), "gpt2-tiny", args.vocab, args.seed)
+    spec = peers.make_spec(args, "gpt2-tiny", pair, policy_dir, reward_dir)
+    ours = peers.run_ours(spec)
+
+    # one rollout of 4 responses; EOS is made improbable, so every response runs to the 4-token limit
+    assert (ours["rollouts"], ours["episodes"], ours["tokens"]) == (1, 4, 16)
+    assert ours["seconds"] > 0 and ours["peak_memory_mib"] > 0
+    assert ours["initial_checksum"] == parameter_checksum(AutoModelForCausalLM.from_pretrained(policy_dir))
+    assert -1 <= ours["initial_reward"] <= 1 and ours["final_length"] == 4
+    assert ours["final_kl"] > 0  # the exact KL to the initial model after one update at lr 1e-3
+
+    ours.update(model="gpt2-tiny", side=pair.ours_side, algorithm="grpo", repeat=0)
+    # TRL: the same run, three times slower and with twice the memory
+    trl = dict(ours, side=pair.trl_side, seconds=3 * ours["seconds"], peak_memory_mib=2 * ours["peak_memory_mib"])
+    (row,) = peers.summarize([ours, trl], [pair], ["gpt2-tiny"], "cpu")
+    assert row["speedup"] == pytest.approx(3.0) and row["memory_ratio"] == pytest.approx(0.5)
+    assert row["same_initial_policy"] and row["comparable"] and row["targets_met"]
+    meta = peers.run_metadata(options, 1.0, {"trl-grpo": {"trl": "1.16.0"}})
+    peers.write_results([row], [ours, trl], args, meta, str(tmp_path))
+
+    with open(tmp_path / "peers.csv") as f:
+        reader = csv.DictReader(f)
+        named = ["pair", "device", "ours_episodes_per_s", "trl_episodes_per_s", "ours_tokens_per_s", "trl_tokens_per_s"]
+        named += ["ours_peak_memory_mib", "trl_peak_memory_mib", "speedup", "memory_ratio"]
+        assert reader.fieldnames[:10] == named
+        (written,) = list(reader)
+    value = {k: float(v) for k, v in written.items() if k in named[2:]}
+    assert (written["pair"], written["device"]) == ("grpo/gpt2-tiny", "cpu")
+    assert value["ours_episodes_per_s"] == pytest.approx(4 / ours["seconds"], rel=1e-5)
+    assert value["trl_tokens_per_s"] == pytest.approx(16 / (3 * ours["seconds"]), rel=1e-5)
+    assert value["speedup"] == pytest.approx(value["ours_episodes_per_s"] / value["trl_episodes_per_s"], rel=1e-5)
+    ratio = value["ours_peak_memory_mib"] / value["trl_peak_memory_mib"]
+    assert value["memory_ratio"] == pytest.approx(ratio, rel=1e-5)
+    report = (tmp_path / "peers.md").read_text()
+    assert "**Targets met for every pair.**" in report and "| GRPO vs TRL 1.16 GRPOTrainer | GPT-2 16×1" in report
+    assert "Every run generated exactly 4 tokens per episode" in report and "trl-grpo: trl 1.16.0" in report
+
+    # a TRL run as fast as ours and lighter: no speed-up, more memory than TRL, targets missed
+    slow = dict(trl, seconds=ours["seconds"], peak_memory_mib=ours["peak_memory_mib"] / 2)
+    (row,) = peers.summarize([ours, slow], [pair], ["gpt2-tiny"], "cpu")
+    assert row["speedup"] == pytest.approx(1.0) and row["memory_ratio"] == pytest.approx(2.0)
+    assert not row["targets_met"]
+    peers.write_markdown([row], str(tmp_path / "peers.md"), args, meta, [ours, slow])
+    report = (tmp_path / "peers.md").read_text()
+    assert "**Targets not met**: 0 of 1 rows" in report and "Speed target met by: none." in report
