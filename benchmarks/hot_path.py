@@ -13,7 +13,9 @@
    ``logits_to_keep``) against over the response positions only.
 4. The rollout's no-gradient pass of the actor with a shared value head: every layer's hidden states
    (``output_hidden_states=True``, before) against the last layer's, read from the LM head's input by a hook.
-5. The per-token callback loop (``update_locals`` + ``on_step`` per generated token, as SB3 per env step) at
+5. An update step (forward with values, loss, backward, AdamW) against its model FLOPs at this machine's measured
+   float32 matrix-product rate (the issue's goal: at most 1.2× that ideal time).
+6. The per-token callback loop (``update_locals`` + ``on_step`` per generated token, as SB3 per env step) at
    1k-token responses, against the whole rollout it belongs to.
 
 Medians of ``--repeats`` after a warm-up. Writes ``benchmarks/results/hot_path.md``. A benchmark reports: it fails
@@ -263,6 +265,59 @@ def table(
     return [*lines, ""]
 
 
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """This machine's float32 matrix-product rate at the benchmark's thread count (n³ products, GFLOP/s)."""
+    a, b = th.randn(n, n), th.randn(n, n)
+    seconds = median_seconds(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def update_flops_lines(
+    policy: TransformerActorCriticPolicy, batch: int, prompt: int, length: int, repeats: int
+) -> list[str]:
+    """One update step (teacher-forced forward with values, a loss, backward, AdamW) against its model FLOPs:
+    forward = 2·(non-embedding parameters)·B·(P+T) + the LM head over the kept T+1 positions + attention's
+    4·B·(P+T)²·H per layer, backward = 2× forward; the ideal time is those FLOPs at the measured matmul rate."""
+    g = th.Generator().manual_seed(0)
+    input_ids = th.randint(2, policy.n_actions, (batch, prompt + length), generator=g)
+    attention_mask = th.ones_like(input_ids)
+
+    def step() -> None:
+        logprobs, values, entropy = policy.evaluate_sequences(input_ids, attention_mask, length, entropy_grad=False)
+        assert values is not None
+        (-logprobs.mean() + values.pow(2).mean()).backward()
+        policy.optimizer.step()
+        policy.optimizer.zero_grad()
+
+    seconds = median_seconds(step, repeats)
+    config = policy.actor.config
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    # parameters counted once each (tied input and output embeddings are one tensor)
+    embedding_ids = {
+        id(p)
+        for m in (policy.actor.get_input_embeddings(), policy.actor.get_output_embeddings())
+        for p in m.parameters()
+    }
+    body = sum(p.numel() for p in policy.actor.parameters() if id(p) not in embedding_ids)
+    tokens = batch * (prompt + length)
+    forward_flops = (
+        2 * body * tokens
+        + 2 * vocab * hidden * batch * (length + 1)
+        + 4 * batch * (prompt + length) ** 2 * hidden * layers
+    )
+    flops = 3 * forward_flops
+    rate = matmul_gflops()
+    ideal = flops / (rate * 1e9)
+    return [
+        f"**An update step against its FLOPs (Llama {hidden}×{layers}, vocabulary {vocab}, B={batch}, prompt {prompt} + {length} tokens)**",
+        "",
+        "| model FLOPs (forward + backward) | measured float32 matmul rate | ideal time at that rate | measured step | ratio |",
+        "|---|---|---|---|---|",
+        f"| {flops / 1e9:.1f} GFLOP | {rate:.0f} GFLOP/s | {ideal * 1e3:.0f} ms | {seconds * 1e3:.0f} ms | {seconds / ideal:.2f} |",
+        "",
+    ]
+
+
 def callback_table(rows: list[tuple[str, float, int]], length: int) -> list[str]:
     (rollout_name, rollout, tokens), (loop_name, loop, _) = rows
     return [
@@ -337,6 +392,9 @@ def main() -> None:
                 build_policy(vocab, config, args.prompt_tokens + t), b, args.prompt_tokens, t, args.repeats
             ),
             ("forward", "hidden states handed back"),
+        ),
+        *update_flops_lines(
+            build_policy(vocab, config, args.prompt_tokens + t), b, args.prompt_tokens, t, args.repeats
         ),
         *callback_table(callback_loop_rows(args.callback_episodes, args.callback_tokens), args.callback_tokens),
         versions_line(),
