@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch as th
+from throughput import median_time  # benchmarks/throughput.py
 from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
@@ -64,16 +63,6 @@ def saved_bytes(fn: Callable[[], th.Tensor]) -> int:
     return sum(storages.values())
 
 
-def median_seconds(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def logprob_rows(batch: int, length: int, vocab: int, repeats: int) -> list[tuple[str, float, int]]:
     g = th.Generator().manual_seed(0)
     logits = th.randn(batch, length, vocab, generator=g).requires_grad_(True)
@@ -88,7 +77,7 @@ def logprob_rows(batch: int, length: int, vocab: int, repeats: int) -> list[tupl
             fn(logits, tokens).sum().backward()
             logits.grad = None
 
-        rows.append((name, median_seconds(step, repeats), saved_bytes(lambda fn=fn: fn(logits, tokens))))
+        rows.append((name, median_time(step, repeats), saved_bytes(lambda fn=fn: fn(logits, tokens))))
     return rows
 
 
@@ -135,7 +124,7 @@ def pass_rows(
         if not keep_logits:  # what peft models got before: the LM head over every position
             forward._accepts_logits_to_keep = lambda model: False  # type: ignore[assignment]
         try:
-            rows.append((name, median_seconds(step, repeats), saved_bytes(run)))
+            rows.append((name, median_time(step, repeats), saved_bytes(run)))
         finally:
             forward._accepts_logits_to_keep = accepts  # type: ignore[assignment]
     return rows
@@ -176,7 +165,7 @@ def hidden_state_rows(
             ("output_hidden_states=True (before)", "before", before),
             ("LM head input hook", "after", after),
         ):
-            rows.append((name, median_seconds(fn, repeats), kept[key] if key in kept else 0))
+            rows.append((name, median_time(fn, repeats), kept[key] if key in kept else 0))
     return rows
 
 
@@ -217,24 +206,17 @@ def callback_loop_rows(n_episodes: int, length: int) -> list[tuple[str, float, i
         model.collect_rollouts = timed  # type: ignore[method-assign]
         callbacks = [RolloutHistoryCallback(), TrainingCheckpointCallback(10**9, os.path.join(folder, "checkpoints"))]
         model.learn(n_episodes * length, callback=callbacks, progress_bar=True)
-        # the loop alone: the same calls on the same callbacks, as collect_rollouts makes them
+        # the loop alone, on the same callbacks
         total_timesteps = n_episodes * length
         _, callback = model._setup_learn(total_timesteps, callbacks, True, "loop", True)
         callback.on_training_start({"total_timesteps": total_timesteps}, globals())
-        info = {"prompt": "", "completion": "", "episode": {"r": 0.0, "l": length, "t": 0.0}}
+        episodes = {
+            "reward": [0.0] * n_episodes,
+            "length": [length] * n_episodes,
+            "infos": [{"prompt": "", "completion": ""} for _ in range(n_episodes)],
+        }
         start = time.perf_counter()
-        for _ in range(n_episodes):
-            for t in range(length):
-                model.num_timesteps += 1
-                done = t == length - 1
-                callback.update_locals(
-                    {
-                        "dones": np.array([done]),
-                        "infos": [info if done else {}],
-                        "rewards": np.zeros(1, dtype=np.float32),
-                    }
-                )
-                callback.on_step()
+        model._step_callbacks(callback, episodes)  # the rollout's own loop
         loop = time.perf_counter() - start
         callback.on_training_end()
     tokens = n_episodes * length
@@ -268,7 +250,7 @@ def table(
 def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     """This machine's float32 matrix-product rate at the benchmark's thread count (n³ products, GFLOP/s)."""
     a, b = th.randn(n, n), th.randn(n, n)
-    seconds = median_seconds(lambda: a @ b, repeats)
+    seconds = median_time(lambda: a @ b, repeats)
     return 2 * n**3 / seconds / 1e9
 
 
@@ -289,7 +271,7 @@ def update_flops_lines(
         policy.optimizer.step()
         policy.optimizer.zero_grad()
 
-    seconds = median_seconds(step, repeats)
+    seconds = median_time(step, repeats)
     config = policy.actor.config
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     # parameters counted once each (tied input and output embeddings are one tensor)

@@ -245,9 +245,17 @@ def make_spec(args: argparse.Namespace, model: str, pair: Pair, policy_dir: str,
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """One training run of the project's algorithm on ``spec``; the same measurements as the TRL worker's."""
     import torch as th
-    from peers_common import PeakMemory, RecordedReward, Timer, evaluate, parameter_checksum, word_score_reward
+    from peers_common import (
+        PeakMemory,
+        RecordedReward,
+        Timer,
+        evaluate,
+        parameter_checksum,
+        run_result,
+        word_score_reward,
+    )
     from stable_baselines3.common.callbacks import BaseCallback
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from sb3_rlhf import GRPO, RLHFPPO, RLOO, TokenGenerationEnv, TransformerActorCriticPolicy
     from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper
@@ -339,23 +347,20 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     with Timer(device) as timer:
         # one timestep is one generated token: responses that run to the limit make exactly `iterations` rollouts
         model.learn(spec["iterations"] * n_episodes * spec["response_length"], callback=rollouts)
-    peak = memory.peak_mib()
-    reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"]).to(device)
-    final = evaluate(actor, tokenizer, spec, reference=reference, **score)
-    return {
-        "episodes": rollouts.count * n_episodes,
-        "tokens": int(model.num_timesteps),
-        "rollouts": rollouts.count,
-        "seconds": timer.seconds,
-        **peak,
-        "initial_checksum": checksum,
-        "initial_reward": initial["reward"],
-        "final_reward": final["reward"],
-        "final_kl": final["kl"],
-        "final_length": final["length"],
-        "train_reward_first": train_scores[0] if train_scores else float("nan"),
-        "train_reward_last": train_scores[-1] if train_scores else float("nan"),
-    }
+    return run_result(
+        actor,
+        tokenizer,
+        spec,
+        score,
+        initial,
+        train_scores,
+        episodes=rollouts.count * n_episodes,
+        tokens=int(model.num_timesteps),
+        rollouts=rollouts.count,
+        seconds=timer.seconds,
+        **memory.peak_mib(),
+        initial_checksum=checksum,
+    )
 
 
 def worker_main(spec_path: str, result_path: str) -> int:

@@ -197,6 +197,37 @@ def parameter_checksum(model: th.nn.Module) -> float:
     return float(sum(p.detach().double().sum().item() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
+def run_result(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: dict[str, Any],
+    score: dict[str, Any],
+    initial: dict[str, float],
+    train_scores: list[float],
+    **counts: Any,
+) -> dict[str, Any]:
+    """What a worker reports, the same on both sides: ``counts`` (episodes, tokens, rollouts, seconds, the peak
+    memory, the initial checksum), the initial evaluation, and the trained policy evaluated against the initial
+    model (loaded again from ``spec["model_dir"]``) as the KL reference.
+
+    :param score: ``reward_model=`` or ``reward_fn=`` for :func:`evaluate`.
+    :param train_scores: the mean training reward of each rollout.
+    """
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"]).to(spec["device"])
+    final = evaluate(policy, tokenizer, spec, reference=reference, **score)
+    return {
+        **counts,
+        "initial_reward": initial["reward"],
+        "final_reward": final["reward"],
+        "final_kl": final["kl"],
+        "final_length": final["length"],
+        "train_reward_first": train_scores[0] if train_scores else float("nan"),
+        "train_reward_last": train_scores[-1] if train_scores else float("nan"),
+    }
+
+
 def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

@@ -30,6 +30,7 @@ from peers_common import (  # noqa: E402  (benchmarks/, beside this file)
     Timer,
     evaluate,
     parameter_checksum,
+    run_result,
     word_score_reward,
     write_json,
 )
@@ -206,26 +207,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         episodes = rollouts * spec["n_episodes"]
         tokens = reward.tokens
         train_scores = reward.batch_means
-    reference = AutoModelForCausalLM.from_pretrained(spec["model_dir"]).to(spec["device"])
-    final = evaluate(policy, tokenizer, spec, reference=reference, **score)
-    return {
-        "episodes": episodes,
-        "tokens": tokens,
-        "rollouts": rollouts,
-        "seconds": timer.seconds,
+    return run_result(
+        policy,
+        tokenizer,
+        spec,
+        score,
+        initial,
+        train_scores,
+        episodes=episodes,
+        tokens=tokens,
+        rollouts=rollouts,
+        seconds=timer.seconds,
         **peak,
-        "initial_checksum": checksum,
-        "initial_reward": initial["reward"],
-        "final_reward": final["reward"],
-        "final_kl": final["kl"],
-        "final_length": final["length"],
-        "train_reward_first": train_scores[0] if train_scores else float("nan"),
-        "train_reward_last": train_scores[-1] if train_scores else float("nan"),
-        "versions": {
+        initial_checksum=checksum,
+        versions={
             "python": platform.python_version(),
             **{p: importlib.metadata.version(p) for p in ("torch", "transformers", "trl", "accelerate")},
         },
-    }
+    )
 
 
 def main() -> int:

@@ -368,6 +368,25 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             return True
         self._rollout_fault = None
 
+        if not self._step_callbacks(callback, episodes):
+            return False
+        self.num_timesteps += int(global_tokens) - local_tokens  # the other ranks' tokens
+
+        self.compute_advantages(rollout_buffer)
+        self._log_rollout(wrappers, episodes, {k: th.cat(v) for k, v in terms_per_episode.items()})
+        for wrapper in wrappers:
+            wrapper.on_rollout_end()
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _step_callbacks(self, callback: BaseCallback, episodes: dict[str, list[Any]]) -> bool:
+        """Count the rollout's tokens and show them to the callbacks as SB3 shows env steps: one ``on_step()`` per
+        generated token, the episode's ``info`` (with SB3's ``"episode"`` record) at its last token.
+
+        :param episodes: the rollout's ``reward``, ``length`` and ``infos`` per episode.
+        :return: False when a callback stops training.
+        """
         elapsed = time.time() - self.start_time / 1e9
         for i, (reward, length) in enumerate(zip(episodes["reward"], episodes["length"])):
             info = {**episodes["infos"][i], "episode": {"r": reward, "l": length, "t": round(elapsed, 6)}}
@@ -384,14 +403,6 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 )
                 if not callback.on_step():
                     return False
-        self.num_timesteps += int(global_tokens) - local_tokens  # the other ranks' tokens
-
-        self.compute_advantages(rollout_buffer)
-        self._log_rollout(wrappers, episodes, {k: th.cat(v) for k, v in terms_per_episode.items()})
-        for wrapper in wrappers:
-            wrapper.on_rollout_end()
-        callback.update_locals(locals())
-        callback.on_rollout_end()
         return True
 
     def _rollout_prompt_indices(self, env: TokenGenerationEnv, n_episodes: int) -> np.ndarray:
