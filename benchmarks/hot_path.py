@@ -226,6 +226,58 @@ def callback_loop_rows(n_episodes: int, length: int) -> list[tuple[str, float, i
     ]
 
 
+def generation_lines(
+    policy: TransformerActorCriticPolicy, batch: int, prompt: int, length: int, repeats: int
+) -> list[str]:
+    """The rollout's generation against bare ``generate()`` on the same model and prompts, and the critic-free
+    rollout's old log-probs: recorded during generation (now) against a teacher-forced pass after it (before)."""
+    g = th.Generator().manual_seed(0)
+    input_ids = th.randint(2, policy.n_actions, (batch, prompt), generator=g)
+    attention_mask = th.ones_like(input_ids)
+    stop, pad = (policy.n_actions - 1,), 0  # a stop token the random model almost never draws
+
+    def bare() -> None:
+        with th.no_grad():
+            policy.actor.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=length,
+                eos_token_id=list(stop),
+                pad_token_id=pad,
+            )
+
+    def ours(**kwargs: bool) -> Callable[[], None]:
+        return lambda: policy.generate(input_ids, attention_mask, length, stop, pad, **kwargs) and None
+
+    def before() -> None:
+        response = policy.generate(input_ids, attention_mask, length, stop, pad)
+        assert isinstance(response, th.Tensor)
+        full = th.cat([input_ids, response], dim=1)
+        with th.no_grad():
+            policy.evaluate_sequences(
+                full, th.ones_like(full), response.shape[1], with_entropy=False, with_values=False
+            )
+
+    rows = [
+        ("bare `generate()` (transformers, same sampling)", bare),
+        ("`policy.generate()` (the policy's logits processors)", ours()),
+        ("critic-free rollout before: `policy.generate()` + teacher-forced pass", before),
+        ("critic-free rollout now: `policy.generate(output_logprobs=True)`", ours(output_logprobs=True)),
+    ]
+    times = [(name, median_time(fn, repeats)) for name, fn in rows]
+    lines = [
+        f"**Generation against bare `generate()` (Llama 256×4, vocabulary {policy.n_actions}, B={batch}, prompt "
+        f"{prompt}, {length} new tokens, KV cache)**",
+        "",
+        "| | seconds | against bare `generate()` |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {seconds:.3f} | {seconds / times[0][1]:.2f} |" for name, seconds in times]
+    return [*lines, ""]
+
+
 def table(
     title: str,
     rows: list[tuple[str, float, int]],
@@ -375,6 +427,7 @@ def main() -> None:
             ),
             ("forward", "hidden states handed back"),
         ),
+        *generation_lines(build_policy(vocab, config, args.prompt_tokens + t), b, args.prompt_tokens, t, args.repeats),
         *update_flops_lines(
             build_policy(vocab, config, args.prompt_tokens + t), b, args.prompt_tokens, t, args.repeats
         ),

@@ -86,6 +86,10 @@ class Pair:
     def trl_side(self) -> str:
         return f"trl-{self.algorithm}"
 
+    @property
+    def floor_side(self) -> str:
+        return f"floor-{self.name}"
+
 
 PAIRS = {
     "ppo": [
@@ -131,6 +135,10 @@ COLUMNS = [
     "same_initial_policy",
     "comparable",
     "targets_met",
+    "floor_episodes_per_s",
+    "floor_peak_memory_mib",
+    "ours_over_floor",
+    "trl_over_floor",
 ]
 #: the issue's targets: at least this many times TRL's episodes/s at most this share of its peak memory
 TARGET_SPEEDUP, TARGET_MEMORY_RATIO = 2.0, 0.7
@@ -387,6 +395,8 @@ def run_side(side: str, spec: dict[str, Any], pair: Pair, folder: str) -> dict[s
     if side.startswith("trl"):
         python = os.path.join(TRL_VENVS[pair.trl_version], "bin", "python")
         command = [python, os.path.join(HERE, "peers_trl_worker.py"), spec_path, result_path]
+    elif side.startswith("floor"):
+        command = [sys.executable, os.path.join(HERE, "peers_floor.py"), spec_path, result_path]
     else:
         command = [sys.executable, os.path.abspath(__file__), "--worker", spec_path, result_path]
     threads = str(spec["threads"])
@@ -493,6 +503,12 @@ def summarize(results: list[dict[str, Any]], pairs: list[Pair], models: list[str
             )
             row["comparable"] = comparable(ours, trl)
             row["targets_met"] = row["speedup"] >= TARGET_SPEEDUP and row["memory_ratio"] <= TARGET_MEMORY_RATIO
+            floor = runs(pair.floor_side)
+            row["floor_episodes_per_s"] = median(rate(floor, "episodes"))
+            row["floor_peak_memory_mib"] = med(floor, "peak_memory_mib")
+            # how much slower than the bare model work each side is: TRL's bounds any speedup over TRL
+            row["ours_over_floor"] = row["floor_episodes_per_s"] / row["ours_episodes_per_s"]
+            row["trl_over_floor"] = row["floor_episodes_per_s"] / row["trl_episodes_per_s"]
             rows.append(row)
     return rows
 
@@ -552,6 +568,23 @@ def training_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['trl_final_kl']:.3f} | {r['ours_train_reward_first']:.3f} → {r['ours_train_reward_last']:.3f} | "
             f"{r['trl_train_reward_first']:.3f} → {r['trl_train_reward_last']:.3f} | "
             f"{'yes' if r['same_initial_policy'] else 'NO'} | {'yes' if r['comparable'] else 'NO'} |"
+        )
+    return lines
+
+
+def floor_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| pair | model | episodes/s floor | peak MiB floor | ours: floor time × | TRL: floor time × | "
+        "best speedup over TRL any implementation could show | ours at TRL's peak memory × |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if math.isnan(r["floor_episodes_per_s"]):
+            continue
+        lines.append(
+            f"| {r['pair'].split('/')[0]} | {MODELS[r['model']]['label']} | {r['floor_episodes_per_s']:.2f} | "
+            f"{r['floor_peak_memory_mib']:.0f} | {r['ours_over_floor']:.2f} | {r['trl_over_floor']:.2f} | "
+            f"{r['trl_over_floor']:.2f}× | {r['floor_peak_memory_mib'] / r['trl_peak_memory_mib']:.2f} |"
         )
     return lines
 
@@ -643,6 +676,21 @@ def write_markdown(
         "`*_train_growth_mib` is the part above the resident set when training started. On CUDA it is "
         "`torch.cuda.max_memory_allocated()` over training.",
         "",
+        "## How far is each side from the floor?",
+        "",
+        "The floor (`benchmarks/peers_floor.py`, its own process, same spec) is the least work any implementation "
+        "of the pair's algorithm does per rollout, written directly with torch and transformers: one "
+        "`generate()` (the old log-probs from its scores), the reference forward, for PPO the reward model and "
+        "one value forward (policy or critic), then the epochs' forward, backward and AdamW steps; no env, no "
+        "evaluation, no logging, no checks. Each side's time is a multiple of the floor's: TRL's multiple is the "
+        "largest speedup over TRL that any implementation doing this algorithm's work could show on this "
+        "machine, and the floor's peak memory (the resident models, gradients and AdamW's moments, and the "
+        "activations) against TRL's bounds the memory ratio the same way. A target beyond those bounds cannot "
+        "be met by speed-ups of the same algorithm; only doing less work (a shared value head instead of a "
+        "critic model, LoRA instead of full fine-tuning) moves them.",
+        "",
+        *floor_table(rows),
+        "",
         "## Does each pair train comparably?",
         "",
         "Both sides evaluate their policy before and after training with the same code (`peers_common.evaluate`): "
@@ -689,10 +737,10 @@ def write_markdown(
         "log-ratios) and its loss sums token log-probs per sequence, ours clips per token and averages them (equal "
         "at one epoch and one minibatch, up to a constant factor in the gradient that Adam normalises away, except "
         "through gradient clipping); TRL's PPO draws prompts by shuffling the data set per epoch, ours samples "
-        "them with replacement; the value heads' initial weights differ (TRL's score layer has no bias); TRL's "
-        "PPO keeps the generation logits (`output_scores`) for the old log-probs where ours runs a teacher-forced "
-        "pass; with one epoch TRL's GRPO skips the old-log-prob pass altogether (the ratio is 1) where ours still "
-        "runs it.",
+        "them with replacement; the value heads' initial weights differ (TRL's score layer has no bias); "
+        "for the old log-probs TRL's PPO keeps the generation logits (`output_scores`) and with one epoch TRL's "
+        "GRPO skips them altogether (the ratio is 1), where ours records them during `generate()` for GRPO and "
+        "RLOO (no value head) and runs one teacher-forced pass for PPO, which needs it for the values anyway.",
         "",
     ]
     if "smollm2-135m" not in args.models:
@@ -740,6 +788,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-floor", dest="floor", action="store_false", help="skip the floor runs (peers_floor.py) of each pair"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -778,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                 for pair_name in args.pairs:
                     group = PAIRS[pair_name]
                     sides = [(p.ours_side, p) for p in group] + [(group[0].trl_side, group[0])]
+                    sides += [(p.floor_side, p) for p in group] if args.floor else []
                     if repeat % 2:  # alternate who goes first, so that a drift of the machine hits both sides
                         sides.reverse()
                     for side, pair in sides:
@@ -788,11 +840,16 @@ def main(argv: list[str] | None = None) -> int:
                         trl_versions.update({side: result["versions"]} if "versions" in result else {})
                         result.update(model=model, side=side, algorithm=pair.algorithm, repeat=repeat)
                         results.append(result)
+                        trained = (
+                            f", reward {result['initial_reward']:.3f} → {result['final_reward']:.3f}, "
+                            f"KL {result['final_kl']:.3f}"
+                            if "final_reward" in result
+                            else ""  # the floor trains without evaluating
+                        )
                         print(
-                            f"{model} {side:14s} repeat {repeat}: {result['episodes'] / result['seconds']:6.2f} "
+                            f"{model} {side:18s} repeat {repeat}: {result['episodes'] / result['seconds']:6.2f} "
                             f"episodes/s, {result['tokens'] / result['seconds']:7.1f} tokens/s, peak "
-                            f"{result['peak_memory_mib']:6.0f} MiB, reward {result['initial_reward']:.3f} → "
-                            f"{result['final_reward']:.3f}, KL {result['final_kl']:.3f}",
+                            f"{result['peak_memory_mib']:6.0f} MiB{trained}",
                             flush=True,
                         )
     for run in stored:

@@ -163,18 +163,34 @@ class BaseSequenceBuffer(BaseBuffer):
             )
         n = self.prompt_ids.shape[0]
         batch_size = batch_size or n
-        for index in self._minibatch_indices(self._episode_order(), batch_size, max_tokens):
-            yield self._get_samples(index)
+        # read on the host once: each minibatch's shape follows from them without a device sync of its own
+        prompt_lengths = self.prompt_mask.sum(-1).tolist()
+        response_lengths = self.response_mask.sum(-1).tolist()
+        order = self._episode_order().tolist()
+        for rows in self._minibatch_indices(order, batch_size, max_tokens, prompt_lengths, response_lengths):
+            longest_prompt = max(prompt_lengths[i] for i in rows)
+            longest_response = max(response_lengths[i] for i in rows)
+            yield self._get_samples(rows, longest_prompt, longest_response)
 
     def _episode_order(self) -> th.Tensor:
         return th.randperm(self.prompt_ids.shape[0])
 
-    def _minibatch_indices(self, order: th.Tensor, batch_size: int, max_tokens: int | None) -> list[th.Tensor]:
-        """Split the episode order into minibatches of at most ``batch_size`` rows and ``max_tokens`` tokens."""
+    def _minibatch_indices(
+        self,
+        order: list[int],
+        batch_size: int,
+        max_tokens: int | None,
+        prompt_lengths: list[int],
+        response_lengths: list[int],
+    ) -> list[list[int]]:
+        """Split the episode order into minibatches of at most ``batch_size`` rows and ``max_tokens`` tokens.
+
+        :param prompt_lengths: each episode's prompt length (in storage order); the same for ``response_lengths``.
+        """
         if max_tokens is None:
-            return list(order.split(batch_size))
-        prompt_lengths = self.prompt_mask.sum(-1)[order].tolist()
-        response_lengths = self.response_mask.sum(-1)[order].tolist()
+            return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        prompt_lengths = [prompt_lengths[i] for i in order]
+        response_lengths = [response_lengths[i] for i in order]
         minibatches, start, end, longest_prompt, longest_response = [], 0, 0, 0, 0
         for unit_start in range(0, len(order), self._unit):
             unit_end = unit_start + self._unit
@@ -190,13 +206,15 @@ class BaseSequenceBuffer(BaseBuffer):
         minibatches.append(order[start:end])
         return minibatches
 
-    def _get_samples(self, index: th.Tensor) -> SequenceBatch:  # type: ignore[override]
-        index = index.to(self.prompt_ids.device)
+    def _get_samples(  # type: ignore[override]
+        self, rows: list[int], longest_prompt: int, longest_response: int
+    ) -> SequenceBatch:
+        """The episodes ``rows``, trimmed of the columns that are padding in every row (prompts are left-padded,
+        so the longest prompt decides the first column kept, the longest response the last)."""
+        index = th.as_tensor(rows, device=self.prompt_ids.device)
         prompt_mask = self.prompt_mask[index]
         response_mask = self.response_mask[index]
-        # Trim the columns that are padding in every row of this minibatch.
-        p_start = int((prompt_mask.sum(0) > 0).nonzero()[0])
-        t_end = int(response_mask.sum(-1).max())
+        p_start, t_end = self.prompt_mask.shape[1] - longest_prompt, longest_response
         input_ids = th.cat([self.prompt_ids[index, p_start:], self.response_ids[index, :t_end]], dim=1)
         attention_mask = th.cat([prompt_mask[:, p_start:], response_mask[:, :t_end].long()], dim=1)
         assert self.advantages is not None  # checked by get()

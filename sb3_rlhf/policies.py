@@ -28,7 +28,7 @@ from sb3_rlhf.common.models import (
     resolve_model_path,
     with_lora,
 )
-from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask
+from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask, zero_padding
 from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
@@ -94,6 +94,34 @@ class _PolicyLogits(LogitsProcessor):
         actions = scores[:, : self.n_actions].float() / self.temperature
         scores[:, : self.n_actions] = truncate_logits(actions, self.top_k, self.top_p)
         return scores
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Record log π(a_t | s_t) of each sampled token inside ``generate()``, from the very scores it was drawn from
+    (the last processor: after temperature and truncation). A call sees the scores of step t and, in
+    ``input_ids``, the token drawn at step t - 1: it keeps only one ``(batch, n_actions)`` log-softmax alive and
+    gathers the previous token from it, so no ``(batch, T, vocab)`` scores are stored; :meth:`finish` gathers the
+    last token. This spares the rollout a teacher-forced pass where nothing else needs one (critic-free
+    algorithms); the values of a critic still need it."""
+
+    def __init__(self, n_actions: int) -> None:
+        self.n_actions = n_actions
+        self.last: th.Tensor | None = None
+        self.logprobs: list[th.Tensor] = []
+
+    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
+        if self.last is not None:
+            self.logprobs.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = th.log_softmax(scores[:, : self.n_actions].float(), dim=-1)
+        return scores
+
+    def finish(self, response: th.Tensor) -> th.Tensor:
+        """:param response: ``(batch, T)`` the generated tokens. :return: ``(batch, T)`` float32 log-probs (those
+        after a stop token are of the padding and meaningless: mask them)."""
+        assert self.last is not None and len(self.logprobs) == response.shape[1] - 1
+        logprobs = th.stack([*self.logprobs, self.last.gather(-1, response[:, -1:]).squeeze(-1)], dim=1)
+        self.last, self.logprobs = None, []
+        return logprobs
 
 
 @contextlib.contextmanager
@@ -367,6 +395,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         pad_token_id: int,
         deterministic: bool = False,
         output_scores: bool = False,
+        output_logprobs: bool = False,
     ) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
         """Sample responses for left-padded prompts with one ``generate()`` call (KV cache), from exactly the
         policy's distribution: see :meth:`generation_config`; temperature, top-k/top-p and the vocabulary beyond
@@ -376,15 +405,23 @@ class TransformerActorCriticPolicy(BasePolicy):
         :param attention_mask: ``(batch, P)`` int64.
         :param deterministic: greedy decoding (the most probable token) instead of sampling.
         :param output_scores: also return the logits each token was drawn from.
+        :param output_logprobs: also return the log-prob of each drawn token under the distribution it was drawn
+            from, recorded during generation (no ``(batch, T, vocab)`` scores kept).
         :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop
             token; with ``output_scores`` also ``(batch, T, n_actions)`` float32 policy logits (``log_softmax`` of
-            them at the drawn token is its log-prob; -inf outside top-k/top-p).
+            them at the drawn token is its log-prob; -inf outside top-k/top-p); with ``output_logprobs`` (instead)
+            ``(batch, T)`` float32 log-probs, meaningless after a stop token.
         """
+        if output_scores and output_logprobs:
+            raise ValueError("ask generate() for output_scores or output_logprobs, not both")
         config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores)
         processors = LogitsProcessorList()
         if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
             processors.append(_SuppressTokensFrom(self.n_actions))
         processors.append(_PolicyLogits(self.n_actions, self.temperature, self.top_k, self.top_p))
+        recorder = _SampledLogprobs(self.n_actions)
+        if output_logprobs:
+            processors.append(recorder)  # last: it must see the scores that sampling uses
         model = self.actor.get_base_model() if self.lora is not None else self.actor  # peft generates with it
         was_training = self.actor.training
         self.actor.eval()
@@ -398,6 +435,9 @@ class TransformerActorCriticPolicy(BasePolicy):
                 )
         finally:
             self.actor.train(was_training)
+        if output_logprobs:
+            response = out[:, input_ids.shape[1] :]
+            return response, recorder.finish(response)
         if not output_scores:
             return out[:, input_ids.shape[1] :]
         return out.sequences[:, input_ids.shape[1] :], th.stack(out.scores, dim=1)[:, :, : self.n_actions]
@@ -494,20 +534,45 @@ class TransformerActorCriticPolicy(BasePolicy):
     def sample_episodes(
         self, env: TokenGenerationEnv, prompt_indices: Sequence[int] | np.ndarray, with_values: bool = True
     ) -> tuple[GenerationBatch, th.Tensor | None]:
-        """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass.
+        """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass of
+        the actor where it is needed, and of a separate critic for its values.
+
+        A float32 actor's old log-probs are those ``generate()`` sampled with (TRL's PPO keeps its generation
+        logits the same way): the actor's teacher-forced pass would give the same numbers up to float rounding
+        (tested at 1e-5) at the cost of a forward over the whole batch. It still runs for a shared value head,
+        whose values come from it, and in half precision, where the KV-cached and the teacher-forced forwards
+        differ by more than that, which would bias the first epoch's ratios.
 
         :param with_values: also compute the values (``None`` without).
         :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
             padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
         """
         prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
-        response = self.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id)
-        assert isinstance(response, th.Tensor)  # no output_scores: the tokens alone
-        batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
-        logprobs, values, _ = self.evaluate_sequences(
-            batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False, with_values=with_values
+        shared_values = with_values and self.critic is None  # the actor's own pass gives them
+        from_generation = not shared_values and self.actor.get_output_embeddings().weight.dtype == th.float32
+        generated = self.generate(
+            prompt_ids,
+            prompt_mask,
+            env.max_new_tokens,
+            env.stop_token_ids,
+            env.pad_token_id,
+            output_logprobs=from_generation,
         )
-        batch.logprobs = logprobs * batch.response_mask
+        response, logprobs = generated if isinstance(generated, tuple) else (generated, None)
+        batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
+        values = None
+        if logprobs is None:
+            logprobs, values, _ = self.evaluate_sequences(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_length,
+                with_entropy=False,
+                with_values=with_values,
+            )
+        elif with_values:  # a separate critic: its forward alone
+            hidden = self._critic_hidden(batch.input_ids, batch.attention_mask, batch.response_length + 1)
+            values = self._values_from_hidden(hidden)
+        batch.logprobs = zero_padding(logprobs, batch.response_mask)
         return batch, values
 
     def make_reference_model(self) -> th.nn.Module:

@@ -181,5 +181,5 @@ def test_rloo_and_p3o_policy_losses_ignore_garbage_at_padding(algorithm):
     assert th.isfinite(dirty) and th.isfinite(dirty_grad).all()
     th.testing.assert_close(dirty, clean)
     th.testing.assert_close(dirty_grad, clean_grad)
-    assert dirty_stats == pytest.approx(clean_stats)
+    th.testing.assert_close(dirty_stats, clean_stats)
     assert clean_grad.abs().sum() > 0

@@ -4,6 +4,7 @@ import torch as th
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.tiny import tiny_config
 from tests.helpers import generate_batch, make_policy
@@ -342,3 +343,68 @@ def test_last_hidden_state_from_the_lm_head_input_equals_the_models_own(architec
     assert th.equal(hidden, out.hidden_states[-1][:, -4:])
     assert th.equal(logits, out.logits[:, -4:])
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
+
+
+@pytest.mark.parametrize(
+    "checkpoint, sampling",
+    [("model_path", {}), ("gpt2_path", {"temperature": 0.7}), ("model_path", {"top_k": 6, "top_p": 0.8})],
+)
+def test_old_logprobs_recorded_in_generate_equal_the_teacher_forced_pass(
+    request, prompts, tokenizer, checkpoint, sampling
+):
+    """Without values the rollout keeps the log-probs generate() sampled with instead of a teacher-forced pass:
+    the same numbers (float rounding apart), 0 after a stop token, for the same seed the same tokens."""
+    stops = tokenizer.convert_tokens_to_ids(list(tokenizer.get_vocab())[:40])  # responses that end early too
+    stops = [t for t in stops if t != tokenizer.pad_token_id]
+    env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=6, stop_token_ids=stops)
+    policy = make_policy(env, request.getfixturevalue(checkpoint), **sampling)
+    calls = []
+    teacher_forced = policy.evaluate_sequences
+    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    indices = list(range(len(prompts))) * 2
+    th.manual_seed(0)
+    recorded, values = policy.sample_episodes(env, indices, with_values=False)
+    assert values is None and not calls  # no teacher-forced pass
+    th.manual_seed(0)
+    forced, _ = policy.sample_episodes(env, indices, with_values=True)
+    assert calls
+    assert th.equal(recorded.response_ids, forced.response_ids)
+    assert recorded.terminated.any() and (recorded.lengths < env.max_new_tokens).any()  # padding is covered
+    th.testing.assert_close(recorded.logprobs, forced.logprobs, atol=1e-5, rtol=0)
+    assert (recorded.logprobs[~recorded.response_mask] == 0).all() and (
+        recorded.logprobs[recorded.response_mask] <= 0
+    ).all()
+
+
+def test_half_precision_rollouts_keep_the_teacher_forced_pass(env, model_path):
+    """In bfloat16 the KV-cached and the teacher-forced forwards can differ by more than float32 rounding: the
+    old log-probs still come from the teacher-forced pass there."""
+    policy = make_policy(env, model_path, dtype="bfloat16")
+    calls = []
+    teacher_forced = policy.evaluate_sequences
+    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    policy.sample_episodes(env, [0, 1], with_values=False)
+    assert calls
+
+
+def test_generate_refuses_scores_and_logprobs_together(env, model_path):
+    policy = make_policy(env, model_path)
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch([0]))
+    with pytest.raises(ValueError, match="output_scores or output_logprobs"):
+        policy.generate(prompt_ids, prompt_mask, 3, env.stop_token_ids, env.pad_token_id, True, True, True)
+
+
+def test_a_separate_critic_rollout_runs_the_critic_alone(env, model_path):
+    """With a separate critic the actor's teacher-forced pass is spared too: the old log-probs come from
+    generate(), the values from the critic's forward, both equal to the full pass's."""
+    policy = make_policy(env, model_path, value_head="separate")
+    calls = []
+    teacher_forced = policy.evaluate_sequences
+    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    th.manual_seed(0)
+    batch, values = policy.sample_episodes(env, list(range(6)), with_values=True)
+    assert not calls
+    with th.no_grad():
+        logprobs, expected_values, _ = teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)
+    th.testing.assert_close(values, expected_values)
+    th.testing.assert_close(batch.logprobs, logprobs * batch.response_mask, atol=1e-5, rtol=0)

@@ -67,11 +67,6 @@ def mean_over_ranks(value: float) -> float:
     return sum_over_ranks([value])[0] / world_size()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any: a decision all ranks must take together."""
-    return sum_over_ranks([float(flag)])[0] > 0
-
-
 def broadcast_parameters(module: th.nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every rank (as DDP does when it wraps a model): freshly
     initialised heads would otherwise differ between ranks."""

@@ -34,7 +34,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from sb3_rlhf.buffers import BaseSequenceBuffer, SequenceBatch
 from sb3_rlhf.common.checkpoints import MODEL_FILE, STATE_FILE, latest_checkpoint
 from sb3_rlhf.common.distributed import (
-    any_rank,
     average_gradients,
     broadcast_parameters,
     init_distributed,
@@ -221,8 +220,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
-    ) -> tuple[th.Tensor, dict[str, float]]:
-        """The loss of one minibatch and its diagnostics, ``approx_kl`` among them (the early stop reads it).
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
+        """The loss of one minibatch and its diagnostics as 0-d tensors (read once per update), ``approx_kl``
+        among them (the early stop reads it).
 
         :param batch: the minibatch.
         :param logprobs: ``(batch, T)`` log π_θ of the response tokens (with gradient).
@@ -467,14 +467,18 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     # ------------------------------------------------------------------ update
     def train(self) -> None:
         """``n_epochs`` over minibatches of whole episodes (or groups), one forward per minibatch (CleanRL-style,
-        masked means over the real response tokens)."""
+        masked means over the real response tokens).
+
+        One host sync per minibatch (whether its step is taken); the diagnostics stay on the device and are read
+        once per update, except ``approx_kl`` where the early stop (``target_kl``) or other ranks need it at once.
+        """
         if self._skipped_rollout():
             return
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
-        stats: dict[str, list[float]] = defaultdict(list)
-        last_loss = float("nan")
+        stats: dict[str, list[th.Tensor | float]] = defaultdict(list)
+        last_loss: th.Tensor | float = float("nan")
         continue_training = True
         for epoch in range(self.n_epochs):
             for batch in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
@@ -487,15 +491,17 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 )
                 assert entropy is not None  # evaluate_sequences computes it by default
                 loss, metrics = self.compute_loss(batch, logprobs, values, entropy, clip_range)
-                last_loss = loss.item()
-                approx_kl = mean_over_ranks(metrics.pop("approx_kl"))  # the same early stop on every rank
+                last_loss = loss.detach()
+                approx_kl: th.Tensor | float = metrics.pop("approx_kl")
+                if self.target_kl is not None or world_size() > 1:
+                    approx_kl = mean_over_ranks(float(approx_kl))  # the same early stop on every rank
                 stats["approx_kl"].append(approx_kl)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                     break
-                if not self._optimizer_step(loss, self._loss_normalizer(batch)):
+                if not self._optimizer_step(loss, batch):
                     continue
                 for key, value in metrics.items():
                     stats[key].append(value)
@@ -503,7 +509,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             self._n_updates += 1
             if not continue_training:
                 break
-        self._record_train_stats(stats, clip_range, last_loss)
+        self._record_train_stats(_read_on_host(stats), clip_range, float(last_loss))
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
         """Log the update under ``train/`` (SB3's keys): the mean of each diagnostic over the minibatches that
@@ -523,28 +529,31 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             return float(batch.response_mask.sum())
         return float(batch.response_mask.shape[0])
 
-    def _optimizer_step(self, loss: th.Tensor, normalizer: float = 1.0) -> bool:
+    def _optimizer_step(self, loss: th.Tensor, batch: SequenceBatch) -> bool:
         """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
         loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
+        The one host sync of a minibatch is that decision, taken after the backward pass (a non-finite loss
+        gives a non-finite gradient anyway; the rare wasted backward is cheaper than a sync before it).
 
-        With several ranks each holds part of the minibatch: its loss, a mean over ``normalizer`` items (tokens, or
-        sequences), is weighted by its share of all ranks' items, and the gradients are averaged across ranks, so
-        the step is the one a single process would take on the whole minibatch.
+        With several ranks each holds part of the minibatch: its loss, a mean over its items (tokens, or
+        sequences; :meth:`_loss_normalizer`), is weighted by its share of all ranks' items, and the gradients are
+        averaged across ranks, so the step is the one a single process would take on the whole minibatch. A
+        non-finite gradient on one rank is non-finite on all after the averaging, so all ranks skip together.
         """
         self.policy.optimizer.zero_grad()
-        finite = bool(th.isfinite(loss))
-        if any_rank(not finite):
-            self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
-            return False
         if world_size() > 1:
+            normalizer = self._loss_normalizer(batch)
             (total,) = sum_over_ranks([normalizer])
             loss = loss * (world_size() * normalizer / total)
         loss.backward()
         average_gradients(self.policy.parameters())
         grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if not th.isfinite(grad_norm):
+        if not bool(th.isfinite(grad_norm) & th.isfinite(loss.detach())):
             self.policy.optimizer.zero_grad()
-            self._skip_update(f"the gradient norm is {grad_norm.item()}")
+            finite_loss = bool(th.isfinite(loss))
+            self._skip_update(
+                f"the gradient norm is {grad_norm.item()}" if finite_loss else f"the loss is {loss.item()}"
+            )
             return False
         self.policy.optimizer.step()
         self._skips_in_a_row = 0
@@ -779,6 +788,15 @@ def _check_policy_kwargs(
     unknown = sorted(set(policy_kwargs) - taken)
     if unknown:
         raise ValueError(f"unknown policy_kwargs key {unknown[0]!r}: {policy_class.__name__} takes {sorted(taken)}")
+
+
+def _read_on_host(stats: dict[str, list[th.Tensor | float]]) -> dict[str, list[float]]:
+    """Every diagnostic of an update as floats, the tensors among them read in one host sync."""
+    tensors = [v.detach().float().reshape(()) for values in stats.values() for v in values if isinstance(v, th.Tensor)]
+    read = iter(th.stack(tensors).tolist() if tensors else [])
+    return {
+        key: [next(read) if isinstance(v, th.Tensor) else float(v) for v in values] for key, values in stats.items()
+    }
 
 
 def _numpy_global_state() -> list[Any]:

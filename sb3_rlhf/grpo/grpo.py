@@ -171,7 +171,7 @@ class GRPO(RLHFOnPolicyAlgorithm):
         values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
-    ) -> tuple[th.Tensor, dict[str, float]]:
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
         mask = batch.response_mask
         if self._rollout_kl is None:  # no KL wrapper: no KL term
             ref_logprobs, (kl_coef, estimator) = logprobs.detach(), (0.0, "k3")
@@ -192,9 +192,9 @@ class GRPO(RLHFOnPolicyAlgorithm):
         entropy_loss = -masked_mean(entropy, mask)
         loss = losses.loss + self.ent_coef * entropy_loss
         return loss, {
-            "policy_gradient_loss": losses.pg_loss.item(),
-            "kl_loss": losses.kl_loss.item(),
-            "entropy_loss": entropy_loss.item(),
+            "policy_gradient_loss": losses.pg_loss.detach(),
+            "kl_loss": losses.kl_loss.detach(),
+            "entropy_loss": entropy_loss.detach(),
             "approx_kl": losses.approx_kl,
             "clip_fraction": losses.clip_fraction,
         }

@@ -30,8 +30,8 @@ class GRPOLosses(NamedTuple):
     loss: th.Tensor
     pg_loss: th.Tensor
     kl_loss: th.Tensor
-    approx_kl: float
-    clip_fraction: float
+    approx_kl: th.Tensor  # 0-d, read on the host once per update
+    clip_fraction: th.Tensor  # 0-d, read on the host once per update
 
 
 def grpo_losses(

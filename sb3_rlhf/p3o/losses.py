@@ -15,8 +15,8 @@ class P3OLosses(NamedTuple):
     """``loss`` to minimise; the rest are diagnostics (floats)."""
 
     loss: th.Tensor
-    clip_fraction: float
-    weight_clip_fraction: float
+    clip_fraction: th.Tensor  # 0-d, read on the host once per update
+    weight_clip_fraction: th.Tensor  # 0-d, read on the host once per update
 
 
 def pairwise_reward_difference(returns: th.Tensor) -> th.Tensor:
@@ -73,15 +73,15 @@ def p3o_loss(
         unclipped = signed * log_ratio
         clipped = signed * log_ratio.clamp(-clip_range, clip_range)
         objective = th.min(unclipped, clipped).sum(-1)
-        clip_fraction = (log_ratio.abs() > clip_range).float().mean().item()
+        clip_fraction = (log_ratio.abs() > clip_range).float().mean()
     else:
         pair_log_ratio = log_ratio[:, 0] - log_ratio[:, 1]  # log(ρ1/ρ2)
         unclipped = delta * pair_log_ratio
         clipped = delta * pair_log_ratio.clamp(-clip_range, clip_range)
         objective = th.min(unclipped, clipped)
-        clip_fraction = (pair_log_ratio.abs() > clip_range).float().mean().item()
+        clip_fraction = (pair_log_ratio.abs() > clip_range).float().mean()
     loss = -(weight * objective / 2).mean()
     with th.no_grad():
         products = th.exp(log_ratio.sum(-1))
-        weight_clip_fraction = ((products < 1.0 / weight_clip) | (products > weight_clip)).float().mean().item()
+        weight_clip_fraction = ((products < 1.0 / weight_clip) | (products > weight_clip)).float().mean()
     return P3OLosses(loss, clip_fraction, weight_clip_fraction)

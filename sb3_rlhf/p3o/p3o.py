@@ -139,7 +139,7 @@ class P3O(RLHFOnPolicyAlgorithm):
         values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
-    ) -> tuple[th.Tensor, dict[str, float]]:
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
         mask = batch.response_mask
         # sequence log-probabilities log π(y|x) = Σ_t log π(a_t|s_t), laid out as (n_pairs, 2)
         sequence_logprobs = zero_padding(logprobs, mask).sum(-1).view(-1, 2)
@@ -150,10 +150,10 @@ class P3O(RLHFOnPolicyAlgorithm):
         loss = losses.loss + self.ent_coef * entropy_loss
         with th.no_grad():
             log_ratio = zero_padding(logprobs - batch.old_logprobs, mask)
-            approx_kl = masked_mean(th.expm1(log_ratio) - log_ratio, mask).item()
+            approx_kl = masked_mean(th.expm1(log_ratio) - log_ratio, mask)
         return loss, {
-            "policy_gradient_loss": losses.loss.item(),
-            "entropy_loss": entropy_loss.item(),
+            "policy_gradient_loss": losses.loss.detach(),
+            "entropy_loss": entropy_loss.detach(),
             "approx_kl": approx_kl,
             "clip_fraction": losses.clip_fraction,
             "weight_clip_fraction": losses.weight_clip_fraction,

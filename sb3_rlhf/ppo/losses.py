@@ -16,8 +16,8 @@ class PPOLosses(NamedTuple):
     pg_loss: th.Tensor
     value_loss: th.Tensor
     entropy_loss: th.Tensor
-    approx_kl: float
-    clip_fraction: float
+    approx_kl: th.Tensor  # 0-d, read on the host once per update
+    clip_fraction: th.Tensor  # 0-d, read on the host once per update
 
 
 class Surrogate(NamedTuple):
@@ -25,8 +25,8 @@ class Surrogate(NamedTuple):
 
     pg_loss: th.Tensor
     ratio: th.Tensor
-    approx_kl: float
-    clip_fraction: float
+    approx_kl: th.Tensor  # 0-d, read on the host once per update
+    clip_fraction: th.Tensor  # 0-d, read on the host once per update
 
 
 def clipped_surrogate(
@@ -52,8 +52,8 @@ def clipped_surrogate(
     pg_loss = masked_aggregate(th.max(pg_loss_unclipped, pg_loss_clipped), mask, aggregation)
     with th.no_grad():
         # k3 estimate of KL(π_old ‖ π_θ), as SB3: E[(r − 1) − log r]
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask).item()
-        clip_fraction = masked_mean(((ratio - 1).abs() > clip_range).float(), mask).item()
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+        clip_fraction = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
     return Surrogate(pg_loss, ratio, approx_kl, clip_fraction)
 
 

@@ -150,7 +150,7 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
-    ) -> tuple[th.Tensor, dict[str, float]]:
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
         """Clipped surrogate, clipped value loss and entropy bonus (:func:`~sb3_rlhf.ppo.losses.ppo_losses`)."""
         assert values is not None and batch.old_values is not None  # learns_values
         clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
@@ -169,9 +169,9 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
             self.vf_coef,
         )
         return losses.loss, {
-            "policy_gradient_loss": losses.pg_loss.item(),
-            "value_loss": losses.value_loss.item(),
-            "entropy_loss": losses.entropy_loss.item(),
+            "policy_gradient_loss": losses.pg_loss.detach(),
+            "value_loss": losses.value_loss.detach(),
+            "entropy_loss": losses.entropy_loss.detach(),
             "clip_fraction": losses.clip_fraction,
             "approx_kl": losses.approx_kl,
         }

@@ -133,7 +133,7 @@ class RLOO(RLHFOnPolicyAlgorithm):
         values: th.Tensor | None,
         entropy: th.Tensor,
         clip_range: float,
-    ) -> tuple[th.Tensor, dict[str, float]]:
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
         mask = batch.response_mask
         surrogate = clipped_surrogate(
             logprobs, batch.old_logprobs, batch.advantages, mask, clip_range, self.loss_aggregation
@@ -141,8 +141,8 @@ class RLOO(RLHFOnPolicyAlgorithm):
         entropy_loss = -masked_mean(entropy, mask)
         loss = surrogate.pg_loss + self.ent_coef * entropy_loss
         return loss, {
-            "policy_gradient_loss": surrogate.pg_loss.item(),
-            "entropy_loss": entropy_loss.item(),
+            "policy_gradient_loss": surrogate.pg_loss.detach(),
+            "entropy_loss": entropy_loss.detach(),
             "approx_kl": surrogate.approx_kl,
             "clip_fraction": surrogate.clip_fraction,
         }
