@@ -650,7 +650,9 @@ def write_markdown(
         f"{meta['seconds']:.0f} s.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, device {args.device}. Every run is its own process; "
-        f"the sides alternate within each of {args.repeats} repeat(s); medians (min–max over the repeats).",
+        f"the sides alternate within each of {args.repeats} repeat(s)"
+        + (f" ({args.smollm_repeats} for SmolLM2)" if args.smollm_repeats and args.smollm else "")
+        + "; medians (min–max over the repeats).",
         f"Ours: {meta['ours_versions']}; {meta['revision']}.",
         "TRL: "
         + "; ".join(
@@ -770,6 +772,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["gpt2-128x4", "gpt2-512x8"], choices=sorted(MODELS))
     parser.add_argument("--smollm", action="store_true", help="also SmolLM2-135M-Instruct (slow on 2 CPU cores)")
+    parser.add_argument(
+        "--smollm-repeats", type=int, default=None, help="repeats for SmolLM2 (default: --repeats); a few minutes each"
+    )
     parser.add_argument("--pairs", nargs="+", default=["ppo", "grpo", "rloo"], choices=sorted(PAIRS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=None, help="rollouts per run (default: per model)")
@@ -825,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             policy_dir, reward_dir = build_models(os.path.join(tmp, model), model, args.vocab, args.seed)
-            for repeat in range(args.repeats):
+            repeats = args.smollm_repeats if model == "smollm2-135m" and args.smollm_repeats else args.repeats
+            for repeat in range(repeats):
                 for pair_name in args.pairs:
                     group = PAIRS[pair_name]
                     sides = [(p.ours_side, p) for p in group] + [(group[0].trl_side, group[0])]
