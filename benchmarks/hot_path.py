@@ -234,7 +234,9 @@ def generation_lines(
     g = th.Generator().manual_seed(0)
     input_ids = th.randint(2, policy.n_actions, (batch, prompt), generator=g)
     attention_mask = th.ones_like(input_ids)
-    stop, pad = (policy.n_actions - 1,), 0  # a stop token the random model almost never draws
+    # a stop id past the tokenizer's: the policy never draws it, bare generate() almost never (1 in the vocabulary)
+    vocab = policy.actor.config.vocab_size
+    stop, pad = (vocab - 1,), 0
 
     def bare() -> None:
         with th.no_grad():
@@ -249,7 +251,10 @@ def generation_lines(
             )
 
     def ours(**kwargs: bool) -> Callable[[], None]:
-        return lambda: policy.generate(input_ids, attention_mask, length, stop, pad, **kwargs) and None
+        def run() -> None:
+            policy.generate(input_ids, attention_mask, length, stop, pad, **kwargs)
+
+        return run
 
     def before() -> None:
         response = policy.generate(input_ids, attention_mask, length, stop, pad)
@@ -268,7 +273,7 @@ def generation_lines(
     ]
     times = [(name, median_time(fn, repeats)) for name, fn in rows]
     lines = [
-        f"**Generation against bare `generate()` (Llama 256×4, vocabulary {policy.n_actions}, B={batch}, prompt "
+        f"**Generation against bare `generate()` (Llama 256×4, vocabulary {vocab}, B={batch}, prompt "
         f"{prompt}, {length} new tokens, KV cache)**",
         "",
         "| | seconds | against bare `generate()` |",

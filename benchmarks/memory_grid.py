@@ -7,7 +7,7 @@ checkpointing.
 
 Each cell is its own process (a random Llama 256×4 with a 32000-token vocabulary, RLHFPPO with a shared value
 head, the KL penalty against the reference, a Python reward, 2 epochs of one minibatch, one iteration after a
-warm-up iteration at the smallest size). Peak memory is the growth of the resident set during the timed
+warm-up iteration of the same size). Peak memory is the growth of the resident set during the measured
 iteration above the resident set when it started (``VmHWM`` reset through ``/proc/self/clear_refs``): the
 activations, logits, KV cache and their copies; the weights, gradients and AdamW's moments exist before it
 (the warm-up allocated them). Writes ``benchmarks/results/memory_grid.md``. A benchmark reports: it fails on

@@ -582,7 +582,8 @@ def floor_table(rows: list[dict[str, Any]]) -> list[str]:
         if math.isnan(r["floor_episodes_per_s"]):
             continue
         lines.append(
-            f"| {r['pair'].split('/')[0]} | {MODELS[r['model']]['label']} | {r['floor_episodes_per_s']:.2f} | "
+            f"| {r['pair'].split('/')[0]}{' (a lighter algorithm than TRL’s)' if 'shared' in r['pair'] else ''} | "
+            f"{MODELS[r['model']]['label']} | {r['floor_episodes_per_s']:.2f} | "
             f"{r['floor_peak_memory_mib']:.0f} | {r['ours_over_floor']:.2f} | {r['trl_over_floor']:.2f} | "
             f"{r['trl_over_floor']:.2f}× | {r['floor_peak_memory_mib'] / r['trl_peak_memory_mib']:.2f} |"
         )

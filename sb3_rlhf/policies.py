@@ -111,15 +111,19 @@ class _SampledLogprobs(LogitsProcessor):
 
     def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
         if self.last is not None:
-            self.logprobs.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            # a finished row's pad may lie past the actions: clamped, and masked out later anyway
+            self.logprobs.append(self.last.gather(-1, input_ids[:, -1:].clamp(max=self.n_actions - 1)).squeeze(-1))
         self.last = th.log_softmax(scores[:, : self.n_actions].float(), dim=-1)
         return scores
 
     def finish(self, response: th.Tensor) -> th.Tensor:
         """:param response: ``(batch, T)`` the generated tokens. :return: ``(batch, T)`` float32 log-probs (those
         after a stop token are of the padding and meaningless: mask them)."""
-        assert self.last is not None and len(self.logprobs) == response.shape[1] - 1
-        logprobs = th.stack([*self.logprobs, self.last.gather(-1, response[:, -1:]).squeeze(-1)], dim=1)
+        assert self.last is not None and len(self.logprobs) >= response.shape[1] - 1
+        last = self.last.gather(-1, response[:, -1:].clamp(max=self.n_actions - 1)).squeeze(-1)
+        # transformers may run one step past the end and drop its token (DeferredStopCheck): that step's scores
+        # were recorded too, and are cut here
+        logprobs = th.stack([*self.logprobs, last], dim=1)[:, : response.shape[1]]
         self.last, self.logprobs = None, []
         return logprobs
 
@@ -540,8 +544,10 @@ class TransformerActorCriticPolicy(BasePolicy):
         A float32 actor's old log-probs are those ``generate()`` sampled with (TRL's PPO keeps its generation
         logits the same way): the actor's teacher-forced pass would give the same numbers up to float rounding
         (tested at 1e-5) at the cost of a forward over the whole batch. It still runs for a shared value head,
-        whose values come from it, and in half precision, where the KV-cached and the teacher-forced forwards
-        differ by more than that, which would bias the first epoch's ratios.
+        whose values come from it, and in half precision, TF32 or autocast, where the KV-cached and the
+        teacher-forced forwards differ by more than that, which would bias the first epoch's ratios. (With
+        top-k/top-p, rounding can still move a token at the edge of the kept set in or out between the two passes;
+        the update keeps the sampled token in its set, so its ratio stays finite, as TRL's.)
 
         :param with_values: also compute the values (``None`` without).
         :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
@@ -549,7 +555,12 @@ class TransformerActorCriticPolicy(BasePolicy):
         """
         prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
         shared_values = with_values and self.critic is None  # the actor's own pass gives them
-        from_generation = not shared_values and self.actor.get_output_embeddings().weight.dtype == th.float32
+        from_generation = (
+            not shared_values
+            and self.actor.get_output_embeddings().weight.dtype == th.float32
+            and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
+            and not th.is_autocast_enabled()
+        )
         generated = self.generate(
             prompt_ids,
             prompt_mask,

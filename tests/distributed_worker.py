@@ -46,10 +46,26 @@ def main() -> None:
     parser.add_argument("model_path")
     parser.add_argument("out")
     parser.add_argument("--iterations", type=int, default=1)
+    parser.add_argument(
+        "--infinite-loss-on-rank-1",
+        action="store_true",
+        help="rank 1's first loss is +inf with a finite gradient (a constant added): every rank must skip it",
+    )
     args = parser.parse_args()
     th.set_num_threads(1)
     assert init_distributed() and world_size() == 2
     model = make_model(args.model_path, EPISODES_PER_RANK)
+    initial = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    if args.infinite_loss_on_rank_1 and rank() == 1:
+        compute_loss = model.compute_loss
+
+        def infinite_once(*a, **k):
+            loss, metrics = compute_loss(*a, **k)
+            infinite_once.calls += 1
+            return (loss + float("inf") if infinite_once.calls == 1 else loss), metrics
+
+        infinite_once.calls = 0
+        model.compute_loss = infinite_once
     episodes = []
     sample = model.policy.sample_episodes
 
@@ -68,6 +84,8 @@ def main() -> None:
             "kl_coef": model.reward_wrappers[0].coef,
             "num_timesteps": model.num_timesteps,
             "n_updates": model._n_updates,
+            "skipped_updates": model.n_skipped_updates,
+            "changed": any(not th.equal(v, initial[k]) for k, v in model.policy.state_dict().items()),
             "episodes": episodes,
             "prompt_indices": [i for e in episodes for i in e[0]],
         },

@@ -48,6 +48,18 @@ def test_ranks_sample_different_episodes_and_end_with_identical_weights(two_rank
     assert rank0["num_timesteps"] == rank1["num_timesteps"]  # the counter is global: both stop together
 
 
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(model_path, tmp_path):
+    """A loss of +inf whose gradient is finite (a constant added, as k3 at a -inf reference log-prob gives): the
+    rank that has it skips, and so must the other, or their weights part for good."""
+    worker = os.path.join(ROOT, "tests", "distributed_worker.py")
+    run_launcher(torchrun(worker, model_path, str(tmp_path), "--infinite-loss-on-rank-1"))
+    rank0, rank1 = (th.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert rank0["skipped_updates"] == rank1["skipped_updates"] == 1  # one minibatch, skipped on both ranks
+    assert not rank0["changed"] and not rank1["changed"]
+    for name, tensor in rank0["state"].items():
+        assert th.equal(tensor, rank1["state"][name]), name
+
+
 def test_two_ranks_match_one_process_on_the_same_global_batch(two_rank_run, model_path, tokenizer):
     """Replay the two ranks' episodes in one process with a minibatch of both: same weights, same β."""
     single = make_model(model_path, 2 * EPISODES_PER_RANK)

@@ -21,19 +21,17 @@ PACKAGE = os.path.dirname(sb3_rlhf.__file__)
 def library_reads_in_one_update(model, monkeypatch) -> Counter:
     """Each library line that read a tensor's value during ``model.train()``, with its count."""
     reads: Counter = Counter()
-    for name in READS:
+    with monkeypatch.context() as patch:
+        for name in READS:
 
-        def counted(self, *args, _original=getattr(th.Tensor, name), _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(PACKAGE):
-                reads[(_name, os.path.relpath(caller, PACKAGE), sys._getframe(1).f_lineno)] += 1
-            return _original(self, *args, **kwargs)
+            def counted(self, *args, _original=getattr(th.Tensor, name), _name=name, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(PACKAGE):
+                    reads[(_name, os.path.relpath(caller, PACKAGE), sys._getframe(1).f_lineno)] += 1
+                return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(th.Tensor, name, counted)
-    try:
+            patch.setattr(th.Tensor, name, counted)
         model.train()
-    finally:
-        monkeypatch.undo()
     return reads
 
 

@@ -259,7 +259,13 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     import torch as th
     from transformers import AutoTokenizer
 
-    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
+    from sb3_rlhf.common.data import (
+        labelled_halves,
+        load_labelled_texts,
+        load_preference_pairs,
+        pairs_from_labels,
+        train_test_split,
+    )
     from sb3_rlhf.reward_modeling import load_reward_model
 
     stage = task.reward.train
@@ -267,6 +273,12 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
         positives, negatives, _ = load_labelled_texts(
             find_data_file(stage.data), stage.text_column, stage.label_column, str(stage.positive_label)
         )
+        if task.judge is not None:  # the judge's share of the reviews is not the reward model's
+            (positives, negatives), judged, _ = labelled_halves(stage, task.judge.share, task.seed)
+            assert results["judge"]["accuracy"] > 0.65 and results["judge"]["n_train"] + results["judge"][
+                "n_test"
+            ] == len(judged[0]) + len(judged[1])
+            assert 0 <= results["trained"]["judge_positive_share"] <= 1
         pairs = pairs_from_labels(positives, negatives, seed=task.seed)
     else:
         pairs, _ = load_preference_pairs(find_data_file(stage.data))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_rlhf.common.evaluation import evaluate_policy
+from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.rewards.base import reward_wrappers
 
 if TYPE_CHECKING:
@@ -38,9 +39,12 @@ class RolloutHistoryCallback(BaseCallback):
 class HeldOutEvaluationCallback(BaseCallback):
     """Scores the policy on held-out prompts during training: the reward score and the KL to the reference,
     the two axes of the reward-versus-KL trade-off. Evaluates before the first update, every ``eval_freq``
-    rollouts after that, and at the end; logs ``eval/score``, ``eval/kl``, ``eval/response_length`` and
-    ``eval/eos_fraction``, and keeps every evaluation in ``self.history`` with the compute spent so far
-    (``timesteps``: generated training tokens, ``episodes``: sampled training responses, ``gradient_steps``).
+    rollouts after that, and at the end; logs ``eval/score``, ``eval/kl``, ``eval/response_length``,
+    ``eval/eos_fraction``, the text quality (``eval/distinct_1``, ``eval/distinct_2``, ``eval/repeated_2gram_rate``,
+    ``eval/reference_perplexity``) and with a judge ``eval/judge_positive_share`` (see
+    :func:`~sb3_rlhf.common.evaluation.evaluate_policy`), and keeps every evaluation in ``self.history`` with the
+    compute spent so far (``timesteps``: generated training tokens, ``episodes``: sampled training responses,
+    ``gradient_steps``).
 
     :param eval_env: a :class:`~sb3_rlhf.TokenGenerationEnv` over the held-out prompts under the task's reward
         wrappers (their sequence-level terms are the score).
@@ -49,6 +53,7 @@ class HeldOutEvaluationCallback(BaseCallback):
         (under LoRA, its adapter-disabled base).
     :param seed: sampling seed of every evaluation (the same prompts and draws each time).
     :param samples_per_prompt: responses sampled per held-out prompt (more: less noise).
+    :param judge: a second judge of the responses (:class:`~sb3_rlhf.common.judge.BagOfWordsJudge`).
     """
 
     model: RLHFOnPolicyAlgorithm  # BaseCallback's BaseAlgorithm, narrowed: a TransformerActorCriticPolicy, n_steps
@@ -60,6 +65,7 @@ class HeldOutEvaluationCallback(BaseCallback):
         reference: Any = None,
         seed: int = 0,
         samples_per_prompt: int = 1,
+        judge: BagOfWordsJudge | None = None,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -70,6 +76,7 @@ class HeldOutEvaluationCallback(BaseCallback):
         self.reference = reference
         self.seed = seed
         self.samples_per_prompt = samples_per_prompt
+        self.judge = judge
         self.history: list[dict[str, float]] = []
         self.gradient_steps = 0
         self._rollouts = 0
@@ -92,6 +99,7 @@ class HeldOutEvaluationCallback(BaseCallback):
             reward_wrappers(self.eval_env),
             self.seed,
             samples_per_prompt=self.samples_per_prompt,
+            judge=self.judge,
         )
         self.model.policy.set_training_mode(was_training)
         for key, value in metrics.items():

@@ -648,13 +648,13 @@ def load_prompts(section: PromptSource, tokenizer: PreTrainedTokenizerBase | Non
     return load_prompt_forms(section, tokenizer)[0]
 
 
-def reward_training_pairs(stage: ComparisonSource, seed: int) -> tuple[list[PreferencePair], LoadReport]:
-    """The comparisons of a ``[reward.train]`` stage: a file's pairs (plain, HH or conversational), labelled
-    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set.
+def _is_labelled(stage: ComparisonSource) -> bool:
+    return stage.source == "labels" or (stage.source == "hub" and stage.format == "labels")
 
-    :raises ValueError: a missing column, naming it and the columns present.
-    """
-    labels = stage.source == "labels" or (stage.source == "hub" and stage.format == "labels")
+
+def _comparison_source(stage: ComparisonSource) -> tuple[Any, str]:
+    """The file or ``datasets`` data set of a ``[reward.train]`` stage, and the positive label as stored."""
+    labels = _is_labelled(stage)
     positive_label = str(stage.positive_label)
     if stage.source == "hub":
         if labels:
@@ -665,10 +665,47 @@ def reward_training_pairs(stage: ComparisonSource, seed: int) -> tuple[list[Pref
         names = getattr(source.features[stage.label_column], "names", None) if labels else None
         if names and positive_label in names:  # a ClassLabel column stores class indices
             positive_label = str(names.index(positive_label))
-    else:
-        assert stage.data is not None  # parse_task requires it of a file source
-        source = find_data_file(stage.data)
-    if labels:
+        return source, positive_label
+    assert stage.data is not None  # parse_task requires it of a file source
+    return find_data_file(stage.data), positive_label
+
+
+def labelled_halves(
+    stage: ComparisonSource, judge_share: float, seed: int
+) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]], LoadReport]:
+    """A labelled ``[reward.train]`` source's texts in two disjoint parts, each label split alike (seeded):
+    ``(positives, negatives)`` for the reward model, ``(positives, negatives)`` set aside for a second judge
+    (``judge_share`` of each label), and the load report."""
+    if not _is_labelled(stage):
+        raise ValueError("a judge's share is set aside from labelled texts; this [reward.train] source has pairs")
+    source, positive_label = _comparison_source(stage)
+    positives, negatives, report = load_labelled_texts(source, stage.text_column, stage.label_column, positive_label)
+    rng = np.random.default_rng(seed)
+    kept, aside = [], []
+    for texts in (positives, negatives):
+        order = rng.permutation(len(texts))
+        n_aside = int(round(judge_share * len(texts)))
+        if not 0 < n_aside < len(texts):
+            raise ValueError(f"judge share {judge_share} of {len(texts)} texts leaves one side empty")
+        aside.append([texts[i] for i in order[:n_aside]])
+        kept.append([texts[i] for i in order[n_aside:]])
+    return (kept[0], kept[1]), (aside[0], aside[1]), report
+
+
+def reward_training_pairs(
+    stage: ComparisonSource, seed: int, judge_share: float = 0.0
+) -> tuple[list[PreferencePair], LoadReport]:
+    """The comparisons of a ``[reward.train]`` stage: a file's pairs (plain, HH or conversational), labelled
+    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set.
+
+    :param judge_share: leave this share of labelled texts out (:func:`labelled_halves`): a second judge's.
+    :raises ValueError: a missing column, naming it and the columns present.
+    """
+    if judge_share > 0:
+        (positives, negatives), _, report = labelled_halves(stage, judge_share, seed)
+        return pairs_from_labels(positives, negatives, seed=seed), report
+    source, positive_label = _comparison_source(stage)
+    if _is_labelled(stage):
         positives, negatives, report = load_labelled_texts(
             source, stage.text_column, stage.label_column, positive_label
         )

@@ -1,4 +1,5 @@
-"""Compare a trained policy with the initial one on held-out prompts: reward score, KL, samples."""
+"""Compare a trained policy with the initial one on held-out prompts: reward score, KL, text quality, a second
+judge's verdict, samples."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch as th
 
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.judge import BagOfWordsJudge
+from sb3_rlhf.common.quality import text_quality
 from sb3_rlhf.common.sequences import zero_padding
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
@@ -39,18 +42,24 @@ def evaluate_policy(
     seed: int = 0,
     batch_size: int = 32,
     samples_per_prompt: int = 1,
+    judge: BagOfWordsJudge | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Sample ``policy`` ``samples_per_prompt`` times on every prompt of ``env`` (the held-out prompts) and
     score the responses.
 
     :param reference: the KL reference (a causal LM: the initial policy's actor).
     :param scorers: the task's reward wrappers; their sequence-level terms (reward model, function) are the score.
+    :param judge: a second judge (never trained against) of the responses' text.
     :return: metrics ``score`` (mean), ``kl`` (mean over responses of Σ_t log π(a_t|s_t) − log π_ref(a_t|s_t), the
-        k1 estimate of KL(π‖π_ref) per response), ``response_length``, ``eos_fraction``; and the completions
-        (prompt by prompt). The caller's torch RNG is left as it was: evaluating during training does not change
-        what training samples next.
+        k1 estimate of KL(π‖π_ref) per response), ``response_length``, ``eos_fraction``, the text quality
+        (:func:`~sb3_rlhf.common.quality.text_quality`: ``distinct_1``, ``distinct_2``, ``repeated_2gram_rate``),
+        ``reference_perplexity`` (exp of the reference model's mean negative log-likelihood per response token, at
+        temperature 1: how unusual the text is to the model it started from), with a judge
+        ``judge_positive_share``; and the completions (prompt by prompt). The caller's torch RNG is left as it
+        was: evaluating during training does not change what training samples next.
     """
     scores, kls, lengths, eos, texts = [], [], [], [], []
+    nll, n_tokens = 0.0, 0
     indices = np.repeat(np.arange(len(env.prompts)), samples_per_prompt)
     cuda = [policy.device] if policy.device.type == "cuda" else []
     with th.random.fork_rng(devices=cuda):
@@ -70,6 +79,12 @@ def evaluate_policy(
         )
         assert batch.logprobs is not None  # sample() fills them
         kls += zero_padding(batch.logprobs - ref, batch.response_mask).sum(-1).tolist()
+        if policy.temperature != 1.0:  # the reference's own distribution, not the sampling temperature's
+            ref = response_logprobs(
+                reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
+            )
+        nll -= float(zero_padding(ref, batch.response_mask).sum())
+        n_tokens += int(batch.response_mask.sum())
         scores += score.tolist()
         lengths += batch.lengths.tolist()
         eos += batch.terminated.tolist()
@@ -79,7 +94,11 @@ def evaluate_policy(
         "kl": float(np.mean(kls)),
         "response_length": float(np.mean(lengths)),
         "eos_fraction": float(np.mean(eos)),
+        **text_quality(texts),
+        "reference_perplexity": float(np.exp(nll / max(n_tokens, 1))),
     }
+    if judge is not None:
+        metrics["judge_positive_share"] = judge.positive_share(texts)
     return metrics, texts
 
 
@@ -90,6 +109,7 @@ def compare_policies(
     scorers: Sequence[RewardWrapper],
     seed: int = 0,
     n_samples_shown: int = 4,
+    judge: BagOfWordsJudge | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate_policy` for the trained and the initial policy (also the KL reference), same seed.
 
@@ -98,7 +118,7 @@ def compare_policies(
     results: dict[str, Any] = {}
     completions = {}
     for name, policy in (("initial", initial), ("trained", trained)):
-        results[name], completions[name] = evaluate_policy(policy, initial.actor, env, scorers, seed)
+        results[name], completions[name] = evaluate_policy(policy, initial.actor, env, scorers, seed, judge=judge)
     results["samples"] = [
         {"prompt": env.prompt_texts[i], "initial": completions["initial"][i], "trained": completions["trained"][i]}
         for i in range(min(n_samples_shown, len(env.prompts)))
@@ -122,6 +142,19 @@ def report_markdown(name: str, results: dict[str, Any], n_prompts: int) -> str:
         m = results[key]
         lines.append(
             f"| {key} | {m['score']:.4f} | {m['kl']:.3f} | {m['response_length']:.1f} | {m['eos_fraction']:.2f} |"
+        )
+    judged = "judge_positive_share" in results["initial"]
+    lines += [
+        "",
+        "| policy | distinct-1 | distinct-2 | repeated bigrams | reference perplexity |"
+        + (" second judge: positive |" if judged else ""),
+        "|---|---|---|---|---|" + ("---|" if judged else ""),
+    ]
+    for key in ("initial", "trained"):
+        m = results[key]
+        lines.append(
+            f"| {key} | {m['distinct_1']:.3f} | {m['distinct_2']:.3f} | {m['repeated_2gram_rate']:.3f} | "
+            f"{m['reference_perplexity']:.1f} |" + (f" {m['judge_positive_share']:.2f} |" if judged else "")
         )
     lines += ["", "| prompt | initial | trained |", "|---|---|---|"]
     lines += [f"| {cell(s['prompt'])} | {cell(s['initial'])} | {cell(s['trained'])} |" for s in results["samples"]]

@@ -532,18 +532,25 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     def _optimizer_step(self, loss: th.Tensor, batch: SequenceBatch) -> bool:
         """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
         loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
-        The one host sync of a minibatch is that decision, taken after the backward pass (a non-finite loss
-        gives a non-finite gradient anyway; the rare wasted backward is cheaper than a sync before it).
+        In one process the one host sync of a minibatch is that decision, taken after the backward pass on the
+        loss and the gradient norm together (the rare wasted backward is cheaper than a sync before it).
 
         With several ranks each holds part of the minibatch: its loss, a mean over its items (tokens, or
         sequences; :meth:`_loss_normalizer`), is weighted by its share of all ranks' items, and the gradients are
-        averaged across ranks, so the step is the one a single process would take on the whole minibatch. A
-        non-finite gradient on one rank is non-finite on all after the averaging, so all ranks skip together.
+        averaged across ranks, so the step is the one a single process would take on the whole minibatch. The
+        ranks agree on a non-finite loss before the backward pass, and a non-finite gradient on one rank is
+        non-finite on all after the averaging: all ranks skip together.
         """
         self.policy.optimizer.zero_grad()
         if world_size() > 1:
+            # ranks must skip together, and a non-finite loss can have a finite gradient (k3 at a -inf
+            # reference log-prob): its finiteness travels with the normaliser, in the all-reduce that needs anyway
             normalizer = self._loss_normalizer(batch)
-            (total,) = sum_over_ranks([normalizer])
+            finite = bool(th.isfinite(loss))
+            total, faults = sum_over_ranks([normalizer, float(not finite)])
+            if faults:
+                self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
+                return False
             loss = loss * (world_size() * normalizer / total)
         loss.backward()
         average_gradients(self.policy.parameters())

@@ -161,10 +161,25 @@ class CheckpointSection:
 
 @dataclass
 class EvaluationSection:
-    """``[evaluation]``: the final report on held-out prompts."""
+    """``[evaluation]``: the final report on held-out prompts; ``every`` (rollouts) also evaluates during
+    training, logged under ``eval/`` in TensorBoard (online algorithms)."""
 
     n_prompts: int = 64
     n_samples_shown: int = 4
+    every: int | None = None
+
+
+@dataclass
+class JudgeSection:
+    """``[judge]``: a second judge the policy never trains against, for the evaluation reports
+    (:class:`~sb3_rlhf.common.judge.BagOfWordsJudge`, logistic regression on word unigrams and bigrams). It is
+    trained on ``share`` of ``[reward.train]``'s labelled texts (seeded, each label alike), which the reward model
+    then never sees; ``test_size`` of that share measures its accuracy."""
+
+    share: float = 0.5
+    test_size: float = 0.2
+    max_features: int = 20_000
+    C: float = 1.0
 
 
 @dataclass
@@ -184,6 +199,7 @@ class TaskConfig:
     kl: KLSection = field(default_factory=KLSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    judge: JudgeSection | None = None
     source: str = ""
 
     def algorithm_settings(self) -> dict[str, Any]:
@@ -202,6 +218,7 @@ _SECTIONS = {
     "algorithm": AlgorithmSection,
     "evaluation": EvaluationSection,
     "checkpoint": CheckpointSection,
+    "judge": JudgeSection,
 }
 
 
@@ -331,6 +348,27 @@ def _check(task: TaskConfig) -> None:
         raise ValueError(f"checkpoint.keep must be a positive integer, got {keep!r}")
     if reward.train is not None:
         _check_reward_training(reward.train)
+    _check_judge(task)
+    every = task.evaluation.every
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"evaluation.every must be a positive number of rollouts, got {every!r}")
+
+
+def _check_judge(task: TaskConfig) -> None:
+    judge = task.judge
+    if judge is None:
+        return
+    train = task.reward.train
+    if train is None or not (train.source == "labels" or (train.source == "hub" and train.format == "labels")):
+        raise ValueError(
+            "[judge] is trained on a share of [reward.train]'s labelled texts: give [reward.train] a labelled source "
+            "(source = 'labels', or source = 'hub' with format = 'labels'), or remove [judge]"
+        )
+    for key in ("share", "test_size"):
+        if not 0 < getattr(judge, key) < 1:
+            raise ValueError(f"judge.{key} must be a share between 0 and 1, got {getattr(judge, key)!r}")
+    if judge.max_features < 1 or judge.C <= 0:
+        raise ValueError(f"judge.max_features must be >= 1 and judge.C > 0, got {judge.max_features}, {judge.C}")
 
 
 #: The keys that name a ``datasets`` data set (``source = "hub"`` only), with their defaults.

@@ -8,13 +8,16 @@ import os
 from typing import Any
 
 import torch.distributed as dist
+from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.utils import get_device, set_random_seed
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
+from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_checkpoint
 from sb3_rlhf.common.data import load_prompt_forms, train_test_split
 from sb3_rlhf.common.distributed import init_distributed, is_main_process
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
+from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import load_tokenizer, pinned_revision, resolve_model_path
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
@@ -26,6 +29,7 @@ from sb3_rlhf.tasks.stages import (
     make_dpo_trainer,
     make_online_model,
     policy_model_path,
+    train_judge_stage,
     train_reward_model_stage,
 )
 
@@ -47,7 +51,14 @@ def prepare(
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:
-            reward_model, info = train_reward_model_stage(task.reward.train, out, task.seed, task.device, progress_bar)
+            reward_model, info = train_reward_model_stage(
+                task.reward.train,
+                out,
+                task.seed,
+                task.device,
+                progress_bar,
+                judge_share=task.judge.share if task.judge is not None else 0.0,
+            )
             metrics = info["after"]
         else:
             reward_model = os.path.join(out, "reward_model")
@@ -67,6 +78,13 @@ def prepare(
     )
     if task.prompts.chat_template:
         prepared.reward_prompts = dict(zip(prompts, plain_prompts))
+    if task.judge is not None:
+        assert task.reward.train is not None  # parse_task requires labelled [reward.train] data for a judge
+        folder = os.path.join(out, "judge")
+        if train_reward_model or not os.path.isdir(folder):  # trained with the reward model, reused after
+            prepared.judge, prepared.judge_metrics = train_judge_stage(task.judge, task.reward.train, out, task.seed)
+        else:
+            prepared.judge = BagOfWordsJudge.load(folder)
     return prepared, metrics
 
 
@@ -85,6 +103,7 @@ def evaluate_against_initial(
         reward_wrappers(eval_env),
         task.seed,
         task.evaluation.n_samples_shown,
+        judge=prepared.judge,
     )
     results["algorithm"] = task.algorithm_name
     results["timesteps"] = timesteps
@@ -127,6 +146,8 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
     if distributed and is_main_process():
         dist.barrier()
     extra: dict[str, Any] = {"reward_model": reward_model_metrics}
+    if prepared.judge_metrics is not None:
+        extra["judge"] = prepared.judge_metrics
     if task.algorithm_name == "dpo":
         trainer, counts = make_dpo_trainer(prepared)
         trainer.learn(progress_bar=progress_bar)
@@ -143,9 +164,14 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
         print(f"resuming from timestep {model.num_timesteps} of {total}")
     else:
         model = make_online_model(prepared, env)
-    callback = TrainingCheckpointCallback(
+    callback: Any = TrainingCheckpointCallback(
         task.checkpoint.every or max(total // 4, 1), checkpoints, task.checkpoint.keep
     )
+    if task.evaluation.every is not None:  # held-out evaluations during training, in TensorBoard under eval/
+        evaluation = HeldOutEvaluationCallback(
+            prepared.env(prepared.eval_prompts), task.evaluation.every, seed=task.seed, judge=prepared.judge
+        )
+        callback = CallbackList([callback, evaluation])
     remaining = total - model.num_timesteps if resume else total
     if remaining > 0:
         model.learn(

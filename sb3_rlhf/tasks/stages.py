@@ -1,5 +1,6 @@
-"""The stages of a task and the factories the runner builds them with: the reward-model stage, the policy
-(initial, reference, exported), the env under its reward wrappers, and the online algorithm or DPO trainer."""
+"""The stages of a task and the factories the runner builds them with: the reward-model stage, the second
+judge, the policy (initial, reference, exported), the env under its reward wrappers, and the online algorithm or
+DPO trainer."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from stable_baselines3.common.utils import get_device
 from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
-from sb3_rlhf.common.data import reward_training_pairs, train_test_split
+from sb3_rlhf.common.data import labelled_halves, reward_training_pairs, train_test_split
+from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import resolve_model_path
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 from sb3_rlhf.common.tiny import save_tiny_model
@@ -23,7 +26,13 @@ from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.reward_modeling import RewardModelTrainer
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper, reward_wrappers
-from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, RewardModelTrainingSection, TaskConfig, kl_estimator
+from sb3_rlhf.tasks.config import (
+    DPO_TASK_SETTINGS,
+    JudgeSection,
+    RewardModelTrainingSection,
+    TaskConfig,
+    kl_estimator,
+)
 
 
 def policy_model_path(task: TaskConfig, out: str) -> str:
@@ -38,13 +47,19 @@ def policy_model_path(task: TaskConfig, out: str) -> str:
 
 
 def train_reward_model_stage(
-    stage: RewardModelTrainingSection, out: str, seed: int, device: str, progress_bar: bool
+    stage: RewardModelTrainingSection,
+    out: str,
+    seed: int,
+    device: str,
+    progress_bar: bool,
+    judge_share: float = 0.0,
 ) -> tuple[str, dict[str, Any]]:
     """Train a reward model (the task's first stage, or ``sb3-rlhf reward-model``) into ``out/reward_model``.
 
+    :param judge_share: the share of labelled texts set aside for the second judge (``[judge] share``).
     :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
     """
-    pairs, report = reward_training_pairs(stage, seed)
+    pairs, report = reward_training_pairs(stage, seed, judge_share)
     train, test = train_test_split(pairs, stage.test_size, seed=seed)
     if stage.max_pairs:
         train = train[: stage.max_pairs]
@@ -78,6 +93,45 @@ def train_reward_model_stage(
         "data": str(report),
     }
     return folder, info
+
+
+def _fragments(texts: list[str], n_words: int, seed: int) -> list[str]:
+    """A window of ``n_words`` words of each text at a seeded start: text as long as a policy's responses."""
+    rng = np.random.default_rng(seed)
+    windows = []
+    for text in texts:
+        tokens = text.split()
+        start = int(rng.integers(max(1, len(tokens) - n_words + 1)))
+        windows.append(" ".join(tokens[start : start + n_words]))
+    return windows
+
+
+def train_judge_stage(
+    judge: JudgeSection, stage: RewardModelTrainingSection, out: str, seed: int, fragment_words: int = 12
+) -> tuple[BagOfWordsJudge, dict[str, Any]]:
+    """Fit the second judge on the labelled texts set aside from the reward model (:func:`labelled_halves`, the
+    same seed as the reward-model stage) and save it into ``out/judge``.
+
+    :param fragment_words: also measure its accuracy on windows of this many words of the held-out texts, about
+        the length of the responses it judges.
+    :return: the judge, and its held-out ``accuracy``, ``fragment_accuracy`` and text counts.
+    """
+    _, (positives, negatives), _ = labelled_halves(stage, judge.share, seed)
+    train_pos, test_pos = train_test_split(positives, judge.test_size, seed=seed)
+    train_neg, test_neg = train_test_split(negatives, judge.test_size, seed=seed)
+    model = BagOfWordsJudge.fit(train_pos, train_neg, judge.max_features, C=judge.C)
+    model.save(os.path.join(out, "judge"))
+    info = {
+        "accuracy": model.accuracy(test_pos, test_neg),
+        "fragment_accuracy": model.accuracy(
+            _fragments(test_pos, fragment_words, seed), _fragments(test_neg, fragment_words, seed + 1)
+        ),
+        "fragment_words": fragment_words,
+        "n_train": len(train_pos) + len(train_neg),
+        "n_test": len(test_pos) + len(test_neg),
+        "n_features": len(model.vocabulary),
+    }
+    return model, info
 
 
 def import_function(spec: str) -> Any:
@@ -153,6 +207,9 @@ class PreparedTask:
     policy_revision: str | None = None
     #: policy prompt -> its plain text, when the prompts are chat-templated (what reward models read)
     reward_prompts: dict[str, str] | None = None
+    #: the second judge of the evaluations (``[judge]``) and its held-out metrics when it was trained now
+    judge: BagOfWordsJudge | None = None
+    judge_metrics: dict[str, Any] | None = None
 
     @property
     def policy_kwargs(self) -> dict[str, Any]:
