@@ -67,7 +67,11 @@ def run_online(
     task = prepared.task
     model = make_online_model(prepared, prepared.env(prepared.train_prompts), tensorboard_log=None, **overrides)
     evaluation = HeldOutEvaluationCallback(
-        prepared.env(prepared.eval_prompts), eval_freq, seed=task.seed, samples_per_prompt=eval_samples
+        prepared.env(prepared.eval_prompts),
+        eval_freq,
+        seed=task.seed,
+        samples_per_prompt=eval_samples,
+        judge=prepared.judge,
     )
     model.learn(timesteps, callback=evaluation)
     return evaluation.history
@@ -95,6 +99,7 @@ def run_dpo(
             reward_wrappers(eval_env),
             prepared.task.seed,
             samples_per_prompt=eval_samples,
+            judge=prepared.judge,
         )
         history.append({**metrics, "episodes": counts["samples"], "gradient_steps": float(trainer.num_steps)})
     return history, counts

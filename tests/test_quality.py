@@ -97,7 +97,7 @@ def judged_task(data: str, backbone: str, **judge) -> dict:
                 "max_length": 16,
             }
         },
-        "algorithm": {"total_timesteps": 24, "n_episodes": 4, "batch_size": 4, "n_epochs": 1},
+        "algorithm": {"total_timesteps": 48, "n_episodes": 4, "batch_size": 4, "n_epochs": 2, "learning_rate": 0.05},
         "evaluation": {"n_prompts": 2, "every": 1},
         "judge": judge,
     }
@@ -114,12 +114,23 @@ def test_judge_share_is_disjoint_from_the_reward_models_texts(tmp_path):
     assert labelled_halves(stage, 0.5, seed=0)[1] == (judge_pos, judge_neg)  # the same split every time
 
 
-def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, model_path):
-    task = parse_task(judged_task(write_reviews(tmp_path / "r.csv"), model_path, share=0.5, test_size=0.25))
+def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, model_path, monkeypatch):
+    data = write_reviews(tmp_path / "r.csv")
+    task = parse_task(judged_task(data, model_path, share=0.3, test_size=0.25))
     out = tmp_path / "run"
+    fitted_on = []
+    fit = BagOfWordsJudge.fit.__func__
+
+    def recording_fit(cls, positives, negatives, *args, **kwargs):
+        fitted_on.append(positives + negatives)
+        return fit(cls, positives, negatives, *args, **kwargs)
+
+    monkeypatch.setattr(BagOfWordsJudge, "fit", classmethod(recording_fit))
     results = run_task(task, str(out), progress_bar=False)
     judge = results["judge"]
-    assert judge["accuracy"] > 0.9 and judge["n_train"] == 90 and judge["n_test"] == 30
+    assert judge["accuracy"] > 0.9 and judge["n_train"] == 2 * 27 and judge["n_test"] == 2 * 9  # 36 of 120 aside
+    _, (aside_pos, aside_neg), _ = labelled_halves(task.reward.train, 0.3, seed=0)
+    assert len(fitted_on) == 1 and set(fitted_on[0]) < set(aside_pos + aside_neg)  # the set-aside texts only
     assert BagOfWordsJudge.load(str(out / "judge")).accuracy(reviews(50, POSITIVE, 5), reviews(50, NEGATIVE, 6)) > 0.9
     for policy in ("initial", "trained"):
         assert 0 <= results[policy]["judge_positive_share"] <= 1
@@ -131,9 +142,18 @@ def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, mod
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"eval/distinct_2", "eval/judge_positive_share", "eval/reference_perplexity", "eval/score"} <= tags
-    # resuming or re-evaluating reuses the saved judge
+    # the trained policy's point is written: the final report's evaluation (same prompts, same seed)
+    assert events.Scalars("eval/score")[-1].value == pytest.approx(results["trained"]["score"], rel=1e-5)
+    assert events.Scalars("eval/score")[0].value == pytest.approx(results["initial"]["score"], rel=1e-5)
+    assert results["trained"]["score"] != results["initial"]["score"]  # it trained: the two points differ
+    # resuming or re-evaluating reuses the saved judge, with its metrics
     prepared, _ = prepare(task, str(out), train_reward_model=False)
-    assert prepared.judge is not None and prepared.judge_metrics is None
+    assert prepared.judge is not None and prepared.judge_metrics == judge and len(fitted_on) == 1
+    # other judge settings: fitted again on the same texts; another share: the reward model's texts would overlap
+    prepared, _ = prepare(parse_task(judged_task(data, model_path, share=0.3, test_size=0.25, C=0.5)), str(out), False)
+    assert len(fitted_on) == 2 and prepared.judge_metrics["C"] == 0.5 and fitted_on[1] == fitted_on[0]
+    with pytest.raises(ValueError, match="the judge's texts would overlap its own"):
+        prepare(parse_task(judged_task(data, model_path, share=0.5)), str(out), False)
 
 
 def test_a_judge_needs_labelled_reward_data():
@@ -151,7 +171,10 @@ def test_a_judge_needs_labelled_reward_data():
 
 
 def test_evaluation_reports_quality_and_reference_perplexity_at_temperature_one(tokenizer, model_path):
-    env = RewardFunctionWrapper(TokenGenerationEnv(["the cat", "a dog", "it was"], tokenizer, 4, 6), fn=share_of_good)
+    stops = [i for i in tokenizer.convert_tokens_to_ids(list(tokenizer.get_vocab())[:8]) if i != tokenizer.pad_token_id]
+    env = RewardFunctionWrapper(
+        TokenGenerationEnv(["the cat", "a dog", "it was"], tokenizer, 4, 6, stop_token_ids=stops), fn=share_of_good
+    )
     policy = make_policy(env.unwrapped, model_path, temperature=0.7)
     reference = policy.make_reference_model()
     judge = BagOfWordsJudge.fit(["good happy", "good cat"], ["bad sad", "bad dog"], min_count=1)
@@ -162,7 +185,7 @@ def test_evaluation_reports_quality_and_reference_perplexity_at_temperature_one(
     th.manual_seed(3)
     indices = np.repeat(np.arange(3), 4)
     batch = policy.sample_episodes(env.unwrapped, list(indices), with_values=False)[0]
-    assert batch.completions == texts
+    assert batch.completions == texts and (batch.lengths < 6).any()  # padding after a stop is left out
     with th.no_grad():
         ref = response_logprobs(
             reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions

@@ -126,3 +126,4 @@ class HeldOutEvaluationCallback(BaseCallback):
         self._hook.remove()
         if not self.history or self.history[-1]["gradient_steps"] != self.gradient_steps:
             self.evaluate()
+            self.logger.dump(self.num_timesteps)  # SB3 dumped its last logs already: the final point is written

@@ -683,6 +683,7 @@ def labelled_halves(
     rng = np.random.default_rng(seed)
     kept, aside = [], []
     for texts in (positives, negatives):
+        texts = list(dict.fromkeys(texts))  # a text listed twice must not land on both sides
         order = rng.permutation(len(texts))
         n_aside = int(round(judge_share * len(texts)))
         if not 0 < n_aside < len(texts):

@@ -12,6 +12,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -35,18 +36,25 @@ class BagOfWordsJudge:
     p(positive | text) = σ(w · x(text) + b), x(text) ∈ {0, 1}^V marks which vocabulary entries occur.
     Fitted by L-BFGS on ½‖w‖² + C Σ_i log(1 + exp(−y_i (w · x_i + b))) (scikit-learn's objective, ``C``).
 
+    A text with no known feature (an empty or all-unknown response) gets p = σ(b), about ½: it counts as
+    positive only when the training data had more positives.
+
     :param vocabulary: the feature names (unigrams and bigrams), in weight order.
     :param weight: ``(V,)`` float32.
     :param bias: b.
+    :param metadata: saved with the judge (what it was trained on, its held-out accuracy).
     """
 
-    def __init__(self, vocabulary: Sequence[str], weight: th.Tensor, bias: float) -> None:
+    def __init__(
+        self, vocabulary: Sequence[str], weight: th.Tensor, bias: float, metadata: dict[str, Any] | None = None
+    ) -> None:
         if len(vocabulary) != weight.numel():
             raise ValueError(f"{len(vocabulary)} vocabulary entries but {weight.numel()} weights")
         self.vocabulary = list(vocabulary)
         self.index = {name: i for i, name in enumerate(self.vocabulary)}
         self.weight = weight.detach().float().reshape(-1)
         self.bias = float(bias)
+        self.metadata = dict(metadata or {})
 
     @classmethod
     def fit(
@@ -72,7 +80,7 @@ class BagOfWordsJudge:
             (f for f, n in document_frequency.items() if n >= min_count), key=lambda f: (-document_frequency[f], f)
         )
         judge = cls(kept[:max_features], th.zeros(min(len(kept), max_features)), 0.0)
-        x = judge.features(texts).double()
+        x = judge.features(texts, th.float64)
         y = th.cat([th.ones(len(positives)), -th.ones(len(negatives))]).double()
         w = th.zeros(x.shape[1], dtype=th.float64, requires_grad=True)
         b = th.zeros((), dtype=th.float64, requires_grad=True)
@@ -80,26 +88,33 @@ class BagOfWordsJudge:
 
         def objective() -> th.Tensor:
             optimizer.zero_grad()
-            loss = 0.5 * w.square().sum() + C * th.nn.functional.softplus(-y * (x @ w + b)).sum()
+            margins = -y * (th.sparse.mm(x, w.unsqueeze(1)).squeeze(1) + b)
+            loss = 0.5 * w.square().sum() + C * th.nn.functional.softplus(margins).sum()
             loss.backward()
             return loss
 
         optimizer.step(objective)
         return cls(judge.vocabulary, w.detach().float(), float(b.detach()))
 
-    def features(self, texts: Sequence[str]) -> th.Tensor:
-        """``(len(texts), V)`` float32, 1 where the feature occurs."""
-        x = th.zeros(len(texts), len(self.vocabulary))
+    def features(self, texts: Sequence[str], dtype: th.dtype = th.float32) -> th.Tensor:
+        """``(len(texts), V)`` sparse (COO), 1 where the feature occurs: a data set of 25,000 reviews and 20,000
+        features would take gigabytes dense."""
+        rows, columns = [], []
         for row, text in enumerate(texts):
-            columns = [self.index[f] for f in _features_of(text) if f in self.index]
-            x[row, columns] = 1.0
-        return x
+            found = sorted(self.index[f] for f in _features_of(text) if f in self.index)
+            rows += [row] * len(found)
+            columns += found
+        indices = th.tensor([rows, columns], dtype=th.long).reshape(2, -1)
+        values = th.ones(indices.shape[1], dtype=dtype)
+        shape = (len(texts), len(self.vocabulary))
+        return th.sparse_coo_tensor(indices, values, shape, check_invariants=True).coalesce()
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """p(positive | text) for each text."""
         if not texts:
             return np.zeros(0)
-        return th.sigmoid(self.features(texts) @ self.weight + self.bias).numpy()
+        logits = th.sparse.mm(self.features(texts), self.weight.unsqueeze(1)).squeeze(1) + self.bias
+        return th.sigmoid(logits).numpy()
 
     def positive_share(self, texts: Sequence[str]) -> float:
         """The share of ``texts`` judged positive (p > 0.5)."""
@@ -113,7 +128,8 @@ class BagOfWordsJudge:
         """``judge.json`` (kind, vocabulary, bias) and ``judge.safetensors`` (the weights), written atomically."""
         with atomic_directory(folder) as tmp:
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                json.dump({"kind": "bag_of_words", "vocabulary": self.vocabulary, "bias": self.bias}, f)
+                config = {"kind": "bag_of_words", "bias": self.bias, "metadata": self.metadata}
+                json.dump({**config, "vocabulary": self.vocabulary}, f)
             save_file({"weight": self.weight.contiguous()}, os.path.join(tmp, WEIGHTS_FILE))
 
     @classmethod
@@ -127,4 +143,10 @@ class BagOfWordsJudge:
             config = json.load(f)
         if config.get("kind") != "bag_of_words":
             raise ValueError(f"{path}: unknown judge kind {config.get('kind')!r}")
-        return cls(config["vocabulary"], load_file(os.path.join(folder, WEIGHTS_FILE))["weight"], config["bias"])
+        weights = os.path.join(folder, WEIGHTS_FILE)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}: train the judge again")
+        weight = load_file(weights)["weight"]
+        if weight.numel() != len(config["vocabulary"]):
+            raise ValueError(f"{folder}: {len(config['vocabulary'])} vocabulary entries but {weight.numel()} weights")
+        return cls(config["vocabulary"], weight, config["bias"], config.get("metadata"))

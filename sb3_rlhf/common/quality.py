@@ -2,10 +2,12 @@
 reward model tends to repeat itself and to shrink its vocabulary, which these show.
 
 - distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models"): the
-  number of distinct word n-grams over all responses divided by their total number;
+  number of distinct word n-grams over all responses divided by their total number of n-grams (the common
+  variant; Li et al. divide by the number of words, the same for n = 1);
 - repeated-n-gram rate (seq-rep-n, Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training"):
-  per response, the share of its word n-grams that repeat an earlier one of the same response, averaged over
-  the responses that have any.
+  per response, 1 − distinct / total of its word n-grams, averaged over the responses that have any (a response
+  shorter than n words is left out, not counted as 0). Welleck et al. use token 4-grams over long
+  continuations; word bigrams suit responses of a few words.
 
 Words are lower-cased runs of letters, digits and apostrophes, and single punctuation marks.
 """

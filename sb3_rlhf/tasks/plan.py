@@ -86,7 +86,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
     if reward.train is not None:
         stage = reward.train
         plan.models["reward_backbone"] = _model_entry(stage.backbone, stage.backbone_revision, "reward-model backbone")
-        pairs, report = reward_training_pairs(stage, task.seed)
+        pairs, report = reward_training_pairs(stage, task.seed, task.judge.share if task.judge else 0.0)
         train, test = train_test_split(pairs, stage.test_size, seed=task.seed)
         train = train[: stage.max_pairs] if stage.max_pairs else train
         steps = stage.epochs * math.ceil(len(train) / stage.batch_size)

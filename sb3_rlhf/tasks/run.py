@@ -17,7 +17,6 @@ from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_check
 from sb3_rlhf.common.data import load_prompt_forms, train_test_split
 from sb3_rlhf.common.distributed import init_distributed, is_main_process
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
-from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import load_tokenizer, pinned_revision, resolve_model_path
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
@@ -26,10 +25,10 @@ from sb3_rlhf.tasks.stages import (
     PreparedTask,
     exported_policy,
     initial_policy,
+    judge_for_task,
     make_dpo_trainer,
     make_online_model,
     policy_model_path,
-    train_judge_stage,
     train_reward_model_stage,
 )
 
@@ -78,13 +77,8 @@ def prepare(
     )
     if task.prompts.chat_template:
         prepared.reward_prompts = dict(zip(prompts, plain_prompts))
-    if task.judge is not None:
-        assert task.reward.train is not None  # parse_task requires labelled [reward.train] data for a judge
-        folder = os.path.join(out, "judge")
-        if train_reward_model or not os.path.isdir(folder):  # trained with the reward model, reused after
-            prepared.judge, prepared.judge_metrics = train_judge_stage(task.judge, task.reward.train, out, task.seed)
-        else:
-            prepared.judge = BagOfWordsJudge.load(folder)
+    if task.judge is not None:  # trained with the reward model, reused after
+        prepared.judge, prepared.judge_metrics = judge_for_task(task, out, train=train_reward_model)
     return prepared, metrics
 
 

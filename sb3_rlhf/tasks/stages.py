@@ -5,6 +5,7 @@ DPO trainer."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
 from sb3_rlhf.common.data import labelled_halves, reward_training_pairs, train_test_split
+from sb3_rlhf.common.io import atomic_file
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import resolve_model_path
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
@@ -33,6 +35,9 @@ from sb3_rlhf.tasks.config import (
     TaskConfig,
     kl_estimator,
 )
+
+#: in a trained reward model's folder: the share of labelled texts it left out for a judge, and the seed
+DATA_SPLIT_FILE = "data_split.json"
 
 
 def policy_model_path(task: TaskConfig, out: str) -> str:
@@ -85,6 +90,8 @@ def train_reward_model_stage(
     trainer.learn(progress_bar=progress_bar)
     folder = os.path.join(out, "reward_model")
     trainer.save(folder)
+    with atomic_file(os.path.join(folder, DATA_SPLIT_FILE)) as tmp, open(tmp, "w") as f:
+        json.dump({"judge_share": judge_share, "seed": seed}, f)  # what a judge may train on (disjoint from it)
     info = {
         "before": before,
         "after": trainer.evaluate(),
@@ -106,22 +113,61 @@ def _fragments(texts: list[str], n_words: int, seed: int) -> list[str]:
     return windows
 
 
+def _judge_settings(judge: JudgeSection, seed: int) -> dict[str, Any]:
+    return {
+        "share": judge.share,
+        "seed": seed,
+        "test_size": judge.test_size,
+        "max_features": judge.max_features,
+        "C": judge.C,
+    }
+
+
+def judge_for_task(task: TaskConfig, out: str, train: bool) -> tuple[BagOfWordsJudge, dict[str, Any]]:
+    """The task's second judge: fitted now (``train``, or when ``out/judge`` holds none or one fitted with other
+    settings), else the saved one. Either way the reward model in ``out/reward_model`` must have left out this
+    judge's share with this seed (its ``data_split.json``), or their texts would overlap.
+
+    :return: the judge and its metadata (settings and held-out metrics).
+    """
+    assert task.judge is not None and task.reward.train is not None  # parse_task requires labelled data for it
+    rm_folder = os.path.join(out, "reward_model")
+    split_file = os.path.join(rm_folder, DATA_SPLIT_FILE)
+    split = None
+    if os.path.exists(split_file):
+        with open(split_file) as f:
+            split = json.load(f)
+    if split != {"judge_share": task.judge.share, "seed": task.seed}:
+        raise ValueError(
+            f"the reward model in {rm_folder} was trained on {split or 'texts not recorded'}, not with judge share "
+            f"{task.judge.share} set aside at seed {task.seed}: the judge's texts would overlap its own; train both "
+            "again (without --resume, or into a new --out)"
+        )
+    folder = os.path.join(out, "judge")
+    settings = _judge_settings(task.judge, task.seed)
+    if not train and os.path.isdir(folder):
+        judge = BagOfWordsJudge.load(folder)
+        if {key: judge.metadata.get(key) for key in settings} == settings:
+            return judge, judge.metadata
+    return train_judge_stage(task.judge, task.reward.train, out, task.seed)
+
+
 def train_judge_stage(
     judge: JudgeSection, stage: RewardModelTrainingSection, out: str, seed: int, fragment_words: int = 12
 ) -> tuple[BagOfWordsJudge, dict[str, Any]]:
     """Fit the second judge on the labelled texts set aside from the reward model (:func:`labelled_halves`, the
-    same seed as the reward-model stage) and save it into ``out/judge``.
+    same seed as the reward-model stage) and save it into ``out/judge`` with its settings and metrics.
 
     :param fragment_words: also measure its accuracy on windows of this many words of the held-out texts, about
         the length of the responses it judges.
-    :return: the judge, and its held-out ``accuracy``, ``fragment_accuracy`` and text counts.
+    :return: the judge, and its settings with its held-out ``accuracy``, ``fragment_accuracy`` and text counts.
     """
     _, (positives, negatives), _ = labelled_halves(stage, judge.share, seed)
     train_pos, test_pos = train_test_split(positives, judge.test_size, seed=seed)
     train_neg, test_neg = train_test_split(negatives, judge.test_size, seed=seed)
     model = BagOfWordsJudge.fit(train_pos, train_neg, judge.max_features, C=judge.C)
-    model.save(os.path.join(out, "judge"))
     info = {
+        **_judge_settings(judge, seed),
         "accuracy": model.accuracy(test_pos, test_neg),
         "fragment_accuracy": model.accuracy(
             _fragments(test_pos, fragment_words, seed), _fragments(test_neg, fragment_words, seed + 1)
@@ -131,6 +177,8 @@ def train_judge_stage(
         "n_test": len(test_pos) + len(test_neg),
         "n_features": len(model.vocabulary),
     }
+    model.metadata = info
+    model.save(os.path.join(out, "judge"))
     return model, info
 
 
@@ -207,7 +255,7 @@ class PreparedTask:
     policy_revision: str | None = None
     #: policy prompt -> its plain text, when the prompts are chat-templated (what reward models read)
     reward_prompts: dict[str, str] | None = None
-    #: the second judge of the evaluations (``[judge]``) and its held-out metrics when it was trained now
+    #: the second judge of the evaluations (``[judge]``) and its settings and held-out metrics
     judge: BagOfWordsJudge | None = None
     judge_metrics: dict[str, Any] | None = None
 
