@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.logger import KVWriter, Logger
 
 from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
@@ -197,11 +198,17 @@ def test_held_out_evaluation_tracks_reward_kl_and_compute_without_changing_train
                 coef=0.02,
             )
             callbacks.append(HeldOutEvaluationCallback(eval_env, eval_freq=2, samples_per_prompt=3))
+        # what the logger writes, as TensorBoard would receive it
+        written: list[dict] = []
+        writer = type(
+            "Recorder", (KVWriter,), {"write": lambda self, values, excluded, step=0: written.append(dict(values))}
+        )()
+        model.set_logger(Logger(None, [writer]))
         model.learn(total_timesteps=900, callback=callbacks)
-        return model, history.history, callbacks[-1]
+        return model, history.history, callbacks[-1], written
 
-    model, plain, _ = run(False)
-    evaluated_model, evaluated, evaluation = run(True)
+    model, plain, _, _ = run(False)
+    evaluated_model, evaluated, evaluation, written = run(True)
     assert plain == evaluated  # evaluating does not touch the training RNG
     n_rollouts = len(plain)
     rows = evaluation.history
@@ -210,7 +217,8 @@ def test_held_out_evaluation_tracks_reward_kl_and_compute_without_changing_train
     assert rows[-1]["gradient_steps"] == n_rollouts * 32 // 8  # minibatches per rollout × 1 epoch
     assert rows[-1]["episodes"] == n_rollouts * 32 and rows[-1]["timesteps"] == evaluated_model.num_timesteps
     assert rows[-1]["kl"] > 0
-    assert evaluated_model.logger.name_to_value["eval/score"] == rows[-1]["score"]
+    logged = [values["eval/score"] for values in written if "eval/score" in values]
+    assert logged == [row["score"] for row in rows]  # every evaluation written, the final one too
 
 
 @pytest.mark.parametrize("cls,kwargs,estimator", ALGORITHMS, ids=["rloo", "grpo", "p3o-separate", "p3o-joint"])
