@@ -92,8 +92,8 @@ def main() -> int:
         LlamaForCausalLM(config).to(th.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         prompts = tiny_prompts(256, seed=0, min_words=4, max_words=12)
-        env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=32, max_new_tokens=args.new_tokens)
-        env.stop_token_ids = ()  # every response runs to max_new_tokens, as TRL's do
+        # every response runs to max_new_tokens, as TRL's do
+        env = TokenGenerationEnv(prompts, tokenizer, 32, args.new_tokens, stop_at_eos=False)
         env = KLPenaltyWrapper(
             RewardFunctionWrapper(env, fn=lambda prompts, completions: [len(c) / 100.0 for c in completions]),
             coef=0.05,

@@ -183,8 +183,8 @@ def callback_loop_rows(n_episodes: int, length: int) -> list[tuple[str, float, i
     with tempfile.TemporaryDirectory() as folder:
         causal_lm_from_config(tiny_config(len(tokenizer), "llama", max_positions=length + 16)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        env = TokenGenerationEnv(tiny_prompts(64), tokenizer, max_prompt_tokens=8, max_new_tokens=length)
-        env.stop_token_ids = ()  # every response runs to its full length
+        # every response runs to its full length
+        env = TokenGenerationEnv(tiny_prompts(64), tokenizer, 8, length, stop_at_eos=False)
         model = RLHFPPO(
             TransformerActorCriticPolicy,
             RewardFunctionWrapper(env, fn=lambda prompts, completions: [0.0] * len(completions)),

@@ -67,8 +67,8 @@ def cell(spec: dict[str, Any]) -> dict[str, float]:
         tokenizer.save_pretrained(folder)
         words = PROMPT_TOKENS - 2  # with BOS, within max_prompt_tokens
         prompts = tiny_prompts(16, min_words=words, max_words=words)
-        env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=PROMPT_TOKENS, max_new_tokens=T)
-        env.stop_token_ids = ()  # responses of exactly T tokens: the grid's T is the response length
+        # responses of exactly T tokens: the grid's T is the response length
+        env = TokenGenerationEnv(prompts, tokenizer, PROMPT_TOKENS, T, stop_at_eos=False)
         env = KLPenaltyWrapper(RewardFunctionWrapper(env, fn=lambda p, c: [float(len(x)) for x in c]), coef=0.05)
         ppo = RLHFPPO(
             TransformerActorCriticPolicy,

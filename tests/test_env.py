@@ -59,6 +59,22 @@ def test_eos_terminates_and_max_new_tokens_truncates(env, tokenizer):
     assert info["truncated_response"] is True
 
 
+def test_without_stop_at_eos_responses_run_to_the_limit(prompts, tokenizer, model_path):
+    """stop_at_eos=False: EOS is an ordinary token, in env.step and in the batched generation alike."""
+    from tests.helpers import generate_batch, make_policy
+
+    env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=4, stop_at_eos=False)
+    assert tokenizer.eos_token_id not in env.stop_token_ids
+    env.reset(seed=0)
+    for i in range(4):
+        _, _, terminated, truncated, _ = env.step(tokenizer.eos_token_id)
+        assert not terminated and truncated == (i == 3)
+    policy = make_policy(env, model_path, temperature=50.0)  # near-uniform: EOS is drawn now and then
+    batch = generate_batch(policy, env, list(range(16)))
+    assert (batch.lengths == 4).all() and not batch.terminated.any()
+    assert (batch.response_ids == tokenizer.eos_token_id).any()  # drawn, without ending a response
+
+
 def test_prompts_sampled_with_np_random(env):
     first = [env.reset(seed=7)[1]["prompt_index"]] + [env.reset()[1]["prompt_index"] for _ in range(20)]
     second = [env.reset(seed=7)[1]["prompt_index"]] + [env.reset()[1]["prompt_index"] for _ in range(20)]

@@ -48,6 +48,8 @@ class TokenGenerationEnv(gym.Env):
         e.g. the plain HH transcript behind a chat-templated prompt (a reward model trained on HH text then
         scores ``reward_prompt + " " + response``, see :attr:`~sb3_rlhf.common.generation.GenerationBatch.reward_texts`).
         One per prompt; ``None``: reward models read the episode's own text.
+    :param stop_at_eos: ``False``: EOS is an ordinary token and responses run to ``max_new_tokens`` (or a
+        ``stop_token_ids`` token): fixed-length responses, as benchmarks and some peers' PPO use.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -64,6 +66,7 @@ class TokenGenerationEnv(gym.Env):
         add_special_tokens: bool = True,
         render_mode: str | None = None,
         reward_prompts: Sequence[str] | None = None,
+        stop_at_eos: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -96,7 +99,8 @@ class TokenGenerationEnv(gym.Env):
         self.render_mode = render_mode
         self.pad_token_id = int(self.tokenizer.pad_token_id)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
-        self.stop_token_ids = tuple(dict.fromkeys([self.eos_token_id, *(int(t) for t in (stop_token_ids or ()))]))
+        stops = [self.eos_token_id] if stop_at_eos else []
+        self.stop_token_ids = tuple(dict.fromkeys([*stops, *(int(t) for t in (stop_token_ids or ()))]))
         self.n_actions = len(self.tokenizer)
         if self.pad_token_id in self.stop_token_ids:
             raise ValueError("stop_token_ids must not contain the pad token")
