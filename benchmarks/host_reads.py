@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import torch as th
 
@@ -28,26 +31,45 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu
 PACKAGE = os.path.dirname(sb3_rlhf.__file__)
 
 
-def reads_in_train(model: object) -> int:
-    count = [0]
+def library_reads(model: Any) -> Counter:
+    """Each line of the package that read a tensor's value during ``model.train()``, with its count."""
+    reads: Counter = Counter()
     originals = {name: getattr(th.Tensor, name) for name in READS}
 
-    def counted(original):  # type: ignore[no-untyped-def]
-        def read(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if sys._getframe(1).f_code.co_filename.startswith(PACKAGE):
-                count[0] += 1
+    def counted(original: Callable, name: str) -> Callable:
+        def read(self: th.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(PACKAGE):
+                reads[(name, os.path.relpath(caller.f_code.co_filename, PACKAGE), caller.f_lineno)] += 1
             return original(self, *args, **kwargs)
 
         return read
 
     for name, original in originals.items():
-        setattr(th.Tensor, name, counted(original))
+        setattr(th.Tensor, name, counted(original, name))
     try:
-        model.train()  # type: ignore[attr-defined]
+        model.train()
     finally:
         for name, original in originals.items():
             setattr(th.Tensor, name, original)
-    return count[0]
+    return reads
+
+
+def trained_once(algorithm: type, env: Any, model_path: str, batch_size: int, **kwargs: Any) -> Any:
+    """``algorithm`` on ``env`` after one rollout and update: 2 epochs of 8 episodes in minibatches of
+    ``batch_size``; its next ``train()`` is what :func:`library_reads` counts."""
+    model = algorithm(
+        TransformerActorCriticPolicy,
+        env,
+        n_episodes=8,
+        batch_size=batch_size,
+        n_epochs=2,
+        policy_kwargs={"model_name_or_path": model_path},
+        seed=0,
+        **kwargs,
+    )
+    model.learn(1)
+    return model
 
 
 def main() -> None:
@@ -61,20 +83,10 @@ def main() -> None:
         (RLHFPPO, {}, rule_env(tokenizer)),
         (GRPO, {"samples_per_prompt": 2}, rule_env(tokenizer, estimator="k3")),
     ]:
-        counts = []
-        for batch_size in (4, 2):
-            model = algorithm(
-                TransformerActorCriticPolicy,
-                env,
-                n_episodes=8,
-                batch_size=batch_size,
-                n_epochs=2,
-                policy_kwargs={"model_name_or_path": folder},
-                seed=0,
-                **kwargs,
-            )
-            model.learn(1)
-            counts.append(reads_in_train(model))
+        counts = [
+            sum(library_reads(trained_once(algorithm, env, folder, batch_size, **kwargs)).values())
+            for batch_size in (4, 2)
+        ]
         print(
             f"{algorithm.__name__}: {counts[0]} reads at 4 minibatches, {counts[1]} at 8: "
             f"{(counts[1] - counts[0]) / 4:.2f} per minibatch"
