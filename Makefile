@@ -29,7 +29,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 install: $(VENV)/.installed
 
 main: install
-	$(BIN)/sb3-rlhf train envs/imdb_positive.toml --out runs/imdb_positive
+	$(BIN)/sb3-rlhf train envs/imdb_positive.toml --out runs/imdb_positive --summary benchmarks/results/imdb_positive.json
 
 demo: install
 	$(BIN)/sb3-rlhf demo --out runs/demo

@@ -105,11 +105,18 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
         "--no-progress-bar",
         "--set",
         "algorithm.total_timesteps=5000",
+        "--summary",
+        str(tmp_path / "summary.json"),
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "trained policy against the initial one" in printed
     results = json.loads((out / "report.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trained"]["score"] == results["trained"]["score"]
+    assert summary["initial"]["eos_rate"] == results["initial"]["eos_fraction"]
+    assert summary["trained"]["distinct_2"] == results["trained"]["distinct_2"]
+    assert summary["trained"]["judge_positive_share"] is None  # the tiny task has no judge
     assert results["trained"]["score"] > results["initial"]["score"] + 0.3
     assert results["initial"]["kl"] == pytest.approx(0.0, abs=1e-4) and results["trained"]["kl"] > 0
     for name in ("ppo_model.zip", "report.md", "policy/model.safetensors"):

@@ -33,6 +33,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="resolve every model and data file, print the plan (models, data sizes, budget) and exit without training",
     )
+    parser.add_argument(
+        "--summary",
+        metavar="PATH",
+        help="also write the report's headline measures as JSON: {initial, trained} x {score, kl, distinct_1, "
+        "distinct_2, eos_rate, judge_positive_share}",
+    )
     parser.add_argument("--no-progress-bar", action="store_true")
     parser.set_defaults(func=run)
     return parser
@@ -59,7 +65,35 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
         print(f"reward model: held-out accuracy {results['reward_model']['accuracy']:.3f}")
     print(report_markdown(task.name, results, task.evaluation.n_prompts))
     print(f"run folder: {out} (tensorboard/, checkpoints/, {task.algorithm_name}_model.zip, policy/, report.md)")
+    if args.summary:
+        write_summary(results, args.summary)
     return results
+
+
+#: the summary's keys and the report's names for them
+SUMMARY_KEYS = {
+    "score": "score",
+    "kl": "kl",
+    "distinct_1": "distinct_1",
+    "distinct_2": "distinct_2",
+    "eos_rate": "eos_fraction",
+    "judge_positive_share": "judge_positive_share",
+}
+
+
+def write_summary(results: dict[str, Any], path: str) -> None:
+    """The headline measures of the initial and the trained policy (``None`` where the task has no judge)."""
+    import json
+
+    from sb3_rlhf.common.io import atomic_file
+
+    summary = {
+        policy: {key: results[policy].get(name) for key, name in SUMMARY_KEYS.items()}
+        for policy in ("initial", "trained")
+    }
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
