@@ -690,8 +690,8 @@ def write_markdown(
         "machine, and the floor's peak memory (the resident models, gradients and AdamW's moments, and the "
         "activations) against TRL's was meant to bound the memory ratio the same way, but it does not: TRL's "
         "peak stays below the floor's for the separate critic, GRPO and RLOO (see the last column), by a saving "
-        "not found yet (candidates: TRL's Trainer defaults to the fused AdamW since torch 2.8; how much of each "
-        "process's weights stays file-backed from the safetensors mmap). A speed target beyond TRL's multiple "
+        "not found yet (not the fused AdamW TRL's Trainer defaults to: ours with it peaks no lower; a candidate: how "
+        "much of each process's weights stays file-backed from the safetensors mmap). A speed target beyond TRL's multiple "
         "cannot be met by speed-ups of the same algorithm; only doing less work (a shared value head instead of a "
         "critic model, LoRA instead of full fine-tuning) moves it.",
         "",
