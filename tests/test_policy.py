@@ -345,6 +345,14 @@ def test_last_hidden_state_from_the_lm_head_input_equals_the_models_own(architec
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
 
 
+def count_teacher_forced_passes(policy):
+    """Count the policy's teacher-forced passes from now on: ``(calls, the unwrapped method)``."""
+    calls = []
+    teacher_forced = policy.evaluate_sequences
+    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    return calls, teacher_forced
+
+
 @pytest.mark.parametrize(
     "checkpoint, sampling",
     [("model_path", {}), ("gpt2_path", {"temperature": 0.7}), ("model_path", {"top_k": 6, "top_p": 0.8})],
@@ -358,9 +366,7 @@ def test_old_logprobs_recorded_in_generate_equal_the_teacher_forced_pass(
     stops = [t for t in stops if t != tokenizer.pad_token_id]
     env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=8, max_new_tokens=6, stop_token_ids=stops)
     policy = make_policy(env, request.getfixturevalue(checkpoint), **sampling)
-    calls = []
-    teacher_forced = policy.evaluate_sequences
-    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    calls, teacher_forced = count_teacher_forced_passes(policy)
     indices = list(range(len(prompts))) * 2
     th.manual_seed(0)
     recorded, values = policy.sample_episodes(env, indices, with_values=False)
@@ -380,9 +386,7 @@ def test_half_precision_rollouts_keep_the_teacher_forced_pass(env, model_path):
     """In bfloat16 the KV-cached and the teacher-forced forwards can differ by more than float32 rounding: the
     old log-probs still come from the teacher-forced pass there."""
     policy = make_policy(env, model_path, dtype="bfloat16")
-    calls = []
-    teacher_forced = policy.evaluate_sequences
-    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    calls, teacher_forced = count_teacher_forced_passes(policy)
     policy.sample_episodes(env, [0, 1], with_values=False)
     assert calls
 
@@ -398,9 +402,7 @@ def test_a_separate_critic_rollout_runs_the_critic_alone(env, model_path):
     """With a separate critic the actor's teacher-forced pass is spared too: the old log-probs come from
     generate(), the values from the critic's forward, both equal to the full pass's."""
     policy = make_policy(env, model_path, value_head="separate")
-    calls = []
-    teacher_forced = policy.evaluate_sequences
-    policy.evaluate_sequences = lambda *a, **k: calls.append(1) or teacher_forced(*a, **k)
+    calls, teacher_forced = count_teacher_forced_passes(policy)
     th.manual_seed(0)
     batch, values = policy.sample_episodes(env, list(range(6)), with_values=True)
     assert not calls

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import torch as th
 
-from sb3_rlhf.common.forward import response_logprobs
+from sb3_rlhf.common.forward import response_logits
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.quality import text_quality
-from sb3_rlhf.common.sequences import zero_padding
+from sb3_rlhf.common.sequences import logprobs_of_tokens, zero_padding
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import RewardWrapper, SequenceRewardWrapper
@@ -69,20 +69,18 @@ def evaluate_policy(
         score = sum(
             (w.score(batch) for w in scorers if isinstance(w, SequenceRewardWrapper)), th.zeros(batch.batch_size)
         )
-        ref = response_logprobs(
-            reference,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.response_length,
-            policy.temperature,
-            policy.n_actions,
+        # one reference forward: the KL reads its logits at the sampling temperature, the perplexity as they are
+        ref_logits, _ = response_logits(
+            reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
         )
+        tokens = batch.input_ids[:, -batch.response_length :]
+        ref = logprobs_of_tokens(ref_logits, tokens)  # the reference's own distribution: the perplexity's
+        if policy.temperature != 1.0:
+            ref_sampled = logprobs_of_tokens(ref_logits / policy.temperature, tokens)
+        else:
+            ref_sampled = ref
         assert batch.logprobs is not None  # sample() fills them
-        kls += zero_padding(batch.logprobs - ref, batch.response_mask).sum(-1).tolist()
-        if policy.temperature != 1.0:  # the reference's own distribution, not the sampling temperature's
-            ref = response_logprobs(
-                reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
-            )
+        kls += zero_padding(batch.logprobs - ref_sampled, batch.response_mask).sum(-1).tolist()
         nll -= float(zero_padding(ref, batch.response_mask).sum())
         n_tokens += int(batch.response_mask.sum())
         scores += score.tolist()
