@@ -63,7 +63,9 @@ def forward_last_positions(
     finally:
         if hook is not None:
             hook.remove()
-    logits = out.logits[:, -n_positions:]
+    logits = out.logits
+    if logits.shape[1] != n_positions:  # no logits_to_keep; a no-op slice would still cost its backward a
+        logits = logits[:, -n_positions:]  # zero-filled copy of the whole (batch, n, vocab) gradient
     hidden = head_inputs[-1][:, -n_positions:] if output_hidden_states else None
     return logits, hidden
 
