@@ -1,20 +1,24 @@
 """Benchmark: the reward-versus-KL trade-off of PPO, P3O (separate and joint clipping), RLOO, GRPO and DPO.
 
     python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml                 # minutes
-    python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 4000 # about an hour, 2 CPUs
+    python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 4000 # hours, 2 CPUs
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
-trained once at the start, or its reward function), for each KL coefficient β given. The online methods get the
-same budget of generated training tokens (``--timesteps``) and the task's shared settings (learning rate,
-episodes per rollout, minibatch size, epochs); DPO learns from pairs of the initial policy's samples on the
-training prompts, labelled by the same reward, with β as its own β; it samples as many responses as an online
-run could generate in its token budget (``--timesteps`` / ``max_new_tokens``), once, before training. Along training, every method is scored on
-the held-out prompts: mean reward score and KL to the initial policy (Σ_t log π − log π_ref per response, k1;
-the same seed for every evaluation). The tables state each method's compute: responses sampled, tokens
-generated and gradient steps.
+trained once at the start, or its reward function), for each KL coefficient β given (default three) and each
+training seed (default two). The online methods get the same budget of generated training tokens
+(``--timesteps``) and the task's shared settings (learning rate, episodes per rollout, minibatch size, epochs);
+DPO learns from pairs of the initial policy's samples on the training prompts, labelled by the same reward, with
+β as its own β; it samples ``--dpo-samples`` responses once, before training (default: as many as an online run
+generates), and trains ``--dpo-epochs`` epochs over their pairs. Along training, every method is scored on the
+held-out prompts (the same prompts and sampling seed at every evaluation): mean reward score, KL to the initial
+policy (Σ_t log π − log π_ref per response, k1), and the text's quality (distinct-n, repeated bigrams, EOS rate,
+the reference's perplexity, and the task's second judge when it has one). The tables state each method's
+compute: responses sampled, tokens generated and gradient steps.
 
-Writes ``<out>.csv`` (every evaluation), ``<out>.md`` (the final point of each run and its budget) and
-``<out>.png`` (score against KL, one line per run along training).
+Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``seed``, ``evaluation``, compute and
+measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
+PPO and DPO, read from these points) and ``<out>.png`` (score against KL along training, mean over seeds with
+the seeds' range).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch as th
 from versions import versions_line  # benchmarks/versions.py
 
@@ -51,10 +56,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def with_algorithm(prepared: PreparedTask, algorithm: str, beta: float, adaptive: bool) -> PreparedTask:
-    """The prepared task switched to ``algorithm``, its KL coefficient set to ``beta`` (online methods); the
+def with_algorithm(prepared: PreparedTask, algorithm: str, beta: float, adaptive: bool, seed: int) -> PreparedTask:
+    """The prepared task switched to ``algorithm``, its KL coefficient set to ``beta`` (online methods), its
+    training seeded by ``seed`` (the prompt split, the reward model and the evaluations keep the task's seed); the
     coefficient stays fixed unless ``adaptive`` (then ``beta`` is the adaptive controller's starting value)."""
-    task = dataclasses.replace(prepared.task, algorithm_name=algorithm)
+    task = dataclasses.replace(prepared.task, algorithm_name=algorithm, seed=seed)
     target = task.kl.target if adaptive else None
     kl = dataclasses.replace(task.kl, coef=beta, target=target, estimator=kl_estimator(task))
     task = dataclasses.replace(task, kl=kl)
@@ -62,14 +68,18 @@ def with_algorithm(prepared: PreparedTask, algorithm: str, beta: float, adaptive
 
 
 def run_online(
-    prepared: PreparedTask, overrides: dict[str, Any], timesteps: int, eval_freq: int, eval_samples: int
+    prepared: PreparedTask,
+    overrides: dict[str, Any],
+    timesteps: int,
+    eval_freq: int,
+    eval_samples: int,
+    eval_seed: int,
 ) -> list[dict]:
-    task = prepared.task
     model = make_online_model(prepared, prepared.env(prepared.train_prompts), tensorboard_log=None, **overrides)
     evaluation = HeldOutEvaluationCallback(
         prepared.env(prepared.eval_prompts),
         eval_freq,
-        seed=task.seed,
+        seed=eval_seed,
         samples_per_prompt=eval_samples,
         judge=prepared.judge,
     )
@@ -78,12 +88,13 @@ def run_online(
 
 
 def run_dpo(
-    prepared: PreparedTask, beta: float, eval_samples: int, n_samples: int
+    prepared: PreparedTask, beta: float, eval_samples: int, eval_seed: int, n_samples: int, n_epochs: int | None
 ) -> tuple[list[dict], dict[str, float]]:
-    """DPO on pairs from ``n_samples`` responses of the initial policy (the online runs' budget of episodes)."""
+    """DPO on pairs from ``n_samples`` responses of the initial policy, over ``n_epochs`` (default: the task's)."""
     pairs_per_prompt = prepared.task.algorithm_settings().get("pairs_per_prompt", 1)
     n_prompts = max(1, n_samples // (2 * pairs_per_prompt))
-    trainer, counts = make_dpo_trainer(prepared, beta=beta, tensorboard_log=None, n_prompts=n_prompts)
+    epochs = {} if n_epochs is None else {"n_epochs": n_epochs}
+    trainer, counts = make_dpo_trainer(prepared, beta=beta, tensorboard_log=None, n_prompts=n_prompts, **epochs)
     eval_env = prepared.env(prepared.eval_prompts)
     policy = initial_policy(prepared, eval_env, trainer.device)
     reference = initial_policy(prepared, eval_env, trainer.device).actor
@@ -97,7 +108,7 @@ def run_dpo(
             reference,
             eval_env.unwrapped,
             reward_wrappers(eval_env),
-            prepared.task.seed,
+            eval_seed,
             samples_per_prompt=eval_samples,
             judge=prepared.judge,
         )
@@ -105,7 +116,31 @@ def run_dpo(
     return history, counts
 
 
+#: the measures of every evaluation kept in the CSV, and those of the final points in the report
+MEASURES = [
+    "score",
+    "kl",
+    "response_length",
+    "eos_fraction",
+    "distinct_1",
+    "distinct_2",
+    "repeated_2gram_rate",
+    "reference_perplexity",
+    "judge_positive_share",
+]
+
+
+def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
+    """Mean, min and max of ``key`` over rows (one per seed); NaN where no row has it."""
+    values = np.array([r[key] for r in rows if key in r], dtype=float)
+    if not len(values):
+        return (float("nan"),) * 3
+    return float(values.mean()), float(values.min()), float(values.max())
+
+
 def write_plot(rows: list[dict], path: str, title: str) -> None:
+    """Score against KL along training, one line per method and β: at each evaluation the mean over seeds, with
+    bars from the lowest to the highest seed on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,28 +149,77 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = ["o", "s", "^", "D", "v", "P"]
     betas = sorted({r["beta"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for method in METHODS:
         for i, beta in enumerate(betas):
             run = [r for r in rows if r["method"] == method and r["beta"] == beta]
             if not run:
                 continue
-            ax.plot(
-                [r["kl"] for r in run],
-                [r["score"] for r in run],
+            points = sorted({r["evaluation"] for r in run})
+            by_point = [[r for r in run if r["evaluation"] == k] for k in points]
+            kl = np.array([seed_mean(rs, "kl") for rs in by_point])
+            score = np.array([seed_mean(rs, "score") for rs in by_point])
+            ax.errorbar(
+                kl[:, 0],
+                score[:, 0],
+                xerr=[kl[:, 0] - kl[:, 1], kl[:, 2] - kl[:, 0]],
+                yerr=[score[:, 0] - score[:, 1], score[:, 2] - score[:, 0]],
                 color=colors[method],
                 marker=markers[i % len(markers)],
                 markersize=4,
+                elinewidth=0.6,
+                capsize=1.5,
                 alpha=0.85,
                 label=f"{method} β={beta:g}",
             )
     ax.set_xlabel("KL to the initial policy (nats per response, held-out prompts)")
     ax.set_ylabel("mean reward score (held-out prompts)")
-    ax.set_title(title)
+    ax.set_title(title + " (mean over seeds; bars: seed range)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """A method's score at ``kl``, linearly between its final points (sorted by KL); None outside their range."""
+    points = sorted(points)
+    for (k0, s0), (k1, s1) in zip(points, points[1:]):
+        if k0 <= kl <= k1:
+            return s0 if k1 == k0 else s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list[str]:
+    """Where ``method``'s final points lie against each of ``others``': their scores at the same KL, read off
+    the lines through each method's seed-mean final points (one per β), where both methods reach that KL."""
+
+    def points(name: str) -> list[tuple[float, float]]:
+        return [(f["kl"], f["score"]) for f in finals if f["method"] == name]
+
+    lines = []
+    for other in others:
+        mine, theirs = points(method), points(other)
+        if len(mine) < 2 or len(theirs) < 2:
+            continue
+        low = max(min(k for k, _ in mine), min(k for k, _ in theirs))
+        high = min(max(k for k, _ in mine), max(k for k, _ in theirs))
+        if low >= high:
+            lines.append(
+                f"- {method} against {other}: their final KLs do not overlap ({method} "
+                f"{min(k for k, _ in mine):.2f}–{max(k for k, _ in mine):.2f}, {other} "
+                f"{min(k for k, _ in theirs):.2f}–{max(k for k, _ in theirs):.2f} nats): no like-for-like reading."
+            )
+            continue
+        grid = np.linspace(low, high, 5)
+        gaps = [score_at_kl(mine, k) - score_at_kl(theirs, k) for k in grid]  # type: ignore[operator]
+        verdict = "above" if min(gaps) > 0 else "below" if max(gaps) < 0 else "crossing"
+        lines.append(
+            f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
+            + ", ".join(f"{g:+.3f}" for g in gaps)
+            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}: {method} lies {verdict} {other}."
+        )
+    return lines
 
 
 def main() -> int:
@@ -145,6 +229,7 @@ def main() -> int:
     parser.add_argument(
         "--betas", nargs="+", type=float, default=None, help="default: 0.5×, 1× and 2× the task's kl.coef"
     )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds per point")
     parser.add_argument(
         "--timesteps", type=int, default=None, help="generated tokens per online run (default: the task's)"
     )
@@ -153,6 +238,13 @@ def main() -> int:
     )
     parser.add_argument("--adaptive", action="store_true", help="keep the task's adaptive KL target (default: fixed β)")
     parser.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt per evaluation")
+    parser.add_argument(
+        "--dpo-samples",
+        type=int,
+        default=None,
+        help="initial-policy responses DPO's pairs are made of (default: as many as an online run generates)",
+    )
+    parser.add_argument("--dpo-epochs", type=int, default=None, help="DPO's epochs (default: the task's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task overrides")
     parser.add_argument(
         "--out", default=None, help="results prefix (default benchmarks/results/kl_reward_frontier_<task>)"
@@ -167,63 +259,70 @@ def main() -> int:
     run_dir = args.run_dir or os.path.join("runs", f"frontier_{task.name}")
     timesteps = args.timesteps or task.algorithm.total_timesteps
     betas = args.betas or [task.kl.coef / 2, task.kl.coef, task.kl.coef * 2]
+    dpo_samples = args.dpo_samples or timesteps // task.generation.max_new_tokens
     started = time.time()
     prepared, reward_model_metrics = prepare(task, run_dir, train_reward_model=task.reward.train is not None)
     n_episodes = task.algorithm_settings().get("n_episodes", 64)
     eval_freq = args.eval_freq or max(1, round(timesteps / n_episodes / task.generation.max_new_tokens / 8))
 
     rows: list[dict[str, Any]] = []
-    finals: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     for method in args.methods:
         algorithm, overrides = METHODS[method]
         for beta in betas:
-            run_started = time.time()
-            run = with_algorithm(prepared, algorithm, beta, args.adaptive)
-            if algorithm == "dpo":
-                # as many samples as an online run generates responses (all of length max_new_tokens at most)
-                history, counts = run_dpo(run, beta, args.eval_samples, timesteps // task.generation.max_new_tokens)
-                budget = f"{counts['samples']:.0f} samples once → {counts['pairs']:.0f} pairs"
-            else:
-                history = run_online(run, overrides, timesteps, eval_freq, args.eval_samples)
-                budget = f"{history[-1]['episodes']:.0f} episodes, {history[-1]['timesteps']:.0f} tokens"
-            for row in history:
-                rows.append({"method": method, "beta": beta, **row})
-            final = history[-1]
-            finals.append(
-                {
-                    "method": method,
-                    "beta": beta,
-                    "score": final["score"],
-                    "kl": final["kl"],
-                    "length": final["response_length"],
-                    "budget": budget,
-                    "gradient_steps": final["gradient_steps"],
-                    "seconds": time.time() - run_started,
-                }
-            )
-            print(
-                f"{method:13s} β={beta:<7g} score {history[0]['score']:.3f} -> {final['score']:.3f}  "
-                f"KL {final['kl']:.2f}  ({budget}, {final['gradient_steps']:.0f} gradient steps, "
-                f"{time.time() - run_started:.0f} s)",
-                flush=True,
-            )
+            for seed in args.seeds:
+                run_started = time.time()
+                run = with_algorithm(prepared, algorithm, beta, args.adaptive, seed)
+                if algorithm == "dpo":
+                    history, counts = run_dpo(run, beta, args.eval_samples, task.seed, dpo_samples, args.dpo_epochs)
+                    budget = (
+                        f"{counts['samples']:.0f} samples once → {counts['pairs']:.0f} pairs, {len(history) - 1} epochs"
+                    )
+                else:
+                    history = run_online(run, overrides, timesteps, eval_freq, args.eval_samples, task.seed)
+                    budget = f"{history[-1]['episodes']:.0f} episodes, {history[-1]['timesteps']:.0f} tokens"
+                for point, row in enumerate(history):
+                    rows.append({"method": method, "beta": beta, "seed": seed, "evaluation": point, **row})
+                final = history[-1]
+                runs.append(
+                    {
+                        "method": method,
+                        "beta": beta,
+                        "seed": seed,
+                        **{key: final[key] for key in MEASURES if key in final},
+                        "budget": budget,
+                        "gradient_steps": final["gradient_steps"],
+                        "seconds": time.time() - run_started,
+                    }
+                )
+                print(
+                    f"{method:13s} β={beta:<7g} seed {seed}: score {history[0]['score']:.3f} -> "
+                    f"{final['score']:.3f}  KL {final['kl']:.2f}  ({budget}, {final['gradient_steps']:.0f} gradient "
+                    f"steps, {time.time() - run_started:.0f} s)",
+                    flush=True,
+                )
 
-    fields = [
-        "method",
-        "beta",
-        "timesteps",
-        "episodes",
-        "gradient_steps",
-        "score",
-        "kl",
-        "response_length",
-        "eos_fraction",
-    ]
+    fields = ["method", "beta", "seed", "evaluation", "timesteps", "episodes", "gradient_steps", *MEASURES]
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     write_plot(rows, out + ".png", f"{task.name}: reward against KL along training")
+    # the final point of each (method, β): mean over its seeds
+    finals = []
+    for method in args.methods:
+        for beta in betas:
+            group = [r for r in runs if r["method"] == method and r["beta"] == beta]
+            finals.append(
+                {
+                    "method": method,
+                    "beta": beta,
+                    **{key: seed_mean(group, key) for key in MEASURES},
+                    "budget": group[0]["budget"],
+                    "gradient_steps": group[0]["gradient_steps"],
+                    "seconds": float(np.mean([r["seconds"] for r in group])),
+                }
+            )
     settings = task.algorithm_settings()
     initial = rows[0]
     lines = [
@@ -234,7 +333,9 @@ def main() -> int:
         f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s.",
         f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
-        f"{len(prepared.train_prompts)}. "
+        f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))} (the training's: "
+        "sampling, minibatch order, DPO's pairs; the prompt split, the reward model and every evaluation keep the "
+        f"task's seed {task.seed}). "
         f"Online budget per run: {timesteps} generated tokens; shared settings {settings}. "
         f"KL estimator: k1 in the reward (PPO, P3O, RLOO), k3 in the loss (GRPO); β is the KL coefficient for the "
         f"online methods ({'adaptive, starting value' if args.adaptive else 'fixed'}) and DPO's own β. "
@@ -242,23 +343,50 @@ def main() -> int:
     ]
     if reward_model_metrics:
         lines.append(f"Reward model (trained once, shared): held-out accuracy {reward_model_metrics['accuracy']:.3f}.")
+    if prepared.judge_metrics:
+        lines.append(
+            "Second judge (never trained against): bag-of-words logistic regression, held-out accuracy "
+            f"{prepared.judge_metrics['accuracy']:.3f} on whole texts, {prepared.judge_metrics['fragment_accuracy']:.3f} "
+            f"on {prepared.judge_metrics['fragment_words']}-word windows."
+        )
+    judged = not np.isnan(finals[0]["judge_positive_share"][0])
     lines += [
         "",
-        f"Initial policy: score {initial['score']:.4f}, KL {initial['kl']:.3f}.",
+        f"Initial policy: score {initial['score']:.4f}, KL {initial['kl']:.3f}, distinct-2 {initial['distinct_2']:.3f}, "
+        f"reference perplexity {initial['reference_perplexity']:.1f}"
+        + (f", judged positive {initial['judge_positive_share']:.2f}." if judged else "."),
         "",
-        "| method | β | final score | final KL | response length | compute | gradient steps | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "Final points, mean over the seeds (lowest–highest seed in brackets for score and KL):",
+        "",
+        "| method | β | final score | final KL | distinct-2 | repeated bigrams | reference perplexity | EOS rate "
+        + ("| judged positive " if judged else "")
+        + "| compute | gradient steps | seconds per run |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if judged else "") + "---|---|---|",
     ]
     for r in finals:
         lines.append(
-            f"| {r['method']} | {r['beta']:g} | {r['score']:.4f} | {r['kl']:.3f} | {r['length']:.1f} | {r['budget']} | "
-            f"{r['gradient_steps']:.0f} | {r['seconds']:.0f} |"
+            f"| {r['method']} | {r['beta']:g} | {r['score'][0]:.3f} [{r['score'][1]:.3f}, {r['score'][2]:.3f}] | "
+            f"{r['kl'][0]:.2f} [{r['kl'][1]:.2f}, {r['kl'][2]:.2f}] | {r['distinct_2'][0]:.3f} | "
+            f"{r['repeated_2gram_rate'][0]:.3f} | {r['reference_perplexity'][0]:.1f} | {r['eos_fraction'][0]:.2f} | "
+            + (f"{r['judge_positive_share'][0]:.2f} | " if judged else "")
+            + f"{r['budget']} | {r['gradient_steps']:.0f} | {r['seconds']:.0f} |"
         )
-    lines += [
-        "",
-        "One seed per run: small differences between single runs are within run-to-run noise; read the plot",
-        "(every evaluation along training) rather than single final points. Seconds are wall-clock on a shared machine.",
+    point_finals = [{"method": r["method"], "kl": r["kl"][0], "score": r["score"][0]} for r in finals]
+    others = [m for m in ("ppo", "dpo") if m in args.methods]
+    comparison = [
+        line
+        for p3o in ("p3o-separate", "p3o-joint")
+        if p3o in args.methods
+        for line in comparison_lines(point_finals, p3o, others)
     ]
+    if comparison:
+        lines += [
+            "",
+            "Where P3O lies, from these final points (seed means, one per β; a method's score at a KL read off the "
+            "line through its points, where both methods reach that KL):",
+            "",
+            *comparison,
+        ]
     lines += ["", f"Every evaluation: `{os.path.basename(out)}.csv`; plot: `{os.path.basename(out)}.png`.", ""]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))

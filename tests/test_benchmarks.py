@@ -26,8 +26,14 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
         "dpo",
         "--betas",
         "0.02",
+        "0.1",
+        "--seeds",
+        "0",
+        "1",
         "--timesteps",
-        "800",
+        "400",
+        "--dpo-epochs",
+        "2",
         "--out",
         str(out),
         "--run-dir",
@@ -41,8 +47,21 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
         run = [r for r in rows if r["method"] == method]
         assert float(run[0]["kl"]) == 0.0 or abs(float(run[0]["kl"])) < 1e-4  # starts at the initial policy
         assert float(run[-1]["gradient_steps"]) > 0
+    # two β and two seeds per method; the seeds train differently, the evaluations are the same for all
+    for method in ("ppo", "p3o-joint", "grpo", "dpo"):
+        run = [r for r in rows if r["method"] == method]
+        assert {(float(r["beta"]), int(r["seed"])) for r in run} == {(b, s) for b in (0.02, 0.1) for s in (0, 1)}
+        finals = {
+            int(r["seed"]): r for r in run if float(r["beta"]) == 0.1 and r["evaluation"] == run[-1]["evaluation"]
+        }
+        assert finals[0]["score"] != finals[1]["score"]
+        assert len({r["score"] for r in run if r["evaluation"] == "0"}) == 1  # every run starts from one point
+        assert all(0 < float(r["distinct_2"]) <= 1 and float(r["reference_perplexity"]) > 1 for r in run)
+    dpo = [r for r in rows if r["method"] == "dpo" and float(r["beta"]) == 0.1 and r["seed"] == "1"]
+    assert len(dpo) == 3 and float(dpo[1]["gradient_steps"]) > 0  # before training and after each of its 2 epochs
     table = open(f"{out}.md").read()
-    assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table
+    assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table and "distinct-2" in table
+    assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
     assert os.path.getsize(f"{out}.png") > 10_000
 
 

@@ -152,6 +152,16 @@ def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, mod
     # other judge settings: fitted again on the same texts; another share: the reward model's texts would overlap
     prepared, _ = prepare(parse_task(judged_task(data, model_path, share=0.3, test_size=0.25, C=0.5)), str(out), False)
     assert len(fitted_on) == 2 and prepared.judge_metrics["C"] == 0.5 and fitted_on[1] == fitted_on[0]
+    # window_words: fitted on every 4-word window of the same training texts, side by side, instead of whole texts
+    prepared, _ = prepare(
+        parse_task(judged_task(data, model_path, share=0.3, test_size=0.25, window_words=4)), str(out), False
+    )
+    windows, texts = fitted_on[2], fitted_on[0]
+    assert len(fitted_on) == 3 and prepared.judge_metrics["window_words"] == 4
+    assert max(len(w.split()) for w in windows) == 4 and len(windows) == prepared.judge_metrics[
+        "n_train_windows"
+    ] > len(texts)
+    assert " ".join(windows) == " ".join(" ".join(t.split()) for t in texts)  # every word once, in order
     with pytest.raises(ValueError, match="the judge's texts would overlap its own"):
         prepare(parse_task(judged_task(data, model_path, share=0.5)), str(out), False)
 
@@ -164,6 +174,8 @@ def test_a_judge_needs_labelled_reward_data():
     data = judged_task("r.csv", "unused", share=1.5)
     with pytest.raises(ValueError, match="judge.share must be a share between 0 and 1"):
         parse_task(data)
+    with pytest.raises(ValueError, match="judge.window_words must be >= 0"):
+        parse_task(judged_task("r.csv", "unused", window_words=-1))
     data = judged_task("r.csv", "unused")
     data["evaluation"]["every"] = 0
     with pytest.raises(ValueError, match="evaluation.every must be a positive number of rollouts"):

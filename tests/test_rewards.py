@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch as th
@@ -307,6 +309,27 @@ def test_adaptive_kl_controller_follows_ziegler():
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 10)
     assert fixed.value == 0.05
+
+
+def test_adaptive_kl_controller_proportional_term():
+    controller = AdaptiveKLController(coef=0.1, target=6.0, horizon=1000, proportional_gain=2.0)
+    controller.update(current_kl=9.0, n_steps=100)  # e = 0.5: the integral as Ziegler's, then × exp(2 · 0.5)
+    integral = 0.1 * (1 + 0.2 * 100 / 1000)
+    assert (controller.integral, controller.value) == pytest.approx((integral, integral * math.exp(1.0)))
+    controller.update(current_kl=30.0, n_steps=100)  # e = 4, the proportional term clipped at 1
+    integral *= 1 + 0.2 * 100 / 1000
+    assert controller.value == pytest.approx(integral * math.exp(2.0))
+    controller.update(current_kl=0.0, n_steps=100)  # e = -1
+    integral *= 1 - 0.2 * 100 / 1000
+    assert controller.value == pytest.approx(integral * math.exp(-2.0))
+    # a checkpoint restores both; one written before the proportional term holds β alone
+    restored = AdaptiveKLController(coef=1.0, target=6.0, horizon=1000, proportional_gain=2.0)
+    restored.load_state_dict(controller.state_dict())
+    assert (restored.value, restored.integral) == (controller.value, controller.integral)
+    restored.load_state_dict({"coef": 0.3})
+    assert (restored.value, restored.integral) == (0.3, 0.3)
+    with pytest.raises(ValueError, match="proportional_gain"):
+        AdaptiveKLController(coef=0.1, target=6.0, horizon=1000, proportional_gain=-1.0)
 
 
 def test_adaptive_kl_in_wrapper_moves_beta_towards_target(env, model_path):

@@ -57,6 +57,23 @@ def p3o_loss(
 
     At θ = θ_old (ρ = 1) both give exactly the pairwise policy gradient ½·Δ·∇(log π(y1) − log π(y2)).
 
+    Against the paper and the authors' code (``thwu1/trlx``, ``trlx/trainer/accelerate_p3o_trainer.py`` at
+    a87c31e; its loss at lines 213–241). The joint loss gives the authors' gradient (checked on random inputs to
+    1.5e-8); the signal, the weight and the sequence-level log-ratios are the paper's. Where this differs:
+
+    - separate clipping: here each response's *summed* log-ratio is clipped to ±ε, the trajectory-level V1 as
+      the paper writes it; the authors' code (``clip_tokenwise=True``) clips every token's log-ratio instead, so a
+      response may move up to T·ε there: a much wider trust region than this one;
+    - the weight bound c: 2 by default here (``weight_clip``), 10 in every example of theirs;
+    - scale: here Δ (with its KL term) is divided by its standard deviation over the rollout
+      (``normalize_advantage``), which keeps β's weight against the score; theirs clips the reward model's score
+      to ±10 and divides it by a running standard deviation before the KL term is added, which changes β's
+      effective weight;
+    - averaging: a mean over pairs of w·J/2 here (theirs with ``avg_tokenwise=False``); their HH example sums over
+      pairs and divides by the number of response tokens, without the ½: a learning-rate scale, not a direction;
+    - ℓ in Δ: from the rollout policy here (the paper's Algorithm 1), from the current π_θ there;
+    - ``clip_fraction`` counts every log-ratio outside ±ε; theirs only those where the clipped branch is taken.
+
     :param logprobs: ``(n_pairs, 2)`` log π_θ(y_i|x) (with gradient).
     :param old_logprobs: ``(n_pairs, 2)`` log π_old(y_i|x) from the rollout.
     :param delta: ``(n_pairs,)`` Δ = R(y1) − R(y2), already scaled if asked.

@@ -55,6 +55,8 @@ class KLPenaltyWrapper(RewardWrapper):
         model when :class:`~sb3_rlhf.RLHFPPO` binds it.
     :param target: target KL per episode (nats) for the adaptive controller; ``None`` keeps β fixed.
     :param horizon: the adaptive controller's horizon, in episodes.
+    :param proportional_gain: the adaptive controller's proportional term K_p (0: Ziegler et al.'s law; see
+        :class:`~sb3_rlhf.common.kl_controllers.AdaptiveKLController`, which this damps the overshoot of).
     :param estimator: the per-token KL estimator, ``"k1"`` (default, as in Ziegler et al. and TRL), ``"k2"`` or
         ``"k3"`` (see :func:`kl_estimate`); GRPO puts the same estimator in its loss (``"k3"`` there).
     :param policy: the policy, when this env is stepped by an agent other than RLHFPPO (which binds its own).
@@ -71,6 +73,7 @@ class KLPenaltyWrapper(RewardWrapper):
         ref_model: PreTrainedModel | str | None = None,
         target: float | None = None,
         horizon: int = 10_000,
+        proportional_gain: float = 0.0,
         estimator: str = "k1",
         policy: TransformerActorCriticPolicy | None = None,
         name: str = "kl_penalty",
@@ -83,7 +86,11 @@ class KLPenaltyWrapper(RewardWrapper):
             )
         if estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown KL estimator {estimator!r}: use one of {KL_ESTIMATORS}")
-        self.kl_controller = FixedKLController(coef) if target is None else AdaptiveKLController(coef, target, horizon)
+        self.kl_controller: FixedKLController | AdaptiveKLController = (
+            FixedKLController(coef)
+            if target is None
+            else AdaptiveKLController(coef, target, horizon, proportional_gain)
+        )
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = load_causal_lm(os.fspath(ref_model), revision=ref_revision)
         # a causal LM, or the policy's adapter-disabled LoRA actor (both have get_output_embeddings()); None: the
@@ -196,11 +203,11 @@ class KLPenaltyWrapper(RewardWrapper):
             self.kl_controller.update(kl.mean().item(), len(kl))
 
     def state_dict(self) -> dict[str, Any]:
-        """β as the controller has adapted it so far."""
-        return {"coef": self.kl_controller.value}
+        """β as the controller has adapted it so far (and the adaptive controller's integral)."""
+        return self.kl_controller.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.kl_controller.value = float(state["coef"])
+        self.kl_controller.load_state_dict(state)
 
     def rollout_stats(self) -> dict[str, float]:
         """β used for this rollout's rewards and the mean KL per episode (summed over its tokens)."""

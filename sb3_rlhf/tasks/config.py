@@ -126,12 +126,15 @@ class RewardSection:
 @dataclass
 class KLSection:
     """``[kl]``: the KL penalty to the reference (the initial policy); ``coef = 0`` disables it. ``target``
-    turns on the adaptive controller (every online algorithm). ``estimator`` names the per-token KL estimator,
-    ``"k1"``, ``"k2"`` or ``"k3"``; left out, it is ``"k3"`` for GRPO (KL in the loss) and ``"k1"`` otherwise."""
+    turns on the adaptive controller (every online algorithm), ``horizon`` and ``proportional_gain`` set it
+    (:class:`~sb3_rlhf.common.kl_controllers.AdaptiveKLController`). ``estimator`` names the per-token KL
+    estimator, ``"k1"``, ``"k2"`` or ``"k3"``; left out, it is ``"k3"`` for GRPO (KL in the loss) and ``"k1"``
+    otherwise."""
 
     coef: float = 0.05
     target: float | None = None
     horizon: int = 10_000
+    proportional_gain: float = 0.0
     estimator: str | None = None
 
 
@@ -174,12 +177,16 @@ class JudgeSection:
     """``[judge]``: a second judge the policy never trains against, for the evaluation reports
     (:class:`~sb3_rlhf.common.judge.BagOfWordsJudge`, logistic regression on word unigrams and bigrams). It is
     trained on ``share`` of ``[reward.train]``'s labelled texts (seeded, each label alike), which the reward model
-    then never sees; ``test_size`` of that share measures its accuracy."""
+    then never sees; ``test_size`` of that share measures its accuracy. With ``window_words`` it is fitted on every
+    window of that many words of its training texts (each window labelled as its text) instead of on whole texts:
+    a judge of short responses must be calibrated on text as short as theirs (fitted on whole reviews, it calls
+    most 12-word snippets positive); 0 fits on whole texts."""
 
     share: float = 0.5
     test_size: float = 0.2
     max_features: int = 20_000
     C: float = 1.0
+    window_words: int = 0
 
 
 @dataclass
@@ -369,6 +376,8 @@ def _check_judge(task: TaskConfig) -> None:
             raise ValueError(f"judge.{key} must be a share between 0 and 1, got {getattr(judge, key)!r}")
     if judge.max_features < 1 or judge.C <= 0:
         raise ValueError(f"judge.max_features must be >= 1 and judge.C > 0, got {judge.max_features}, {judge.C}")
+    if judge.window_words < 0:
+        raise ValueError(f"judge.window_words must be >= 0 (0: whole texts), got {judge.window_words}")
 
 
 #: The keys that name a ``datasets`` data set (``source = "hub"`` only), with their defaults.

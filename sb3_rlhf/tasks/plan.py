@@ -155,7 +155,10 @@ def format_plan(plan: TaskPlan) -> str:
     if task.reward.function is not None:
         lines.append(f"reward: function {task.reward.function}")
     if task.kl.coef > 0:
-        adaptive = f", adapted to a KL target of {task.kl.target}" if task.kl.target is not None else ""
+        adaptive = ""
+        if task.kl.target is not None:
+            adaptive = f", adapted to a KL target of {task.kl.target} (horizon {task.kl.horizon} episodes"
+            adaptive += f", proportional gain {task.kl.proportional_gain})" if task.kl.proportional_gain else ")"
         lines.append(
             f"kl: β = {task.kl.coef}{adaptive}, estimator {kl_estimator(task)}, reference = the initial policy"
         )

@@ -113,6 +113,15 @@ def _fragments(texts: list[str], n_words: int, seed: int) -> list[str]:
     return windows
 
 
+def _windows(texts: list[str], n_words: int) -> list[str]:
+    """Every window of ``n_words`` words of each text, side by side (the last one shorter, a short text whole)."""
+    windows = []
+    for text in texts:
+        tokens = text.split()
+        windows += [" ".join(tokens[start : start + n_words]) for start in range(0, max(len(tokens), 1), n_words)]
+    return windows
+
+
 def _judge_settings(judge: JudgeSection, seed: int) -> dict[str, Any]:
     return {
         "share": judge.share,
@@ -120,6 +129,7 @@ def _judge_settings(judge: JudgeSection, seed: int) -> dict[str, Any]:
         "test_size": judge.test_size,
         "max_features": judge.max_features,
         "C": judge.C,
+        "window_words": judge.window_words,
     }
 
 
@@ -160,12 +170,16 @@ def train_judge_stage(
 
     :param fragment_words: also measure its accuracy on windows of this many words of the held-out texts, about
         the length of the responses it judges.
-    :return: the judge, and its settings with its held-out ``accuracy``, ``fragment_accuracy`` and text counts.
+    :return: the judge, and its settings with its held-out ``accuracy``, ``fragment_accuracy`` and text counts
+        (``n_train`` texts; ``n_train_windows``, the windows cut from them, when it is fitted on windows).
     """
     _, (positives, negatives), _ = labelled_halves(stage, judge.share, seed)
     train_pos, test_pos = train_test_split(positives, judge.test_size, seed=seed)
     train_neg, test_neg = train_test_split(negatives, judge.test_size, seed=seed)
-    model = BagOfWordsJudge.fit(train_pos, train_neg, judge.max_features, C=judge.C)
+    fit_pos, fit_neg = train_pos, train_neg
+    if judge.window_words:
+        fit_pos, fit_neg = _windows(train_pos, judge.window_words), _windows(train_neg, judge.window_words)
+    model = BagOfWordsJudge.fit(fit_pos, fit_neg, judge.max_features, C=judge.C)
     info = {
         **_judge_settings(judge, seed),
         "accuracy": model.accuracy(test_pos, test_neg),
@@ -176,6 +190,7 @@ def train_judge_stage(
         "n_train": len(train_pos) + len(train_neg),
         "n_test": len(test_pos) + len(test_neg),
         "n_features": len(model.vocabulary),
+        **({"n_train_windows": len(fit_pos) + len(fit_neg)} if judge.window_words else {}),
     }
     model.metadata = info
     model.save(os.path.join(out, "judge"))
@@ -234,7 +249,12 @@ def make_env(
         )
     if task.kl.coef > 0:
         env = KLPenaltyWrapper(
-            env, task.kl.coef, target=task.kl.target, horizon=task.kl.horizon, estimator=kl_estimator(task)
+            env,
+            task.kl.coef,
+            target=task.kl.target,
+            horizon=task.kl.horizon,
+            proportional_gain=task.kl.proportional_gain,
+            estimator=kl_estimator(task),
         )
     return env
 
