@@ -334,7 +334,7 @@ def raw_update_step(
     def step() -> None:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # no KV cache to train
         hidden = out.last_hidden_state[:, -(length + 1) :]
-        logits = lm_head(hidden[:, :-1]).float()
+        logits = lm_head(hidden)[:, :-1].float()  # over the T + 1 kept positions, as the library (values need them)
         logprobs = th.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         with th.no_grad():  # logged, as the library's update logs it
             probs = th.softmax(logits, dim=-1)

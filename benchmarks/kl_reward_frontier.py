@@ -131,11 +131,13 @@ MEASURES = [
 
 
 def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
-    """Mean, min and max of ``key`` over rows (one per seed); NaN where no row has it."""
+    """Mean, min and max of ``key`` over rows (one per seed); NaN where no row has it. The mean is kept inside
+    [min, max] (three equal floats can average a rounding step outside them)."""
     values = np.array([r[key] for r in rows if key in r], dtype=float)
     if not len(values):
         return (float("nan"),) * 3
-    return float(values.mean()), float(values.min()), float(values.max())
+    low, high = float(values.min()), float(values.max())
+    return min(max(float(values.mean()), low), high), low, high
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
@@ -182,25 +184,42 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
-    """A method's score at ``kl``, linearly between its final points (sorted by KL); None outside their range."""
-    points = sorted(points)
-    for (k0, s0), (k1, s1) in zip(points, points[1:]):
+    """A method's score at ``kl``, linearly between its final points; None outside their range. Points with the
+    same KL count as one, at their mean score."""
+    by_kl: dict[float, list[float]] = {}
+    for k, score in points:
+        by_kl.setdefault(k, []).append(score)
+    line = sorted((k, float(np.mean(scores))) for k, scores in by_kl.items())
+    if len(line) == 1:
+        return line[0][1] if kl == line[0][0] else None
+    for (k0, s0), (k1, s1) in zip(line, line[1:]):
         if k0 <= kl <= k1:
-            return s0 if k1 == k0 else s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
+            return s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
     return None
 
 
 def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list[str]:
     """Where ``method``'s final points lie against each of ``others``': their scores at the same KL, read off
-    the lines through each method's seed-mean final points (one per β), where both methods reach that KL."""
+    the lines through each method's seed-mean final points (one per β), where both methods reach that KL. A gap
+    smaller than the two methods' mean seed range (highest minus lowest seed's score) is called within the seeds'
+    spread. Each final is ``{"method", "kl", "score", "score_range"}``; points with a non-finite KL or score are
+    left out."""
 
     def points(name: str) -> list[tuple[float, float]]:
-        return [(f["kl"], f["score"]) for f in finals if f["method"] == name]
+        return [
+            (f["kl"], f["score"])
+            for f in finals
+            if f["method"] == name and np.isfinite(f["kl"]) and np.isfinite(f["score"])
+        ]
+
+    def spread(name: str) -> float:
+        return float(np.mean([f["score_range"] for f in finals if f["method"] == name]))
 
     lines = []
     for other in others:
         mine, theirs = points(method), points(other)
-        if len(mine) < 2 or len(theirs) < 2:
+        if len({k for k, _ in mine}) < 2 or len({k for k, _ in theirs}) < 2:
+            lines.append(f"- {method} against {other}: fewer than two final KLs each: no line to read.")
             continue
         low = max(min(k for k, _ in mine), min(k for k, _ in theirs))
         high = min(max(k for k, _ in mine), max(k for k, _ in theirs))
@@ -213,11 +232,19 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             continue
         grid = np.linspace(low, high, 5)
         gaps = [score_at_kl(mine, k) - score_at_kl(theirs, k) for k in grid]  # type: ignore[operator]
-        verdict = "above" if min(gaps) > 0 else "below" if max(gaps) < 0 else "crossing"
+        noise = (spread(method) + spread(other)) / 2
+        if max(abs(g) for g in gaps) <= noise:
+            verdict = f"within the seeds' spread of {other} (mean seed range {noise:.3f})"
+        elif min(gaps) > 0:
+            verdict = f"above {other}"
+        elif max(gaps) < 0:
+            verdict = f"below {other}"
+        else:
+            verdict = f"crossing {other}"
         lines.append(
             f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
             + ", ".join(f"{g:+.3f}" for g in gaps)
-            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}: {method} lies {verdict} {other}."
+            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}: {method} lies {verdict}."
         )
     return lines
 
@@ -259,7 +286,9 @@ def main() -> int:
     run_dir = args.run_dir or os.path.join("runs", f"frontier_{task.name}")
     timesteps = args.timesteps or task.algorithm.total_timesteps
     betas = args.betas or [task.kl.coef / 2, task.kl.coef, task.kl.coef * 2]
-    dpo_samples = args.dpo_samples or timesteps // task.generation.max_new_tokens
+    dpo_samples = timesteps // task.generation.max_new_tokens if args.dpo_samples is None else args.dpo_samples
+    if dpo_samples < 2:
+        parser.error(f"--dpo-samples must be at least 2 (one pair), got {dpo_samples}")
     started = time.time()
     prepared, reward_model_metrics = prepare(task, run_dir, train_reward_model=task.reward.train is not None)
     n_episodes = task.algorithm_settings().get("n_episodes", 64)
@@ -318,8 +347,8 @@ def main() -> int:
                     "method": method,
                     "beta": beta,
                     **{key: seed_mean(group, key) for key in MEASURES},
-                    "budget": group[0]["budget"],
-                    "gradient_steps": group[0]["gradient_steps"],
+                    "budget": " / ".join(dict.fromkeys(r["budget"] for r in group)),  # per seed where they differ
+                    "gradient_steps": " / ".join(dict.fromkeys(f"{r['gradient_steps']:.0f}" for r in group)),
                     "seconds": float(np.mean([r["seconds"] for r in group])),
                 }
             )
@@ -369,9 +398,12 @@ def main() -> int:
             f"{r['kl'][0]:.2f} [{r['kl'][1]:.2f}, {r['kl'][2]:.2f}] | {r['distinct_2'][0]:.3f} | "
             f"{r['repeated_2gram_rate'][0]:.3f} | {r['reference_perplexity'][0]:.1f} | {r['eos_fraction'][0]:.2f} | "
             + (f"{r['judge_positive_share'][0]:.2f} | " if judged else "")
-            + f"{r['budget']} | {r['gradient_steps']:.0f} | {r['seconds']:.0f} |"
+            + f"{r['budget']} | {r['gradient_steps']} | {r['seconds']:.0f} |"
         )
-    point_finals = [{"method": r["method"], "kl": r["kl"][0], "score": r["score"][0]} for r in finals]
+    point_finals = [
+        {"method": r["method"], "kl": r["kl"][0], "score": r["score"][0], "score_range": r["score"][2] - r["score"][1]}
+        for r in finals
+    ]
     others = [m for m in ("ppo", "dpo") if m in args.methods]
     comparison = [
         line

@@ -221,3 +221,34 @@ def test_peers_benchmark_our_side_and_its_tables(tmp_path, monkeypatch):
     peers.write_markdown([row], str(tmp_path / "peers.md"), args, meta, [ours, slow])
     report = (tmp_path / "peers.md").read_text()
     assert "**Targets not met**: 0 of 1 rows" in report and "Speed target met by: none." in report
+
+
+def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import comparison_lines, score_at_kl, seed_mean
+
+    # unsorted points, two at one KL (their mean counts), outside the range: None
+    points = [(4.0, 2.0), (1.0, 0.5), (2.0, 1.0), (2.0, 2.0)]
+    assert score_at_kl(points, 3.0) == pytest.approx(1.75) and score_at_kl(points, 2.0) == pytest.approx(1.5)
+    assert score_at_kl(points, 0.5) is None and score_at_kl(points, 4.5) is None
+
+    def finals(method, pairs, spread=0.01):
+        return [{"method": method, "kl": k, "score": s, "score_range": spread} for k, s in pairs]
+
+    ppo = finals("ppo", [(1.0, 1.0), (3.0, 2.0), (5.0, 3.0)])
+    above = finals("p3o", [(2.0, 2.0), (6.0, 4.0)])  # 0.5 higher than PPO's line at every shared KL
+    crossing = finals("p3o", [(1.0, 0.5), (5.0, 3.5)])
+    apart = finals("p3o", [(6.0, 1.0), (8.0, 2.0)])
+    close = finals("p3o", [(1.0, 1.1), (5.0, 3.1)], spread=0.5)  # 0.1 above, inside a seed range of 0.5
+    nan = finals("p3o", [(float("nan"), 1.0), (2.0, 1.0)])
+    read = {
+        name: comparison_lines(ppo + f, "p3o", ["ppo"])[0]
+        for name, f in [("above", above), ("crossing", crossing), ("apart", apart), ("close", close), ("nan", nan)]
+    }
+    assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"] and read["above"].endswith("lies above ppo.")
+    assert read["crossing"].endswith("lies crossing ppo.") and "do not overlap" in read["apart"]
+    assert "within the seeds' spread of ppo" in read["close"] and "no line to read" in read["nan"]
+    # three equal seeds: the mean stays inside [min, max], so the plot's error bars are never negative
+    for value in np.random.default_rng(0).random(200):
+        mean, low, high = seed_mean([{"kl": value}] * 3, "kl")
+        assert low <= mean <= high

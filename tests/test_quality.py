@@ -121,8 +121,11 @@ def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, mod
     fitted_on = []
     fit = BagOfWordsJudge.fit.__func__
 
+    sides = []  # (positives, negatives) of each fit
+
     def recording_fit(cls, positives, negatives, *args, **kwargs):
         fitted_on.append(positives + negatives)
+        sides.append((positives, negatives))
         return fit(cls, positives, negatives, *args, **kwargs)
 
     monkeypatch.setattr(BagOfWordsJudge, "fit", classmethod(recording_fit))
@@ -152,18 +155,30 @@ def test_a_task_trains_its_judge_and_reports_it_in_the_evaluations(tmp_path, mod
     # other judge settings: fitted again on the same texts; another share: the reward model's texts would overlap
     prepared, _ = prepare(parse_task(judged_task(data, model_path, share=0.3, test_size=0.25, C=0.5)), str(out), False)
     assert len(fitted_on) == 2 and prepared.judge_metrics["C"] == 0.5 and fitted_on[1] == fitted_on[0]
-    # window_words: fitted on every 4-word window of the same training texts, side by side, instead of whole texts
+    # window_words: fitted on consecutive 4-word windows of the same training texts (a tail under 2 words joins the
+    # window before it), as many of each label, instead of on whole texts
     prepared, _ = prepare(
         parse_task(judged_task(data, model_path, share=0.3, test_size=0.25, window_words=4)), str(out), False
     )
-    windows, texts = fitted_on[2], fitted_on[0]
     assert len(fitted_on) == 3 and prepared.judge_metrics["window_words"] == 4
-    assert max(len(w.split()) for w in windows) == 4 and len(windows) == prepared.judge_metrics[
-        "n_train_windows"
-    ] > len(texts)
-    assert " ".join(windows) == " ".join(" ".join(t.split()) for t in texts)  # every word once, in order
+    (window_pos, window_neg), (text_pos, text_neg) = sides[2], sides[0]
+    assert len(window_pos) == len(window_neg) == prepared.judge_metrics["n_train_windows"] / 2
+    for windows, texts in ((window_pos, text_pos), (window_neg, text_neg)):
+        assert len(windows) > len(texts) and all(2 <= len(w.split()) <= 5 for w in windows)
+        assert all(any(w in " ".join(t.split()) for t in texts) for w in windows)  # cut from the texts of its label
     with pytest.raises(ValueError, match="the judge's texts would overlap its own"):
         prepare(parse_task(judged_task(data, model_path, share=0.5)), str(out), False)
+
+
+def test_judge_windows_and_balance():
+    from sb3_rlhf.tasks.stages import _balanced, _windows
+
+    # consecutive windows; a tail under half a window joins the one before; an empty text gives none
+    assert _windows(["a b c d e f g h i", "", "x y"], 4) == ["a b c d", "e f g h i", "x y"]
+    assert _windows(["a b c d e f"], 4) == ["a b c d", "e f"]
+    positives, negatives = _balanced(list("abcdefg"), list("xyz"), seed=0)
+    assert negatives == list("xyz") and len(positives) == 3 and positives == sorted(positives)
+    assert set(positives) < set("abcdefg") and _balanced(list("abcdefg"), list("xyz"), seed=0)[0] == positives
 
 
 def test_a_judge_needs_labelled_reward_data():

@@ -127,9 +127,11 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     assert glob.glob(str(out / "tensorboard" / "tiny_synthetic_1" / "events.*"))
 
     # `sb3-rlhf evaluate` reproduces the report from the saved run
-    assert main(["evaluate", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--out", str(out)]) == 0
+    task_file = os.path.join(ROOT, "envs", "tiny_synthetic.toml")
+    assert main(["evaluate", task_file, "--out", str(out), "--summary", str(tmp_path / "again.json")]) == 0
     again = capsys.readouterr().out
     assert f"| trained | {results['trained']['score']:.4f} |" in again
+    assert json.loads((tmp_path / "again.json").read_text()) == summary
 
     # the exported policy answers through `sb3-rlhf generate`
     assert (

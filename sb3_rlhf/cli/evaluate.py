@@ -16,6 +16,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_algorithm_argument(parser, help="the algorithm the run used, if overridden")
     parser.add_argument("--out", help="the run folder (default runs/<task name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summary", metavar="PATH", help="also write the headline measures as JSON, as train does")
     parser.set_defaults(func=run_evaluate)
     return parser
 
@@ -28,4 +29,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, object]:
     task = load_task(args.task, with_algorithm(args))
     results = evaluate_task(task, args.out or os.path.join("runs", task.name))
     print(report_markdown(task.name, results, task.evaluation.n_prompts))
+    if args.summary:
+        from sb3_rlhf.cli.train import write_summary
+
+        write_summary(results, args.summary)
     return results

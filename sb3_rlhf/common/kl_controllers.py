@@ -39,9 +39,13 @@ class AdaptiveKLController:
     (KL 14–17 nats against a target of 10, β having fallen from 0.2 to 0.12). The proportional term answers the
     error of the batch at hand at once, as in PID Lagrangian control of a constrained RL cost (Stooke et al. 2020,
     "Responsive Safety in Reinforcement Learning by PID Lagrangian Methods"): a KL twice the target multiplies β by
-    e^{K_p} in the next batch, and β^I alone keeps the long-run level.
+    e^{K_p} in the next batch, and β^I alone keeps the long-run level. While the KL is still near 0 the error is
+    −1, so from the second batch on β starts near ``coef``·e^{−K_p} and rises towards β^I as the KL nears the
+    target. Each update sees one batch's mean KL: in the per-episode ``step()`` path of
+    :class:`~sb3_rlhf.rewards.KLPenaltyWrapper` that is one episode's, so β follows single episodes there; keep
+    the gain small (or 0) on that path.
 
-    :param coef: initial β (and β^I).
+    :param coef: β (and β^I) until the first update.
     :param target: the KL (summed over the response, in nats) to hold.
     :param horizon: how many episodes the integral takes to correct an error (larger is slower).
     :param proportional_gain: K_p; 0 (default) is Ziegler et al.'s controller.

@@ -68,7 +68,8 @@ def p3o_loss(
     - scale: here Δ (with its KL term) is divided by its standard deviation over the rollout
       (``normalize_advantage``), which keeps β's weight against the score; theirs clips the reward model's score
       to ±10 and divides it by a running standard deviation before the KL term is added, which changes β's
-      effective weight;
+      effective weight (their optional ``scale_q`` then divides the pair's difference by its minibatch standard
+      deviation, as here; off by default);
     - averaging: a mean over pairs of w·J/2 here (theirs with ``avg_tokenwise=False``); their HH example sums over
       pairs and divides by the number of response tokens, without the ½: a learning-rate scale, not a direction;
     - ℓ in Δ: from the rollout policy here (the paper's Algorithm 1), from the current π_θ there;

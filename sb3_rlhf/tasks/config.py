@@ -177,10 +177,10 @@ class JudgeSection:
     """``[judge]``: a second judge the policy never trains against, for the evaluation reports
     (:class:`~sb3_rlhf.common.judge.BagOfWordsJudge`, logistic regression on word unigrams and bigrams). It is
     trained on ``share`` of ``[reward.train]``'s labelled texts (seeded, each label alike), which the reward model
-    then never sees; ``test_size`` of that share measures its accuracy. With ``window_words`` it is fitted on every
-    window of that many words of its training texts (each window labelled as its text) instead of on whole texts:
-    a judge of short responses must be calibrated on text as short as theirs (fitted on whole reviews, it calls
-    most 12-word snippets positive); 0 fits on whole texts."""
+    then never sees; ``test_size`` of that share measures its accuracy. With ``window_words`` it is fitted on
+    consecutive, non-overlapping windows of that many words cut from its training texts (each labelled as its
+    text, as many of each label) instead of on whole texts: a judge of short responses must be calibrated on text
+    as short as theirs (fitted on whole reviews, it calls most 12-word snippets positive); 0 fits on whole texts."""
 
     share: float = 0.5
     test_size: float = 0.2
@@ -356,9 +356,20 @@ def _check(task: TaskConfig) -> None:
     if reward.train is not None:
         _check_reward_training(reward.train)
     _check_judge(task)
+    _check_kl(task.kl)
     every = task.evaluation.every
     if every is not None and (not isinstance(every, int) or every < 1):
         raise ValueError(f"evaluation.every must be a positive number of rollouts, got {every!r}")
+
+
+def _check_kl(kl: KLSection) -> None:
+    """The controller's settings, before any stage runs (a reward model may train for minutes first)."""
+    if kl.target is not None and (kl.target <= 0 or kl.horizon <= 0):
+        raise ValueError(f"kl.target and kl.horizon must be > 0, got {kl.target} and {kl.horizon}")
+    if kl.proportional_gain < 0:
+        raise ValueError(f"kl.proportional_gain must be >= 0, got {kl.proportional_gain}")
+    if kl.proportional_gain and kl.target is None:
+        raise ValueError("kl.proportional_gain is a setting of the adaptive controller: give kl.target too, or drop it")
 
 
 def _check_judge(task: TaskConfig) -> None:

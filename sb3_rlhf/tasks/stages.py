@@ -114,12 +114,29 @@ def _fragments(texts: list[str], n_words: int, seed: int) -> list[str]:
 
 
 def _windows(texts: list[str], n_words: int) -> list[str]:
-    """Every window of ``n_words`` words of each text, side by side (the last one shorter, a short text whole)."""
+    """Each text cut into consecutive, non-overlapping windows of ``n_words`` words; a last window shorter than
+    half that joins the one before it (a lone word would carry the text's label on its own); empty texts give
+    none."""
     windows = []
     for text in texts:
         tokens = text.split()
-        windows += [" ".join(tokens[start : start + n_words]) for start in range(0, max(len(tokens), 1), n_words)]
+        cuts = [tokens[start : start + n_words] for start in range(0, len(tokens), n_words)]
+        if len(cuts) > 1 and 2 * len(cuts[-1]) < n_words:
+            tail = cuts.pop()
+            cuts[-1] += tail
+        windows += [" ".join(cut) for cut in cuts]
     return windows
+
+
+def _balanced(positives: list[str], negatives: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """As many texts of each label, the larger side subsampled (seeded, order kept): a logistic regression's
+    intercept follows the labels' proportions, and the judge's positive share follows its intercept."""
+    n = min(len(positives), len(negatives))
+    rng = np.random.default_rng(seed)
+    return tuple(  # type: ignore[return-value]
+        [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False))] if len(texts) > n else texts
+        for texts in (positives, negatives)
+    )
 
 
 def _judge_settings(judge: JudgeSection, seed: int) -> dict[str, Any]:
@@ -171,14 +188,16 @@ def train_judge_stage(
     :param fragment_words: also measure its accuracy on windows of this many words of the held-out texts, about
         the length of the responses it judges.
     :return: the judge, and its settings with its held-out ``accuracy``, ``fragment_accuracy`` and text counts
-        (``n_train`` texts; ``n_train_windows``, the windows cut from them, when it is fitted on windows).
+        (``n_train`` texts; ``n_train_windows``, the windows it was fitted on, when it is fitted on windows).
     """
     _, (positives, negatives), _ = labelled_halves(stage, judge.share, seed)
     train_pos, test_pos = train_test_split(positives, judge.test_size, seed=seed)
     train_neg, test_neg = train_test_split(negatives, judge.test_size, seed=seed)
     fit_pos, fit_neg = train_pos, train_neg
-    if judge.window_words:
-        fit_pos, fit_neg = _windows(train_pos, judge.window_words), _windows(train_neg, judge.window_words)
+    if judge.window_words:  # reviews of one label run longer than the other's: as many windows of each
+        fit_pos, fit_neg = _balanced(
+            _windows(train_pos, judge.window_words), _windows(train_neg, judge.window_words), seed
+        )
     model = BagOfWordsJudge.fit(fit_pos, fit_neg, judge.max_features, C=judge.C)
     info = {
         **_judge_settings(judge, seed),
