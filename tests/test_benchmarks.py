@@ -90,7 +90,9 @@ def test_throughput_benchmark_runs_on_a_small_setting(tmp_path):
     for name, seconds, share in stages:
         if not name.startswith("the rest"):  # the rest is the difference, negative when timings jitter
             assert float(seconds) >= 0, name
-        assert float(share.rstrip("%")) == pytest.approx(100 * float(seconds) / ours, rel=0.02, abs=0.06), name
+        # seconds are printed to 0.0001 and shares to 0.1%: a stage of 0.0001 s may have taken 0.00005 s
+        printed = 100 * 0.00005 / ours + 0.05
+        assert float(share.rstrip("%")) == pytest.approx(100 * float(seconds) / ours, rel=0.02, abs=printed), name
     assert sum(float(seconds) for _, seconds, _ in stages) == pytest.approx(ours, abs=0.0005 + 0.00005 * len(stages))
 
     # 2. against naive stepping: the speed-up is the ratio of the two per-token costs
