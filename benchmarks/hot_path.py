@@ -320,9 +320,10 @@ def raw_update_step(
     policy: TransformerActorCriticPolicy, input_ids: th.Tensor, attention_mask: th.Tensor, length: int
 ) -> Callable[[], None]:
     """The same update step written directly against transformers and torch, nothing of the library: the decoder's
-    last hidden state, the LM head over the T kept positions, log_softmax + gather, the entropy without gradient,
-    a linear value head over T + 1 states, the same loss, backward and an AdamW step of the same settings over a
-    copy of the same weights: what any implementation of the update has to do."""
+    last hidden state, the LM head over the T + 1 kept positions (the last dropped, as the library does),
+    log_softmax + gather, the entropy without gradient, a linear value head over T + 1 states, the same loss,
+    backward and an AdamW step of the same settings over a copy of the same weights: what any implementation of
+    the update has to do."""
     actor = copy.deepcopy(policy.actor)
     decoder, lm_head = actor.get_decoder(), actor.get_output_embeddings()
     value_head = th.nn.Linear(actor.config.hidden_size, 1)

@@ -95,6 +95,16 @@ def test_overrides_and_file_errors(tmp_path):
         load_task(TASKS[-1], ["algorithm.bogus=1"])
 
 
+def test_kl_controller_settings_are_checked_when_the_task_is_read():
+    main_job = os.path.join(ROOT, "envs", "imdb_positive.toml")  # an adaptive target, before any stage runs
+    for override in ("kl.proportional_gain=-1", "kl.target=-1", "kl.horizon=0"):
+        with pytest.raises(ValueError, match=r"\[kl\]: need coef >= 0, target > 0, horizon > 0"):
+            load_task(main_job, [override])
+    with pytest.raises(ValueError, match="kl.proportional_gain is a setting of the adaptive controller"):
+        load_task(os.path.join(ROOT, "envs", "tiny_synthetic.toml"), ["kl.proportional_gain=1"])  # no target
+    assert load_task(main_job).kl.proportional_gain == 1.5
+
+
 def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     args = [

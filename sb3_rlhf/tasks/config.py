@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sb3_rlhf.common.kl_controllers import AdaptiveKLController
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -363,12 +365,14 @@ def _check(task: TaskConfig) -> None:
 
 
 def _check_kl(kl: KLSection) -> None:
-    """The controller's settings, before any stage runs (a reward model may train for minutes first)."""
-    if kl.target is not None and (kl.target <= 0 or kl.horizon <= 0):
-        raise ValueError(f"kl.target and kl.horizon must be > 0, got {kl.target} and {kl.horizon}")
-    if kl.proportional_gain < 0:
-        raise ValueError(f"kl.proportional_gain must be >= 0, got {kl.proportional_gain}")
-    if kl.proportional_gain and kl.target is None:
+    """The controller's settings, before any stage runs (a reward model may train for minutes first): the
+    controller's own checks, run now."""
+    if kl.target is not None:
+        try:
+            AdaptiveKLController(kl.coef, kl.target, kl.horizon, kl.proportional_gain)
+        except ValueError as error:
+            raise ValueError(f"[kl]: {error}") from None
+    elif kl.proportional_gain:
         raise ValueError("kl.proportional_gain is a setting of the adaptive controller: give kl.target too, or drop it")
 
 
