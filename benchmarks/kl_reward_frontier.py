@@ -19,6 +19,12 @@ Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``see
 measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
 PPO and DPO, read from these points) and ``<out>.png`` (score against KL along training, mean over seeds with
 the seeds' range).
+
+Every finished run is appended to ``<out>.runs.jsonl`` as it ends. ``--resume`` keeps the runs there that were
+made with the same settings, skips them, and reuses the reward model and judge in ``--run-dir``, so a benchmark
+stopped midway loses at most the run in progress, and a long one can be split between processes by ``--methods``
+(start the second once the first has trained the reward model; a last ``--resume`` with every method writes the
+report of all of them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -128,6 +135,51 @@ MEASURES = [
     "reference_perplexity",
     "judge_positive_share",
 ]
+
+
+def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_freq: int, dpo_samples: int) -> dict:
+    """What a logged run must share with this invocation to be reused by ``--resume``."""
+    return {
+        "task": task_name,
+        "set": sorted(args.set),
+        "timesteps": timesteps,
+        "eval_freq": eval_freq,
+        "eval_samples": args.eval_samples,
+        "dpo_samples": dpo_samples,
+        "dpo_epochs": args.dpo_epochs,
+        "adaptive": args.adaptive,
+    }
+
+
+def read_run_log(path: str, settings: dict) -> tuple[dict[tuple[str, float, int], dict], dict | None]:
+    """The runs logged in ``path`` with these ``settings``, by (method, β, seed), and the reward model's metrics
+    logged there (None when none are). A last line cut short by a crash is ignored."""
+    runs: dict[tuple[str, float, int], dict] = {}
+    reward_model_metrics = None
+    if not os.path.exists(path):
+        return runs, reward_model_metrics
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("settings") != settings:
+                continue
+            if "reward_model" in record:
+                reward_model_metrics = record["reward_model"]
+            else:
+                runs[(record["method"], record["beta"], record["seed"])] = record
+    return runs, reward_model_metrics
+
+
+def append_to_run_log(path: str, record: dict) -> None:
+    """One line per record, written in one call and synced: processes sharing the log do not interleave, and a
+    crash loses at most the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
@@ -278,6 +330,11 @@ def main() -> int:
     )
     parser.add_argument("--run-dir", default=None, help="folder for the reward model (default runs/frontier_<task>)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the runs already in <out>.runs.jsonl with these settings and reuse the reward model in --run-dir",
+    )
     args = parser.parse_args()
 
     th.set_num_threads(args.threads)
@@ -290,16 +347,34 @@ def main() -> int:
     if dpo_samples < 2:
         parser.error(f"--dpo-samples must be at least 2 (one pair), got {dpo_samples}")
     started = time.time()
-    prepared, reward_model_metrics = prepare(task, run_dir, train_reward_model=task.reward.train is not None)
     n_episodes = task.algorithm_settings().get("n_episodes", 64)
     eval_freq = args.eval_freq or max(1, round(timesteps / n_episodes / task.generation.max_new_tokens / 8))
+    log_settings = run_settings(args, task.name, timesteps, eval_freq, dpo_samples)
+    log_path = out + ".runs.jsonl"
+    if not args.resume and os.path.exists(log_path):
+        os.remove(log_path)  # a new benchmark: the old log's runs are not part of it
+    logged, reward_model_metrics = read_run_log(log_path, log_settings) if args.resume else ({}, None)
+    reuse_reward_model = args.resume and os.path.isdir(os.path.join(run_dir, "reward_model"))
+    train_reward_model = task.reward.train is not None and not reuse_reward_model
+    prepared, trained_metrics = prepare(task, run_dir, train_reward_model=train_reward_model)
+    if trained_metrics is not None:
+        reward_model_metrics = trained_metrics
+        append_to_run_log(log_path, {"settings": log_settings, "reward_model": trained_metrics})
 
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    reused: list[tuple[str, float, int]] = []
     for method in args.methods:
         algorithm, overrides = METHODS[method]
         for beta in betas:
             for seed in args.seeds:
+                if (method, beta, seed) in logged:
+                    record = logged[(method, beta, seed)]
+                    rows += record["rows"]
+                    runs.append(record["run"])
+                    reused.append((method, beta, seed))
+                    print(f"{method:13s} β={beta:<7g} seed {seed}: from {log_path}", flush=True)
+                    continue
                 run_started = time.time()
                 run = with_algorithm(prepared, algorithm, beta, args.adaptive, seed)
                 if algorithm == "dpo":
@@ -310,8 +385,11 @@ def main() -> int:
                 else:
                     history = run_online(run, overrides, timesteps, eval_freq, args.eval_samples, task.seed)
                     budget = f"{history[-1]['episodes']:.0f} episodes, {history[-1]['timesteps']:.0f} tokens"
-                for point, row in enumerate(history):
-                    rows.append({"method": method, "beta": beta, "seed": seed, "evaluation": point, **row})
+                run_rows = [
+                    {"method": method, "beta": beta, "seed": seed, "evaluation": point, **row}
+                    for point, row in enumerate(history)
+                ]
+                rows += run_rows
                 final = history[-1]
                 runs.append(
                     {
@@ -323,6 +401,17 @@ def main() -> int:
                         "gradient_steps": final["gradient_steps"],
                         "seconds": time.time() - run_started,
                     }
+                )
+                append_to_run_log(
+                    log_path,
+                    {
+                        "settings": log_settings,
+                        "method": method,
+                        "beta": beta,
+                        "seed": seed,
+                        "rows": run_rows,
+                        "run": runs[-1],
+                    },
                 )
                 print(
                     f"{method:13s} β={beta:<7g} seed {seed}: score {history[0]['score']:.3f} -> "
@@ -359,7 +448,8 @@ def main() -> int:
         "",
         f"Command: `python benchmarks/kl_reward_frontier.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s.",
+        f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s"
+        + (f" in this invocation; runs taken from {os.path.basename(log_path)}: {len(reused)}." if reused else "."),
         f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
         f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))} (the training's: "
