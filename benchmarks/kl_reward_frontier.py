@@ -176,8 +176,14 @@ def read_run_log(path: str, settings: dict) -> tuple[dict[tuple[str, float, int]
 def append_to_run_log(path: str, record: dict) -> None:
     """One line per record, written in one call and synced: processes sharing the log do not interleave, and a
     crash loses at most the line being written."""
+    line = json.dumps(record, default=float) + "\n"
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by a crash: end it, or this record would be glued to it
+                line = "\n" + line
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 

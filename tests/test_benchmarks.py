@@ -1,6 +1,7 @@
 """The reward-versus-KL benchmark runs end to end on the tiny task and writes its table, CSV and plot."""
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -63,6 +64,48 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
     assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table and "distinct-2" in table
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
     assert os.path.getsize(f"{out}.png") > 10_000
+
+
+def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
+    """A second invocation with --resume takes the finished runs from <out>.runs.jsonl instead of running them
+    again (the reward model too), runs only what is missing, and reports all of them; a log made with other
+    settings is not reused, and an invocation without --resume starts a new log."""
+    out = tmp_path / "frontier"
+    cut_short = '{"settings": {"task": "tiny_syn'  # the last line of a log whose process was killed mid-write
+
+    def frontier(*args: str) -> str:
+        command = [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "kl_reward_frontier.py"),
+            *("--task", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--betas", "0.1", "--seeds", "0"),
+            *("--out", str(out), "--run-dir", str(tmp_path / "run"), *args),
+        ]
+        return subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True).stdout
+
+    def log_lines() -> list[dict]:
+        with open(f"{out}.runs.jsonl") as f:
+            return [json.loads(line) for line in f if line != cut_short + "\n"]
+
+    def csv_rows(method: str) -> list[dict]:
+        with open(f"{out}.csv") as f:
+            return [r for r in csv.DictReader(f) if r["method"] == method]
+
+    frontier("--methods", "ppo", "--timesteps", "400")
+    first = csv_rows("ppo")
+    assert [record["method"] for record in log_lines()] == ["ppo"]  # the tiny task has no reward model to train
+    with open(f"{out}.runs.jsonl", "a") as f:
+        f.write(cut_short)  # skipped when read, and ended before the next record
+
+    stdout = frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--resume")
+    assert "ppo           β=0.1     seed 0: from" in stdout and "grpo          β=0.1     seed 0: score" in stdout
+    assert csv_rows("ppo") == first and len(csv_rows("grpo")) > 1
+    assert "runs taken from frontier.runs.jsonl: 1." in open(f"{out}.md").read()
+    assert [record["method"] for record in log_lines()] == ["ppo", "grpo"]
+
+    stdout = frontier("--methods", "ppo", "--timesteps", "400", "--eval-samples", "2", "--resume")  # other settings
+    assert "ppo           β=0.1     seed 0: score" in stdout, stdout
+    frontier("--methods", "ppo", "--timesteps", "400")  # no --resume: a new log
+    assert len(log_lines()) == 1
 
 
 def test_throughput_benchmark_runs_on_a_small_setting(tmp_path):
