@@ -110,7 +110,7 @@ def run_dpo(
         if epoch:
             trainer.learn(n_epochs=1)
         policy.actor.load_state_dict(trainer.model.state_dict())  # same architecture (and LoRA layout)
-        metrics, _ = evaluate_policy(
+        metrics, _, _ = evaluate_policy(
             policy,
             reference,
             eval_env.unwrapped,

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.data import labelled_halves, reward_training_pairs
-from sb3_rlhf.common.evaluation import evaluate_policy, report_markdown
+from sb3_rlhf.common.evaluation import evaluate_policy, paired_preference, report_markdown
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.quality import distinct_n, repeated_ngram_rate, text_quality, words
@@ -205,8 +205,13 @@ def test_evaluation_reports_quality_and_reference_perplexity_at_temperature_one(
     policy = make_policy(env.unwrapped, model_path, temperature=0.7)
     reference = policy.make_reference_model()
     judge = BagOfWordsJudge.fit(["good happy", "good cat"], ["bad sad", "bad dog"], min_count=1)
-    metrics, texts = evaluate_policy(policy, reference, env.unwrapped, [env], seed=3, samples_per_prompt=4, judge=judge)
+    metrics, texts, scores = evaluate_policy(
+        policy, reference, env.unwrapped, [env], seed=3, samples_per_prompt=4, judge=judge
+    )
     assert {k: metrics[k] for k in text_quality(texts)} == text_quality(texts)
+    assert len(scores) == len(texts) == 12 and np.mean(scores) == pytest.approx(metrics["score"])
+    # prompt by prompt (each prompt's 4 samples together), each its response's score
+    assert scores == pytest.approx(share_of_good([], texts))
     assert metrics["judge_positive_share"] == judge.positive_share(texts)
     # the perplexity is the reference's own (temperature 1), over every real response token: recomputed here
     th.manual_seed(3)
@@ -226,3 +231,20 @@ def test_evaluation_reports_quality_and_reference_perplexity_at_temperature_one(
 def test_the_main_job_has_a_judge_and_evaluates_during_training():
     task = load_task(os.path.join(ROOT, "envs", "imdb_positive.toml"))
     assert task.judge is not None and task.evaluation.every is not None
+
+
+def test_paired_preference_of_the_trained_responses():
+    # differences 1, 0, -1, 1: two wins, one tie (half), one loss
+    paired = paired_preference([0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 2.0])
+    assert paired["win_rate"] == pytest.approx(2.5 / 4)
+    sigmoid = 1 / (1 + math.exp(-1.0))
+    assert paired["bradley_terry_preference"] == pytest.approx((2 * sigmoid + 0.5 + (1 - sigmoid)) / 4)
+    half_width = 1.96 * np.std([1.0, 0.0, -1.0, 1.0], ddof=1) / 2
+    assert paired["mean_difference"] == pytest.approx(0.25)
+    assert (paired["ci95_low"], paired["ci95_high"]) == pytest.approx((0.25 - half_width, 0.25 + half_width))
+    metrics = {"score": 0.0, "kl": 0.0, "response_length": 4.0, "eos_fraction": 0.0}
+    metrics |= {"distinct_1": 1.0, "distinct_2": 1.0, "repeated_2gram_rate": 0.0, "reference_perplexity": 9.0}
+    report = report_markdown("t", {"initial": metrics, "trained": metrics, "paired": paired, "samples": []}, 4)
+    assert "higher on 62% of them; mean difference +0.2500" in report
+    with pytest.raises(ValueError, match="same prompts for both policies"):
+        paired_preference([0.0, 1.0, 2.0], [0.0, 1.0])

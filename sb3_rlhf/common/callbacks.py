@@ -92,7 +92,7 @@ class HeldOutEvaluationCallback(BaseCallback):
     def evaluate(self) -> dict[str, float]:
         """Evaluate now, log under ``eval/`` and append to :attr:`history`."""
         was_training = self.model.policy.training
-        metrics, _ = evaluate_policy(
+        metrics, _, _ = evaluate_policy(
             self.model.policy,
             self.reference,
             self.eval_env.unwrapped,

@@ -43,7 +43,7 @@ def evaluate_policy(
     batch_size: int = 32,
     samples_per_prompt: int = 1,
     judge: BagOfWordsJudge | None = None,
-) -> tuple[dict[str, float], list[str]]:
+) -> tuple[dict[str, float], list[str], list[float]]:
     """Sample ``policy`` ``samples_per_prompt`` times on every prompt of ``env`` (the held-out prompts) and
     score the responses.
 
@@ -55,7 +55,7 @@ def evaluate_policy(
         (:func:`~sb3_rlhf.common.quality.text_quality`: ``distinct_1``, ``distinct_2``, ``repeated_2gram_rate``),
         ``reference_perplexity`` (exp of the reference model's mean negative log-likelihood per response token, at
         temperature 1: how unusual the text is to the model it started from), with a judge
-        ``judge_positive_share``; and the completions (prompt by prompt). The caller's torch RNG is left as it
+        ``judge_positive_share``; the completions and their scores (prompt by prompt). The caller's torch RNG is left as it
         was: evaluating during training does not change what training samples next.
     """
     scores, kls, lengths, eos, texts = [], [], [], [], []
@@ -97,7 +97,31 @@ def evaluate_policy(
     }
     if judge is not None:
         metrics["judge_positive_share"] = judge.positive_share(texts)
-    return metrics, texts
+    return metrics, texts, scores
+
+
+def paired_preference(initial_scores: Sequence[float], trained_scores: Sequence[float]) -> dict[str, float]:
+    """How the score prefers the trained policy's response to the initial one's, prompt by prompt (the same
+    prompts and sampling seed): the Bradley–Terry preference mean σ(r_trained − r_initial), the share of prompts
+    where the trained response scores higher (ties count half), and the mean difference with its 95% interval
+    (normal approximation over the paired differences).
+    """
+    initial, trained = np.asarray(initial_scores, dtype=float), np.asarray(trained_scores, dtype=float)
+    if initial.shape != trained.shape or initial.size < 2:
+        raise ValueError(
+            f"paired scores need the same prompts for both policies, at least two: got {initial.size} and "
+            f"{trained.size}"
+        )
+    difference = trained - initial
+    half_width = 1.96 * difference.std(ddof=1) / np.sqrt(difference.size)
+    return {
+        "bradley_terry_preference": float(np.mean(1.0 / (1.0 + np.exp(-difference)))),
+        "win_rate": float(np.mean((difference > 0) + 0.5 * (difference == 0))),
+        "mean_difference": float(difference.mean()),
+        "ci95_low": float(difference.mean() - half_width),
+        "ci95_high": float(difference.mean() + half_width),
+        "n": float(difference.size),
+    }
 
 
 def compare_policies(
@@ -111,12 +135,16 @@ def compare_policies(
 ) -> dict[str, Any]:
     """:func:`evaluate_policy` for the trained and the initial policy (also the KL reference), same seed.
 
-    :return: ``{"initial": metrics, "trained": metrics, "samples": [...]}``.
+    :return: ``{"initial": metrics, "trained": metrics, "paired": paired_preference(...), "samples": [...]}``.
     """
     results: dict[str, Any] = {}
-    completions = {}
+    completions, scores = {}, {}
     for name, policy in (("initial", initial), ("trained", trained)):
-        results[name], completions[name] = evaluate_policy(policy, initial.actor, env, scorers, seed, judge=judge)
+        results[name], completions[name], scores[name] = evaluate_policy(
+            policy, initial.actor, env, scorers, seed, judge=judge
+        )
+    if len(env.prompts) >= 2:
+        results["paired"] = paired_preference(scores["initial"], scores["trained"])
     results["samples"] = [
         {"prompt": env.prompt_texts[i], "initial": completions["initial"][i], "trained": completions["trained"][i]}
         for i in range(min(n_samples_shown, len(env.prompts)))
@@ -141,6 +169,15 @@ def report_markdown(name: str, results: dict[str, Any], n_prompts: int) -> str:
         lines.append(
             f"| {key} | {m['score']:.4f} | {m['kl']:.3f} | {m['response_length']:.1f} | {m['eos_fraction']:.2f} |"
         )
+    if "paired" in results:
+        p = results["paired"]
+        lines += [
+            "",
+            f"Paired on the same {p['n']:.0f} prompts: the trained response scores higher on {100 * p['win_rate']:.0f}% of "
+            f"them; mean difference {p['mean_difference']:+.4f} (95% interval {p['ci95_low']:+.4f} to "
+            f"{p['ci95_high']:+.4f}); Bradley–Terry preference for the trained response, mean σ(Δ score), "
+            f"{p['bradley_terry_preference']:.3f}.",
+        ]
     judged = "judge_positive_share" in results["initial"]
     lines += [
         "",
