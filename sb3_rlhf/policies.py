@@ -231,7 +231,10 @@ class TransformerActorCriticPolicy(BasePolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         use_sde: bool = False,
     ) -> None:
-        super().__init__(
+        # BasePolicy's by name: the maskable variant also derives from sb3-contrib's MaskableActorCriticPolicy,
+        # whose __init__ builds an MLP policy
+        BasePolicy.__init__(
+            self,
             observation_space,
             action_space,
             optimizer_class=optimizer_class,
@@ -308,7 +311,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
+        data = BasePolicy._get_constructor_parameters(self)  # by name, as __init__
         data.update(
             model_name_or_path=self.model_name_or_path,
             model_config=self.model_config,

@@ -9,11 +9,13 @@ from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.common.models import load_tokenizer
 from sb3_rlhf.common.tokenizers import check_tokenizer
+from sb3_rlhf.envs.masks import ActionMask, MaskSource
 
 
 class TokenGenerationEnv(gym.Env):
@@ -50,6 +52,15 @@ class TokenGenerationEnv(gym.Env):
         One per prompt; ``None``: reward models read the episode's own text.
     :param stop_at_eos: ``False``: EOS is an ordinary token and responses run to ``max_new_tokens`` (or a
         ``stop_token_ids`` token): fixed-length responses, as benchmarks and some peers' PPO use.
+    :param mask_sources: action masks (:mod:`sb3_rlhf.envs.masks`: :class:`~sb3_rlhf.envs.masks.AllowedTokens`,
+        :class:`~sb3_rlhf.envs.masks.BannedTokens`, :class:`~sb3_rlhf.envs.masks.WordVocabulary`,
+        :class:`~sb3_rlhf.envs.masks.TopPMask`): a token is allowed when every source allows it.
+        :meth:`action_masks` gives the current mask in sb3-contrib's protocol (``MaskablePPO`` reads it); the
+        env itself accepts every token id in ``step()``, as sb3-contrib's envs do, so env checkers and unmasked
+        algorithms run on it unchanged.
+    :param mask_eos: let the masks remove EOS and the stop tokens too. By default they are always allowed, so a
+        response can always end; with ``stop_at_eos=True`` a masked EOS would cut every response at
+        ``max_new_tokens``, which is refused.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -67,6 +78,8 @@ class TokenGenerationEnv(gym.Env):
         render_mode: str | None = None,
         reward_prompts: Sequence[str] | None = None,
         stop_at_eos: bool = True,
+        mask_sources: Sequence[MaskSource] | MaskSource | None = None,
+        mask_eos: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -116,6 +129,23 @@ class TokenGenerationEnv(gym.Env):
         self.action_space = spaces.Discrete(self.n_actions)
         self._prompt_index = -1
         self._response: list[int] = []
+        self.mask_eos = bool(mask_eos)
+        self.action_mask: ActionMask | None = None
+        if mask_sources is not None:
+            if self.mask_eos and stop_at_eos:
+                raise ValueError(
+                    "mask_eos=True lets the mask remove EOS, which ends responses in this env (stop_at_eos=True): a "
+                    f"response whose EOS is masked runs to max_new_tokens={self.max_new_tokens} and is cut off; build "
+                    "the env with stop_at_eos=False for fixed-length responses, or leave mask_eos=False"
+                )
+            keep = [] if self.mask_eos else [self.eos_token_id, *self.stop_token_ids]
+            self.action_mask = ActionMask(
+                [mask_sources] if isinstance(mask_sources, MaskSource) else mask_sources,
+                self.n_actions,
+                list(dict.fromkeys(keep)),
+            )
+        elif mask_eos:
+            raise ValueError("mask_eos=True without mask_sources masks nothing: give mask_sources, or drop mask_eos")
 
     def _tokenize_prompts(self, add_special_tokens: bool) -> tuple[list[list[int]], list[str]]:
         encoded = self.tokenizer(self.prompts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -185,6 +215,21 @@ class TokenGenerationEnv(gym.Env):
         if terminated or truncated:
             info = self.episode_info(self._prompt_index, self._response, truncated)
         return self._observation(), 0.0, terminated, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        """The tokens allowed as the next action, ``(n_actions,)`` bool (sb3-contrib's ``action_masks()``
+        protocol): every token without ``mask_sources``."""
+        if self._prompt_index < 0:
+            raise RuntimeError("call reset() before action_masks()")
+        if self.action_mask is None:
+            return np.ones(self.n_actions, dtype=bool)
+        observation = self._observation()
+        mask = self.action_mask(
+            th.as_tensor(observation["input_ids"])[None],
+            th.as_tensor(observation["attention_mask"])[None],
+            len(self._response),
+        )
+        return mask[0].cpu().numpy()
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":

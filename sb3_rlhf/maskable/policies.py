@@ -1,0 +1,71 @@
+"""MaskableTransformerActorCriticPolicy: the transformer actor-critic in sb3-contrib's masking protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistribution
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs
+
+from sb3_rlhf.policies import TransformerActorCriticPolicy
+
+
+class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, MaskableActorCriticPolicy):
+    """:class:`~sb3_rlhf.TransformerActorCriticPolicy` for ``sb3_contrib.MaskablePPO``: the same actor, value head
+    and settings, its next-token distribution a ``MaskableCategoricalDistribution`` to which the env's action
+    masks (``TokenGenerationEnv.action_masks()``) are applied: masked tokens get probability zero in sampling,
+    in the log-probs of the update and in the entropy.
+
+        from sb3_contrib import MaskablePPO
+        model = MaskablePPO(MaskableTransformerActorCriticPolicy, env, policy_kwargs=dict(model_name_or_path=path))
+
+    Parameters: those of :class:`~sb3_rlhf.TransformerActorCriticPolicy`.
+    """
+
+    def _masked_distribution(
+        self, logits: th.Tensor, action_masks: np.ndarray | th.Tensor | None
+    ) -> MaskableCategoricalDistribution:
+        # top-k/top-p truncation (-inf logits) joins the mask: MaskableCategorical's entropy multiplies logits by
+        # probabilities, which is NaN at -inf, and is zero at masked entries
+        finite = th.isfinite(logits)
+        masks = finite
+        if action_masks is not None:
+            masks = masks & th.as_tensor(action_masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
+        distribution = MaskableCategoricalDistribution(self.n_actions)
+        distribution.proba_distribution(action_logits=logits.masked_fill(~finite, 0.0))
+        if action_masks is not None or not bool(finite.all()):
+            distribution.apply_masking(masks)
+        return distribution
+
+    def forward(  # type: ignore[override]
+        self, obs: PyTorchObs, deterministic: bool = False, action_masks: np.ndarray | None = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:return: ``actions (batch,)``, ``values (batch, 1)``, ``log_prob (batch,)`` under the masked distribution."""
+        logits, values = self._step_outputs(obs, with_values=True)
+        assert values is not None
+        distribution = self._masked_distribution(logits, action_masks)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values.unsqueeze(-1), distribution.log_prob(actions)
+
+    def get_distribution(  # type: ignore[override]
+        self, obs: PyTorchObs, action_masks: np.ndarray | None = None
+    ) -> MaskableCategoricalDistribution:
+        logits, _ = self._step_outputs(obs, with_values=False)
+        return self._masked_distribution(logits, action_masks)
+
+    def _predict(  # type: ignore[override]
+        self, observation: PyTorchObs, deterministic: bool = False, action_masks: np.ndarray | None = None
+    ) -> th.Tensor:
+        return self.get_distribution(observation, action_masks).get_actions(deterministic=deterministic)
+
+    def evaluate_actions(  # type: ignore[override]
+        self, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` under the masked
+        distribution, for MaskablePPO's update."""
+        actions = actions.reshape(-1).long()
+        logits, values = self._step_outputs(obs, with_values=True, actions=actions)
+        assert values is not None
+        distribution = self._masked_distribution(logits, action_masks)
+        return values.unsqueeze(-1), distribution.log_prob(actions), distribution.entropy()

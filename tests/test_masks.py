@@ -1,0 +1,233 @@
+"""Action masks on the token env (sb3-contrib's protocol) and MaskablePPO training a transformer policy with them."""
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.utils import get_action_masks
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sb3_rlhf import TokenGenerationEnv
+from sb3_rlhf.common.tiny import tiny_causal_lm
+from sb3_rlhf.envs.masks import AllowedTokens, BannedTokens, MaskSource, TopPMask, WordVocabulary
+from sb3_rlhf.maskable import MaskableTransformerActorCriticPolicy
+from sb3_rlhf.policies import truncate_logits
+from sb3_rlhf.rewards import RewardFunctionWrapper
+from sb3_rlhf.rewards.rules import share_of_good
+from tests.helpers import make_prompts
+
+
+def ids(tokenizer, *words: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(list(words))
+
+
+def masked_env(tokenizer, sources, **kwargs) -> TokenGenerationEnv:
+    settings = dict(max_prompt_tokens=8, max_new_tokens=6, mask_sources=sources)
+    return TokenGenerationEnv(make_prompts(), tokenizer, **{**settings, **kwargs})
+
+
+def allowed(env: TokenGenerationEnv, tokenizer) -> set[str]:
+    return set(tokenizer.convert_ids_to_tokens(np.flatnonzero(env.action_masks()).tolist()))
+
+
+def test_allowed_and_banned_tokens_intersect_and_keep_eos(tokenizer):
+    env = masked_env(
+        tokenizer, [AllowedTokens(ids(tokenizer, "good", "bad", "cat")), BannedTokens(ids(tokenizer, "bad"))]
+    )
+    env.reset(seed=0)
+    mask = env.action_masks()
+    assert mask.shape == (len(tokenizer),) and mask.dtype == bool
+    assert allowed(env, tokenizer) == {"good", "cat", "<eos>"}  # EOS kept: a response can always end
+    env.step(ids(tokenizer, "cat")[0])
+    assert allowed(env, tokenizer) == {"good", "cat", "<eos>"}  # context-free sources: the same at every step
+    # EOS masked on purpose, where EOS does not end responses
+    env = masked_env(tokenizer, AllowedTokens(ids(tokenizer, "good")), mask_eos=True, stop_at_eos=False)
+    env.reset(seed=0)
+    assert allowed(env, tokenizer) == {"good"}
+    # no sources: every token
+    plain = TokenGenerationEnv(make_prompts(), tokenizer, 8, 6)
+    plain.reset(seed=0)
+    assert plain.action_masks().all()
+
+
+def test_masked_env_passes_both_checkers_and_masks_reach_a_vec_env_through_wrappers(tokenizer):
+    env = masked_env(tokenizer, [WordVocabulary(["good", "cat"], tokenizer), BannedTokens(ids(tokenizer, "<unk>"))])
+    gym_check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=True)
+    vec = DummyVecEnv(
+        [lambda: RewardFunctionWrapper(masked_env(tokenizer, AllowedTokens([5, 6])), fn=share_of_good)] * 2
+    )
+    vec.reset()
+    masks = get_action_masks(vec)
+    assert masks.shape == (2, len(tokenizer)) and {tuple(np.flatnonzero(m)) for m in masks} == {(1, 5, 6)}
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE: most words of the list split into several tokens, some shared between words."""
+    text = ["the cat sat on the mat", "good happy dog", "a big small log"] * 20
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(text, trainer)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_word_vocabulary_lets_only_its_words_be_spelled_even_from_several_tokens():
+    tokenizer = bpe_tokenizer()
+    words = ["cathedral", "cat", "happiness", "dogmatic", "mat"]
+    assert max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words) >= 3
+    env = masked_env(tokenizer, WordVocabulary(words, tokenizer), max_new_tokens=12)
+    rng, complete = np.random.default_rng(0), 0
+    for episode in range(40):  # random walks inside the mask: every text is words of the list
+        env.reset(seed=episode)
+        done, response = False, []
+        while not done:
+            choices = np.flatnonzero(env.action_masks())
+            token = int(rng.choice(choices))
+            response.append(token)
+            _, _, terminated, truncated, info = env.step(token)
+            done = terminated or truncated
+        pieces = info["completion"].split()
+        # EOS is always allowed (ActionMask keeps it), so an ended or cut-off response may stop inside its last word
+        assert all(p in words for p in pieces[:-1]), (pieces, response)
+        assert not pieces or any(w.startswith(pieces[-1]) for w in words), pieces
+        complete += max(len(pieces) - 1, 0)
+    assert complete >= 10  # the walks do spell several words
+    # after a complete word that is also a prefix ("cat" of "cathedral"), both continuing and a new word are allowed
+    env.reset(seed=0)
+    for token in tokenizer(" cat", add_special_tokens=False)["input_ids"]:
+        env.step(token)
+    mask = env.action_masks()
+    rest = tokenizer(" cathedral", add_special_tokens=False)["input_ids"][len(tokenizer(" cat")["input_ids"])]
+    starts = {tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
+    assert mask[rest] and all(mask[t] for t in starts) and mask[tokenizer.eos_token_id]
+
+
+def test_top_p_mask_is_the_models_nucleus(tokenizer):
+    model = tiny_causal_lm(len(tokenizer), "llama", seed=1)
+    source = TopPMask(model, top_p=0.5)
+    env = masked_env(tokenizer, source)
+    obs, _ = env.reset(seed=0)
+    with th.no_grad():
+        logits = model(
+            input_ids=th.as_tensor(obs["input_ids"])[None], attention_mask=th.as_tensor(obs["attention_mask"])[None]
+        ).logits
+    # the nucleus by hand: the most probable tokens until their mass reaches 0.5
+    probs = th.softmax(logits[0, -1].float(), -1)
+    order = th.argsort(probs, descending=True)
+    n = int((th.cumsum(probs[order], 0) < 0.5).sum()) + 1
+    expected = set(order[:n].tolist()) | {tokenizer.eos_token_id}
+    assert set(np.flatnonzero(env.action_masks()).tolist()) == expected and n < len(tokenizer)
+    assert th.equal(source.mask_of_logits(logits[:, -1]), th.isfinite(truncate_logits(logits[:, -1], 0, 0.5)))
+    assert TopPMask(model, top_p=1.0)(th.as_tensor(obs["input_ids"])[None], th.ones(1, 14, dtype=th.long), 0).all()
+
+
+class WrongShape(MaskSource):
+    def __call__(self, input_ids, attention_mask, n_generated):
+        return th.ones(input_ids.shape[0], 3, dtype=th.bool)
+
+
+class WrongDtype(MaskSource):
+    def __call__(self, input_ids, attention_mask, n_generated):
+        return np.ones((input_ids.shape[0], 23))
+
+
+def test_mask_errors_name_the_problem_and_the_fix(tokenizer):
+    for source, message in ((WrongShape(), "shape"), (WrongDtype(), "ndarray")):
+        env = masked_env(tokenizer, source)
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match=f"returned .*{message}.*must return a torch.bool tensor of shape"):
+            env.action_masks()
+    # nothing left once EOS may be masked too: the error names the step
+    env = masked_env(
+        tokenizer,
+        [AllowedTokens(ids(tokenizer, "good")), BannedTokens(ids(tokenizer, "good"))],
+        mask_eos=True,
+        stop_at_eos=False,
+    )
+    env.reset(seed=0)
+    env.step(5)
+    with pytest.raises(ValueError, match="allows no token at step 1 of the response"):
+        env.action_masks()
+    with pytest.raises(ValueError, match="runs to max_new_tokens=6 and is cut off.*stop_at_eos=False"):
+        masked_env(tokenizer, AllowedTokens([5]), mask_eos=True)
+    with pytest.raises(ValueError, match="without mask_sources"):
+        TokenGenerationEnv(make_prompts(), tokenizer, mask_eos=True, stop_at_eos=False)
+    with pytest.raises(ValueError, match="AllowedTokens got no token ids"):
+        AllowedTokens([])
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 23\)"):
+        masked_env(tokenizer, BannedTokens([99]))
+    with pytest.raises(ValueError, match="bans all 23 tokens"):
+        masked_env(tokenizer, BannedTokens(range(23)))
+    with pytest.raises(ValueError, match="WordVocabulary got no words"):
+        WordVocabulary([" ", ""], tokenizer)
+    with pytest.raises(TypeError, match="non-empty list of mask sources"):
+        masked_env(tokenizer, [])
+    with pytest.raises(ValueError, match="top_p must be a probability"):
+        TopPMask(None, top_p=0)
+
+
+class MaskedActions(BaseCallback):
+    """Every action MaskablePPO takes, with the mask it was taken under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checked = 0
+        self.violations = 0
+
+    def _on_step(self) -> bool:
+        masks = get_action_masks(self.training_env)
+        # the masks now are for the next step; the action just taken was under the previous masks
+        if self.previous is not None:
+            actions = self.locals["actions"]
+            self.violations += int(sum(not m[a] for m, a in zip(self.previous, actions)))
+            self.checked += len(actions)
+        self.previous = masks
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self.previous = get_action_masks(self.training_env)
+
+
+def test_maskable_ppo_learns_on_a_constrained_vocabulary_and_never_samples_a_masked_token(
+    tokenizer, model_path, tmp_path
+):
+    words = ["good", "bad", "cat", "dog"]
+    env = RewardFunctionWrapper(masked_env(tokenizer, WordVocabulary(words, tokenizer)), fn=share_of_good)
+    model = MaskablePPO(
+        MaskableTransformerActorCriticPolicy,
+        env,
+        n_steps=128,
+        batch_size=32,
+        n_epochs=4,
+        learning_rate=1e-3,
+        seed=0,
+        policy_kwargs=dict(model_name_or_path=model_path),
+    )
+    checker = MaskedActions()
+    model.learn(2_560, callback=checker)
+    assert checker.checked >= 2_000 and checker.violations == 0
+    returns = [info["r"] for info in model.ep_info_buffer]
+    assert np.mean(returns[-20:]) > 0.8  # the share of "good" in a response; about 1/5 at first
+    # the update's log-probs are the masked ones: under the mask, π sums to one over the allowed tokens only
+    obs, _ = env.reset(seed=1)
+    masks = env.unwrapped.action_masks()
+    obs_tensor, _ = model.policy.obs_to_tensor(obs)
+    with th.no_grad():
+        probs = model.policy.get_distribution(obs_tensor, action_masks=masks[None]).distribution.probs[0]
+    assert float(probs[~th.as_tensor(masks)].sum()) == 0.0 and float(probs.sum()) == pytest.approx(1.0)
+    # saved and loaded as any SB3 model; predict() takes the mask
+    model.save(tmp_path / "maskable")
+    loaded = MaskablePPO.load(tmp_path / "maskable", env=env)
+    assert isinstance(loaded.policy, MaskableTransformerActorCriticPolicy)
+    for _ in range(10):
+        action, _ = loaded.predict(obs, action_masks=masks)
+        assert masks[int(action)]
