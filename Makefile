@@ -60,7 +60,7 @@ bench-reward-model: install
 # reward against KL for PPO, P3O (both clippings), RLOO, GRPO and DPO: the tiny task (about a minute), then IMDB
 bench-frontier: install
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml --timesteps 6000 --betas 0.02 0.1 0.5 --eval-samples 16
-	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 3200 --betas 0.05 0.1 0.2 --seeds 0 1 --eval-samples 1 --eval-freq 3 --dpo-samples 800 --dpo-epochs 3
+	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 1600 --betas 0.05 0.1 0.2 --seeds 0 1 --eval-samples 1 --eval-freq 2 --dpo-samples 600 --dpo-epochs 3
 
 bench-throughput: install
 	$(BIN)/python benchmarks/throughput.py --smollm

@@ -30,6 +30,7 @@ from sb3_rlhf.common.models import (
 )
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask, zero_padding
 from sb3_rlhf.common.tokenizers import check_vocabulary
+from sb3_rlhf.envs.masks import ActionMask, MaskSource
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
 
@@ -93,6 +94,24 @@ class _PolicyLogits(LogitsProcessor):
     def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
         actions = scores[:, : self.n_actions].float() / self.temperature
         scores[:, : self.n_actions] = truncate_logits(actions, self.top_k, self.top_p)
+        return scores
+
+
+class _ActionMaskLogits(LogitsProcessor):
+    """Apply an action mask (:mod:`sb3_rlhf.envs.masks`) inside ``generate()``: the tokens it does not allow get
+    -inf before the policy's temperature and truncation, so sampling and the recorded log-probs are the masked
+    policy's. The mask reads the sequences so far with the prompts' attention mask (generated tokens count as
+    real; a finished row's padding is never sampled from)."""
+
+    def __init__(self, mask: ActionMask | MaskSource, prompt_attention_mask: th.Tensor, n_actions: int) -> None:
+        self.mask, self.prompt_attention_mask, self.n_actions = mask, prompt_attention_mask, n_actions
+
+    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
+        prompt = self.prompt_attention_mask
+        n_generated = input_ids.shape[1] - prompt.shape[1]
+        attention_mask = th.cat([prompt, prompt.new_ones(prompt.shape[0], n_generated)], dim=1)
+        allowed = self.mask(input_ids, attention_mask, n_generated).to(scores.device)
+        scores[:, : self.n_actions] = scores[:, : self.n_actions].masked_fill(~allowed, -float("inf"))
         return scores
 
 
@@ -271,6 +290,9 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.gradient_checkpointing = gradient_checkpointing
         self.lora = lora
         self.n_actions = int(action_space.n)
+        #: the fast path's action mask (:mod:`sb3_rlhf.envs.masks`), set by an algorithm that masks (NLPO): applied
+        #: in generate(), in the teacher-forced log-probs and entropy; not a setting of the policy (not saved)
+        self.action_mask: ActionMask | MaskSource | None = None
 
         path = None
         # a transformers causal LM, or under LoRA peft's PeftModel around one (which forwards the LM's attributes)
@@ -425,6 +447,8 @@ class TransformerActorCriticPolicy(BasePolicy):
         processors = LogitsProcessorList()
         if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
             processors.append(_SuppressTokensFrom(self.n_actions))
+        if self.action_mask is not None:
+            processors.append(_ActionMaskLogits(self.action_mask, attention_mask, self.n_actions))
         processors.append(_PolicyLogits(self.n_actions, self.temperature, self.top_k, self.top_p))
         recorder = _SampledLogprobs(self.n_actions)
         if output_logprobs:
@@ -527,8 +551,15 @@ class TransformerActorCriticPolicy(BasePolicy):
             assert hidden is not None  # the actor's, asked for when shared
             values = self._values_from_hidden(hidden)
         tokens = input_ids[:, -response_length:]
-        truncated = self.top_k > 0 or self.top_p < 1.0
-        # π(a_t | s_t) = softmax(z_t / τ) renormalised over top-k/top-p (the response token always kept)
+        truncated = self.top_k > 0 or self.top_p < 1.0 or self.action_mask is not None
+        if self.action_mask is not None:
+            # the action mask of every step, as generate() applied it; the response token always kept (float noise
+            # between this pass and generate()'s can move a token at a nucleus' edge)
+            with th.no_grad():
+                allowed = self.action_mask.teacher_forced(input_ids, attention_mask, response_length).to(logits.device)
+                allowed.scatter_(-1, tokens.unsqueeze(-1), True)
+            logits = logits.masked_fill(~allowed, -float("inf"))
+        # π(a_t | s_t) = softmax(z_t / τ) renormalised over the mask and top-k/top-p (the response token always kept)
         logits = truncate_logits(logits, self.top_k, self.top_p, keep=tokens)
         logprobs = logprobs_of_tokens(logits, tokens)
         entropy = None

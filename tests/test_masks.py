@@ -12,9 +12,9 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sb3_rlhf import TokenGenerationEnv
+from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.tiny import tiny_causal_lm
-from sb3_rlhf.envs.masks import AllowedTokens, BannedTokens, MaskSource, TopPMask, WordVocabulary
+from sb3_rlhf.envs.masks import ActionMask, AllowedTokens, BannedTokens, MaskSource, TopPMask, WordVocabulary
 from sb3_rlhf.maskable import MaskableTransformerActorCriticPolicy
 from sb3_rlhf.policies import truncate_logits
 from sb3_rlhf.rewards import RewardFunctionWrapper
@@ -231,3 +231,28 @@ def test_maskable_ppo_learns_on_a_constrained_vocabulary_and_never_samples_a_mas
     for _ in range(10):
         action, _ = loaded.predict(obs, action_masks=masks)
         assert masks[int(action)]
+
+
+def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_teacher_forced_pass(tokenizer):
+    """The policy's action mask (what NLPO sets: a masking model's top-p nucleus) applies in generate(): every
+    sampled token is allowed, and the log-probs recorded while sampling equal the teacher-forced masked ones."""
+    env = TokenGenerationEnv(make_prompts(8), tokenizer, 8, 6)
+    config = tiny_causal_lm(len(tokenizer), "llama", seed=0).config.to_dict()
+    policy = TransformerActorCriticPolicy(env.observation_space, env.action_space, lambda _: 1e-3, model_config=config)
+    policy.action_mask = ActionMask(
+        [TopPMask(tiny_causal_lm(len(tokenizer), "llama", seed=3), 0.5)], len(tokenizer), [1]
+    )
+    th.manual_seed(0)
+    batch, _ = policy.sample_episodes(env, np.arange(8), with_values=False)
+    with th.no_grad():
+        logprobs, _, entropy = policy.evaluate_sequences(
+            batch.input_ids, batch.attention_mask, batch.response_length, with_values=False
+        )
+    real = batch.response_mask.bool()
+    assert th.allclose(batch.logprobs[real], logprobs[real], atol=1e-5)
+    allowed = policy.action_mask.teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)
+    tokens = batch.input_ids[:, -batch.response_length :]
+    assert allowed.gather(-1, tokens[..., None]).squeeze(-1)[real].all()
+    assert float(allowed.sum(-1).float().mean()) < len(tokenizer) / 2  # the nucleus does mask
+    # the entropy is that of the masked distribution: at most log |allowed|
+    assert (entropy[real] <= th.log(allowed.sum(-1).float())[real] + 1e-5).all()

@@ -36,6 +36,15 @@ class MaskSource:
         """Called once by :class:`ActionMask` with the env's vocabulary size, before any mask is asked for: check
         that the source fits it (and raise a ``ValueError`` naming the problem if not)."""
 
+    def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
+        """The masks at every step of whole responses: ``(batch, T, n_actions)`` for ``[prompt | response (T)]``,
+        entry ``t`` the mask after the first ``t`` response tokens. This default asks :meth:`__call__` step by step;
+        sources that can do it in one pass (a model's one forward) override it."""
+        width = input_ids.shape[1] - response_length
+        return th.stack(
+            [self(input_ids[:, : width + t], attention_mask[:, : width + t], t) for t in range(response_length)], 1
+        )
+
 
 def _token_ids(ids: Iterable[int], name: str) -> list[int]:
     out = [int(i) for i in ids]
@@ -194,6 +203,22 @@ class TopPMask(MaskSource):
         logits, _ = forward_last_positions(self.model, input_ids.to(device), attention_mask.to(device), 1)
         return self.mask_of_logits(logits[:, -1, : self.n_actions]).to(input_ids.device)
 
+    @th.no_grad()
+    def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
+        """Every step's nucleus from one forward of the model over the whole sequences."""
+        from sb3_rlhf.common.forward import response_logits
+
+        device = next(self.model.parameters()).device
+        logits, _ = response_logits(
+            self.model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            response_length,
+            1.0,
+            self.n_actions or self.model.get_output_embeddings().weight.shape[0],
+        )
+        return self.mask_of_logits(logits).to(input_ids.device)
+
     def mask_of_logits(self, logits: th.Tensor) -> th.Tensor:
         """The nucleus of next-token ``logits`` ``(batch, n_actions)``, as the policy truncates its own."""
         from sb3_rlhf.policies import truncate_logits  # here: the policies module imports the envs package
@@ -231,10 +256,24 @@ class ActionMask:
     def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
         """``(batch, n_actions)`` bool: the tokens allowed after each sequence. Raises ``ValueError`` when a source
         returns a mask of the wrong shape or dtype, or when no token is left for a sequence."""
-        expected = (input_ids.shape[0], self.n_actions)
+        return self._combine(
+            [source(input_ids, attention_mask, n_generated) for source in self.sources],
+            (input_ids.shape[0], self.n_actions),
+            f"step {n_generated}",
+        )
+
+    def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
+        """``(batch, T, n_actions)`` bool: the masks at every step of whole responses ``[prompt | response (T)]``
+        (see :meth:`MaskSource.teacher_forced`)."""
+        return self._combine(
+            [source.teacher_forced(input_ids, attention_mask, response_length) for source in self.sources],
+            (input_ids.shape[0], response_length, self.n_actions),
+            "a step",
+        )
+
+    def _combine(self, masks: list[th.Tensor], expected: tuple[int, ...], where: str) -> th.Tensor:
         mask = None
-        for source in self.sources:
-            allowed = source(input_ids, attention_mask, n_generated)
+        for source, allowed in zip(self.sources, masks):
             if not isinstance(allowed, th.Tensor) or allowed.dtype != th.bool or tuple(allowed.shape) != expected:
                 got = (
                     f"{allowed.dtype} of shape {tuple(allowed.shape)}"
@@ -243,16 +282,17 @@ class ActionMask:
                 )
                 raise ValueError(
                     f"mask source {source!r} returned {got}: a mask source must return a torch.bool tensor of shape "
-                    f"(batch, n_actions) = {expected}, True where a token is allowed"
+                    f"{expected} ((batch, n_actions) per step), True where a token is allowed"
                 )
             mask = allowed.clone() if mask is None else mask & allowed.to(mask.device)
         assert mask is not None  # at least one source, checked in __init__
         if self.keep_token_ids:
-            mask[:, self.keep_token_ids] = True
-        empty = (~mask.any(-1)).nonzero().flatten().tolist()
-        if empty:
+            mask[..., self.keep_token_ids] = True
+        empty = (~mask.any(-1)).nonzero()
+        if len(empty):
+            step = f"step {int(empty[0, 1])}" if mask.dim() == 3 else where
             raise ValueError(
-                f"the action mask allows no token at step {n_generated} of the response (sequence {empty[0]} of the "
+                f"the action mask allows no token at {step} of the response (sequence {int(empty[0, 0])} of the "
                 f"batch; sources {self.sources}): widen a source, or keep EOS allowed so that the response can end"
             )
         return mask
