@@ -363,14 +363,17 @@ class TransformerActorCriticPolicy(BasePolicy):
 
     # ------------------------------------------------------------------ per-step SB3 API (one forward per token)
     def _step_outputs(
-        self, obs: PyTorchObs, with_values: bool, actions: th.Tensor | None = None
+        self, obs: PyTorchObs, with_values: bool, actions: th.Tensor | None = None, allowed: th.Tensor | None = None
     ) -> tuple[th.Tensor, th.Tensor | None]:
-        """The policy's logits ``(batch, n_actions)`` float32 (temperature, then top-k/top-p, keeping ``actions``
-        (batch,) if given, see :func:`truncate_logits`) and, ``with_values``, the values ``(batch,)``."""
+        """The policy's logits ``(batch, n_actions)`` float32 (temperature, then the action mask ``allowed``
+        (batch, n_actions) bool if given, then top-k/top-p, keeping ``actions`` (batch,) if given, see
+        :func:`truncate_logits`) and, ``with_values``, the values ``(batch,)``."""
         input_ids, attention_mask = _obs_tensors(obs, self.n_actions)
         shared = with_values and self.critic is None
         logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
         logits = logits[:, -1, : self.n_actions].float() / self.temperature
+        if allowed is not None:  # masked before the nucleus is taken, as generate() does
+            logits = logits.masked_fill(~allowed, -float("inf"))
         logits = truncate_logits(logits, self.top_k, self.top_p, keep=actions)
         values = None
         if with_values:

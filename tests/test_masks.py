@@ -256,3 +256,22 @@ def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_te
     assert float(allowed.sum(-1).float().mean()) < len(tokenizer) / 2  # the nucleus does mask
     # the entropy is that of the masked distribution: at most log |allowed|
     assert (entropy[real] <= th.log(allowed.sum(-1).float())[real] + 1e-5).all()
+
+
+def test_maskable_policy_takes_its_nucleus_among_the_allowed_tokens(tokenizer, model_path):
+    """With top-k, the mask comes first (as in generate()): the k most probable *allowed* tokens, never a masked
+    one, even when no allowed token is among the unmasked top k; the entropy stays finite."""
+    env = masked_env(tokenizer, AllowedTokens([5, 6, 7]))
+    policy = MaskableTransformerActorCriticPolicy(
+        env.observation_space, env.action_space, lambda _: 1e-3, model_name_or_path=model_path, top_k=2
+    )
+    obs, _ = env.reset(seed=0)
+    obs_tensor, _ = policy.obs_to_tensor(obs)
+    with th.no_grad():
+        top = set(policy.get_distribution(obs_tensor).distribution.probs[0].topk(2).indices.tolist())
+        allowed = np.zeros((1, len(tokenizer)), dtype=bool)
+        allowed[0, sorted({5, 6, 7, 1} - top)[:3]] = True  # allowed tokens outside the unmasked top 2
+        distribution = policy.get_distribution(obs_tensor, action_masks=allowed)
+        probs = distribution.distribution.probs[0]
+    assert float(probs[~th.as_tensor(allowed[0])].sum()) == 0.0 and int((probs > 0).sum()) == 2
+    assert th.isfinite(distribution.entropy()).all()

@@ -23,6 +23,20 @@ class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, Maskabl
     Parameters: those of :class:`~sb3_rlhf.TransformerActorCriticPolicy`.
     """
 
+    def _masked_outputs(
+        self,
+        obs: PyTorchObs,
+        action_masks: np.ndarray | th.Tensor | None,
+        with_values: bool,
+        actions: th.Tensor | None = None,
+    ) -> tuple[MaskableCategoricalDistribution, th.Tensor | None]:
+        # the mask applies before top-k/top-p, as in generate(): the nucleus is taken among the allowed tokens
+        allowed = None
+        if action_masks is not None:
+            allowed = th.as_tensor(action_masks, dtype=th.bool, device=self.device).reshape(-1, self.n_actions)
+        logits, values = self._step_outputs(obs, with_values=with_values, actions=actions, allowed=allowed)
+        return self._masked_distribution(logits, allowed), values
+
     def _masked_distribution(
         self, logits: th.Tensor, action_masks: np.ndarray | th.Tensor | None
     ) -> MaskableCategoricalDistribution:
@@ -42,17 +56,15 @@ class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, Maskabl
         self, obs: PyTorchObs, deterministic: bool = False, action_masks: np.ndarray | None = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """:return: ``actions (batch,)``, ``values (batch, 1)``, ``log_prob (batch,)`` under the masked distribution."""
-        logits, values = self._step_outputs(obs, with_values=True)
+        distribution, values = self._masked_outputs(obs, action_masks, with_values=True)
         assert values is not None
-        distribution = self._masked_distribution(logits, action_masks)
         actions = distribution.get_actions(deterministic=deterministic)
         return actions, values.unsqueeze(-1), distribution.log_prob(actions)
 
     def get_distribution(  # type: ignore[override]
         self, obs: PyTorchObs, action_masks: np.ndarray | None = None
     ) -> MaskableCategoricalDistribution:
-        logits, _ = self._step_outputs(obs, with_values=False)
-        return self._masked_distribution(logits, action_masks)
+        return self._masked_outputs(obs, action_masks, with_values=False)[0]
 
     def _predict(  # type: ignore[override]
         self, observation: PyTorchObs, deterministic: bool = False, action_masks: np.ndarray | None = None
@@ -65,7 +77,6 @@ class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, Maskabl
         """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` under the masked
         distribution, for MaskablePPO's update."""
         actions = actions.reshape(-1).long()
-        logits, values = self._step_outputs(obs, with_values=True, actions=actions)
+        distribution, values = self._masked_outputs(obs, action_masks, with_values=True, actions=actions)
         assert values is not None
-        distribution = self._masked_distribution(logits, action_masks)
         return values.unsqueeze(-1), distribution.log_prob(actions), distribution.entropy()
