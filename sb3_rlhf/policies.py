@@ -590,6 +590,13 @@ class TransformerActorCriticPolicy(BasePolicy):
         :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
             padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
         """
+        if env.action_mask is not None and self.action_mask is None:
+            # refused rather than sampled unmasked: the batched path applies only the policy's own mask so far
+            raise ValueError(
+                "the env has mask_sources, which the batched algorithms (RLHFPPO, RLOO, GRPO, P3O) do not apply yet: "
+                "train it with sb3_contrib.MaskablePPO and MaskableTransformerActorCriticPolicy, or set "
+                "policy.action_mask = env.action_mask"
+            )
         prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
         shared_values = with_values and self.critic is None  # the actor's own pass gives them
         from_generation = (

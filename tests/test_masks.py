@@ -275,3 +275,16 @@ def test_maskable_policy_takes_its_nucleus_among_the_allowed_tokens(tokenizer, m
         probs = distribution.distribution.probs[0]
     assert float(probs[~th.as_tensor(allowed[0])].sum()) == 0.0 and int((probs > 0).sum()) == 2
     assert th.isfinite(distribution.entropy()).all()
+
+
+def test_the_batched_path_refuses_an_env_mask_it_would_not_apply(tokenizer, model_path):
+    env = masked_env(tokenizer, AllowedTokens([5, 6]))
+    policy = TransformerActorCriticPolicy(
+        env.observation_space, env.action_space, lambda _: 1e-3, model_name_or_path=model_path
+    )
+    with pytest.raises(ValueError, match="mask_sources, which the batched algorithms .* do not apply yet"):
+        policy.sample_episodes(env, [0, 1])
+    policy.action_mask = env.action_mask  # applied: every sampled token allowed
+    batch, _ = policy.sample_episodes(env, [0, 1, 2, 3])
+    tokens = batch.input_ids[:, -batch.response_length :][batch.response_mask.bool()]
+    assert set(tokens.tolist()) <= {1, 5, 6}
