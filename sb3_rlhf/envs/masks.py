@@ -18,7 +18,9 @@ from typing import Any
 import torch as th
 from transformers import PreTrainedTokenizerBase
 
+from sb3_rlhf.common.forward import forward_last_positions, response_logits
 from sb3_rlhf.common.tokenizers import check_vocabulary
+from sb3_rlhf.common.truncation import truncate_logits
 
 
 class MaskSource:
@@ -197,8 +199,6 @@ class TopPMask(MaskSource):
 
     @th.no_grad()
     def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
-        from sb3_rlhf.common.forward import forward_last_positions
-
         device = next(self.model.parameters()).device
         logits, _ = forward_last_positions(self.model, input_ids.to(device), attention_mask.to(device), 1)
         return self.mask_of_logits(logits[:, -1, : self.n_actions]).to(input_ids.device)
@@ -206,8 +206,6 @@ class TopPMask(MaskSource):
     @th.no_grad()
     def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
         """Every step's nucleus from one forward of the model over the whole sequences."""
-        from sb3_rlhf.common.forward import response_logits
-
         device = next(self.model.parameters()).device
         logits, _ = response_logits(
             self.model,
@@ -221,7 +219,6 @@ class TopPMask(MaskSource):
 
     def mask_of_logits(self, logits: th.Tensor) -> th.Tensor:
         """The nucleus of next-token ``logits`` ``(batch, n_actions)``, as the policy truncates its own."""
-        from sb3_rlhf.policies import truncate_logits  # here: the policies module imports the envs package
 
         return th.isfinite(truncate_logits(logits.float() / self.temperature, self.top_k, self.top_p))
 
