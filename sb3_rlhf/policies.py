@@ -30,8 +30,8 @@ from sb3_rlhf.common.models import (
 )
 from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask, zero_padding
 from sb3_rlhf.common.tokenizers import check_vocabulary
-from sb3_rlhf.common.truncation import truncate_logits
-from sb3_rlhf.envs.masks import ActionMask, MaskSource
+from sb3_rlhf.common.truncation import check_truncation, truncate_logits
+from sb3_rlhf.envs.masks import ActionMask
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
 
@@ -73,7 +73,7 @@ class _ActionMaskLogits(LogitsProcessor):
     policy's. The mask reads the sequences so far with the prompts' attention mask (generated tokens count as
     real; a finished row's padding is never sampled from)."""
 
-    def __init__(self, mask: ActionMask | MaskSource, prompt_attention_mask: th.Tensor, n_actions: int) -> None:
+    def __init__(self, mask: ActionMask, prompt_attention_mask: th.Tensor, n_actions: int) -> None:
         self.mask, self.prompt_attention_mask, self.n_actions = mask, prompt_attention_mask, n_actions
 
     def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
@@ -243,10 +243,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             raise ValueError(f"value_head must be 'shared' or 'separate', got {value_head!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be a probability in (0, 1] (1.0 keeps every token), got {top_p!r}")
+        check_truncation(top_k, top_p)
         self.model_name_or_path = model_name_or_path
         self.revision = revision
         self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
@@ -262,7 +259,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         self.n_actions = int(action_space.n)
         #: the fast path's action mask (:mod:`sb3_rlhf.envs.masks`), set by an algorithm that masks (NLPO): applied
         #: in generate(), in the teacher-forced log-probs and entropy; not a setting of the policy (not saved)
-        self.action_mask: ActionMask | MaskSource | None = None
+        self.action_mask: ActionMask | None = None
 
         path = None
         # a transformers causal LM, or under LoRA peft's PeftModel around one (which forwards the LM's attributes)

@@ -34,3 +34,11 @@ def truncate_logits(logits: th.Tensor, top_k: int = 0, top_p: float = 1.0, keep:
         if keep is not None:
             drop.scatter_(-1, keep.unsqueeze(-1), False)
     return logits.masked_fill(drop, -float("inf"))
+
+
+def check_truncation(top_k: int, top_p: float) -> None:
+    """Refuse top-k/top-p settings :func:`truncate_logits` cannot take, naming the neutral values."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a probability in (0, 1] (1.0 keeps every token), got {top_p!r}")

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.common.forward import forward_last_positions, response_logits
 from sb3_rlhf.common.tokenizers import check_vocabulary
-from sb3_rlhf.common.truncation import truncate_logits
+from sb3_rlhf.common.truncation import check_truncation, truncate_logits
 
 
 class MaskSource:
@@ -61,48 +61,47 @@ def _check_in_vocabulary(ids: Sequence[int], n_actions: int, name: str) -> None:
         raise ValueError(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {n_actions})")
 
 
-class AllowedTokens(MaskSource):
+class _TokenList(MaskSource):
+    """A fixed set of token ids, allowed (``allows = True``) or banned, the same at every step."""
+
+    allows: bool
+
+    def __init__(self, token_ids: Iterable[int]) -> None:
+        self.token_ids = _token_ids(token_ids, type(self).__name__)
+
+    def bind(self, n_actions: int) -> None:
+        _check_in_vocabulary(self.token_ids, n_actions, type(self).__name__)
+        self._row = th.full((n_actions,), not self.allows, dtype=th.bool)
+        self._row[self.token_ids] = self.allows
+
+    def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
+        return self._row.to(input_ids.device).expand(input_ids.shape[0], -1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.token_ids)} ids)"
+
+
+class AllowedTokens(_TokenList):
     """Only these token ids (EOS is added back by :class:`ActionMask` unless it masks EOS on purpose).
 
     :param token_ids: the allowed ids.
     """
 
-    def __init__(self, token_ids: Iterable[int]) -> None:
-        self.token_ids = _token_ids(token_ids, "AllowedTokens")
-
-    def bind(self, n_actions: int) -> None:
-        _check_in_vocabulary(self.token_ids, n_actions, "AllowedTokens")
-        self._row = th.zeros(n_actions, dtype=th.bool)
-        self._row[self.token_ids] = True
-
-    def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
-        return self._row.to(input_ids.device).expand(input_ids.shape[0], -1)
-
-    def __repr__(self) -> str:
-        return f"AllowedTokens({len(self.token_ids)} ids)"
+    allows = True
 
 
-class BannedTokens(MaskSource):
+class BannedTokens(_TokenList):
     """Never these token ids, e.g. ``BannedTokens(tokenizer.convert_tokens_to_ids(["<unk>"]))``.
 
     :param token_ids: the banned ids.
     """
 
-    def __init__(self, token_ids: Iterable[int]) -> None:
-        self.token_ids = _token_ids(token_ids, "BannedTokens")
+    allows = False
 
     def bind(self, n_actions: int) -> None:
-        _check_in_vocabulary(self.token_ids, n_actions, "BannedTokens")
         if len(self.token_ids) == n_actions:
             raise ValueError(f"BannedTokens bans all {n_actions} tokens of the vocabulary: nothing is left to emit")
-        self._row = th.ones(n_actions, dtype=th.bool)
-        self._row[self.token_ids] = False
-
-    def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
-        return self._row.to(input_ids.device).expand(input_ids.shape[0], -1)
-
-    def __repr__(self) -> str:
-        return f"BannedTokens({len(self.token_ids)} ids)"
+        super().bind(n_actions)
 
 
 class WordVocabulary(MaskSource):
@@ -184,10 +183,7 @@ class TopPMask(MaskSource):
     """
 
     def __init__(self, model: Any, top_p: float = 0.9, top_k: int = 0, temperature: float = 1.0) -> None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be a probability in (0, 1], got {top_p!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 keeps every token), got {top_k!r}")
+        check_truncation(top_k, top_p)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model, self.top_p, self.top_k, self.temperature = model, float(top_p), int(top_k), float(temperature)
@@ -219,7 +215,6 @@ class TopPMask(MaskSource):
 
     def mask_of_logits(self, logits: th.Tensor) -> th.Tensor:
         """The nucleus of next-token ``logits`` ``(batch, n_actions)``, as the policy truncates its own."""
-
         return th.isfinite(truncate_logits(logits.float() / self.temperature, self.top_k, self.top_p))
 
     def __repr__(self) -> str:
@@ -234,7 +229,9 @@ class ActionMask:
     :param keep_token_ids: tokens allowed whatever the sources say (the env passes EOS and its stop tokens).
     """
 
-    def __init__(self, sources: Sequence[MaskSource], n_actions: int, keep_token_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, sources: Sequence[MaskSource] | MaskSource, n_actions: int, keep_token_ids: Sequence[int] = ()
+    ) -> None:
         if isinstance(sources, MaskSource):
             sources = [sources]
         bad = [s for s in sources if not callable(s)]
@@ -256,7 +253,7 @@ class ActionMask:
         return self._combine(
             [source(input_ids, attention_mask, n_generated) for source in self.sources],
             (input_ids.shape[0], self.n_actions),
-            f"step {n_generated}",
+            n_generated,
         )
 
     def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
@@ -265,10 +262,11 @@ class ActionMask:
         return self._combine(
             [source.teacher_forced(input_ids, attention_mask, response_length) for source in self.sources],
             (input_ids.shape[0], response_length, self.n_actions),
-            "a step",
         )
 
-    def _combine(self, masks: list[th.Tensor], expected: tuple[int, ...], where: str) -> th.Tensor:
+    def _combine(self, masks: list[th.Tensor], expected: tuple[int, ...], n_generated: int | None = None) -> th.Tensor:
+        """The sources' masks checked and intersected, the kept tokens added; ``n_generated`` names the step of a
+        ``(batch, n_actions)`` mask (a ``(batch, T, n_actions)`` one gives each position's own)."""
         mask = None
         for source, allowed in zip(self.sources, masks):
             if not isinstance(allowed, th.Tensor) or allowed.dtype != th.bool or tuple(allowed.shape) != expected:
@@ -287,9 +285,9 @@ class ActionMask:
             mask[..., self.keep_token_ids] = True
         empty = (~mask.any(-1)).nonzero()
         if len(empty):
-            step = f"step {int(empty[0, 1])}" if mask.dim() == 3 else where
+            step = int(empty[0, 1]) if mask.dim() == 3 else n_generated
             raise ValueError(
-                f"the action mask allows no token at {step} of the response (sequence {int(empty[0, 0])} of the "
+                f"the action mask allows no token at step {step} of the response (sequence {int(empty[0, 0])} of the "
                 f"batch; sources {self.sources}): widen a source, or keep EOS allowed so that the response can end"
             )
         return mask

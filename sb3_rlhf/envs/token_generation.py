@@ -59,8 +59,8 @@ class TokenGenerationEnv(gym.Env):
         env itself accepts every token id in ``step()``, as sb3-contrib's envs do, so env checkers and unmasked
         algorithms run on it unchanged.
     :param mask_eos: let the masks remove the stop tokens (EOS among them unless ``stop_at_eos=False``) too. By
-        default they are always allowed, so a response can always end; with ``stop_at_eos=True`` a masked EOS would cut every response at
-        ``max_new_tokens``, which is refused.
+        default they are always allowed, so a response can always end; with ``stop_at_eos=True`` a masked EOS
+        would cut every response at ``max_new_tokens``, which is refused.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -138,12 +138,8 @@ class TokenGenerationEnv(gym.Env):
                     f"response whose EOS is masked runs to max_new_tokens={self.max_new_tokens} and is cut off; build "
                     "the env with stop_at_eos=False for fixed-length responses, or leave mask_eos=False"
                 )
-            keep = [] if self.mask_eos else list(self.stop_token_ids)  # EOS among them where it ends responses
-            self.action_mask = ActionMask(
-                [mask_sources] if isinstance(mask_sources, MaskSource) else mask_sources,
-                self.n_actions,
-                list(dict.fromkeys(keep)),
-            )
+            keep = [] if self.mask_eos else self.stop_token_ids  # EOS among them where it ends responses
+            self.action_mask = ActionMask(mask_sources, self.n_actions, keep)
         elif mask_eos:
             raise ValueError("mask_eos=True without mask_sources masks nothing: give mask_sources, or drop mask_eos")
 

@@ -35,21 +35,17 @@ class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, Maskabl
         if action_masks is not None:
             allowed = th.as_tensor(action_masks, dtype=th.bool, device=self.device).reshape(-1, self.n_actions)
         logits, values = self._step_outputs(obs, with_values=with_values, actions=actions, allowed=allowed)
-        return self._masked_distribution(logits, allowed), values
+        return self._masked_distribution(logits), values
 
-    def _masked_distribution(
-        self, logits: th.Tensor, action_masks: np.ndarray | th.Tensor | None
-    ) -> MaskableCategoricalDistribution:
-        # top-k/top-p truncation (-inf logits) joins the mask: MaskableCategorical's entropy multiplies logits by
-        # probabilities, which is NaN at -inf, and is zero at masked entries
+    @staticmethod
+    def _masked_distribution(logits: th.Tensor) -> MaskableCategoricalDistribution:
+        # the -inf logits (masked, or outside top-k/top-p) become sb3-contrib's mask: MaskableCategorical's entropy
+        # multiplies logits by probabilities, which is NaN at -inf, and is zero at masked entries
         finite = th.isfinite(logits)
-        masks = finite
-        if action_masks is not None:
-            masks = masks & th.as_tensor(action_masks, dtype=th.bool, device=logits.device).reshape(logits.shape)
-        distribution = MaskableCategoricalDistribution(self.n_actions)
+        distribution = MaskableCategoricalDistribution(logits.shape[-1])
         distribution.proba_distribution(action_logits=logits.masked_fill(~finite, 0.0))
-        if action_masks is not None or not bool(finite.all()):
-            distribution.apply_masking(masks)
+        if not bool(finite.all()):
+            distribution.apply_masking(finite)
         return distribution
 
     def forward(  # type: ignore[override]
