@@ -1,4 +1,4 @@
-"""Benchmark: the reward-versus-KL trade-off of PPO, P3O (separate and joint clipping), RLOO, GRPO and DPO.
+"""Benchmark: the reward-versus-KL trade-off of PPO, NLPO, P3O (separate and joint clipping), RLOO, GRPO and DPO.
 
     python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml                 # minutes
     python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 4000 # hours, 2 CPUs
@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "p3o-joint": ("p3o", {"clipping": "joint"}),
     "rloo": ("rloo", {}),
     "grpo": ("grpo", {}),
+    "nlpo": ("nlpo", {}),  # its task's [algorithm.nlpo] table applies
     "dpo": ("dpo", {}),
 }
 
@@ -207,7 +208,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    markers = ["o", "s", "^", "D", "v", "P"]
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
     betas = sorted({r["beta"] for r in rows})
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for method in METHODS:
@@ -514,6 +515,13 @@ def main() -> int:
             "line through its points, where both methods reach that KL):",
             "",
             *comparison,
+        ]
+    if "nlpo" in args.methods and "ppo" in args.methods:
+        lines += [
+            "",
+            "Where NLPO (PPO on its masking policy's top-p nucleus) lies against PPO, read the same way:",
+            "",
+            *comparison_lines(point_finals, "nlpo", ["ppo"]),
         ]
     lines += ["", f"Every evaluation: `{os.path.basename(out)}.csv`; plot: `{os.path.basename(out)}.png`.", ""]
     with open(out + ".md", "w") as f:

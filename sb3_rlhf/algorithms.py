@@ -7,19 +7,26 @@ import inspect
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.grpo import GRPO
+from sb3_rlhf.nlpo import NLPO
 from sb3_rlhf.p3o import P3O
 from sb3_rlhf.ppo import RLHFPPO
 from sb3_rlhf.rloo import RLOO
 
 #: Online algorithms: they sample from the policy and learn from the env's reward wrappers.
-ONLINE_ALGORITHMS: dict[str, type[RLHFOnPolicyAlgorithm]] = {"ppo": RLHFPPO, "rloo": RLOO, "grpo": GRPO, "p3o": P3O}
+ONLINE_ALGORITHMS: dict[str, type[RLHFOnPolicyAlgorithm]] = {
+    "ppo": RLHFPPO,
+    "rloo": RLOO,
+    "grpo": GRPO,
+    "p3o": P3O,
+    "nlpo": NLPO,
+}
 #: Offline algorithms: they learn from preference pairs.
 OFFLINE_ALGORITHMS = {"dpo": DPOTrainer}
 ALGORITHM_NAMES = (*ONLINE_ALGORITHMS, *OFFLINE_ALGORITHMS)
 
 
 def algorithm_class(name: str) -> type:
-    """The class of an algorithm name (``ppo``, ``rloo``, ``grpo``, ``p3o``, ``dpo``)."""
+    """The class of an algorithm name (``ppo``, ``rloo``, ``grpo``, ``p3o``, ``nlpo``, ``dpo``)."""
     classes = {**ONLINE_ALGORITHMS, **OFFLINE_ALGORITHMS}
     if name not in classes:
         raise ValueError(f"unknown algorithm {name!r}: choose one of {list(ALGORITHM_NAMES)}")

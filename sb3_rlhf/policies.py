@@ -436,6 +436,8 @@ class TransformerActorCriticPolicy(BasePolicy):
                 )
         finally:
             self.actor.train(was_training)
+            if self.action_mask is not None:
+                self.action_mask.reset()  # a model-based source's KV cache is this generation's only
         if output_logprobs:
             response = out[:, input_ids.shape[1] :]
             return response, recorder.finish(response)
@@ -558,11 +560,11 @@ class TransformerActorCriticPolicy(BasePolicy):
             padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
         """
         if env.action_mask is not None and self.action_mask is None:
-            # refused rather than sampled unmasked: the batched path applies only the policy's own mask so far
+            # refused rather than sampled unmasked: the batched path applies the policy's own mask only
             raise ValueError(
-                "the env has mask_sources, which the batched algorithms (RLHFPPO, RLOO, GRPO, P3O) do not apply yet: "
-                "train it with sb3_contrib.MaskablePPO and MaskableTransformerActorCriticPolicy, or set "
-                "policy.action_mask = env.action_mask"
+                "the env has mask_sources, which RLHFPPO, RLOO, GRPO and P3O do not apply on their own: set "
+                "model.policy.action_mask = env.unwrapped.action_mask, train with NLPO (which intersects them with its "
+                "nucleus), or with sb3_contrib.MaskablePPO and MaskableTransformerActorCriticPolicy"
             )
         prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
         shared_values = with_values and self.critic is None  # the actor's own pass gives them
@@ -571,6 +573,9 @@ class TransformerActorCriticPolicy(BasePolicy):
             and self.actor.get_output_embeddings().weight.dtype == th.float32
             and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
             and not th.is_autocast_enabled()
+            # a model-based mask (NLPO's) is cached inside generate(), one pass in the update: float noise between
+            # the two can move a token at its nucleus' edge, so the old log-probs come from the update's own pass
+            and self.action_mask is None
         )
         generated = self.generate(
             prompt_ids,

@@ -22,6 +22,7 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
         os.path.join(ROOT, "envs", "tiny_synthetic.toml"),
         "--methods",
         "ppo",
+        "nlpo",
         "p3o-joint",
         "grpo",
         "dpo",
@@ -43,13 +44,17 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
     subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
     with open(f"{out}.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"ppo", "p3o-joint", "grpo", "dpo"}
-    for method in ("ppo", "p3o-joint", "grpo", "dpo"):
+    assert {r["method"] for r in rows} == {"ppo", "nlpo", "p3o-joint", "grpo", "dpo"}
+    for method in ("ppo", "nlpo", "p3o-joint", "grpo", "dpo"):
         run = [r for r in rows if r["method"] == method]
-        assert float(run[0]["kl"]) == 0.0 or abs(float(run[0]["kl"])) < 1e-4  # starts at the initial policy
+        if method == "nlpo":
+            # the initial policy on its own nucleus: KL = Σ_t -log(the reference's mass there), each term <= -log 0.9
+            assert 0.01 < float(run[0]["kl"]) <= 12 * -np.log(0.9) + 1e-4  # 12 tokens at most
+        else:
+            assert float(run[0]["kl"]) == 0.0 or abs(float(run[0]["kl"])) < 1e-4  # starts at the initial policy
         assert float(run[-1]["gradient_steps"]) > 0
     # two β and two seeds per method; the seeds train differently, the evaluations are the same for all
-    for method in ("ppo", "p3o-joint", "grpo", "dpo"):
+    for method in ("ppo", "nlpo", "p3o-joint", "grpo", "dpo"):
         run = [r for r in rows if r["method"] == method]
         assert {(float(r["beta"]), int(r["seed"])) for r in run} == {(b, s) for b in (0.02, 0.1) for s in (0, 1)}
         finals = {
@@ -62,7 +67,7 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
     assert len(dpo) == 3 and float(dpo[1]["gradient_steps"]) > 0  # before training and after each of its 2 epochs
     table = open(f"{out}.md").read()
     assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table and "distinct-2" in table
-    assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
+    assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table and "nlpo against ppo" in table
     assert os.path.getsize(f"{out}.png") > 10_000
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch as th
 
-from sb3_rlhf import GRPO, RLHFPPO, TokenGenerationEnv
+from sb3_rlhf import GRPO, NLPO, RLHFPPO, TokenGenerationEnv
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
 from sb3_rlhf.common.checkpoints import (
     STATE_FILE,
@@ -33,10 +33,10 @@ def assert_same_weights(a, b):
         assert th.equal(x, y), name
 
 
-@pytest.mark.parametrize("cls", [RLHFPPO, GRPO])
+@pytest.mark.parametrize("cls", [RLHFPPO, GRPO, NLPO])
 def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tokenizer, model_path, tmp_path, cls):
     estimator = "k3" if cls is GRPO else "k1"
-    settings = dict(samples_per_prompt=4, n_epochs=2) if cls is GRPO else {}
+    settings = {GRPO: dict(samples_per_prompt=4, n_epochs=2), NLPO: dict(mask_update_freq=3)}.get(cls, {})
     full = cls(
         "TransformerActorCriticPolicy",
         adaptive_env(tokenizer, estimator),
@@ -67,6 +67,10 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tokenizer, model_
     assert resumed_history.history == history.history[-len(resumed_history.history) :]
     assert resumed_history.history[0]["kl_coef"] != 0.1  # β had adapted before the checkpoint, and was restored
     assert_same_weights(full, resumed)
+    if cls is NLPO:  # and the same masking copy, synchronised at the same rollouts
+        assert resumed.n_mask_updates == full.n_mask_updates > 0
+        for name, value in full.masking_policy.state_dict().items():
+            assert th.equal(resumed.masking_policy.state_dict()[name], value), name
 
 
 def test_without_the_training_state_a_resume_drifts(tokenizer, model_path, tmp_path):

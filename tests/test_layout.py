@@ -21,7 +21,7 @@ from sb3_rlhf.sft import SFTTrainer
 
 PACKAGE = pathlib.Path(sb3_rlhf.__file__).parent
 #: what ``common/`` may not import: the algorithms and trainers, the task runner, the CLI
-ABOVE_COMMON = ("ppo", "grpo", "rloo", "p3o", "dpo", "sft", "reward_modeling", "algorithms", "tasks", "cli")
+ABOVE_COMMON = ("ppo", "grpo", "rloo", "p3o", "nlpo", "dpo", "sft", "reward_modeling", "algorithms", "tasks", "cli")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -155,7 +155,10 @@ def test_online_algorithms_are_siblings_on_one_base(name):
     cls = ONLINE_ALGORITHMS[name]
     assert issubclass(cls, RLHFOnPolicyAlgorithm)
     assert {"n_episodes", "clip_range", "target_kl", "max_batch_tokens"} <= accepted_arguments(cls)
-    if name != "ppo":
+    if name == "nlpo":
+        # PPO on a masked action space: the GAE family, PPO's own settings
+        assert cls.__mro__[1] is ONLINE_ALGORITHMS["ppo"]
+    elif name != "ppo":
         # the critic-free family neither takes nor pins GAE or value-loss settings
         assert cls.__mro__[1] is RLHFOnPolicyAlgorithm
         assert not {"gamma", "gae_lambda", "vf_coef", "clip_range_vf"} & accepted_arguments(cls)

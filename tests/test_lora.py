@@ -105,7 +105,7 @@ def test_lora_actor_and_reference_run_the_lm_head_over_the_response_only(tokeniz
     # the LM head saw the T + 1 last positions, not the prompt: peft passes logits_to_keep through
     assert positions == [batch.response_length + 1] * 2 and batch.input_ids.shape[1] > batch.response_length + 1
     # and the log-probs are those of the full forward
-    monkeypatch.setattr(forward, "_accepts_logits_to_keep", lambda model: False)
+    monkeypatch.setattr(forward, "accepts_logits_to_keep", lambda model: False)
     full, _, _ = policy.evaluate_sequences(*args)
     full_ref = response_logprobs(reference, *args, 1.0, policy.n_actions)
     hook.remove()

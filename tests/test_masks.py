@@ -249,6 +249,15 @@ def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_te
             batch.input_ids, batch.attention_mask, batch.response_length, with_values=False
         )
     real = batch.response_mask.bool()
+    # the log-probs generate() records while sampling (the mask applied step by step, on its KV cache) equal the
+    # teacher-forced masked ones
+    th.manual_seed(0)
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(np.arange(8)))
+    response, recorded = policy.generate(
+        prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_logprobs=True
+    )
+    assert th.equal(response, batch.input_ids[:, -batch.response_length :])
+    assert th.allclose(recorded[real], logprobs[real], atol=1e-5)
     assert th.allclose(batch.logprobs[real], logprobs[real], atol=1e-5)
     allowed = policy.action_mask.teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)
     tokens = batch.input_ids[:, -batch.response_length :]
@@ -282,9 +291,43 @@ def test_the_batched_path_refuses_an_env_mask_it_would_not_apply(tokenizer, mode
     policy = TransformerActorCriticPolicy(
         env.observation_space, env.action_space, lambda _: 1e-3, model_name_or_path=model_path
     )
-    with pytest.raises(ValueError, match="mask_sources, which the batched algorithms .* do not apply yet"):
+    with pytest.raises(ValueError, match="mask_sources, which RLHFPPO, RLOO, GRPO and P3O do not apply on their own"):
         policy.sample_episodes(env, [0, 1])
     policy.action_mask = env.action_mask  # applied: every sampled token allowed
     batch, _ = policy.sample_episodes(env, [0, 1, 2, 3])
     tokens = batch.input_ids[:, -batch.response_length :][batch.response_mask.bool()]
     assert set(tokens.tolist()) <= {1, 5, 6}
+
+
+def test_top_p_mask_step_by_step_on_its_kv_cache_equals_its_one_pass_masks(tokenizer):
+    """Called for growing sequences (as in generate()), TopPMask runs only the new token on its KV cache; its
+    masks equal the teacher-forced ones of one forward over whole sequences, with left-padded prompts of different
+    lengths; a sequence that does not extend the cached one starts over."""
+    model = tiny_causal_lm(len(tokenizer), "llama", seed=3)
+    source = TopPMask(model, top_p=0.7, min_tokens_to_keep=3)
+    source.bind(len(tokenizer))
+    env = TokenGenerationEnv(make_prompts(6), tokenizer, 8, 5)
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(np.arange(6)))
+    assert (prompt_mask == 0).any()  # prompts of different lengths
+    generator = th.Generator().manual_seed(0)
+    response = th.randint(3, len(tokenizer), (6, 5), generator=generator)
+    input_ids = th.cat([prompt_ids, response], 1)
+    attention_mask = th.cat([prompt_mask, th.ones_like(response)], 1)
+    forwards = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        width = prompt_ids.shape[1]
+        steps = [source(input_ids[:, : width + t], attention_mask[:, : width + t], t) for t in range(5)]
+    finally:
+        hook.remove()
+    assert forwards == [width, 1, 1, 1, 1]  # the prompt once, then one token per step
+    one_pass = source.teacher_forced(input_ids, attention_mask, 5)
+    assert th.equal(th.stack(steps, 1), one_pass)
+    assert (one_pass.sum(-1) >= 3).all() and (one_pass.sum(-1) < len(tokenizer)).any()  # min_tokens_to_keep, a mask
+    # another batch: a full forward again, not the stale cache
+    other = source(input_ids[:3, : width + 1], attention_mask[:3, : width + 1], 1)
+    assert th.equal(other, one_pass[:3, 1])
+    source.reset()
+    assert th.equal(source(input_ids[:, : width + 1], attention_mask[:, : width + 1], 1), one_pass[:, 1])

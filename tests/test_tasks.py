@@ -224,7 +224,7 @@ def test_a_hub_classifier_task_honours_the_revision(tmp_path, monkeypatch):
         prepare(parse_task(classifier_task("org/tiny-sentiment", revision="v2")), str(tmp_path / "run"), False)
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "p3o", "dpo"])
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "p3o", "nlpo", "dpo"])
 def test_every_algorithm_runs_the_tiny_task_from_the_cli(algorithm, tmp_path, capsys):
     out = tmp_path / algorithm
     task = os.path.join(ROOT, "envs", "tiny_synthetic.toml")
@@ -261,7 +261,7 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     short = [
         "algorithm.total_timesteps=16",
         "algorithm.n_episodes=4",
-        "algorithm.batch_size=2",
+        "algorithm.batch_size=4",  # a whole group of 4 for hh_harmless's RLOO
         "reward.train.max_pairs=24",
         "reward.train.epochs=0",
         "reward.train.test_size=16",

@@ -11,7 +11,7 @@ from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
-def _accepts_logits_to_keep(model: th.nn.Module) -> bool:
+def accepts_logits_to_keep(model: th.nn.Module) -> bool:
     """Whether ``model``'s forward takes ``logits_to_keep``. A peft model (and the adapter-disabled LoRA reference)
     passes its keyword arguments through to the transformers model inside, whose signature decides."""
     get_base_model = getattr(model, "get_base_model", None)
@@ -45,7 +45,7 @@ def forward_last_positions(
     :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
     """
     kwargs = {}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_positions
     head_inputs: list[th.Tensor] = []
     hook = None

@@ -1,4 +1,4 @@
-"""RLHFOnPolicyAlgorithm: the base of every online algorithm for language models (RLHFPPO, RLOO, GRPO, P3O).
+"""RLHFOnPolicyAlgorithm: the base of every online algorithm for language models (RLHFPPO, NLPO, RLOO, GRPO, P3O).
 
 As SB3's :class:`~stable_baselines3.common.on_policy_algorithm.OnPolicyAlgorithm` is for PPO and A2C, this class
 owns what the online algorithms share: env access and reward binding, the batched rollout (``generate()`` and one

@@ -18,7 +18,8 @@ from typing import Any
 import torch as th
 from transformers import PreTrainedTokenizerBase
 
-from sb3_rlhf.common.forward import forward_last_positions, response_logits
+from sb3_rlhf.common.forward import accepts_logits_to_keep, response_logits
+from sb3_rlhf.common.sequences import position_ids_from_mask
 from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.common.truncation import check_truncation, truncate_logits
 
@@ -37,6 +38,9 @@ class MaskSource:
     def bind(self, n_actions: int) -> None:
         """Called once by :class:`ActionMask` with the env's vocabulary size, before any mask is asked for: check
         that the source fits it (and raise a ``ValueError`` naming the problem if not)."""
+
+    def reset(self) -> None:
+        """Forget what earlier calls kept (a model's KV cache): called when a generation ends."""
 
     def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
         """The masks at every step of whole responses: ``(batch, T, n_actions)`` for ``[prompt | response (T)]``,
@@ -173,31 +177,68 @@ class WordVocabulary(MaskSource):
 
 class TopPMask(MaskSource):
     """The tokens a causal LM finds most probable next: the smallest set whose probability reaches ``top_p``
-    (after ``top_k``), the masking policy of NLPO (Ramamurthy et al. 2022). Use a frozen copy of the policy's
-    model (``policy.make_reference_model()``) and refresh it as the algorithm does.
+    (after ``top_k``), widened to the ``min_tokens_to_keep`` most probable, the masking policy of NLPO (Ramamurthy
+    et al. 2022; :class:`~sb3_rlhf.nlpo.NLPO` keeps a synchronised copy of the policy for it).
+
+    Asked step by step for growing sequences (inside ``generate()``, or by the env), it keeps the model's KV cache
+    between calls, so a response of T tokens costs one forward of the prompt and one of each new token, as
+    ``generate()`` itself; anything else (another batch, a new response) starts over.
 
     :param model: a causal LM on the env's vocabulary.
     :param top_p: nucleus mass kept (NLPO's default 0.9).
     :param top_k: keep at most this many tokens first (0: no limit).
     :param temperature: the model's logits are divided by it before the nucleus is taken.
+    :param min_tokens_to_keep: always allow at least this many most probable tokens (RL4LMs' NLPO configs
+        use 100 on GPT-2's vocabulary; 1: the nucleus alone).
     """
 
-    def __init__(self, model: Any, top_p: float = 0.9, top_k: int = 0, temperature: float = 1.0) -> None:
+    def __init__(
+        self, model: Any, top_p: float = 0.9, top_k: int = 0, temperature: float = 1.0, min_tokens_to_keep: int = 1
+    ) -> None:
         check_truncation(top_k, top_p)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
         self.model, self.top_p, self.top_k, self.temperature = model, float(top_p), int(top_k), float(temperature)
+        self.min_tokens_to_keep = min_tokens_to_keep
         self.n_actions: int | None = None  # bound to the env's vocabulary: a model's may be padded larger
+        self._cached_ids: th.Tensor | None = None  # the sequences the KV cache holds
+        self._past: Any = None
 
     def bind(self, n_actions: int) -> None:
         check_vocabulary(self.model, n_actions, "the env's tokenizer")
         self.n_actions = n_actions
 
+    def reset(self) -> None:
+        """Drop the KV cache (the algorithm calls it when a generation ends and when the model's weights change)."""
+        self._cached_ids, self._past = None, None
+
     @th.no_grad()
     def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
         device = next(self.model.parameters()).device
-        logits, _ = forward_last_positions(self.model, input_ids.to(device), attention_mask.to(device), 1)
-        return self.mask_of_logits(logits[:, -1, : self.n_actions]).to(input_ids.device)
+        ids, attention = input_ids.to(device), attention_mask.to(device)
+        positions = position_ids_from_mask(attention)
+        cached = self._cached_ids
+        if (
+            cached is not None
+            and n_generated > 0
+            and cached.shape[0] == ids.shape[0]
+            and cached.shape[1] + 1 == ids.shape[1]
+            and th.equal(cached, ids[:, :-1])
+        ):  # one token more than last time: only its forward, on the cache
+            out = self.model(
+                input_ids=ids[:, -1:],
+                attention_mask=attention,
+                position_ids=positions[:, -1:],
+                past_key_values=self._past,
+                use_cache=True,
+            )
+        else:
+            kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
+            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **kwargs)
+        self._cached_ids, self._past = ids, out.past_key_values
+        return self.mask_of_logits(out.logits[:, -1, : self.n_actions]).to(input_ids.device)
 
     @th.no_grad()
     def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
@@ -214,11 +255,17 @@ class TopPMask(MaskSource):
         return self.mask_of_logits(logits).to(input_ids.device)
 
     def mask_of_logits(self, logits: th.Tensor) -> th.Tensor:
-        """The nucleus of next-token ``logits`` ``(batch, n_actions)``, as the policy truncates its own."""
-        return th.isfinite(truncate_logits(logits.float() / self.temperature, self.top_k, self.top_p))
+        """The nucleus of next-token ``logits`` ``(..., n_actions)``, as the policy truncates its own, with at least
+        the ``min_tokens_to_keep`` most probable tokens."""
+        logits = logits.float() / self.temperature
+        allowed = th.isfinite(truncate_logits(logits, self.top_k, self.top_p))
+        if self.min_tokens_to_keep > 1:
+            k = min(self.min_tokens_to_keep, logits.shape[-1])
+            allowed.scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        return allowed
 
     def __repr__(self) -> str:
-        return f"TopPMask(top_p={self.top_p}, top_k={self.top_k})"
+        return f"TopPMask(top_p={self.top_p}, top_k={self.top_k}, min_tokens_to_keep={self.min_tokens_to_keep})"
 
 
 class ActionMask:
@@ -234,8 +281,9 @@ class ActionMask:
     ) -> None:
         if isinstance(sources, MaskSource):
             sources = [sources]
-        bad = [s for s in sources if not callable(s)]
+        bad = [s for s in sources if not isinstance(s, MaskSource)]
         if not sources or bad:
+            # a MaskSource, not any callable: the update needs its teacher_forced() masks of whole responses
             raise TypeError(
                 "mask_sources must be a non-empty list of mask sources (AllowedTokens, BannedTokens, WordVocabulary, "
                 f"TopPMask, or a MaskSource subclass), got {bad[:1] or sources!r}"
@@ -244,8 +292,7 @@ class ActionMask:
         self.n_actions = int(n_actions)
         self.keep_token_ids = list(keep_token_ids)
         for source in self.sources:
-            if isinstance(source, MaskSource):
-                source.bind(self.n_actions)
+            source.bind(self.n_actions)
 
     def __call__(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_generated: int) -> th.Tensor:
         """``(batch, n_actions)`` bool: the tokens allowed after each sequence. Raises ``ValueError`` when a source
@@ -255,6 +302,11 @@ class ActionMask:
             (input_ids.shape[0], self.n_actions),
             n_generated,
         )
+
+    def reset(self) -> None:
+        """Let every source forget what earlier calls kept (:meth:`MaskSource.reset`)."""
+        for source in self.sources:
+            source.reset()
 
     def teacher_forced(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
         """``(batch, T, n_actions)`` bool: the masks at every step of whole responses ``[prompt | response (T)]``

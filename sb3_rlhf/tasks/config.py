@@ -200,7 +200,7 @@ class TaskConfig:
     prompts: PromptsSection
     reward: RewardSection
     algorithm: AlgorithmSection
-    algorithm_name: str = "ppo"  # [task] algorithm = "ppo" | "rloo" | "grpo" | "p3o" | "dpo"
+    algorithm_name: str = "ppo"  # [task] algorithm = "ppo" | "rloo" | "grpo" | "p3o" | "nlpo" | "dpo"
     seed: int = 0
     device: str = "auto"
     description: str = ""

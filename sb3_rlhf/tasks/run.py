@@ -1,4 +1,4 @@
-"""Run a task file end to end: reward-model stage (if any), the algorithm (PPO, RLOO, GRPO, P3O or DPO),
+"""Run a task file end to end: reward-model stage (if any), the algorithm (PPO, NLPO, RLOO, GRPO, P3O or DPO),
 checkpoints, export, final report; or resume it, or evaluate a finished run again."""
 
 from __future__ import annotations
@@ -123,12 +123,14 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
     checkpoints = os.path.join(out, "checkpoints")
     if resume:
         if task.algorithm_name not in ONLINE_ALGORITHMS:
-            raise ValueError(f"--resume continues an online run (ppo, rloo, grpo, p3o), not {task.algorithm_name}")
+            raise ValueError(
+                f"--resume continues an online run (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
+            )
         latest_checkpoint(checkpoints)  # fail before any work when there is nothing to resume
     distributed = init_distributed()
     if distributed and task.algorithm_name not in ONLINE_ALGORITHMS:
         raise ValueError(
-            f"several processes train the online algorithms (ppo, rloo, grpo, p3o), not {task.algorithm_name}"
+            f"several processes train the online algorithms (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
         )
     progress_bar = progress_bar and is_main_process()
     reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
