@@ -21,7 +21,8 @@ class SequenceBatch(NamedTuple):
     ``input_ids``/``attention_mask``: ``(batch, P + T)`` int64; every other tensor is ``(batch, T)``:
     ``response_mask`` bool; ``old_logprobs``, ``old_values`` (V(s_t); ``None`` for critic-free algorithms),
     ``advantages``, ``returns`` float32;
-    ``ref_logprobs`` (log π_ref, for algorithms with the KL in their loss) or ``None``.
+    ``ref_logprobs`` (log π_ref, for algorithms with the KL in their loss) or ``None``; ``action_masks``
+    ``(batch, T, ceil(n_actions / 8))`` uint8, the packed masks the tokens were sampled under, or ``None``.
     """
 
     input_ids: th.Tensor
@@ -32,13 +33,15 @@ class SequenceBatch(NamedTuple):
     advantages: th.Tensor
     returns: th.Tensor
     ref_logprobs: th.Tensor | None = None
+    action_masks: th.Tensor | None = None
 
 
 def _pad(tensors: list[th.Tensor], width: int, value: float, left: bool) -> th.Tensor:
+    """Pad each tensor's second dimension to ``width`` and stack the batches (the dimensions after it are kept)."""
     padded = []
     for t in tensors:
         pad = (width - t.shape[1], 0) if left else (0, width - t.shape[1])
-        padded.append(th.nn.functional.pad(t, pad, value=value))
+        padded.append(th.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + pad, value=value))
     return th.cat(padded)
 
 
@@ -68,6 +71,7 @@ class BaseSequenceBuffer(BaseBuffer):
     rewards: th.Tensor
     terminated: th.Tensor
     ref_logprobs: th.Tensor | None
+    action_masks: th.Tensor | None
     #: set by the subclass's advantage computation, ``(n_episodes, T)``
     advantages: th.Tensor | None
     returns: th.Tensor
@@ -100,6 +104,7 @@ class BaseSequenceBuffer(BaseBuffer):
         rewards: th.Tensor,
         terminated: th.Tensor,
         ref_logprobs: th.Tensor | None = None,
+        action_masks: th.Tensor | None = None,
     ) -> None:
         """Store a chunk of finished episodes.
 
@@ -112,6 +117,8 @@ class BaseSequenceBuffer(BaseBuffer):
         :param rewards: ``(batch, T)`` summed reward terms per token.
         :param terminated: ``(batch,)`` bool, True where the response ended with a stop token.
         :param ref_logprobs: ``(batch, T)`` log π_ref of the response tokens, kept for losses with a KL term.
+        :param action_masks: ``(batch, T, ceil(n_actions / 8))`` uint8, the packed masks the tokens were sampled
+            under (a policy with an action mask), for the update's log-probs.
         """
         tensors = dict(
             prompt_ids=prompt_ids,
@@ -123,7 +130,7 @@ class BaseSequenceBuffer(BaseBuffer):
             terminated=terminated.unsqueeze(-1),
         )
         # optional columns: present in every chunk of a rollout or in none
-        for key, optional in (("values", values), ("ref_logprobs", ref_logprobs)):
+        for key, optional in (("values", values), ("ref_logprobs", ref_logprobs), ("action_masks", action_masks)):
             if optional is not None:
                 tensors[key] = optional
         for key, value in tensors.items():
@@ -145,6 +152,7 @@ class BaseSequenceBuffer(BaseBuffer):
         self.rewards = _pad(c["rewards"], t_width, 0.0, left=False)
         self.terminated = th.cat(c["terminated"]).squeeze(-1)
         self.ref_logprobs = _pad(c["ref_logprobs"], t_width, 0.0, left=False) if "ref_logprobs" in c else None
+        self.action_masks = _pad(c["action_masks"], t_width, 0, left=False) if "action_masks" in c else None
 
     def get(  # type: ignore[override]
         self, batch_size: int | None = None, max_tokens: int | None = None
@@ -227,6 +235,7 @@ class BaseSequenceBuffer(BaseBuffer):
             advantages=self.advantages[index, :t_end].to(self.device),
             returns=self.returns[index, :t_end].to(self.device),
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index, :t_end].to(self.device),
+            action_masks=None if self.action_masks is None else self.action_masks[index, :t_end].to(self.device),
         )
 
 

@@ -28,7 +28,14 @@ from sb3_rlhf.common.models import (
     resolve_model_path,
     with_lora,
 )
-from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_of_tokens, position_ids_from_mask, zero_padding
+from sb3_rlhf.common.sequences import (
+    entropy_from_logits,
+    logprobs_of_tokens,
+    pack_bool,
+    position_ids_from_mask,
+    unpack_bool,
+    zero_padding,
+)
 from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.common.truncation import check_truncation, truncate_logits
 from sb3_rlhf.envs.masks import ActionMask
@@ -71,18 +78,29 @@ class _ActionMaskLogits(LogitsProcessor):
     """Apply an action mask (:mod:`sb3_rlhf.envs.masks`) inside ``generate()``: the tokens it does not allow get
     -inf before the policy's temperature and truncation, so sampling and the recorded log-probs are the masked
     policy's. The mask reads the sequences so far with the prompts' attention mask (generated tokens count as
-    real; a finished row's padding is never sampled from)."""
+    real; a finished row's padding is never sampled from). Each step's mask is kept, packed one bit per token
+    (:meth:`finish`), so that the update can use exactly the masks the tokens were sampled under."""
 
     def __init__(self, mask: ActionMask, prompt_attention_mask: th.Tensor, n_actions: int) -> None:
         self.mask, self.prompt_attention_mask, self.n_actions = mask, prompt_attention_mask, n_actions
+        self.steps: list[th.Tensor] = []
 
     def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
         prompt = self.prompt_attention_mask
         n_generated = input_ids.shape[1] - prompt.shape[1]
         attention_mask = th.cat([prompt, prompt.new_ones(prompt.shape[0], n_generated)], dim=1)
         allowed = self.mask(input_ids, attention_mask, n_generated).to(scores.device)
+        self.steps.append(pack_bool(allowed))
         scores[:, : self.n_actions] = scores[:, : self.n_actions].masked_fill(~allowed, -float("inf"))
         return scores
+
+    def finish(self, response: th.Tensor) -> th.Tensor:
+        """:param response: ``(batch, T)`` the generated tokens. :return: ``(batch, T, ceil(n_actions / 8))``
+        uint8, each step's mask packed (:func:`~sb3_rlhf.common.sequences.pack_bool`); a step past the end that
+        transformers ran and dropped is cut, as in :class:`_SampledLogprobs`."""
+        masks = th.stack(self.steps[: response.shape[1]], dim=1)
+        self.steps = []
+        return masks
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -395,7 +413,8 @@ class TransformerActorCriticPolicy(BasePolicy):
         deterministic: bool = False,
         output_scores: bool = False,
         output_logprobs: bool = False,
-    ) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
+        output_action_masks: bool = False,
+    ) -> th.Tensor | tuple[th.Tensor, ...]:
         """Sample responses for left-padded prompts with one ``generate()`` call (KV cache), from exactly the
         policy's distribution: see :meth:`generation_config`; temperature, top-k/top-p and the vocabulary beyond
         the tokenizer are applied by the policy's own logits processors, the same computation as the log-probs.
@@ -406,19 +425,27 @@ class TransformerActorCriticPolicy(BasePolicy):
         :param output_scores: also return the logits each token was drawn from.
         :param output_logprobs: also return the log-prob of each drawn token under the distribution it was drawn
             from, recorded during generation (no ``(batch, T, vocab)`` scores kept).
+        :param output_action_masks: also return the policy's :attr:`action_mask` at every step, as the tokens were
+            drawn under it (the policy must have one).
         :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop
             token; with ``output_scores`` also ``(batch, T, n_actions)`` float32 policy logits (``log_softmax`` of
             them at the drawn token is its log-prob; -inf outside top-k/top-p); with ``output_logprobs`` (instead)
-            ``(batch, T)`` float32 log-probs, meaningless after a stop token.
+            ``(batch, T)`` float32 log-probs, meaningless after a stop token; with ``output_action_masks`` last
+            ``(batch, T, ceil(n_actions / 8))`` uint8, each step's mask packed one bit per token
+            (:func:`~sb3_rlhf.common.sequences.unpack_bool` reads it). A tuple when more than the responses.
         """
         if output_scores and output_logprobs:
             raise ValueError("ask generate() for output_scores or output_logprobs, not both")
+        if output_action_masks and self.action_mask is None:
+            raise ValueError("output_action_masks=True needs the policy's action_mask: set policy.action_mask")
         config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores)
         processors = LogitsProcessorList()
         if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
             processors.append(_SuppressTokensFrom(self.n_actions))
+        masking = None
         if self.action_mask is not None:
-            processors.append(_ActionMaskLogits(self.action_mask, attention_mask, self.n_actions))
+            masking = _ActionMaskLogits(self.action_mask, attention_mask, self.n_actions)
+            processors.append(masking)
         processors.append(_PolicyLogits(self.n_actions, self.temperature, self.top_k, self.top_p))
         recorder = _SampledLogprobs(self.n_actions)
         if output_logprobs:
@@ -438,12 +465,16 @@ class TransformerActorCriticPolicy(BasePolicy):
             self.actor.train(was_training)
             if self.action_mask is not None:
                 self.action_mask.reset()  # a model-based source's KV cache is this generation's only
+        sequences = out.sequences if output_scores else out
+        outputs = [sequences[:, input_ids.shape[1] :]]
+        if output_scores:
+            outputs.append(th.stack(out.scores, dim=1)[:, :, : self.n_actions])
         if output_logprobs:
-            response = out[:, input_ids.shape[1] :]
-            return response, recorder.finish(response)
-        if not output_scores:
-            return out[:, input_ids.shape[1] :]
-        return out.sequences[:, input_ids.shape[1] :], th.stack(out.scores, dim=1)[:, :, : self.n_actions]
+            outputs.append(recorder.finish(outputs[0]))
+        if output_action_masks:
+            assert masking is not None  # checked above
+            outputs.append(masking.finish(outputs[0]))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def generation_config(
         self,
@@ -498,6 +529,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         with_entropy: bool = True,
         entropy_grad: bool = True,
         with_values: bool = True,
+        action_masks: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor | None, th.Tensor | None]:
         """One teacher-forced forward over ``[prompt (P) | response (T)]``.
 
@@ -509,6 +541,9 @@ class TransformerActorCriticPolicy(BasePolicy):
             is a logged statistic and its backward pass over the whole vocabulary is skipped).
         :param with_values: compute the values (the critic-free algorithms have no use for them: then neither the
             actor's hidden states are kept nor a separate critic runs).
+        :param action_masks: ``(batch, T, ceil(n_actions / 8))`` uint8, the packed masks the responses were sampled
+            under (``generate(output_action_masks=True)``); without them the policy's :attr:`action_mask` is asked
+            for every step's mask in one teacher-forced pass.
         :return: ``logprobs (batch, T)`` float32 of the response tokens, ``values (batch, T + 1) | None`` float32 of
             the states s_0..s_T (``values[:, t]`` is V of the prompt plus ``t`` tokens), ``entropy (batch, T) | None``.
         """
@@ -523,12 +558,18 @@ class TransformerActorCriticPolicy(BasePolicy):
             assert hidden is not None  # the actor's, asked for when shared
             values = self._values_from_hidden(hidden)
         tokens = input_ids[:, -response_length:]
-        truncated = self.top_k > 0 or self.top_p < 1.0 or self.action_mask is not None
-        if self.action_mask is not None:
-            # the action mask of every step, as generate() applied it; the response token always kept (float noise
-            # between this pass and generate()'s can move a token at a nucleus' edge)
+        masked = action_masks is not None or self.action_mask is not None
+        truncated = self.top_k > 0 or self.top_p < 1.0 or masked
+        if masked:
             with th.no_grad():
-                allowed = self.action_mask.teacher_forced(input_ids, attention_mask, response_length).to(logits.device)
+                if action_masks is not None:  # exactly the masks generate() sampled under
+                    allowed = unpack_bool(action_masks.to(logits.device), self.n_actions)
+                else:  # the action mask of every step, recomputed
+                    assert self.action_mask is not None
+                    allowed = self.action_mask.teacher_forced(input_ids, attention_mask, response_length)
+                    allowed = allowed.to(logits.device)
+                # the response token always kept: a padding token after a stop, or, recomputed, a token at a
+                # nucleus' edge that float noise between this pass and generate()'s moved
                 allowed.scatter_(-1, tokens.unsqueeze(-1), True)
             logits = logits.masked_fill(~allowed, -float("inf"))
         # π(a_t | s_t) = softmax(z_t / τ) renormalised over the mask and top-k/top-p (the response token always kept)
@@ -557,7 +598,8 @@ class TransformerActorCriticPolicy(BasePolicy):
 
         :param with_values: also compute the values (``None`` without).
         :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
-            padding) filled, and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
+            padding) filled, and with the policy's :attr:`action_mask` its ``action_masks`` (every step's mask as
+            the tokens were sampled under it, packed), and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
         """
         if env.action_mask is not None and self.action_mask is None:
             # refused rather than sampled unmasked: the batched path applies the policy's own mask only
@@ -573,10 +615,8 @@ class TransformerActorCriticPolicy(BasePolicy):
             and self.actor.get_output_embeddings().weight.dtype == th.float32
             and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
             and not th.is_autocast_enabled()
-            # a model-based mask (NLPO's) is cached inside generate(), one pass in the update: float noise between
-            # the two can move a token at its nucleus' edge, so the old log-probs come from the update's own pass
-            and self.action_mask is None
         )
+        masked = self.action_mask is not None
         generated = self.generate(
             prompt_ids,
             prompt_mask,
@@ -584,9 +624,14 @@ class TransformerActorCriticPolicy(BasePolicy):
             env.stop_token_ids,
             env.pad_token_id,
             output_logprobs=from_generation,
+            output_action_masks=masked,
         )
-        response, logprobs = generated if isinstance(generated, tuple) else (generated, None)
+        outputs = list(generated) if isinstance(generated, tuple) else [generated]
+        response = outputs.pop(0)
+        logprobs = outputs.pop(0) if from_generation else None
+        action_masks = outputs.pop(0) if masked else None
         batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
+        batch.action_masks = action_masks
         values = None
         if logprobs is None:
             logprobs, values, _ = self.evaluate_sequences(
@@ -595,6 +640,7 @@ class TransformerActorCriticPolicy(BasePolicy):
                 batch.response_length,
                 with_entropy=False,
                 with_values=with_values,
+                action_masks=action_masks,
             )
         elif with_values:  # a separate critic: its forward alone
             hidden = self._critic_hidden(batch.input_ids, batch.attention_mask, batch.response_length + 1)

@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("pairwise_and_group_rl.py", ["--timesteps", "300"]),
         ("pairwise_and_group_rl.py", ["--timesteps", "300", "--algorithm", "grpo"]),
         ("direct_preference_optimization.py", ["--epochs", "1", "--lora"]),
+        ("constrained_vocabulary.py", ["--timesteps", "300"]),
+        ("constrained_vocabulary.py", ["--timesteps", "300", "--algorithm", "maskable-ppo"]),
     ],
 )
 def test_example_runs(script, arguments, tmp_path):

@@ -257,6 +257,7 @@ def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_te
         prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_logprobs=True
     )
     assert th.equal(response, batch.input_ids[:, -batch.response_length :])
+    assert policy.action_mask.sources[0]._past is None  # the masking model's KV cache is freed with the generation
     assert th.allclose(recorded[real], logprobs[real], atol=1e-5)
     assert th.allclose(batch.logprobs[real], logprobs[real], atol=1e-5)
     allowed = policy.action_mask.teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)

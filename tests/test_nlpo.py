@@ -7,8 +7,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_rlhf import NLPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
-from sb3_rlhf.common.sequences import response_mask_until_stop
-from sb3_rlhf.envs.masks import WordVocabulary
+from sb3_rlhf.common.sequences import response_mask_until_stop, unpack_bool
+from sb3_rlhf.envs.masks import TopPMask, WordVocabulary
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 from tests.helpers import make_prompts, rule_env, share_of_good
 
@@ -87,6 +87,48 @@ def test_the_masking_policy_is_synchronised_every_mask_update_freq_rollouts(toke
         assert updates == rollout // 3, sync.rows
 
 
+def test_the_update_uses_the_masks_the_rollout_sampled_under(tokenizer, model_path):
+    """The rollout keeps every step's mask as generate() applied it; the update's log-probs are computed under those
+    masks, whatever the masking model would say now, and the nucleus is the masking copy's, not the live policy's."""
+    model = make_nlpo(rule_env(tokenizer), model_path, n_episodes=8, n_epochs=1, mask_top_p=0.5, mask_update_freq=99)
+    model.learn(total_timesteps=8 * 6 * 4)  # several updates, no synchronisation: the policy has left its copy
+    policy, env = model.policy, model.generation_env
+    mask = policy.action_mask.sources[0]
+    assert mask is model.masking_policy.mask and mask.model is model.masking_policy.model
+    assert mask.model is not policy.actor
+    batch, _ = policy.sample_episodes(env, np.arange(16), with_values=False)
+    args = (batch.input_ids, batch.attention_mask, batch.response_length)
+    real = batch.response_mask.bool()
+    recorded = unpack_bool(batch.action_masks, policy.n_actions)
+    assert th.equal(recorded[real], policy.action_mask.teacher_forced(*args)[real])
+    live = TopPMask(policy.actor, top_p=0.5)
+    live.bind(policy.n_actions)
+    assert not th.equal(recorded[real], live.teacher_forced(*args)[real])  # the live policy's nucleus has moved
+    # the masking model changes after the rollout: the recorded masks still give the rollout's log-probs
+    with th.no_grad():
+        for parameter in model.masking_policy.model.parameters():
+            parameter.add_(th.randn_like(parameter))
+    model.masking_policy.mask.reset()
+    assert not th.equal(recorded[real], policy.action_mask.teacher_forced(*args)[real])
+    with th.no_grad():
+        kept, _, _ = policy.evaluate_sequences(*args, with_values=False, action_masks=batch.action_masks)
+        recomputed, _, _ = policy.evaluate_sequences(*args, with_values=False)
+    assert th.allclose(kept[real], batch.logprobs[real], atol=1e-5)
+    assert not th.allclose(recomputed[real], batch.logprobs[real], atol=1e-3)
+    # and every teacher-forced pass of a rollout and its update (old log-probs, then each minibatch) is given them
+    passes = []
+    evaluate = policy.evaluate_sequences
+
+    def spy(input_ids, attention_mask, response_length, **kwargs):
+        masks = kwargs.get("action_masks")
+        passes.append(masks is not None and masks.shape[:2] == (input_ids.shape[0], response_length))
+        return evaluate(input_ids, attention_mask, response_length, **kwargs)
+
+    policy.evaluate_sequences = spy
+    model.learn(total_timesteps=8 * 6, reset_num_timesteps=False)
+    assert len(passes) >= 3 and all(passes)
+
+
 def test_nlpo_intersects_its_nucleus_with_the_env_sources(tokenizer, model_path, tmp_path):
     env = TokenGenerationEnv(
         make_prompts(),
@@ -135,12 +177,16 @@ def test_nlpo_under_lora_saves_only_the_adapter_of_its_masking_copy(tokenizer, m
     model.learn(total_timesteps=8 * 6 * 3)
     saved = model.masking_policy.state_dict()
     assert saved and all("lora_" in name for name in saved)
+    assert not trained_parameters_equal(model)  # the adapter was trained since the copy was made
+    # the frozen base is the policy's own tensors, not a second model in memory
+    mine, theirs = dict(model.masking_policy.model.named_parameters()), dict(model.policy.actor.named_parameters())
+    assert all(mine[n] is p for n, p in theirs.items() if not p.requires_grad)
     model.save(tmp_path / "nlpo")
     loaded = NLPO.load(tmp_path / "nlpo", env=rule_env(tokenizer))
-    for (name, mine), (_, theirs) in zip(
-        model.masking_policy.model.state_dict().items(), loaded.masking_policy.model.state_dict().items()
-    ):
-        assert th.equal(mine, theirs), name  # the adapter from the zip, the base from the policy
+    mine, theirs = model.masking_policy.model.state_dict(), loaded.masking_policy.model.state_dict()
+    assert list(mine) == list(theirs)
+    for name, value in mine.items():
+        assert th.equal(value, theirs[name]), name  # the adapter from the zip, the base from the policy
     with pytest.raises(ValueError, match="does not match the policy's trained parameters"):
         loaded.masking_policy.load_state_dict({"unexpected": th.zeros(1)})
 

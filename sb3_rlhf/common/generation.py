@@ -27,6 +27,9 @@ class GenerationBatch:
     :param terminated: ``(batch,)`` bool: the response ended with a stop token (else it was truncated).
     :param logprobs: ``(batch, T)`` float32 log π_old of each response token at the sampling temperature,
         filled by the algorithm before rewards are computed (the KL penalty needs it).
+    :param action_masks: ``(batch, T, ceil(n_actions / 8))`` uint8 or ``None``: under a policy's action mask, the
+        mask of every step as the token was sampled under it, packed one bit per token
+        (:func:`~sb3_rlhf.common.sequences.unpack_bool`).
     """
 
     env: TokenGenerationEnv
@@ -36,6 +39,7 @@ class GenerationBatch:
     response_mask: th.Tensor
     terminated: th.Tensor
     logprobs: th.Tensor | None = None
+    action_masks: th.Tensor | None = None
     _infos: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @classmethod

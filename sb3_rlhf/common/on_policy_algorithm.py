@@ -352,6 +352,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 rewards,
                 batch.terminated,
                 ref_logprobs,
+                batch.action_masks,
             )
             episodes["reward"] += rewards.sum(-1).tolist()
             episodes["length"] += batch.lengths.tolist()
@@ -488,6 +489,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                     batch.response_mask.shape[1],
                     entropy_grad=self.ent_coef != 0,
                     with_values=self.learns_values,
+                    action_masks=batch.action_masks,  # the masks the rollout sampled under, if any
                 )
                 assert entropy is not None  # evaluate_sequences computes it by default
                 loss, metrics = self.compute_loss(batch, logprobs, values, entropy, clip_range)

@@ -90,3 +90,18 @@ def masked_whiten(values: th.Tensor, mask: th.Tensor, eps: float = 1e-8) -> th.T
     mean = masked_mean(values, mask)
     var = masked_mean((values - mean) ** 2, mask)
     return th.where(mask.bool(), (values - mean) * th.rsqrt(var + eps), th.zeros_like(values))
+
+
+def pack_bool(mask: th.Tensor) -> th.Tensor:
+    """A bool tensor packed eight entries to a byte along its last dimension: ``(..., V) -> (..., ceil(V / 8))``
+    uint8 (an action mask of every response step over a whole vocabulary is kept at one bit per token)."""
+    width = mask.shape[-1]
+    padded = th.nn.functional.pad(mask.to(th.uint8), (0, -width % 8)).view(*mask.shape[:-1], -1, 8)
+    bits = th.arange(8, device=mask.device, dtype=th.uint8)
+    return (padded << bits).sum(-1, dtype=th.uint8)
+
+
+def unpack_bool(packed: th.Tensor, width: int) -> th.Tensor:
+    """The inverse of :func:`pack_bool`: ``(..., ceil(width / 8))`` uint8 -> ``(..., width)`` bool."""
+    bits = th.arange(8, device=packed.device, dtype=th.uint8)
+    return ((packed.unsqueeze(-1) >> bits) & 1).flatten(-2)[..., :width].bool()

@@ -182,7 +182,8 @@ class TopPMask(MaskSource):
 
     Asked step by step for growing sequences (inside ``generate()``, or by the env), it keeps the model's KV cache
     between calls, so a response of T tokens costs one forward of the prompt and one of each new token, as
-    ``generate()`` itself; anything else (another batch, a new response) starts over.
+    ``generate()`` itself; anything else (another batch, a new response) starts over. Call :meth:`reset` after
+    changing the model's weights (the cache would still hold the old ones' keys and values).
 
     :param model: a causal LM on the env's vocabulary.
     :param top_p: nucleus mass kept (NLPO's default 0.9).

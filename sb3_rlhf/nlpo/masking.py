@@ -14,9 +14,10 @@ from sb3_rlhf.policies import TransformerActorCriticPolicy
 class MaskingPolicy:
     """A frozen copy of ``policy.actor``, brought level with it by :meth:`sync`, and the :class:`TopPMask` of it.
 
-    It saves like a module in SB3's zip (:meth:`state_dict` / :meth:`load_state_dict`), but only the parameters the
-    policy trains: the others (a LoRA policy's base weights) are the policy's own frozen ones, never changed, and
-    are copied from it on load rather than stored twice.
+    Only the parameters the policy trains are copied; the others (a LoRA policy's base weights) are the very
+    tensors of the policy, shared, never changed, so the copy costs the adapter's memory and not a second model. It
+    saves like a module in SB3's zip (:meth:`state_dict` / :meth:`load_state_dict`), those trained copies only. It
+    lives where the policy was when it was made (the algorithm builds it after moving the policy to its device).
 
     :param policy: the policy whose actor is copied.
     :param top_p: the nucleus mass of the mask.
@@ -25,7 +26,8 @@ class MaskingPolicy:
 
     def __init__(self, policy: TransformerActorCriticPolicy, top_p: float, min_tokens_to_keep: int = 1) -> None:
         self.policy = policy
-        self.model = copy.deepcopy(policy.actor).eval().requires_grad_(False)
+        shared = {id(p): p for p in policy.actor.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(policy.actor, memo=shared).eval().requires_grad_(False)
         self.mask = TopPMask(
             self.model, top_p=top_p, temperature=policy.temperature, min_tokens_to_keep=min_tokens_to_keep
         )
@@ -48,15 +50,10 @@ class MaskingPolicy:
 
     @th.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
-        """Put back what :meth:`state_dict` saved. SB3's ``set_parameters`` loads the policy first (it comes first
-        in the zip), so the frozen parameters are copied from it here.
+        """Put back what :meth:`state_dict` saved (the frozen parameters are the policy's own).
 
         :param strict: raise on a missing or unexpected parameter name (SB3 passes ``exact_match``).
         """
-        own = dict(self.model.named_parameters())
-        for name, theirs in self.policy.actor.named_parameters():
-            if not theirs.requires_grad:
-                own[name].copy_(theirs)
         trained = self._trained()
         if strict and set(state_dict) != set(trained):
             missing, unexpected = sorted(set(trained) - set(state_dict)), sorted(set(state_dict) - set(trained))

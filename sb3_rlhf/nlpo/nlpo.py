@@ -11,6 +11,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_rlhf.buffers import SequenceRolloutBuffer
+from sb3_rlhf.common.sequences import unpack_bool
 from sb3_rlhf.common.truncation import check_truncation
 from sb3_rlhf.envs.masks import ActionMask
 from sb3_rlhf.nlpo.masking import MaskingPolicy
@@ -36,12 +37,17 @@ class NLPO(RLHFPPO):
     log π_masked − log π_ref is −log of the reference's probability mass on the nucleus, at most
     log(1 / ``mask_top_p``) per token.
 
-    Differences from RL4LMs' implementation: its KL reward takes the unmasked policy's log-probs; its masking copy
-    is refreshed after a rollout is collected, ours at the start of the next one (the same copy serves a rollout and
-    its update either way); and it stores each step's mask in the rollout buffer where ours recomputes it from the
-    masking model in the update (no ``(batch, T, vocab)`` masks kept). Saved and resumed with the rest of the model:
-    the masking copy's trained parameters go into the zip (under LoRA only its adapter), with the count of rollouts
-    since its last synchronisation.
+    As in RL4LMs, the mask of every step is kept in the rollout (one bit per token) and the update uses exactly the
+    masks the tokens were sampled under. Differences from RL4LMs' implementation: its KL reward takes the unmasked
+    policy's log-probs; its nucleus is that of the masking model's raw logits, ours at the policy's temperature (the
+    masking copy is the policy's distribution as sampled); its masking copy is refreshed after a rollout is
+    collected, ours at the start of the next one (the same copy serves a rollout and its update either way). Saved
+    and resumed with the rest of the model: the masking copy's trained parameters go into the zip (under LoRA only
+    its adapter), with the count of rollouts since its last synchronisation.
+
+    The per-step ``predict(obs)`` samples without the mask (an observation does not say where the response
+    starts), and ``policy.save_pretrained`` exports the unmasked model: the masked policy is ``generate()`` on this
+    model.
 
     :param policy: :class:`~sb3_rlhf.TransformerActorCriticPolicy` (or its name).
     :param env: a :class:`~sb3_rlhf.TokenGenerationEnv` under its reward wrappers (one env: episodes are
@@ -117,7 +123,10 @@ class NLPO(RLHFPPO):
         mask_min_tokens_to_keep: int = 1,
         _init_setup_model: bool = True,
     ) -> None:
-        check_truncation(0, mask_top_p)
+        try:
+            check_truncation(0, mask_top_p)
+        except ValueError as error:
+            raise ValueError(f"mask_top_p: {error}") from None
         for name, value in (
             ("mask_update_freq", mask_update_freq),
             ("mask_min_tokens_to_keep", mask_min_tokens_to_keep),
@@ -202,8 +211,16 @@ class NLPO(RLHFPPO):
             self.rollouts_since_mask_update = 0
             self.n_mask_updates += 1
         collected = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        self.rollouts_since_mask_update += 1
+        if collected:  # a rollout a callback stopped is not trained on
+            self.rollouts_since_mask_update += 1
         return collected
+
+    def _log_rollout(self, wrappers: list[Any], episodes: dict[str, list[Any]], terms: dict[str, th.Tensor]) -> None:
+        super()._log_rollout(wrappers, episodes, terms)
+        buffer = self.rollout_buffer
+        if buffer.action_masks is not None:  # NLPO's diagnostic: how many tokens the mask leaves, per step
+            allowed = unpack_bool(buffer.action_masks, self.policy.n_actions).sum(-1)
+            self.logger.record("rlhf/mask_size", allowed[buffer.response_mask.bool()].float().mean().item())
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
         super()._record_train_stats(stats, clip_range, last_loss)
