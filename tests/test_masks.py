@@ -332,3 +332,34 @@ def test_top_p_mask_step_by_step_on_its_kv_cache_equals_its_one_pass_masks(token
     assert th.equal(other, one_pass[:3, 1])
     source.reset()
     assert th.equal(source(input_ids[:, : width + 1], attention_mask[:, : width + 1], 1), one_pass[:, 1])
+
+
+def test_recorded_masks_survive_chunked_generation_and_a_group_buffer(tokenizer, model_path):
+    """RLOO (the group buffer) under the env's mask, generating in chunks whose responses differ in length: the
+    merged rollout's masks, padded along the response, are each step's mask at every real position."""
+    from sb3_rlhf import RLOO
+    from sb3_rlhf.common.sequences import unpack_bool
+    from sb3_rlhf.rewards import KLPenaltyWrapper
+
+    env = masked_env(tokenizer, WordVocabulary(["good", "cat", "bad"], tokenizer))
+    model = RLOO(
+        TransformerActorCriticPolicy,
+        KLPenaltyWrapper(RewardFunctionWrapper(env, fn=share_of_good), coef=0.02),
+        n_episodes=16,
+        batch_size=8,
+        samples_per_prompt=4,
+        generation_batch_size=4,
+        seed=0,
+        policy_kwargs=dict(model_name_or_path=model_path),
+    )
+    model.policy.action_mask = env.action_mask
+    model.learn(total_timesteps=1)  # one rollout and its update
+    buffer = model.rollout_buffer
+    assert len({chunk.shape[1] for chunk in buffer._chunks["action_masks"]}) > 1  # chunks of different lengths
+    input_ids = th.cat([buffer.prompt_ids, buffer.response_ids], 1)
+    attention_mask = th.cat([buffer.prompt_mask, buffer.response_mask.long()], 1)
+    real = buffer.response_mask.bool()
+    recorded = unpack_bool(buffer.action_masks, len(tokenizer))
+    forced = env.action_mask.teacher_forced(input_ids, attention_mask, buffer.response_ids.shape[1])
+    assert th.equal(recorded[real], forced[real])
+    assert set(buffer.response_ids[real].tolist()) <= {*ids(tokenizer, "good", "cat", "bad"), *env.stop_token_ids}

@@ -141,9 +141,17 @@ def test_nlpo_intersects_its_nucleus_with_the_env_sources(tokenizer, model_path,
     model.learn(total_timesteps=200)
     vocabulary = {*tokenizer.convert_tokens_to_ids(["good", "cat", "bad"]), *env.stop_token_ids}
     assert model.mask_keep_token_ids == list(env.stop_token_ids)
-    for i in range(3):
+    lengths = []
+    for i in range(3):  # prompts of different lengths, left-padded: the vocabulary's state is the response's
         batch, _ = model.policy.sample_episodes(env, np.arange(8 * i, 8 * i + 8))
-        assert set(batch.response_ids[batch.response_mask.bool()].tolist()) <= vocabulary
+        real = batch.response_mask.bool()
+        assert set(batch.response_ids[real].tolist()) <= vocabulary
+        recorded = unpack_bool(batch.action_masks, len(tokenizer))
+        forced = model.policy.action_mask.teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)
+        assert th.equal(recorded[real], forced[real])
+        assert (recorded[real].sum(-1) <= len(vocabulary)).all()  # within the vocabulary (and EOS), at every step
+        lengths += batch.lengths.tolist()
+    assert np.mean(lengths) > 2  # words are written, not only EOS
     # loaded without an env it keeps the nucleus and the stop tokens (the env's own sources come back with the env)
     model.save(tmp_path / "nlpo")
     loaded = NLPO.load(tmp_path / "nlpo")
@@ -189,6 +197,19 @@ def test_nlpo_under_lora_saves_only_the_adapter_of_its_masking_copy(tokenizer, m
         assert th.equal(value, theirs[name]), name  # the adapter from the zip, the base from the policy
     with pytest.raises(ValueError, match="does not match the policy's trained parameters"):
         loaded.masking_policy.load_state_dict({"unexpected": th.zeros(1)})
+    # the policy cast after the copy was made: the shared weights went with it, the copy's own follow at the next
+    # rollout, and its masks come out as before
+    env = loaded.generation_env
+    batch, _ = loaded.policy.sample_episodes(env, np.arange(4))
+    args = (batch.input_ids, batch.attention_mask, batch.response_length)
+    before = loaded.policy.action_mask.teacher_forced(*args)
+    loaded.policy.to(th.float64)
+    loaded.masking_policy.follow_policy()
+    assert th.equal(loaded.policy.action_mask.teacher_forced(*args), before)
+    # a frozen weight unfrozen later would train the masking copy too: refused at the next synchronisation
+    next(p for p in loaded.policy.actor.parameters() if not p.requires_grad).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="were unfrozen after NLPO was built"):
+        loaded.masking_policy.sync()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.data import labelled_halves, reward_training_pairs
-from sb3_rlhf.common.evaluation import evaluate_policy, paired_preference, report_markdown
+from sb3_rlhf.common.evaluation import evaluate_policy, paired_preference, report_markdown, student_t_quantile
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.quality import distinct_n, repeated_ngram_rate, text_quality, words
@@ -239,7 +239,7 @@ def test_paired_preference_of_the_trained_responses():
     assert paired["win_rate"] == pytest.approx(2.5 / 4)
     sigmoid = 1 / (1 + math.exp(-1.0))
     assert paired["bradley_terry_preference"] == pytest.approx((2 * sigmoid + 0.5 + (1 - sigmoid)) / 4)
-    half_width = 1.96 * np.std([1.0, 0.0, -1.0, 1.0], ddof=1) / 2
+    half_width = 3.182446 * np.std([1.0, 0.0, -1.0, 1.0], ddof=1) / 2  # Student's t, 3 degrees of freedom
     assert paired["mean_difference"] == pytest.approx(0.25)
     assert (paired["ci95_low"], paired["ci95_high"]) == pytest.approx((0.25 - half_width, 0.25 + half_width))
     metrics = {"score": 0.0, "kl": 0.0, "response_length": 4.0, "eos_fraction": 0.0}
@@ -248,3 +248,8 @@ def test_paired_preference_of_the_trained_responses():
     assert "higher on 62% of them; mean difference +0.2500" in report
     with pytest.raises(ValueError, match="same prompts for both policies"):
         paired_preference([0.0, 1.0, 2.0], [0.0, 1.0])
+
+
+@pytest.mark.parametrize(("df", "expected"), [(1, 12.706205), (3, 3.182446), (63, 1.998341), (10_000, 1.960201)])
+def test_student_t_quantiles_match_the_tables(df, expected):
+    assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=2e-5)

@@ -3,6 +3,7 @@ judge's verdict, samples."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,11 +101,31 @@ def evaluate_policy(
     return metrics, texts, scores
 
 
+def student_t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile (``0.5 <= q < 1``) of Student's t distribution with ``df`` degrees of freedom: bisection
+    on its CDF, the density integrated numerically (accurate to about 1e-6; no SciPy needed)."""
+    if not 0.5 <= q < 1 or df < 1:
+        raise ValueError(f"need 0.5 <= q < 1 and df >= 1, got q={q}, df={df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:
+        x = np.linspace(0.0, t, 20_001)
+        return 0.5 + float(np.trapezoid(np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df)), x))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < q:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < q else (low, middle)
+    return (low + high) / 2
+
+
 def paired_preference(initial_scores: Sequence[float], trained_scores: Sequence[float]) -> dict[str, float]:
     """How the score prefers the trained policy's response to the initial one's, prompt by prompt (the same
     prompts and sampling seed): the Bradley–Terry preference mean σ(r_trained − r_initial), the share of prompts
     where the trained response scores higher (ties count half), and the mean difference with its 95% interval
-    (normal approximation over the paired differences).
+    (Student's t over the n paired differences, n − 1 degrees of freedom).
     """
     initial, trained = np.asarray(initial_scores, dtype=float), np.asarray(trained_scores, dtype=float)
     if initial.shape != trained.shape or initial.size < 2:
@@ -113,7 +134,7 @@ def paired_preference(initial_scores: Sequence[float], trained_scores: Sequence[
             f"{trained.size}"
         )
     difference = trained - initial
-    half_width = 1.96 * difference.std(ddof=1) / np.sqrt(difference.size)
+    half_width = student_t_quantile(0.975, difference.size - 1) * difference.std(ddof=1) / np.sqrt(difference.size)
     return {
         "bradley_terry_preference": float(np.mean(1.0 / (1.0 + np.exp(-difference)))),
         "win_rate": float(np.mean((difference > 0) + 0.5 * (difference == 0))),

@@ -105,3 +105,12 @@ def unpack_bool(packed: th.Tensor, width: int) -> th.Tensor:
     """The inverse of :func:`pack_bool`: ``(..., ceil(width / 8))`` uint8 -> ``(..., width)`` bool."""
     bits = th.arange(8, device=packed.device, dtype=th.uint8)
     return ((packed.unsqueeze(-1) >> bits) & 1).flatten(-2)[..., :width].bool()
+
+
+_BITS_SET = th.tensor([bin(byte).count("1") for byte in range(256)], dtype=th.int64)
+
+
+def count_packed(packed: th.Tensor) -> th.Tensor:
+    """How many entries of a :func:`pack_bool` tensor are True: ``(..., bytes)`` uint8 -> ``(...)`` int64, counted
+    byte by byte without unpacking (the padding bits are 0)."""
+    return _BITS_SET.to(packed.device)[packed.long()].sum(-1)

@@ -27,6 +27,7 @@ class MaskingPolicy:
     def __init__(self, policy: TransformerActorCriticPolicy, top_p: float, min_tokens_to_keep: int = 1) -> None:
         self.policy = policy
         shared = {id(p): p for p in policy.actor.parameters() if not p.requires_grad}
+        self._shared = set(shared)
         self.model = copy.deepcopy(policy.actor, memo=shared).eval().requires_grad_(False)
         self.mask = TopPMask(
             self.model, top_p=top_p, temperature=policy.temperature, min_tokens_to_keep=min_tokens_to_keep
@@ -38,8 +39,24 @@ class MaskingPolicy:
         return {name: (p, own[name]) for name, p in self.policy.actor.named_parameters() if p.requires_grad}
 
     @th.no_grad()
+    def follow_policy(self) -> None:
+        """Move this copy's own parameters and buffers where the policy's are now (after a ``policy.to(...)`` the
+        shared weights moved with the policy, the copy's own ones did not)."""
+        for theirs, mine in self._trained().values():
+            if mine.device != theirs.device or mine.dtype != theirs.dtype:
+                mine.data = mine.data.to(device=theirs.device, dtype=theirs.dtype)
+        self.model.to(self.policy.device)  # the buffers (the shared weights are there already)
+
+    @th.no_grad()
     def sync(self) -> None:
-        """Copy the policy's trained parameters into the masking model (the frozen ones are equal already)."""
+        """Copy the policy's trained parameters into the masking model (the frozen ones are the policy's own)."""
+        unfrozen = [n for n, p in self.policy.actor.named_parameters() if id(p) in self._shared and p.requires_grad]
+        if unfrozen:
+            raise RuntimeError(
+                f"the policy's frozen weights {unfrozen[:3]} were unfrozen after NLPO was built; the masking copy "
+                "shares them and would train with the policy: unfreeze before building the algorithm"
+            )
+        self.follow_policy()
         for theirs, mine in self._trained().values():
             mine.copy_(theirs)
         self.mask.reset()  # its KV cache came from the old weights

@@ -11,7 +11,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_rlhf.buffers import SequenceRolloutBuffer
-from sb3_rlhf.common.sequences import unpack_bool
+from sb3_rlhf.common.sequences import count_packed
 from sb3_rlhf.common.truncation import check_truncation
 from sb3_rlhf.envs.masks import ActionMask
 from sb3_rlhf.nlpo.masking import MaskingPolicy
@@ -210,8 +210,10 @@ class NLPO(RLHFPPO):
             self.masking_policy.sync()
             self.rollouts_since_mask_update = 0
             self.n_mask_updates += 1
+        else:
+            self.masking_policy.follow_policy()
         collected = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        if collected:  # a rollout a callback stopped is not trained on
+        if collected and self._rollout_fault is None:  # a stopped or dropped rollout is not trained on
             self.rollouts_since_mask_update += 1
         return collected
 
@@ -219,7 +221,7 @@ class NLPO(RLHFPPO):
         super()._log_rollout(wrappers, episodes, terms)
         buffer = self.rollout_buffer
         if buffer.action_masks is not None:  # NLPO's diagnostic: how many tokens the mask leaves, per step
-            allowed = unpack_bool(buffer.action_masks, self.policy.n_actions).sum(-1)
+            allowed = count_packed(buffer.action_masks)
             self.logger.record("rlhf/mask_size", allowed[buffer.response_mask.bool()].float().mean().item())
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
