@@ -257,6 +257,28 @@ def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
     return None
 
 
+def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
+    """Each method's KL before its first update and at its last evaluation, means over every run (β and seed): a
+    masked policy (NLPO) starts away from its unmasked reference, by the nucleus' own cost."""
+
+    def mean_kl(method: str, first: bool) -> float:
+        runs: dict[tuple[float, int], list[dict]] = {}
+        for row in rows:
+            if row["method"] == method:
+                runs.setdefault((row["beta"], row["seed"]), []).append(row)
+        picked = [
+            min(r, key=lambda x: x["evaluation"]) if first else max(r, key=lambda x: x["evaluation"])
+            for r in runs.values()
+        ]
+        return float(np.mean([row["kl"] for row in picked]))
+
+    parts = []
+    for method in methods:
+        start, end = mean_kl(method, True), mean_kl(method, False)
+        parts.append(f"{method} {start:.2f} before training → {end:.2f} at the end (+{end - start:.2f})")
+    return "- KL, mean over its runs: " + "; ".join(parts) + "."
+
+
 def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list[str]:
     """Where ``method``'s final points lie against each of ``others``': their scores at the same KL, read off
     the lines through each method's seed-mean final points (one per β), where both methods reach that KL. A gap
@@ -522,6 +544,7 @@ def main() -> int:
             "Where NLPO (PPO on its masking policy's top-p nucleus) lies against PPO, read the same way:",
             "",
             *comparison_lines(point_finals, "nlpo", ["ppo"]),
+            kl_gained_line(rows, ["ppo", "nlpo"]),
         ]
     lines += ["", f"Every evaluation: `{os.path.basename(out)}.csv`; plot: `{os.path.basename(out)}.png`.", ""]
     with open(out + ".md", "w") as f:

@@ -68,6 +68,7 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
     table = open(f"{out}.md").read()
     assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table and "distinct-2" in table
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table and "nlpo against ppo" in table
+    assert "KL, mean over its runs: ppo" in table and "; nlpo " in table
     assert os.path.getsize(f"{out}.png") > 10_000
 
 
