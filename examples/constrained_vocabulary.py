@@ -6,7 +6,7 @@
     python examples/constrained_vocabulary.py --model path/to/lm         # your own causal LM folder
 
 The env's ``mask_sources`` allow only the words of ``VOCABULARY``, each spelled with the tokenizer's own tokens
-(``WordVocabulary``: a word of several tokens is allowed token by token), and never the ids in ``BANNED``; EOS
+(``WordVocabulary``: a word of several tokens is allowed token by token), and never the unknown token (``BannedTokens``); EOS
 stays allowed so that a response can end. ``env.action_masks()`` answers in sb3-contrib's protocol, which is what
 ``MaskablePPO`` reads; NLPO intersects the same sources with its masking policy's top-p nucleus, and RLHFPPO
 applies them once they are the policy's ``action_mask``. The reward, a plain rule: the share of the response's
@@ -44,7 +44,7 @@ tokenizer = AutoTokenizer.from_pretrained(args.model)
 
 
 def described_nouns(prompts: list[str], completions: list[str]) -> list[float]:
-    """The share of words that are an adjective followed by a noun, or that noun."""
+    """The share of the words that belong to an adjective directly followed by a noun ("good cat")."""
     rewards = []
     for completion in completions:
         words = completion.split()
@@ -54,8 +54,9 @@ def described_nouns(prompts: list[str], completions: list[str]) -> list[float]:
 
 
 prompts = ["the cat sat on", "a dog was", "then it", "the mat was", "a happy cat", "the sad dog and"]
-BANNED = [tokenizer.unk_token_id] if tokenizer.unk_token_id is not None else []
-sources = [WordVocabulary(VOCABULARY, tokenizer), *([BannedTokens(BANNED)] if BANNED else [])]
+sources = [WordVocabulary(VOCABULARY, tokenizer)]
+if tokenizer.unk_token_id is not None:  # sources compose by intersection
+    sources.append(BannedTokens([tokenizer.unk_token_id]))
 env = TokenGenerationEnv(prompts, tokenizer, max_prompt_tokens=16, max_new_tokens=8, mask_sources=sources)
 env = RewardFunctionWrapper(env, fn=described_nouns)
 
