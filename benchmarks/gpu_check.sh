@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 14): run it whenever a CUDA GPU is at hand and commit what it writes.
+# The one prepared GPU check (issues 14 and 24): run it whenever a CUDA GPU is at hand and commit what it writes.
 #
-#     bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu.md (or $OUT/gpu.md when OUT is set)
+#     bash benchmarks/gpu_wheels.sh           # here, once: the wheels the device image lacks, into .whl/
+#     bash benchmarks/gpu_check.sh            # there: writes benchmarks/results/gpu.md (or $OUT/gpu.md when OUT is set)
 #
-# 1. tests/test_cuda.py (the bf16 CUDA path of RLHFPPO: learn, save, load);
-# 2. benchmarks/gpu_throughput.py: RLHFPPO on a model of SmolLM2-135M's shape in bf16, generated tokens/s, the
-#    rollout against bare generate(), the update's MFU against the GPU's bf16 peak, peak GPU memory;
-# 3. benchmarks/peers.py on the GPU, when it and the TRL packages are there (see below).
-# It finishes in well under 8 minutes on one H200-class GPU. Without CUDA it refuses at once: exit 3, one line.
+# 1. tests/test_cuda.py (the bf16 CUDA path of RLHFPPO: learn, save, load; the static cache compiled by
+#    transformers, sampling as the dynamic one);
+# 2. benchmarks/gpu_throughput.py: RLHFPPO on a model of SmolLM2-135M's shape in bf16 with each generation_cache
+#    setting (static, dynamic): generated tokens/s, the rollout against bare generate() with the same cache in the
+#    same run, the warm-up (compilation) apart, the update's MFU, peak GPU memory;
+# 3. benchmarks/peers.py on the GPU with a Llama of SmolLM2-135M's shape (576 wide, 30 layers, 9 heads; float32
+#    on both sides), PEERS_REPEATS repeats (3), when the TRL wheels are there (see below).
+# It is sized to finish within 8 minutes on one H100, installs included. Without CUDA it refuses at once: exit 3,
+# one line.
 #
 # The machine needs python3 with torch (CUDA), transformers, peft, pytest and tensorboard (the device image has
 # them). Packages it lacks travel as wheels in .whl/ at the repository root (git-ignored), installed here into
-# /tmp/site; prepare them with pip download (see /work/.library/device/README.md), e.g. for a Python 3.12 image:
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gymnasium==1.4.0 \
-#         farama-notifications==0.0.4 stable-baselines3==2.9.2 sb3-contrib==2.9.2
-# TRL for the peer comparison travels the same way, each version with what it needs beyond the image in its own
-# folder: .whl/trl-1.12/, .whl/trl-1.16/; the peers' GPU results land in peers_gpu/ beside gpu.md (merge their rows
-# into benchmarks/results/peers.csv, which holds one row per pair and device).
+# /tmp/site: benchmarks/gpu_wheels.sh downloads them (the versions of constraints.txt), and TRL for the peer
+# comparison into .whl/trl-1.12/ and .whl/trl-1.16/; the peers' GPU results land in peers_gpu/ beside gpu.md
+# (merge their rows into benchmarks/results/peers.csv, which holds one row per pair and device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -57,7 +59,8 @@ fi
 } >>"$RESULTS"
 
 echo "== benchmarks/gpu_throughput.py"
-timeout 300 "$PYTHON" benchmarks/gpu_throughput.py --out "$RESULTS" || echo "gpu_throughput.py failed (exit $?)" | tee -a "$RESULTS"
+timeout 240 "$PYTHON" benchmarks/gpu_throughput.py --caches static dynamic --out "$RESULTS" \
+    || echo "gpu_throughput.py failed (exit $?)" | tee -a "$RESULTS"
 
 if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; then
     echo "== benchmarks/peers.py on the GPU"
@@ -74,7 +77,9 @@ if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; t
         fi
     done
     peers_dir="$(dirname "$RESULTS")/peers_gpu"
-    if timeout 240 "$PYTHON" benchmarks/peers.py --device cuda --repeats 1 --out-dir "$peers_dir"; then
+    # the issue's shape: 32 episodes × 64 tokens, 4 rollouts per run; the floor runs left out for time
+    if timeout 210 "$PYTHON" benchmarks/peers.py --device cuda --models llama-576x30 --repeats "${PEERS_REPEATS:-3}" \
+        --n-episodes 32 --response-length 64 --iterations 4 --vocab 4096 --no-floor --out-dir "$peers_dir"; then
         { echo; cat "$peers_dir/peers.md"; } >>"$RESULTS"
     else
         echo "peers.py failed (exit $?)" | tee -a "$RESULTS"

@@ -40,6 +40,7 @@ from versions import versions_line  # benchmarks/versions.py
 from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common import forward
 from sb3_rlhf.common.models import causal_lm_from_config
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 from sb3_rlhf.common.tiny import TINY_WORDS, tiny_config, tiny_prompts, tiny_tokenizer
 
@@ -243,6 +244,8 @@ def generation_lines(
     vocab = policy.actor.config.vocab_size
     stop, pad = (vocab - 1,), 0
 
+    engine = RolloutEngine()
+
     def bare() -> None:
         with th.no_grad():
             policy.actor.generate(
@@ -257,13 +260,12 @@ def generation_lines(
 
     def ours(**kwargs: bool) -> Callable[[], None]:
         def run() -> None:
-            policy.generate(input_ids, attention_mask, length, stop, pad, **kwargs)
+            engine.generate(policy, input_ids, attention_mask, length, stop, pad, **kwargs)
 
         return run
 
     def before() -> None:
-        response = policy.generate(input_ids, attention_mask, length, stop, pad)
-        assert isinstance(response, th.Tensor)
+        response = engine.generate(policy, input_ids, attention_mask, length, stop, pad).responses
         full = th.cat([input_ids, response], dim=1)
         with th.no_grad():
             policy.evaluate_sequences(
@@ -272,9 +274,9 @@ def generation_lines(
 
     rows = [
         ("bare `generate()` (transformers, same sampling)", bare),
-        ("`policy.generate()` (the policy's logits processors)", ours()),
-        ("critic-free rollout before: `policy.generate()` + teacher-forced pass", before),
-        ("critic-free rollout now: `policy.generate(output_logprobs=True)`", ours(output_logprobs=True)),
+        ("`RolloutEngine.generate()` (the policy's logits processors)", ours()),
+        ("critic-free rollout before: `RolloutEngine.generate()` + teacher-forced pass", before),
+        ("critic-free rollout now: `RolloutEngine.generate(output_logprobs=True)`", ours(output_logprobs=True)),
     ]
     times = [(name, median_time(fn, repeats)) for name, fn in rows]
     lines = [

@@ -54,6 +54,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "gpt2-128x4": dict(architecture="gpt2", hidden_size=128, num_layers=4, num_heads=4, label="GPT-2 128×4"),
     "gpt2-512x8": dict(architecture="gpt2", hidden_size=512, num_layers=8, num_heads=8, label="GPT-2 512×8"),
     "llama-128x4": dict(architecture="llama", hidden_size=128, num_layers=4, num_heads=4, label="Llama 128×4"),
+    # SmolLM2-135M's width, depth and heads (random weights, the word vocabulary): the GPU comparison's model
+    "llama-576x30": dict(architecture="llama", hidden_size=576, num_layers=30, num_heads=9, label="Llama 576×30"),
     "smollm2-135m": dict(packaged="SmolLM2-135M-Instruct", label="SmolLM2-135M-Instruct"),
 }
 #: per model, when --iterations / --learning-rate are not given: rollouts per run (a few seconds to a minute per run
@@ -63,6 +65,7 @@ MODEL_DEFAULTS = {
     "gpt2-128x4": dict(iterations=16, learning_rate=1e-3),
     "gpt2-512x8": dict(iterations=8, learning_rate=1e-4),
     "llama-128x4": dict(iterations=16, learning_rate=1e-3),
+    "llama-576x30": dict(iterations=4, learning_rate=1e-5),
     "smollm2-135m": dict(iterations=4, learning_rate=1e-5),
 }
 

@@ -111,10 +111,12 @@ def ours_breakdown(model: RLHFPPO, repeats: int) -> dict[str, float]:
     stages: dict[str, float] = {}
     policy.set_training_mode(False)
     stages["generate()"] = median_time(
-        lambda: policy.generate(prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id),
+        lambda: model.rollout_engine.generate(
+            policy, prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id
+        ),
         repeats,
     )
-    batch, values = policy.sample_episodes(env, indices)
+    batch, values = model.rollout_engine.sample_episodes(policy, env, indices)
     stages["teacher-forced policy pass (log-probs, values)"] = median_time(
         lambda: th.no_grad()(policy.evaluate_sequences)(
             batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=False
@@ -364,7 +366,10 @@ def main() -> int:
                 env = model.generation_env
                 ids, mask = (th.as_tensor(a) for a in env.prompt_batch(env.sample_prompt_indices(b)))
                 generation = median_time(
-                    lambda: model.policy.generate(ids, mask, t, env.stop_token_ids, env.pad_token_id), args.repeats
+                    lambda: model.rollout_engine.generate(
+                        model.policy, ids, mask, t, env.stop_token_ids, env.pad_token_id
+                    ),
+                    args.repeats,
                 )
                 xs, its, gens = series[axis]
                 xs.append(t if axis == "T" else b)

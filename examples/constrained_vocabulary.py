@@ -98,7 +98,9 @@ def sample() -> list[str]:
     """One response per prompt under the env's mask: MaskablePPO through env.step() and env.action_masks() (its
     predict() takes the mask), the fast-path algorithms with one generate() call that applies their action mask."""
     if args.algorithm != "maskable-ppo":
-        batch, _ = model.policy.sample_episodes(env.unwrapped, np.arange(len(prompts)), with_values=False)
+        batch, _ = model.rollout_engine.sample_episodes(
+            model.policy, env.unwrapped, np.arange(len(prompts)), with_values=False
+        )
         return [info["completion"] for info in batch.infos]
     texts = []
     for index in range(len(prompts)):

@@ -5,7 +5,7 @@ sequence advantages from groups of responses to one prompt (:class:`GroupRollout
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch as th
 from gymnasium import spaces
@@ -43,6 +43,53 @@ def _pad(tensors: list[th.Tensor], width: int, value: float, left: bool) -> th.T
         pad = (width - t.shape[1], 0) if left else (0, width - t.shape[1])
         padded.append(th.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + pad, value=value))
     return th.cat(padded)
+
+
+def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> list[SequenceBatch]:
+    """Split a minibatch into micro-batches of whole units (episodes, or groups of ``unit`` consecutive rows) of
+    at most ``max_tokens`` tokens each, counted as the forward pass sees them (rows × (longest prompt + longest
+    response) of the micro-batch), each trimmed of the columns that are padding in all its rows. A unit longer
+    than the budget on its own forms a micro-batch alone. The update accumulates their gradients into one optimizer
+    step, so the step is the minibatch's (:meth:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm.train`).
+
+    :param batch: the minibatch, ``(rows, P + T)``.
+    :param max_tokens: the token budget of one micro-batch.
+    :param unit: rows that must stay together (a group of responses to one prompt).
+    """
+    response_length = batch.response_mask.shape[1]
+    prompt_width = batch.input_ids.shape[1] - response_length
+    # read on the host once: the splits and trims follow from them
+    prompt_lengths = batch.attention_mask[:, :prompt_width].sum(-1).tolist()
+    response_lengths = batch.response_mask.sum(-1).tolist()
+    n = len(prompt_lengths)
+    if n * (max(prompt_lengths) + max(response_lengths)) <= max_tokens:
+        return [batch]
+    pieces: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        end, longest_prompt, longest_response = start, 0, 0
+        while end < n:
+            unit_end = min(end + unit, n)
+            prompt = max(longest_prompt, *prompt_lengths[end:unit_end])
+            response = max(longest_response, *response_lengths[end:unit_end])
+            if end > start and (unit_end - start) * (prompt + response) > max_tokens:
+                break
+            end, longest_prompt, longest_response = unit_end, prompt, response
+        pieces.append((start, end))
+        start = end
+    micro_batches = []
+    for start, end in pieces:
+        longest_prompt = max(prompt_lengths[start:end])
+        longest_response = max(response_lengths[start:end])
+        columns = slice(prompt_width - longest_prompt, prompt_width + longest_response)
+        fields: dict[str, Any] = {}
+        for name, tensor in batch._asdict().items():
+            sequence_wide = name in ("input_ids", "attention_mask")
+            fields[name] = (
+                None if tensor is None else tensor[start:end, columns if sequence_wide else slice(longest_response)]
+            )
+        micro_batches.append(SequenceBatch(**fields))
+    return micro_batches
 
 
 class BaseSequenceBuffer(BaseBuffer):

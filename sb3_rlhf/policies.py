@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from sb3_rlhf.common.forward import forward_last_positions, response_logits
-from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import (
     causal_lm_from_config,
@@ -29,28 +25,16 @@ from sb3_rlhf.common.models import (
     with_lora,
 )
 from sb3_rlhf.common.sequences import (
-    entropy_from_logits,
+    logprobs_and_entropy,
     logprobs_of_tokens,
-    pack_bool,
     position_ids_from_mask,
     unpack_bool,
-    zero_padding,
 )
 from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.common.truncation import check_truncation, truncate_logits
-from sb3_rlhf.envs.masks import ActionMask
-from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 
-
-class _SuppressTokensFrom(LogitsProcessor):
-    """Forbid ids >= n: models often pad their vocabulary beyond the tokenizer's tokens (the action space)."""
-
-    def __init__(self, n_actions: int) -> None:
-        self.n_actions = n_actions
-
-    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
-        scores[:, self.n_actions :] = -float("inf")
-        return scores
+if TYPE_CHECKING:
+    from sb3_rlhf.envs.masks import ActionMask
 
 
 def _entropy_of_truncated(logits: th.Tensor) -> th.Tensor:
@@ -58,96 +42,6 @@ def _entropy_of_truncated(logits: th.Tensor) -> th.Tensor:
     Written out because p·z of an excluded token is 0·(-inf) = NaN in the usual logsumexp form."""
     log_probs = th.log_softmax(logits, dim=-1)
     return -(log_probs.exp() * log_probs.masked_fill(th.isinf(logits), 0.0)).sum(-1)
-
-
-class _PolicyLogits(LogitsProcessor):
-    """Turn the actor's raw next-token scores into the policy's logits inside ``generate()``: divide by the
-    temperature, then :func:`truncate_logits`, on the first ``n_actions`` ids (the rest are suppressed by
-    :class:`_SuppressTokensFrom`). Exactly what the teacher-forced pass computes, so sampling is from π."""
-
-    def __init__(self, n_actions: int, temperature: float, top_k: int, top_p: float) -> None:
-        self.n_actions, self.temperature, self.top_k, self.top_p = n_actions, temperature, top_k, top_p
-
-    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
-        actions = scores[:, : self.n_actions].float() / self.temperature
-        scores[:, : self.n_actions] = truncate_logits(actions, self.top_k, self.top_p)
-        return scores
-
-
-class _ActionMaskLogits(LogitsProcessor):
-    """Apply an action mask (:mod:`sb3_rlhf.envs.masks`) inside ``generate()``: the tokens it does not allow get
-    -inf before the policy's temperature and truncation, so sampling and the recorded log-probs are the masked
-    policy's. The mask reads the sequences so far with the prompts' attention mask (generated tokens count as
-    real; a finished row's padding is never sampled from). Each step's mask is kept, packed one bit per token
-    (:meth:`finish`), so that the update can use exactly the masks the tokens were sampled under."""
-
-    def __init__(self, mask: ActionMask, prompt_attention_mask: th.Tensor, n_actions: int) -> None:
-        self.mask, self.prompt_attention_mask, self.n_actions = mask, prompt_attention_mask, n_actions
-        self.steps: list[th.Tensor] = []
-
-    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
-        prompt = self.prompt_attention_mask
-        n_generated = input_ids.shape[1] - prompt.shape[1]
-        attention_mask = th.cat([prompt, prompt.new_ones(prompt.shape[0], n_generated)], dim=1)
-        allowed = self.mask(input_ids, attention_mask, n_generated).to(scores.device)
-        self.steps.append(pack_bool(allowed))
-        scores[:, : self.n_actions] = scores[:, : self.n_actions].masked_fill(~allowed, -float("inf"))
-        return scores
-
-    def finish(self, response: th.Tensor) -> th.Tensor:
-        """:param response: ``(batch, T)`` the generated tokens. :return: ``(batch, T, ceil(n_actions / 8))``
-        uint8, each step's mask packed (:func:`~sb3_rlhf.common.sequences.pack_bool`); a step past the end that
-        transformers ran and dropped is cut, as in :class:`_SampledLogprobs`."""
-        masks = th.stack(self.steps[: response.shape[1]], dim=1)
-        self.steps = []
-        return masks
-
-
-class _SampledLogprobs(LogitsProcessor):
-    """Record log π(a_t | s_t) of each sampled token inside ``generate()``, from the very scores it was drawn from
-    (the last processor: after temperature and truncation). A call sees the scores of step t and, in
-    ``input_ids``, the token drawn at step t - 1: it keeps only one ``(batch, n_actions)`` log-softmax alive and
-    gathers the previous token from it, so no ``(batch, T, vocab)`` scores are stored; :meth:`finish` gathers the
-    last token. This spares the rollout a teacher-forced pass where nothing else needs one (critic-free
-    algorithms); the values of a critic still need it."""
-
-    def __init__(self, n_actions: int) -> None:
-        self.n_actions = n_actions
-        self.last: th.Tensor | None = None
-        self.logprobs: list[th.Tensor] = []
-
-    def __call__(self, input_ids: th.Tensor, scores: th.Tensor) -> th.Tensor:
-        if self.last is not None:
-            # a finished row's pad may lie past the actions: clamped, and masked out later anyway
-            self.logprobs.append(self.last.gather(-1, input_ids[:, -1:].clamp(max=self.n_actions - 1)).squeeze(-1))
-        self.last = th.log_softmax(scores[:, : self.n_actions].float(), dim=-1)
-        return scores
-
-    def finish(self, response: th.Tensor) -> th.Tensor:
-        """:param response: ``(batch, T)`` the generated tokens. :return: ``(batch, T)`` float32 log-probs (those
-        after a stop token are of the padding and meaningless: mask them)."""
-        assert self.last is not None and len(self.logprobs) >= response.shape[1] - 1
-        last = self.last.gather(-1, response[:, -1:].clamp(max=self.n_actions - 1)).squeeze(-1)
-        # transformers may run one step past the end and drop its token (DeferredStopCheck): that step's scores
-        # were recorded too, and are cut here
-        logprobs = th.stack([*self.logprobs, last], dim=1)[:, : response.shape[1]]
-        self.last, self.logprobs = None, []
-        return logprobs
-
-
-@contextlib.contextmanager
-def _generation_defaults(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
-    """Make ``config`` the model's ``generation_config`` for one ``generate()`` call. transformers fills every
-    option a call leaves unset (None) from ``model.generation_config`` (the checkpoint's generation_config.json),
-    and options whose only neutral value is None (``forced_bos_token_id``, ``bad_words_ids``, ``sequence_bias``,
-    ``watermarking_config``, ``max_time``, ...) cannot be neutralised in the call's own config. peft's
-    ``generate`` assigns this attribute the same way."""
-    checkpoint_config = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = checkpoint_config
 
 
 class _AdapterDisabled(th.nn.Module):
@@ -175,13 +69,14 @@ class TransformerActorCriticPolicy(BasePolicy):
     """Actor-critic policy whose actor is a Hugging Face causal LM.
 
     The actor's next-token distribution at temperature ``temperature`` is the policy: ``predict()`` samples
-    from it, log-probs and entropies are computed from it, and :class:`sb3_rlhf.RLHFPPO` generates with it.
+    from it, log-probs and entropies are computed from it, and the algorithms' rollout engine
+    (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`) generates with it.
     The critic is a linear value head on the actor's last hidden state (``value_head="shared"``, one forward
     gives both) or on a separate copy of the backbone (``value_head="separate"``). Pretrained weights are
     used as loaded: no orthogonal initialisation. Dropout is switched off (LoRA's too) so that π/π_old is
     exactly 1 on the first PPO step. Models are named by path (or config), never pickled into the SB3 zip.
 
-    Sampling is exactly the policy: ``generate()`` runs with a complete generation config of the policy's own,
+    Sampling is exactly the policy: the engine's ``generate()`` runs with a complete generation config of its own,
     in which every option that changes the next-token distribution or a response's length is neutral, so a
     checkpoint's ``generation_config.json`` (``repetition_penalty``, ``min_new_tokens``, ``suppress_tokens``,
     ``top_k``, ...), which the log-probs would never see, does not apply. ``top_k``/``top_p`` truncate the
@@ -278,6 +173,9 @@ class TransformerActorCriticPolicy(BasePolicy):
         #: the fast path's action mask (:mod:`sb3_rlhf.envs.masks`), set by an algorithm that masks (NLPO): applied
         #: in generate(), in the teacher-forced log-probs and entropy; not a setting of the policy (not saved)
         self.action_mask: ActionMask | None = None
+        #: the float32 size of one chunk of the update's log-probs and entropy (None: the library's default,
+        #: :data:`~sb3_rlhf.common.sequences.LOGITS_CHUNK_BYTES`)
+        self.logits_chunk_bytes: int | None = None
 
         path = None
         # a transformers causal LM, or under LoRA peft's PeftModel around one (which forwards the LM's attributes)
@@ -316,6 +214,22 @@ class TransformerActorCriticPolicy(BasePolicy):
         trainable = [p for p in self.parameters() if p.requires_grad]
         # as SB3's ActorCriticPolicy: optimizer_class is any torch optimizer, whose base class takes no lr
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+
+    def use_fused_optimizer(self) -> bool:
+        """Rebuild a fresh Adam or AdamW optimizer with ``fused=True`` (one kernel for every parameter's update
+        instead of a loop of small ones), as the algorithms do on CUDA. Left alone: another optimizer class,
+        ``optimizer_kwargs`` that set ``fused`` or ``foreach`` themselves, or an optimizer that has stepped.
+
+        :return: whether the optimizer is now fused.
+        """
+        if self.optimizer_class not in (th.optim.Adam, th.optim.AdamW):
+            return False
+        if {"fused", "foreach"} & set(self.optimizer_kwargs) or self.optimizer.state:
+            return bool(self.optimizer.defaults.get("fused"))
+        groups = self.optimizer.param_groups
+        params = [p for group in groups for p in group["params"]]
+        self.optimizer = self.optimizer_class(params, lr=groups[0]["lr"], fused=True, **self.optimizer_kwargs)  # type: ignore[call-arg]
+        return True
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = BasePolicy._get_constructor_parameters(self)  # by name, as __init__
@@ -402,125 +316,6 @@ class TransformerActorCriticPolicy(BasePolicy):
         return logprobs_of_tokens(logits, actions)
 
     # ------------------------------------------------------------------ batched fast path
-    @th.no_grad()
-    def generate(
-        self,
-        input_ids: th.Tensor,
-        attention_mask: th.Tensor,
-        max_new_tokens: int,
-        stop_token_ids: tuple[int, ...],
-        pad_token_id: int,
-        deterministic: bool = False,
-        output_scores: bool = False,
-        output_logprobs: bool = False,
-        output_action_masks: bool = False,
-    ) -> th.Tensor | tuple[th.Tensor, ...]:
-        """Sample responses for left-padded prompts with one ``generate()`` call (KV cache), from exactly the
-        policy's distribution: see :meth:`generation_config`; temperature, top-k/top-p and the vocabulary beyond
-        the tokenizer are applied by the policy's own logits processors, the same computation as the log-probs.
-
-        :param input_ids: ``(batch, P)`` int64 left-padded prompts.
-        :param attention_mask: ``(batch, P)`` int64.
-        :param deterministic: greedy decoding (the most probable token) instead of sampling.
-        :param output_scores: also return the logits each token was drawn from.
-        :param output_logprobs: also return the log-prob of each drawn token under the distribution it was drawn
-            from, recorded during generation (no ``(batch, T, vocab)`` scores kept).
-        :param output_action_masks: also return the policy's :attr:`action_mask` at every step, as the tokens were
-            drawn under it (the policy must have one).
-        :return: ``(batch, T)`` int64 responses, ``T <= max_new_tokens``, padded with ``pad_token_id`` after a stop
-            token; with ``output_scores`` also ``(batch, T, n_actions)`` float32 policy logits (``log_softmax`` of
-            them at the drawn token is its log-prob; -inf outside top-k/top-p); with ``output_logprobs`` (instead)
-            ``(batch, T)`` float32 log-probs, meaningless after a stop token; with ``output_action_masks`` last
-            ``(batch, T, ceil(n_actions / 8))`` uint8, each step's mask packed one bit per token
-            (:func:`~sb3_rlhf.common.sequences.unpack_bool` reads it). A tuple when more than the responses.
-        """
-        if output_scores and output_logprobs:
-            raise ValueError("ask generate() for output_scores or output_logprobs, not both")
-        if output_action_masks and self.action_mask is None:
-            raise ValueError("output_action_masks=True needs the policy's action_mask: set policy.action_mask")
-        config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores)
-        processors = LogitsProcessorList()
-        if self.actor.get_output_embeddings().weight.shape[0] > self.n_actions:
-            processors.append(_SuppressTokensFrom(self.n_actions))
-        masking = None
-        if self.action_mask is not None:
-            masking = _ActionMaskLogits(self.action_mask, attention_mask, self.n_actions)
-            processors.append(masking)
-        processors.append(_PolicyLogits(self.n_actions, self.temperature, self.top_k, self.top_p))
-        recorder = _SampledLogprobs(self.n_actions)
-        if output_logprobs:
-            processors.append(recorder)  # last: it must see the scores that sampling uses
-        model = self.actor.get_base_model() if self.lora is not None else self.actor  # peft generates with it
-        was_training = self.actor.training
-        self.actor.eval()
-        try:
-            with _generation_defaults(model, config):
-                out = self.actor.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=config,
-                    logits_processor=processors,
-                )
-        finally:
-            self.actor.train(was_training)
-            if self.action_mask is not None:
-                self.action_mask.reset()  # a model-based source's KV cache is this generation's only
-        sequences = out.sequences if output_scores else out
-        outputs = [sequences[:, input_ids.shape[1] :]]
-        if output_scores:
-            outputs.append(th.stack(out.scores, dim=1)[:, :, : self.n_actions])
-        if output_logprobs:
-            outputs.append(recorder.finish(outputs[0]))
-        if output_action_masks:
-            assert masking is not None  # checked above
-            outputs.append(masking.finish(outputs[0]))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    def generation_config(
-        self,
-        max_new_tokens: int,
-        stop_token_ids: Sequence[int],
-        pad_token_id: int,
-        deterministic: bool = False,
-        output_scores: bool = False,
-    ) -> GenerationConfig:
-        """The complete ``GenerationConfig`` of :meth:`generate`. Every transformers option that changes the
-        next-token scores or a response's length is set to its neutral value, so that nothing of a checkpoint's
-        ``generation_config.json`` applies (transformers fills each option a config leaves unset from it, and
-        :meth:`generate` also makes this config the model's default for the call, for the options whose only
-        neutral value is None). Temperature, top-k and top-p are the policy's processor's job, not these fields.
-
-        :param max_new_tokens: the longest response.
-        :param stop_token_ids: the tokens that end a response (EOS and the env's stop tokens).
-        :param pad_token_id: what follows a stop token in a finished response.
-        :param deterministic: greedy decoding instead of sampling.
-        :param output_scores: make ``generate()`` return the processed scores too.
-        """
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,  # takes precedence over min_length
-            eos_token_id=list(stop_token_ids),
-            pad_token_id=pad_token_id,
-            do_sample=not deterministic,
-            num_beams=1,
-            num_return_sequences=1,
-            use_cache=True,
-            temperature=1.0,
-            top_k=None if deterministic else 0,  # a sampling-only flag: transformers warns about it under greedy
-            top_p=1.0,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
-            repetition_penalty=1.0,
-            encoder_repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            encoder_no_repeat_ngram_size=0,
-            remove_invalid_values=False,
-            renormalize_logits=False,
-            output_scores=output_scores,
-            return_dict_in_generate=output_scores,
-        )
-
     def evaluate_sequences(
         self,
         input_ids: th.Tensor,
@@ -548,8 +343,18 @@ class TransformerActorCriticPolicy(BasePolicy):
             the states s_0..s_T (``values[:, t]`` is V of the prompt plus ``t`` tokens), ``entropy (batch, T) | None``.
         """
         shared = with_values and self.critic is None
+        tokens = input_ids[:, -response_length:]
+        masked = action_masks is not None or self.action_mask is not None
+        truncated = self.top_k > 0 or self.top_p < 1.0 or masked
         logits, hidden = response_logits(
-            self.actor, input_ids, attention_mask, response_length, self.temperature, self.n_actions, shared
+            self.actor,
+            input_ids,
+            attention_mask,
+            response_length,
+            self.temperature,
+            self.n_actions,
+            shared,
+            scaled=truncated,  # the untruncated distribution is scaled in chunks below
         )
         values = None
         if with_values:
@@ -557,9 +362,12 @@ class TransformerActorCriticPolicy(BasePolicy):
                 hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
             assert hidden is not None  # the actor's, asked for when shared
             values = self._values_from_hidden(hidden)
-        tokens = input_ids[:, -response_length:]
-        masked = action_masks is not None or self.action_mask is not None
-        truncated = self.top_k > 0 or self.top_p < 1.0 or masked
+        if not truncated:
+            # π(a_t | s_t) = softmax(z_t / τ), in chunks of positions: no float32 (batch, T, vocab) copy
+            logprobs, entropy = logprobs_and_entropy(
+                logits, tokens, self.temperature, with_entropy, entropy_grad, self.logits_chunk_bytes
+            )
+            return logprobs, values, entropy
         if masked:
             with th.no_grad():
                 if action_masks is not None:  # exactly the masks generate() sampled under
@@ -578,75 +386,21 @@ class TransformerActorCriticPolicy(BasePolicy):
         entropy = None
         if with_entropy:
             with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
-                entropy = _entropy_of_truncated(logits) if truncated else entropy_from_logits(logits)
+                entropy = _entropy_of_truncated(logits)
         return logprobs, values, entropy
 
-    @th.no_grad()
-    def sample_episodes(
-        self, env: TokenGenerationEnv, prompt_indices: Sequence[int] | np.ndarray, with_values: bool = True
-    ) -> tuple[GenerationBatch, th.Tensor | None]:
-        """Episodes for ``env.prompts[prompt_indices]``: one ``generate()`` call, then one teacher-forced pass of
-        the actor where it is needed, and of a separate critic for its values.
+    def critic_values(self, input_ids: th.Tensor, attention_mask: th.Tensor, response_length: int) -> th.Tensor:
+        """V(s_0)..V(s_T) of ``[prompt (P) | response (T)]`` sequences from the separate critic alone (a shared
+        head's values come with the actor's pass: :meth:`evaluate_sequences`).
 
-        A float32 actor's old log-probs are those ``generate()`` sampled with (TRL's PPO keeps its generation
-        logits the same way): the actor's teacher-forced pass would give the same numbers up to float rounding
-        (tested at 1e-5) at the cost of a forward over the whole batch. It still runs for a shared value head,
-        whose values come from it, and in half precision, TF32 or autocast, where the KV-cached and the
-        teacher-forced forwards differ by more than that, which would bias the first epoch's ratios. (With
-        top-k/top-p, rounding can still move a token at the edge of the kept set in or out between the two passes;
-        the update keeps the sampled token in its set, so its ratio stays finite, as TRL's.)
-
-        :param with_values: also compute the values (``None`` without).
-        :return: the :class:`~sb3_rlhf.common.generation.GenerationBatch` with ``logprobs`` (log π_old, 0 on
-            padding) filled, and with the policy's :attr:`action_mask` its ``action_masks`` (every step's mask as
-            the tokens were sampled under it, packed), and ``values (batch, T + 1)`` float32, V(s_0)..V(s_T).
+        :param input_ids: ``(batch, P + T)`` int64; :param attention_mask: ``(batch, P + T)`` int64.
+        :return: ``(batch, T + 1)`` float32.
         """
-        if env.action_mask is not None and self.action_mask is None:
-            # refused rather than sampled unmasked: the batched path applies the policy's own mask only
+        if self.critic is None:
             raise ValueError(
-                "the env has mask_sources, which RLHFPPO, RLOO, GRPO and P3O do not apply on their own: set "
-                "model.policy.action_mask = env.unwrapped.action_mask, train with NLPO (which intersects them with its "
-                "nucleus), or with sb3_contrib.MaskablePPO and MaskableTransformerActorCriticPolicy"
+                "critic_values() needs value_head='separate'; a shared head's values come from evaluate_sequences()"
             )
-        prompt_ids, prompt_mask = (th.as_tensor(a, device=self.device) for a in env.prompt_batch(prompt_indices))
-        shared_values = with_values and self.critic is None  # the actor's own pass gives them
-        from_generation = (
-            not shared_values
-            and self.actor.get_output_embeddings().weight.dtype == th.float32
-            and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
-            and not th.is_autocast_enabled()
-        )
-        masked = self.action_mask is not None
-        generated = self.generate(
-            prompt_ids,
-            prompt_mask,
-            env.max_new_tokens,
-            env.stop_token_ids,
-            env.pad_token_id,
-            output_logprobs=from_generation,
-            output_action_masks=masked,
-        )
-        outputs = list(generated) if isinstance(generated, tuple) else [generated]
-        response = outputs.pop(0)
-        logprobs = outputs.pop(0) if from_generation else None
-        action_masks = outputs.pop(0) if masked else None
-        batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, response)
-        batch.action_masks = action_masks
-        values = None
-        if logprobs is None:
-            logprobs, values, _ = self.evaluate_sequences(
-                batch.input_ids,
-                batch.attention_mask,
-                batch.response_length,
-                with_entropy=False,
-                with_values=with_values,
-                action_masks=action_masks,
-            )
-        elif with_values:  # a separate critic: its forward alone
-            hidden = self._critic_hidden(batch.input_ids, batch.attention_mask, batch.response_length + 1)
-            values = self._values_from_hidden(hidden)
-        batch.logprobs = zero_padding(logprobs, batch.response_mask)
-        return batch, values
+        return self._values_from_hidden(self._critic_hidden(input_ids, attention_mask, response_length + 1))
 
     def make_reference_model(self) -> th.nn.Module:
         """The KL reference when none is given: the initial model, frozen. Under LoRA that is the actor with its

@@ -67,14 +67,14 @@ def main() -> None:
         infinite_once.calls = 0
         model.compute_loss = infinite_once
     episodes = []
-    sample = model.policy.sample_episodes
+    sample = model.rollout_engine.sample_episodes
 
-    def recording(env, indices, **kwargs):
-        batch, values = sample(env, indices, **kwargs)
+    def recording(policy, env, indices, **kwargs):
+        batch, values = sample(policy, env, indices, **kwargs)
         episodes.append(([int(i) for i in indices], batch.response_ids.clone()))
         return batch, values
 
-    model.policy.sample_episodes = recording
+    model.rollout_engine.sample_episodes = recording
     model.learn(1)
     for _ in range(args.iterations - 1):
         model.learn(1, reset_num_timesteps=False)

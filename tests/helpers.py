@@ -11,6 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.data import Demonstration, PreferencePair
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.tiny import TINY_WORDS, tiny_prompts
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
 from sb3_rlhf.rewards.rules import share_of_good
@@ -110,7 +111,7 @@ def make_policy(env, model_path: str, **kwargs) -> TransformerActorCriticPolicy:
 def generate_batch(policy, env, indices, seed: int = 0) -> GenerationBatch:
     """Sample responses for ``indices`` and fill the old log-probs, as RLHFPPO's rollout does."""
     th.manual_seed(seed)
-    return policy.sample_episodes(env.unwrapped, indices)[0]
+    return RolloutEngine().sample_episodes(policy, env.unwrapped, indices)[0]
 
 
 def replay_through_step(env, batch: GenerationBatch) -> tuple[np.ndarray, list[dict]]:

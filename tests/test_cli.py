@@ -4,6 +4,7 @@ import os
 import pytest
 
 from sb3_rlhf.cli import main
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.reward_modeling import load_reward_model
 from tests.helpers import tiny_bert, toy_demos, toy_dpo_pairs, toy_reward_pairs
 
@@ -193,7 +194,11 @@ def test_cli_generate_samples_as_the_policy(tmp_path, model_path, tokenizer, cap
     )
     inputs = tokenizer("the dog", return_tensors="pt")
     th.manual_seed(3)
-    response = policy.generate(
-        inputs["input_ids"], inputs["attention_mask"], 6, (tokenizer.eos_token_id,), tokenizer.pad_token_id
+    response = (
+        RolloutEngine()
+        .generate(
+            policy, inputs["input_ids"], inputs["attention_mask"], 6, (tokenizer.eos_token_id,), tokenizer.pad_token_id
+        )
+        .responses
     )
     assert printed.strip() == f"'the dog' -> {tokenizer.decode(response[0], skip_special_tokens=True)!r}"

@@ -5,6 +5,7 @@ import torch as th
 
 from sb3_rlhf import RLHFPPO, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from tests.helpers import rule_env
 
 pytestmark = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,3 +33,28 @@ def test_learn_on_cuda_in_bfloat16(tokenizer, model_path, tmp_path):
     model.save(tmp_path / "gpu.zip")
     loaded = RLHFPPO.load(tmp_path / "gpu.zip", env=env, device="cuda")
     assert next(loaded.policy.parameters()).device.type == "cuda"
+
+
+def test_the_static_cache_compiles_and_samples_as_the_dynamic_one_on_cuda(tokenizer, model_path):
+    """On CUDA generation_cache='auto' is the static cache, which transformers compiles (CUDA graphs): it must not
+    fall back, and greedy responses equal the dynamic cache's (the same model, shapes bucketed)."""
+    env = rule_env(tokenizer)
+    model = RLHFPPO(
+        TransformerActorCriticPolicy,
+        env,
+        n_episodes=16,
+        batch_size=8,
+        policy_kwargs=dict(model_name_or_path=model_path),
+        device="cuda",
+        seed=0,
+    )
+    engine = model.rollout_engine
+    assert engine.cache_for(th.device("cuda")) == "static"
+    model.learn(total_timesteps=200)
+    assert not engine.compile_failed  # the compiled decoding step ran
+    gen_env = env.unwrapped
+    ids, mask = (th.as_tensor(a, device="cuda") for a in gen_env.prompt_batch(range(16)))
+    args = (ids, mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id)
+    static = engine.generate(model.policy, *args, deterministic=True)
+    dynamic = RolloutEngine("dynamic").generate(model.policy, *args, deterministic=True)
+    assert th.equal(static.responses, dynamic.responses)

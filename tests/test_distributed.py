@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch as th
 
+from sb3_rlhf.common.rollout_engine import Generation
 from tests.distributed_worker import EPISODES_PER_RANK, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(two_rank_run, mode
     # a rank whose responses are narrower stopped every one of them at EOS: padding after it is what generate() does
     responses = th.cat([th.nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in (responses0, responses1)])
     single._rollout_prompt_indices = lambda env, n: [*indices0, *indices1]
-    single.policy.generate = lambda *args, **kwargs: responses
+    single.rollout_engine.generate = lambda *args, **kwargs: Generation(responses)
     single.learn(1)
     assert single.num_timesteps == two_rank_run[0]["num_timesteps"]
     assert single.reward_wrappers[0].coef == pytest.approx(two_rank_run[0]["kl_coef"], rel=1e-6)

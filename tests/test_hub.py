@@ -102,6 +102,7 @@ END_TO_END = textwrap.dedent(
         socket.create_connection = refuse
 
     from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
+    from sb3_rlhf.common.rollout_engine import RolloutEngine
     from sb3_rlhf.common.tiny import tiny_prompts
     from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
     from sb3_rlhf.rewards.rules import share_of_good
@@ -122,7 +123,7 @@ END_TO_END = textwrap.dedent(
     samples = []
     for policy in (model.policy, loaded.policy):
         th.manual_seed(7)
-        samples.append(policy.sample_episodes(env, list(range(8)))[0].response_ids.tolist())
+        samples.append(RolloutEngine().sample_episodes(policy, env, list(range(8)))[0].response_ids.tolist())
     model.policy.save_pretrained(os.path.join(out, "export"), tokenizer=env.tokenizer)
     exported = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export"), local_files_only=True)
     weights = loaded.policy.actor.state_dict()

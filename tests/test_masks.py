@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from sb3_rlhf import TokenGenerationEnv, TransformerActorCriticPolicy
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.tiny import tiny_causal_lm
 from sb3_rlhf.envs.masks import ActionMask, AllowedTokens, BannedTokens, MaskSource, TopPMask, WordVocabulary
 from sb3_rlhf.maskable import MaskableTransformerActorCriticPolicy
@@ -243,7 +244,7 @@ def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_te
         [TopPMask(tiny_causal_lm(len(tokenizer), "llama", seed=3), 0.5)], len(tokenizer), [1]
     )
     th.manual_seed(0)
-    batch, _ = policy.sample_episodes(env, np.arange(8), with_values=False)
+    batch, _ = RolloutEngine().sample_episodes(policy, env, np.arange(8), with_values=False)
     with th.no_grad():
         logprobs, _, entropy = policy.evaluate_sequences(
             batch.input_ids, batch.attention_mask, batch.response_length, with_values=False
@@ -253,8 +254,8 @@ def test_an_action_mask_on_the_fast_path_is_the_policy_in_generate_and_in_the_te
     # teacher-forced masked ones
     th.manual_seed(0)
     prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(np.arange(8)))
-    response, recorded = policy.generate(
-        prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_logprobs=True
+    response, recorded, _, _ = RolloutEngine().generate(
+        policy, prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_logprobs=True
     )
     assert th.equal(response, batch.input_ids[:, -batch.response_length :])
     assert policy.action_mask.sources[0]._past is None  # the masking model's KV cache is freed with the generation
@@ -293,9 +294,9 @@ def test_the_batched_path_refuses_an_env_mask_it_would_not_apply(tokenizer, mode
         env.observation_space, env.action_space, lambda _: 1e-3, model_name_or_path=model_path
     )
     with pytest.raises(ValueError, match="mask_sources, which RLHFPPO, RLOO, GRPO and P3O do not apply on their own"):
-        policy.sample_episodes(env, [0, 1])
+        RolloutEngine().sample_episodes(policy, env, [0, 1])
     policy.action_mask = env.action_mask  # applied: every sampled token allowed
-    batch, _ = policy.sample_episodes(env, [0, 1, 2, 3])
+    batch, _ = RolloutEngine().sample_episodes(policy, env, [0, 1, 2, 3])
     tokens = batch.input_ids[:, -batch.response_length :][batch.response_mask.bool()]
     assert set(tokens.tolist()) <= {1, 5, 6}
 

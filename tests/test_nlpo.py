@@ -7,6 +7,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_rlhf import NLPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.common.callbacks import RolloutHistoryCallback
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.sequences import response_mask_until_stop, unpack_bool
 from sb3_rlhf.envs.masks import TopPMask, WordVocabulary
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper
@@ -55,8 +56,8 @@ def test_nlpo_learns_the_rule_reward_on_its_masked_distribution(tokenizer, model
     policy, env = model.policy, model.generation_env
     prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(np.arange(16)))
     th.manual_seed(1)
-    response, scores = policy.generate(
-        prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_scores=True
+    response, _, scores, _ = model.rollout_engine.generate(
+        policy, prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_scores=True
     )
     input_ids = th.cat([prompt_ids, response], 1)
     real, _ = response_mask_until_stop(response, env.stop_token_ids)
@@ -96,7 +97,7 @@ def test_the_update_uses_the_masks_the_rollout_sampled_under(tokenizer, model_pa
     mask = policy.action_mask.sources[0]
     assert mask is model.masking_policy.mask and mask.model is model.masking_policy.model
     assert mask.model is not policy.actor
-    batch, _ = policy.sample_episodes(env, np.arange(16), with_values=False)
+    batch, _ = RolloutEngine().sample_episodes(policy, env, np.arange(16), with_values=False)
     args = (batch.input_ids, batch.attention_mask, batch.response_length)
     real = batch.response_mask.bool()
     recorded = unpack_bool(batch.action_masks, policy.n_actions)
@@ -143,7 +144,7 @@ def test_nlpo_intersects_its_nucleus_with_the_env_sources(tokenizer, model_path,
     assert model.mask_keep_token_ids == list(env.stop_token_ids)
     lengths = []
     for i in range(3):  # prompts of different lengths, left-padded: the vocabulary's state is the response's
-        batch, _ = model.policy.sample_episodes(env, np.arange(8 * i, 8 * i + 8))
+        batch, _ = model.rollout_engine.sample_episodes(model.policy, env, np.arange(8 * i, 8 * i + 8))
         real = batch.response_mask.bool()
         assert set(batch.response_ids[real].tolist()) <= vocabulary
         recorded = unpack_bool(batch.action_masks, len(tokenizer))
@@ -175,7 +176,7 @@ def test_nlpo_saves_and_resumes_its_masking_policy(tokenizer, model_path, tmp_pa
     assert (loaded.mask_top_p, loaded.mask_update_freq) == (0.9, 2)
     # the same masks as the saved model's
     env = model.generation_env
-    batch, _ = model.policy.sample_episodes(env, np.arange(8))
+    batch, _ = model.rollout_engine.sample_episodes(model.policy, env, np.arange(8))
     args = (batch.input_ids, batch.attention_mask, batch.response_length)
     assert th.equal(model.policy.action_mask.teacher_forced(*args), loaded.policy.action_mask.teacher_forced(*args))
 
@@ -200,7 +201,7 @@ def test_nlpo_under_lora_saves_only_the_adapter_of_its_masking_copy(tokenizer, m
     # the policy cast after the copy was made: the shared weights went with it, the copy's own follow at the next
     # rollout, and its masks come out as before
     env = loaded.generation_env
-    batch, _ = loaded.policy.sample_episodes(env, np.arange(4))
+    batch, _ = loaded.rollout_engine.sample_episodes(loaded.policy, env, np.arange(4))
     args = (batch.input_ids, batch.attention_mask, batch.response_length)
     before = loaded.policy.action_mask.teacher_forced(*args)
     loaded.policy.to(th.float64)

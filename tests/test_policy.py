@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from sb3_rlhf import TokenGenerationEnv
 from sb3_rlhf.common.generation import GenerationBatch
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.tiny import tiny_config
 from tests.helpers import generate_batch, make_policy
 
@@ -213,8 +214,8 @@ def _generated_and_recomputed_logprobs(policy, env, indices):
     log-probs of the same sequences, on the real response tokens: two ``(n_tokens,)`` tensors, and the batch."""
     prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(indices))
     th.manual_seed(0)
-    response, scores = policy.generate(
-        prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_scores=True
+    response, _, scores, _ = RolloutEngine().generate(
+        policy, prompt_ids, prompt_mask, env.max_new_tokens, env.stop_token_ids, env.pad_token_id, output_scores=True
     )
     assert scores.shape == (*response.shape, env.n_actions)
     batch = GenerationBatch.from_generation(env, indices, prompt_ids, prompt_mask, response)
@@ -369,10 +370,10 @@ def test_old_logprobs_recorded_in_generate_equal_the_teacher_forced_pass(
     calls, teacher_forced = count_teacher_forced_passes(policy)
     indices = list(range(len(prompts))) * 2
     th.manual_seed(0)
-    recorded, values = policy.sample_episodes(env, indices, with_values=False)
+    recorded, values = RolloutEngine().sample_episodes(policy, env, indices, with_values=False)
     assert values is None and not calls  # no teacher-forced pass
     th.manual_seed(0)
-    forced, _ = policy.sample_episodes(env, indices, with_values=True)
+    forced, _ = RolloutEngine().sample_episodes(policy, env, indices, with_values=True)
     assert calls
     assert th.equal(recorded.response_ids, forced.response_ids)
     assert recorded.terminated.any() and (recorded.lengths < env.max_new_tokens).any()  # padding is covered
@@ -387,7 +388,7 @@ def test_half_precision_rollouts_keep_the_teacher_forced_pass(env, model_path):
     old log-probs still come from the teacher-forced pass there."""
     policy = make_policy(env, model_path, dtype="bfloat16")
     calls, teacher_forced = count_teacher_forced_passes(policy)
-    policy.sample_episodes(env, [0, 1], with_values=False)
+    RolloutEngine().sample_episodes(policy, env, [0, 1], with_values=False)
     assert calls
 
 
@@ -395,7 +396,9 @@ def test_generate_refuses_scores_and_logprobs_together(env, model_path):
     policy = make_policy(env, model_path)
     prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch([0]))
     with pytest.raises(ValueError, match="output_scores or output_logprobs"):
-        policy.generate(prompt_ids, prompt_mask, 3, env.stop_token_ids, env.pad_token_id, True, True, True)
+        RolloutEngine().generate(
+            policy, prompt_ids, prompt_mask, 3, env.stop_token_ids, env.pad_token_id, True, True, True
+        )
 
 
 def test_a_separate_critic_rollout_runs_the_critic_alone(env, model_path):
@@ -404,7 +407,7 @@ def test_a_separate_critic_rollout_runs_the_critic_alone(env, model_path):
     policy = make_policy(env, model_path, value_head="separate")
     calls, teacher_forced = count_teacher_forced_passes(policy)
     th.manual_seed(0)
-    batch, values = policy.sample_episodes(env, list(range(6)), with_values=True)
+    batch, values = RolloutEngine().sample_episodes(policy, env, list(range(6)), with_values=True)
     assert not calls
     with th.no_grad():
         logprobs, expected_values, _ = teacher_forced(batch.input_ids, batch.attention_mask, batch.response_length)

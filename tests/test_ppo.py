@@ -73,7 +73,10 @@ def test_save_load_round_trip(tokenizer, model_path, tmp_path):
     outputs = []
     for m in (model, loaded):
         th.manual_seed(123)
-        outputs.append(m.policy.generate(prompt_ids, prompt_mask, 6, gen_env.stop_token_ids, gen_env.pad_token_id))
+        generated = m.rollout_engine.generate(
+            m.policy, prompt_ids, prompt_mask, 6, gen_env.stop_token_ids, gen_env.pad_token_id
+        )
+        outputs.append(generated.responses)
     assert th.equal(outputs[0], outputs[1])
     obs, _ = gen_env.reset(seed=0)
     assert model.predict(obs, deterministic=True)[0] == loaded.predict(obs, deterministic=True)[0]

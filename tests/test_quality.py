@@ -16,6 +16,7 @@ from sb3_rlhf.common.evaluation import evaluate_policy, paired_preference, repor
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.quality import distinct_n, repeated_ngram_rate, text_quality, words
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.sequences import zero_padding
 from sb3_rlhf.rewards import RewardFunctionWrapper
 from sb3_rlhf.rewards.rules import share_of_good
@@ -216,7 +217,7 @@ def test_evaluation_reports_quality_and_reference_perplexity_at_temperature_one(
     # the perplexity is the reference's own (temperature 1), over every real response token: recomputed here
     th.manual_seed(3)
     indices = np.repeat(np.arange(3), 4)
-    batch = policy.sample_episodes(env.unwrapped, list(indices), with_values=False)[0]
+    batch = RolloutEngine().sample_episodes(policy, env.unwrapped, list(indices), with_values=False)[0]
     assert batch.completions == texts and (batch.lengths < 6).any()  # padding after a stop is left out
     with th.no_grad():
         ref = response_logprobs(

@@ -11,12 +11,22 @@ from collections.abc import Sequence
 
 from sb3_rlhf.cli import demo, dpo, evaluate, generate, reward_model, sft, train
 from sb3_rlhf.cli.common import launch_processes
+from sb3_rlhf.common.memory import DeviceMemoryError
 
 #: the sub-commands, in the order ``sb3-rlhf --help`` lists them
 COMMANDS = (demo, reward_model, sft, dpo, train, evaluate, generate)
 
-#: errors that come from what the user gave (or a run that stopped for a reason it names), printed without a traceback
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError, pickle.UnpicklingError)
+#: errors that come from what the user gave (or a run that stopped for a reason it names, such as a device out of
+#: memory with the setting to lower), printed without a traceback
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FloatingPointError,
+    ImportError,
+    pickle.UnpicklingError,
+    DeviceMemoryError,
+)
 
 
 def make_parser() -> argparse.ArgumentParser:

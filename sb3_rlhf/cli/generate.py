@@ -32,6 +32,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     from gymnasium import spaces
 
     from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
+    from sb3_rlhf.common.rollout_engine import RolloutEngine
     from sb3_rlhf.policies import TransformerActorCriticPolicy
 
     path = resolve_model_path(args.model, args.revision)
@@ -54,13 +55,18 @@ def run_generate(args: argparse.Namespace) -> list[str]:
             )
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat_template)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        response = policy.generate(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            args.max_new_tokens,
-            (tokenizer.eos_token_id,),
-            pad,
-            deterministic=args.greedy,
+        response = (
+            RolloutEngine()
+            .generate(
+                policy,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                args.max_new_tokens,
+                (tokenizer.eos_token_id,),
+                pad,
+                deterministic=args.greedy,
+            )
+            .responses
         )
         answers.append(str(tokenizer.decode(response[0], skip_special_tokens=True)))
         print(f"{prompt!r} -> {answers[-1]!r}")

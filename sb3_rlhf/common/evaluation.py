@@ -14,6 +14,7 @@ from sb3_rlhf.common.forward import response_logits
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.quality import text_quality
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.sequences import logprobs_of_tokens, zero_padding
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
@@ -28,8 +29,9 @@ def sample(
     batch_size: int = 32,
 ) -> list[GenerationBatch]:
     """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled."""
+    engine = RolloutEngine()
     return [
-        policy.sample_episodes(env, list(indices[start : start + batch_size]), with_values=False)[0]
+        engine.sample_episodes(policy, env, list(indices[start : start + batch_size]), with_values=False)[0]
         for start in range(0, len(indices), batch_size)
     ]
 

@@ -78,15 +78,20 @@ def response_logits(
     temperature: float,
     n_actions: int,
     output_hidden_states: bool = False,
+    scaled: bool = True,
 ) -> tuple[th.Tensor, th.Tensor | None]:
     """Temperature-scaled logits predicting each response token, and hidden states of the states s_0..s_T.
 
     With ``input_ids = [prompt (P) | response (T)]``, the token at position ``P + t`` is predicted from
     position ``P + t - 1``, and the state ``s_t`` (prompt + t tokens) ends at position ``P + t - 1``.
 
+    :param scaled: ``False``: the model's own logits (its dtype, not divided by the temperature), for
+        :func:`~sb3_rlhf.common.sequences.logprobs_and_entropy` to scale in chunks.
     :return: ``logits (batch, T, n_actions)`` float32, ``hidden (batch, T + 1, hidden) | None``.
     """
     logits, hidden = forward_last_positions(model, input_ids, attention_mask, response_length + 1, output_hidden_states)
+    if not scaled:
+        return logits[:, :-1, :n_actions], hidden
     # float32 before scaling: bf16 logits divided by a temperature lose the digits the PPO ratio needs
     logits = logits[:, :-1, :n_actions].float()
     # at temperature 1 no (batch, T, vocab) copy is made for the division

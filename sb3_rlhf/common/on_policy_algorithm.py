@@ -10,6 +10,7 @@ with the early stop on ``target_kl`` and the non-finite skip logic, seeding and 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
 import gymnasium as gym
@@ -31,7 +33,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import FloatSchedule, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from sb3_rlhf.buffers import BaseSequenceBuffer, SequenceBatch
+from sb3_rlhf.buffers import BaseSequenceBuffer, SequenceBatch, split_minibatch
 from sb3_rlhf.common.checkpoints import MODEL_FILE, STATE_FILE, latest_checkpoint
 from sb3_rlhf.common.distributed import (
     average_gradients,
@@ -45,6 +47,13 @@ from sb3_rlhf.common.distributed import (
 )
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.io import atomic_file
+from sb3_rlhf.common.memory import (
+    DeviceMemoryError,
+    activation_bytes_per_token,
+    check_micro_batch_tokens,
+    micro_batch_tokens_for,
+)
+from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.safe_load import safe_custom_objects
 from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
@@ -77,6 +86,12 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         step), and so is the update of a rollout with a non-finite reward; both are counted in
         ``train/skipped_updates``. After this many skips in a row the run stops with an error (0: at the first).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param generation_cache: the KV cache of ``generate()``: ``"static"`` (transformers then compiles the decoding
+        step on CUDA, with CUDA graphs; the shapes are bucketed so that a run compiles once), ``"dynamic"``, or
+        ``"auto"`` (static on CUDA, dynamic elsewhere). See :class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`.
+    :param micro_batch_tokens: split each minibatch into micro-batches of at most this many tokens and accumulate
+        their gradients into the minibatch's one optimizer step (the same step, in less memory): a positive integer,
+        ``"auto"`` (on CUDA, sized from the free GPU memory; elsewhere no split) or ``None`` (no split).
     :param samples_per_prompt: responses sampled for each prompt drawn (consecutive episodes share a prompt);
         ``n_episodes`` and ``batch_size`` must be multiples of it, so that a group stays in one minibatch.
     :param rollout_buffer_class: the rollout storage, a :class:`~sb3_rlhf.buffers.BaseSequenceBuffer`.
@@ -121,6 +136,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         target_kl: float | None = None,
         max_consecutive_skips: int = 5,
         generation_batch_size: int | None = None,
+        generation_cache: str = "auto",
+        micro_batch_tokens: int | str | None = "auto",
         samples_per_prompt: int = 1,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
@@ -185,6 +202,13 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 "max_batch_tokens is not supported with several processes: the ranks would take different numbers "
                 "of optimizer steps; leave it None"
             )
+        micro_batch_tokens = check_micro_batch_tokens(micro_batch_tokens)
+        if world_size() > 1 and isinstance(micro_batch_tokens, int):
+            raise ValueError(
+                "micro_batch_tokens is not supported with several processes yet: leave it 'auto' (no split there) "
+                "or None"
+            )
+        RolloutEngine(generation_cache)  # the setting checked where it is read, not at the first rollout
         if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
         self.n_episodes = n_episodes
@@ -196,6 +220,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.max_batch_tokens = max_batch_tokens
         self.max_consecutive_skips = max_consecutive_skips
         self.generation_batch_size = generation_batch_size
+        self.generation_cache = generation_cache
+        self.micro_batch_tokens = micro_batch_tokens
         self.samples_per_prompt = int(samples_per_prompt)
         self.n_logged_samples = n_logged_samples
         self.n_skipped_updates = 0
@@ -256,6 +282,12 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
         self.policy = self.policy.to(self.device)
         self.clip_range = FloatSchedule(self.clip_range)
+        if self.device.type == "cuda":
+            self.policy.use_fused_optimizer()
+        #: samples the rollouts (cache, compilation, shapes); rebuilt from its settings, never saved in the zip
+        self.rollout_engine = RolloutEngine(
+            getattr(self, "generation_cache", "auto"), batch_size=self.generation_batch_size or self.n_episodes
+        )
         if getattr(self.policy, "revision", None) is not None:
             # the zip's policy_kwargs name a hub model by the commit it resolved to, not a branch that moves
             self.policy_kwargs = {**self.policy_kwargs, "revision": self.policy.revision}
@@ -331,8 +363,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
         fault = None
         for start in range(0, n_rollout_steps, chunk):
-            batch, values = self.policy.sample_episodes(
-                gen_env, indices[start : start + chunk], with_values=self.learns_values
+            batch, values = self.rollout_engine.sample_episodes(
+                self.policy, gen_env, indices[start : start + chunk], with_values=self.learns_values
             )
             assert batch.logprobs is not None  # sample_episodes fills the old log-probs
             try:
@@ -481,18 +513,19 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         stats: dict[str, list[th.Tensor | float]] = defaultdict(list)
         last_loss: th.Tensor | float = float("nan")
         continue_training = True
+        micro_batch_tokens = self._micro_batch_token_budget()
         for epoch in range(self.n_epochs):
             for batch in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
-                logprobs, values, entropy = self.policy.evaluate_sequences(
-                    batch.input_ids,
-                    batch.attention_mask,
-                    batch.response_mask.shape[1],
-                    entropy_grad=self.ent_coef != 0,
-                    with_values=self.learns_values,
-                    action_masks=batch.action_masks,  # the masks the rollout sampled under, if any
-                )
-                assert entropy is not None  # evaluate_sequences computes it by default
-                loss, metrics = self.compute_loss(batch, logprobs, values, entropy, clip_range)
+                micro_batches = [batch]
+                if micro_batch_tokens is not None:
+                    micro_batches = split_minibatch(batch, micro_batch_tokens, self.rollout_buffer._unit)
+                accumulated = len(micro_batches) > 1
+                with self._naming_out_of_memory(micro_batch_tokens):
+                    if accumulated:
+                        self.policy.optimizer.zero_grad()
+                        loss, metrics = self._accumulate_gradients(micro_batches, clip_range)
+                    else:
+                        loss, metrics = self._minibatch_loss(batch, clip_range)
                 last_loss = loss.detach()
                 approx_kl: th.Tensor | float = metrics.pop("approx_kl")
                 if self.target_kl is not None or world_size() > 1:
@@ -503,7 +536,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                     break
-                if not self._optimizer_step(loss, batch):
+                with self._naming_out_of_memory(micro_batch_tokens):
+                    stepped = self._optimizer_step(loss, batch, backward=not accumulated)
+                if not stepped:
                     continue
                 for key, value in metrics.items():
                     stats[key].append(value)
@@ -511,7 +546,79 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             self._n_updates += 1
             if not continue_training:
                 break
+        if micro_batch_tokens is not None:
+            self.logger.record("train/micro_batch_tokens", micro_batch_tokens, exclude="stdout")
         self._record_train_stats(_read_on_host(stats), clip_range, float(last_loss))
+
+    def _minibatch_loss(self, batch: SequenceBatch, clip_range: float) -> tuple[th.Tensor, dict[str, th.Tensor]]:
+        """One forward of the policy over ``batch`` and :meth:`compute_loss` of it."""
+        logprobs, values, entropy = self.policy.evaluate_sequences(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_mask.shape[1],
+            entropy_grad=self.ent_coef != 0,
+            with_values=self.learns_values,
+            action_masks=batch.action_masks,  # the masks the rollout sampled under, if any
+        )
+        assert entropy is not None  # evaluate_sequences computes it by default
+        return self.compute_loss(batch, logprobs, values, entropy, clip_range)
+
+    def _accumulate_gradients(
+        self, micro_batches: list[SequenceBatch], clip_range: float
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
+        """Forward and backward of each micro-batch, the gradients summed into ``.grad``: micro-batch ``i``'s loss
+        is weighted by its share ``n_i / n`` of what the minibatch loss is a mean over (:meth:`_loss_normalizer`),
+        so the gradient is the whole minibatch's (every loss here is a mean over tokens or sequences).
+
+        :return: the minibatch's loss (detached) and its diagnostics, each the same weighted sum.
+        """
+        normalizers = [self._loss_normalizer(micro) for micro in micro_batches]
+        total = sum(normalizers)
+        loss_sum = th.zeros((), device=self.device)
+        metrics_sum: dict[str, th.Tensor] = {}
+        for micro, normalizer in zip(micro_batches, normalizers):
+            loss, metrics = self._minibatch_loss(micro, clip_range)
+            weight = normalizer / total
+            (loss * weight).backward()  # frees this micro-batch's activations before the next forward
+            loss_sum = loss_sum + loss.detach() * weight
+            for key, value in metrics.items():
+                metrics_sum[key] = metrics_sum.get(key, th.zeros((), device=self.device)) + value.detach() * weight
+        return loss_sum, metrics_sum
+
+    @contextlib.contextmanager
+    def _naming_out_of_memory(self, micro_batch_tokens: int | None) -> Iterator[None]:
+        """Turn a device out of memory in the update into an error that names the settings bounding its memory."""
+        try:
+            yield
+        except DeviceMemoryError:
+            raise
+        except th.OutOfMemoryError as error:
+            raise DeviceMemoryError(
+                f"out of device memory in the update (micro_batch_tokens={self.micro_batch_tokens!r}: "
+                f"{'no split' if micro_batch_tokens is None else f'{micro_batch_tokens} tokens'} per forward): set "
+                "micro_batch_tokens to a lower number of tokens, or lower batch_size or max_batch_tokens; "
+                "checkpoints already written stay loadable"
+            ) from error
+
+    def _micro_batch_token_budget(self) -> int | None:
+        """The token budget of one micro-batch now: :attr:`micro_batch_tokens`, or under ``"auto"`` the one
+        :func:`~sb3_rlhf.common.memory.micro_batch_tokens_for` reads from the free GPU memory (``None`` on a CPU
+        and with several processes: no split)."""
+        if self.micro_batch_tokens != "auto":
+            return self.micro_batch_tokens  # type: ignore[return-value]
+        if world_size() > 1:
+            return None
+        config = self.policy.actor.config
+        intermediate = getattr(config, "intermediate_size", None)
+        per_token = activation_bytes_per_token(
+            config.num_hidden_layers, config.hidden_size, config.vocab_size, self.policy.actor.dtype, intermediate
+        )
+        if self.policy.critic is not None:  # its backbone's activations, without a head over the vocabulary
+            critic = self.policy.critic.config
+            per_token += activation_bytes_per_token(
+                critic.num_hidden_layers, critic.hidden_size, 0, self.policy.critic.dtype
+            )
+        return micro_batch_tokens_for(self.device, per_token)
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
         """Log the update under ``train/`` (SB3's keys): the mean of each diagnostic over the minibatches that
@@ -531,7 +638,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             return float(batch.response_mask.sum())
         return float(batch.response_mask.shape[0])
 
-    def _optimizer_step(self, loss: th.Tensor, batch: SequenceBatch) -> bool:
+    def _optimizer_step(self, loss: th.Tensor, batch: SequenceBatch, backward: bool = True) -> bool:
         """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
         loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
         In one process the one host sync of a minibatch is that decision, taken after the backward pass on the
@@ -542,9 +649,13 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         averaged across ranks, so the step is the one a single process would take on the whole minibatch. The
         ranks agree on a non-finite loss before the backward pass, and a non-finite gradient on one rank is
         non-finite on all after the averaging: all ranks skip together.
+
+        :param backward: ``False`` when the gradients of ``batch`` are already in ``.grad``, accumulated over its
+            micro-batches (one process only): then only the clipping, the finiteness check and the step remain.
         """
-        self.policy.optimizer.zero_grad()
-        if world_size() > 1:
+        if backward:
+            self.policy.optimizer.zero_grad()
+        if backward and world_size() > 1:
             # ranks must skip together, and a non-finite loss can have a finite gradient (k3 at a -inf
             # reference log-prob): its finiteness travels with the normaliser, in the all-reduce that needs anyway
             normalizer = self._loss_normalizer(batch)
@@ -554,7 +665,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
                 return False
             loss = loss * (world_size() * normalizer / total)
-        loss.backward()
+        if backward:
+            loss.backward()
         average_gradients(self.policy.parameters())
         grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         if not bool(th.isfinite(grad_norm) & th.isfinite(loss.detach())):
@@ -592,7 +704,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ saving, loading and resuming
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_pending_training_state"]
+        return [*super()._excluded_save_params(), "_pending_training_state", "rollout_engine"]
 
     def save(  # type: ignore[override]
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch as th
+from torch.utils.checkpoint import checkpoint
 
 
 def position_ids_from_mask(attention_mask: th.Tensor) -> th.Tensor:
@@ -50,6 +51,79 @@ def entropy_from_logits(logits: th.Tensor) -> th.Tensor:
     logits = logits.float()
     probs = th.softmax(logits, dim=-1)
     return th.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+#: the largest float32 ``(batch, positions, vocab)`` block :func:`logprobs_and_entropy` materialises at once (256 MiB)
+LOGITS_CHUNK_BYTES = 2**28
+
+
+def _scaled(logits: th.Tensor, temperature: float) -> th.Tensor:
+    logits = logits.float()  # before scaling: bf16 logits divided by a temperature lose the digits PPO's ratio needs
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _chunk_logprobs_and_entropy(
+    logits: th.Tensor, tokens: th.Tensor, temperature: float
+) -> tuple[th.Tensor, th.Tensor]:
+    scaled = _scaled(logits, temperature)
+    return logprobs_of_tokens(scaled, tokens), entropy_from_logits(scaled)
+
+
+def _chunk_logprobs(logits: th.Tensor, tokens: th.Tensor, temperature: float) -> th.Tensor:
+    return logprobs_of_tokens(_scaled(logits, temperature), tokens)
+
+
+def logprobs_and_entropy(
+    logits: th.Tensor,
+    tokens: th.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    entropy_grad: bool = True,
+    chunk_bytes: int | None = None,
+) -> tuple[th.Tensor, th.Tensor | None]:
+    """log softmax(z / τ)[token] and the entropy of softmax(z / τ) at every position, in float32, from the model's
+    own logits (bf16 or float32) in chunks of positions, so that no float32 ``(batch, T, vocab)`` copy exists.
+
+    Each chunk is cast, scaled and normalised inside :func:`torch.utils.checkpoint.checkpoint`: its float32
+    intermediates are freed after the forward and recomputed in the backward pass, so the memory beyond the model's
+    logits is one chunk's. Logits that fit in ``chunk_bytes`` as float32 go in one piece, without the recomputation.
+
+    :param logits: ``(batch, T, vocab)`` the model's logits for each response token, not yet scaled.
+    :param tokens: ``(batch, T)`` int64.
+    :param temperature: τ.
+    :param with_entropy: also compute the entropy.
+    :param entropy_grad: keep the entropy in the autograd graph (else it is computed without one).
+    :param chunk_bytes: the float32 size of one chunk (default :data:`LOGITS_CHUNK_BYTES`).
+    :return: ``logprobs (batch, T)`` and ``entropy (batch, T) | None``, float32.
+    """
+    batch, length, vocab = logits.shape
+    positions = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // max(1, batch * vocab * 4))
+    grad = th.is_grad_enabled() and logits.requires_grad
+    if positions >= length:
+        scaled = _scaled(logits, temperature)
+        logprobs = logprobs_of_tokens(scaled, tokens)  # first: the gradients into `scaled` add up in this order
+        entropy = None
+        if with_entropy:
+            with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
+                entropy = entropy_from_logits(scaled)
+        return logprobs, entropy
+    logprobs, entropies = [], []
+    for start in range(0, length, positions):
+        z, a = logits[:, start : start + positions], tokens[:, start : start + positions]
+        if grad and with_entropy and entropy_grad:
+            lp, ent = checkpoint(_chunk_logprobs_and_entropy, z, a, temperature, use_reentrant=False)
+            entropies.append(ent)
+        else:
+            lp = (
+                checkpoint(_chunk_logprobs, z, a, temperature, use_reentrant=False)
+                if grad
+                else _chunk_logprobs(z, a, temperature)
+            )
+            if with_entropy:
+                with th.no_grad():
+                    entropies.append(entropy_from_logits(_scaled(z, temperature)))
+        logprobs.append(lp)
+    return th.cat(logprobs, dim=1), th.cat(entropies, dim=1) if with_entropy else None
 
 
 def zero_padding(values: th.Tensor, mask: th.Tensor) -> th.Tensor:

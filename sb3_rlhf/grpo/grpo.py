@@ -53,6 +53,12 @@ class GRPO(RLHFOnPolicyAlgorithm):
     :param max_consecutive_skips: non-finite minibatches (or rollouts) skipped in a row before the run stops
         with an error (see :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param generation_cache: ``generate()``'s KV cache: ``"auto"`` (static on CUDA, so that transformers compiles
+        the decoding step; dynamic elsewhere), ``"static"`` or ``"dynamic"``
+        (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`).
+    :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
+        whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
+        a CPU), ``None`` never splits.
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
     :param tensorboard_log: TensorBoard log folder.
@@ -85,6 +91,8 @@ class GRPO(RLHFOnPolicyAlgorithm):
         advantage_eps: float = 1e-4,
         max_consecutive_skips: int = 5,
         generation_batch_size: int | None = None,
+        generation_cache: str = "auto",
+        micro_batch_tokens: int | str | None = "auto",
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -113,6 +121,8 @@ class GRPO(RLHFOnPolicyAlgorithm):
             target_kl=target_kl,
             max_consecutive_skips=max_consecutive_skips,
             generation_batch_size=generation_batch_size,
+            generation_cache=generation_cache,
+            micro_batch_tokens=micro_batch_tokens,
             samples_per_prompt=samples_per_prompt,
             n_logged_samples=n_logged_samples,
             stats_window_size=stats_window_size,

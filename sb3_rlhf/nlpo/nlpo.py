@@ -70,6 +70,12 @@ class NLPO(RLHFPPO):
     :param max_consecutive_skips: non-finite minibatches (or rollouts) skipped in a row before the run stops
         with an error (see :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
+    :param generation_cache: ``generate()``'s KV cache: ``"auto"`` (static on CUDA, so that transformers compiles
+        the decoding step; dynamic elsewhere), ``"static"`` or ``"dynamic"``
+        (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`).
+    :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
+        whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
+        a CPU), ``None`` never splits.
     :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see
         :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
@@ -110,6 +116,8 @@ class NLPO(RLHFPPO):
         target_kl: float | None = None,
         max_consecutive_skips: int = 5,
         generation_batch_size: int | None = None,
+        generation_cache: str = "auto",
+        micro_batch_tokens: int | str | None = "auto",
         bootstrap_truncated: bool = False,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
@@ -152,6 +160,8 @@ class NLPO(RLHFPPO):
             target_kl=target_kl,
             max_consecutive_skips=max_consecutive_skips,
             generation_batch_size=generation_batch_size,
+            generation_cache=generation_cache,
+            micro_batch_tokens=micro_batch_tokens,
             bootstrap_truncated=bootstrap_truncated,
             n_logged_samples=n_logged_samples,
             stats_window_size=stats_window_size,

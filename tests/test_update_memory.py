@@ -1,0 +1,151 @@
+"""The update in bounded memory: micro-batches that add up to the minibatch's step, log-probs and entropy over the
+vocabulary in chunks, the ``"auto"`` token budget, the fused optimizer."""
+
+import pytest
+import torch as th
+
+from sb3_rlhf.buffers import SequenceBatch, split_minibatch
+from sb3_rlhf.common import memory
+from sb3_rlhf.common.memory import activation_bytes_per_token, check_micro_batch_tokens, micro_batch_tokens_for
+from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_and_entropy, logprobs_of_tokens
+from sb3_rlhf.grpo import GRPO
+from sb3_rlhf.p3o import P3O
+from sb3_rlhf.ppo import RLHFPPO
+from tests.helpers import make_model, rule_env
+
+
+def _batch(prompt_lengths, response_lengths, width_p=6, width_t=5):
+    rows = len(prompt_lengths)
+    attention = th.zeros(rows, width_p + width_t, dtype=th.long)
+    response_mask = th.zeros(rows, width_t, dtype=th.bool)
+    for i, (p, t) in enumerate(zip(prompt_lengths, response_lengths)):
+        attention[i, width_p - p : width_p + t] = 1
+        response_mask[i, :t] = True
+    ids = th.arange(rows * (width_p + width_t)).view(rows, -1)
+    per_token = th.arange(rows * width_t, dtype=th.float32).view(rows, width_t)
+    return SequenceBatch(ids, attention, response_mask, per_token, None, per_token + 1, per_token + 2)
+
+
+def test_split_minibatch_keeps_units_whole_and_within_the_budget():
+    batch = _batch([2, 6, 3, 3, 1, 2], [5, 1, 2, 2, 4, 1])
+    assert split_minibatch(batch, 66) == [batch]  # 6 rows × 11 tokens fit: no split, the same object
+    pieces = split_minibatch(batch, 16, unit=2)
+    # groups of two rows, each (rows × (longest prompt + longest response)) within 16 tokens unless alone
+    assert [p.input_ids.shape for p in pieces] == [(2, 11), (2, 5), (2, 6)]
+    assert th.equal(th.cat([p.input_ids[:, -p.response_mask.shape[1] :][p.response_mask] for p in pieces]),
+                    batch.input_ids[:, -5:][batch.response_mask])  # fmt: skip
+    # each piece trimmed to its own longest prompt (left) and response (right), every real token kept
+    for piece, rows in zip(pieces, ([0, 1], [2, 3], [4, 5])):
+        assert th.equal(piece.old_logprobs, batch.old_logprobs[rows, : piece.response_mask.shape[1]])
+        assert piece.attention_mask.sum() == batch.attention_mask[rows].sum()
+    singles = split_minibatch(batch, 1)  # a budget below one row: each row alone
+    assert len(singles) == 6 and all(p.input_ids.shape[0] == 1 for p in singles)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (RLHFPPO, {}),
+        (RLHFPPO, {"policy_kwargs": {"value_head": "separate"}, "ent_coef": 0.01}),
+        (GRPO, {"samples_per_prompt": 4, "estimator": "k3"}),
+        (P3O, {"clipping": "joint"}),
+    ],
+    ids=["ppo", "ppo-separate-entropy", "grpo-sequence-mean", "p3o-pairs"],
+)
+def test_micro_batches_take_the_minibatch_step(tokenizer, model_path, cls, kwargs):
+    """Gradients accumulated over micro-batches, each weighted by its share of the minibatch's tokens (or
+    sequences), give the step of the whole minibatch: the same weights after an update as without a split."""
+    weights = []
+    for micro_batch_tokens in (None, 24):
+        settings = dict(learning_rate=1e-3, n_episodes=16, batch_size=8, n_epochs=2, seed=0)
+        policy_kwargs = {"model_name_or_path": model_path, **kwargs.get("policy_kwargs", {})}
+        extra = {k: v for k, v in kwargs.items() if k not in ("policy_kwargs", "estimator")}
+        env = rule_env(tokenizer, estimator=kwargs.get("estimator", "k1"))
+        model = cls("TransformerActorCriticPolicy", env, policy_kwargs=policy_kwargs,
+                    micro_batch_tokens=micro_batch_tokens, **settings, **extra)  # fmt: skip
+        splits = []
+        accumulate = model._accumulate_gradients
+
+        def counting(micro_batches, clip_range):
+            splits.append(len(micro_batches))
+            return accumulate(micro_batches, clip_range)
+
+        model._accumulate_gradients = counting
+        model.learn(16)  # one rollout, one update
+        assert (bool(splits) and min(splits) > 1) == (micro_batch_tokens is not None)  # the split really happened
+        weights.append({k: v.clone() for k, v in model.policy.state_dict().items()})
+    before = make_model(rule_env(tokenizer), model_path).policy.actor.state_dict()
+    moved = [k for k in before if not th.equal(before[k], weights[0]["actor." + k])]
+    assert moved  # the update changed the weights
+    for name, tensor in weights[0].items():
+        assert th.allclose(tensor, weights[1][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
+def test_chunked_logprobs_and_entropy_equal_the_whole_computation(temperature, dtype):
+    g = th.Generator().manual_seed(0)
+    logits = (3 * th.randn(3, 7, 50, generator=g)).to(dtype).requires_grad_()
+    tokens = th.randint(0, 50, (3, 7), generator=g)
+    weights_lp, weights_ent = th.randn(3, 7, generator=g), th.randn(3, 7, generator=g)
+    results = []
+    for chunk_bytes in (None, 3 * 50 * 4 * 2):  # the default (one piece) and two positions per chunk
+        logits.grad = None
+        logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, chunk_bytes=chunk_bytes)
+        ((logprobs * weights_lp).sum() + (entropy * weights_ent).sum()).backward()
+        results.append((logprobs.detach(), entropy.detach(), logits.grad.clone()))
+    scaled = logits.detach().float() / temperature
+    assert th.allclose(results[0][0], logprobs_of_tokens(scaled, tokens), atol=1e-6)
+    assert th.allclose(results[0][1], entropy_from_logits(scaled), atol=1e-5)
+    for whole, chunked in zip(results[0], results[1]):
+        assert whole.dtype == chunked.dtype and th.allclose(whole, chunked, atol=1e-6)
+    # no entropy gradient asked: entropy still computed, outside the graph
+    logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, entropy_grad=False, chunk_bytes=600)
+    assert logprobs.requires_grad and not entropy.requires_grad
+    assert th.allclose(entropy, results[0][1], atol=1e-6)
+
+
+def test_the_chunked_update_is_the_whole_update(tokenizer, model_path):
+    model = make_model(rule_env(tokenizer), model_path, n_episodes=8, batch_size=8, n_epochs=1, ent_coef=0.01)
+    model.learn(8)
+    policy = model.policy
+    batch = next(model.rollout_buffer.get(8))
+    grads = []
+    for chunk_bytes in (None, 64):  # 64 bytes: one position per chunk
+        policy.logits_chunk_bytes = chunk_bytes
+        policy.optimizer.zero_grad()
+        logprobs, values, entropy = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, 6)
+        (logprobs.sum() + entropy.sum() + values.sum()).backward()
+        grads.append([p.grad.clone() for p in policy.parameters() if p.grad is not None])
+    assert all(th.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+def test_the_auto_budget_reads_free_gpu_memory(monkeypatch):
+    per_token = activation_bytes_per_token(30, 576, 49152, th.bfloat16, 1536)
+    # SmolLM2-135M in bf16: 30 × (16·576 + 2·1536) × 2 bytes per layer, and 49152 × (2 + 8) for the logits
+    assert per_token == 30 * (16 * 576 + 2 * 1536) * 2 + 49152 * 10
+    assert micro_batch_tokens_for(th.device("cpu"), per_token) is None
+    monkeypatch.setattr(memory.th.cuda, "mem_get_info", lambda device: (40 * 2**30, 80 * 2**30))
+    budget = micro_batch_tokens_for(th.device("cuda"), per_token)
+    assert budget == int(40 * 2**30 * memory.AUTO_MEMORY_SHARE / per_token) and 20_000 < budget < 40_000
+
+
+def test_micro_batch_tokens_is_checked_where_it_is_read(tokenizer, model_path):
+    assert check_micro_batch_tokens("auto") == "auto" and check_micro_batch_tokens(None) is None
+    for bad in (0, -5, "256", 1.5, True):
+        with pytest.raises(ValueError, match="micro_batch_tokens must be a positive integer, 'auto'"):
+            make_model(rule_env(tokenizer), model_path, micro_batch_tokens=bad)
+    model = make_model(rule_env(tokenizer), model_path)
+    assert model.micro_batch_tokens == "auto" and model._micro_batch_token_budget() is None  # no split on a CPU
+
+
+def test_fused_adamw_replaces_a_fresh_optimizer_only(tokenizer, model_path):
+    model = make_model(rule_env(tokenizer), model_path)
+    policy = model.policy
+    params = [p for group in policy.optimizer.param_groups for p in group["params"]]
+    assert policy.use_fused_optimizer()
+    assert policy.optimizer.defaults["fused"] and [p for p in policy.optimizer.param_groups[0]["params"]] == params
+    assert policy.optimizer.param_groups[0]["lr"] == 1e-3
+    chosen = make_model(rule_env(tokenizer), model_path)
+    chosen.policy.optimizer_kwargs = {"foreach": False}  # the user's own choice stays
+    assert not chosen.policy.use_fused_optimizer() and not chosen.policy.optimizer.defaults.get("fused")
