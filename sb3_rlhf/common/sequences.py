@@ -107,12 +107,13 @@ def logprobs_and_entropy(
             with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
                 entropy = entropy_from_logits(scaled)
         return logprobs, entropy
-    logprobs, entropies = [], []
+    logprob_chunks: list[th.Tensor] = []
+    entropy_chunks: list[th.Tensor] = []
     for start in range(0, length, positions):
         z, a = logits[:, start : start + positions], tokens[:, start : start + positions]
         if grad and with_entropy and entropy_grad:
             lp, ent = checkpoint(_chunk_logprobs_and_entropy, z, a, temperature, use_reentrant=False)
-            entropies.append(ent)
+            entropy_chunks.append(ent)
         else:
             lp = (
                 checkpoint(_chunk_logprobs, z, a, temperature, use_reentrant=False)
@@ -121,9 +122,9 @@ def logprobs_and_entropy(
             )
             if with_entropy:
                 with th.no_grad():
-                    entropies.append(entropy_from_logits(_scaled(z, temperature)))
-        logprobs.append(lp)
-    return th.cat(logprobs, dim=1), th.cat(entropies, dim=1) if with_entropy else None
+                    entropy_chunks.append(entropy_from_logits(_scaled(z, temperature)))
+        logprob_chunks.append(lp)
+    return th.cat(logprob_chunks, dim=1), th.cat(entropy_chunks, dim=1) if with_entropy else None
 
 
 def zero_padding(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
