@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import TYPE_CHECKING, Any, cast
 
@@ -101,6 +102,10 @@ class TransformerActorCriticPolicy(BasePolicy):
     :param top_p: nucleus sampling: only the smallest set of most probable tokens (after ``top_k``) whose
         probability reaches ``top_p`` (1.0, the default: all); applied in the log-probs like ``top_k``.
     :param dtype: backbone dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); the value head stays float32.
+    :param mixed_precision: ``"bf16"``: keep float32 weights (the optimizer's master copy) and run the forward passes
+        of the actor and a separate critic in bfloat16 under ``torch.autocast`` (``None``: as the weights are). The
+        log-probs and entropy are still computed in float32; the old log-probs then come from a teacher-forced pass,
+        since a KV-cached bf16 forward differs from it by more than float rounding.
     :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
     :param gradient_checkpointing: trade compute for memory in the update.
     :param lora: LoRA through ``peft``: a dict of ``peft.LoraConfig`` arguments (defaults ``r=8``,
@@ -126,6 +131,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         top_k: int = 0,
         top_p: float = 1.0,
         dtype: str | None = None,
+        mixed_precision: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
@@ -157,6 +163,14 @@ class TransformerActorCriticPolicy(BasePolicy):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         check_truncation(top_k, top_p)
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(f"mixed_precision must be 'bf16' or None, got {mixed_precision!r}")
+        if mixed_precision is not None and dtype not in (None, "float32"):
+            raise ValueError(
+                f"mixed_precision='bf16' keeps float32 master weights and computes in bfloat16: leave dtype unset "
+                f"(float32), not {dtype!r} (dtype='bfloat16' alone trains the bf16 weights themselves)"
+            )
+        self.mixed_precision = mixed_precision
         self.model_name_or_path = model_name_or_path
         self.revision = revision
         self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
@@ -243,11 +257,19 @@ class TransformerActorCriticPolicy(BasePolicy):
             top_k=self.top_k,
             top_p=self.top_p,
             dtype=self.dtype,
+            mixed_precision=self.mixed_precision,
             trust_remote_code=self.trust_remote_code,
             gradient_checkpointing=self.gradient_checkpointing,
             lora=self.lora,
         )
         return data
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of the actor's and critic's forward passes: ``torch.autocast`` to bfloat16 under
+        ``mixed_precision="bf16"``, else nothing."""
+        if self.mixed_precision is None:
+            return contextlib.nullcontext()
+        return th.autocast(self.device.type, dtype=th.bfloat16)
 
     # ------------------------------------------------------------------ values
     def _values_from_hidden(self, hidden: th.Tensor) -> th.Tensor:
@@ -255,9 +277,10 @@ class TransformerActorCriticPolicy(BasePolicy):
 
     def _critic_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int) -> th.Tensor:
         assert self.critic is not None
-        out = self.critic(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-        )
+        with self.autocast():
+            out = self.critic(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+            )
         return out.last_hidden_state[:, -n_positions:]
 
     # ------------------------------------------------------------------ per-step SB3 API (one forward per token)
@@ -269,7 +292,10 @@ class TransformerActorCriticPolicy(BasePolicy):
         :func:`truncate_logits`) and, ``with_values``, the values ``(batch,)``."""
         input_ids, attention_mask = _obs_tensors(obs, self.n_actions)
         shared = with_values and self.critic is None
-        logits, hidden = forward_last_positions(self.actor, input_ids, attention_mask, 1, output_hidden_states=shared)
+        with self.autocast():
+            logits, hidden = forward_last_positions(
+                self.actor, input_ids, attention_mask, 1, output_hidden_states=shared
+            )
         logits = logits[:, -1, : self.n_actions].float() / self.temperature
         if allowed is not None:  # masked before the nucleus is taken, as generate() does
             logits = logits.masked_fill(~allowed, -float("inf"))
@@ -346,16 +372,17 @@ class TransformerActorCriticPolicy(BasePolicy):
         tokens = input_ids[:, -response_length:]
         masked = action_masks is not None or self.action_mask is not None
         truncated = self.top_k > 0 or self.top_p < 1.0 or masked
-        logits, hidden = response_logits(
-            self.actor,
-            input_ids,
-            attention_mask,
-            response_length,
-            self.temperature,
-            self.n_actions,
-            shared,
-            scaled=truncated,  # the untruncated distribution is scaled in chunks below
-        )
+        with self.autocast():
+            logits, hidden = response_logits(
+                self.actor,
+                input_ids,
+                attention_mask,
+                response_length,
+                self.temperature,
+                self.n_actions,
+                shared,
+                scaled=truncated,  # the untruncated distribution is scaled in chunks below
+            )
         values = None
         if with_values:
             if not shared:

@@ -199,6 +199,7 @@ def test_gpu_check_is_valid_bash_and_refuses_cleanly_without_cuda(tmp_path):
 
     script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0  # parses
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_wheels.sh")]).returncode == 0
     if th.cuda.is_available():
         pytest.skip("a GPU is here: the script would run for real")
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}

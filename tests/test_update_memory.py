@@ -149,3 +149,44 @@ def test_fused_adamw_replaces_a_fresh_optimizer_only(tokenizer, model_path):
     chosen = make_model(rule_env(tokenizer), model_path)
     chosen.policy.optimizer_kwargs = {"foreach": False}  # the user's own choice stays
     assert not chosen.policy.use_fused_optimizer() and not chosen.policy.optimizer.defaults.get("fused")
+
+
+def test_mixed_precision_keeps_float32_weights_and_computes_in_bf16(tokenizer, model_path, tmp_path):
+    env = rule_env(tokenizer)
+    settings = dict(learning_rate=1e-3, n_episodes=8, batch_size=8, n_epochs=1, seed=0)
+    mixed = RLHFPPO(
+        "TransformerActorCriticPolicy",
+        env,
+        policy_kwargs=dict(model_name_or_path=model_path, mixed_precision="bf16"),
+        **settings,
+    )
+    plain = make_model(rule_env(tokenizer), model_path, **settings)
+    batch, _ = mixed.rollout_engine.sample_episodes(mixed.policy, env.unwrapped, list(range(8)), with_values=False)
+    real = batch.response_mask
+    with th.no_grad():
+        bf16, _, _ = mixed.policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+        fp32, _, _ = plain.policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    # computed in bf16 (not the float32 numbers), close to them, and the old log-probs are the teacher-forced
+    # bf16 ones (not generate()'s KV-cached pass)
+    assert not th.equal(bf16[real], fp32[real]) and th.allclose(bf16[real], fp32[real], atol=0.1)
+    assert th.equal(batch.logprobs[real], bf16[real])
+    mixed.learn(16)
+    assert all(p.dtype == th.float32 for p in mixed.policy.parameters())  # the master weights
+    assert th.isfinite(th.tensor(mixed.logger.name_to_value["train/loss"]))
+    mixed.save(tmp_path / "mixed.zip")
+    assert RLHFPPO.load(tmp_path / "mixed.zip", env=env).policy.mixed_precision == "bf16"
+
+
+def test_mixed_precision_is_checked_where_it_is_read(tokenizer, model_path):
+    with pytest.raises(ValueError, match="mixed_precision must be 'bf16' or None"):
+        RLHFPPO(
+            "TransformerActorCriticPolicy",
+            rule_env(tokenizer),
+            policy_kwargs=dict(model_name_or_path=model_path, mixed_precision="fp16"),
+        )
+    with pytest.raises(ValueError, match="leave dtype unset"):
+        RLHFPPO(
+            "TransformerActorCriticPolicy",
+            rule_env(tokenizer),
+            policy_kwargs=dict(model_name_or_path=model_path, mixed_precision="bf16", dtype="bfloat16"),
+        )

@@ -316,7 +316,7 @@ class RolloutEngine:
         was_training = actor.training
         actor.eval()
         try:
-            with _generation_defaults(model, config):
+            with _generation_defaults(model, config), policy.autocast():
                 out = actor.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -399,7 +399,8 @@ class RolloutEngine:
         logits the same way): the actor's teacher-forced pass would give the same numbers up to float rounding
         (tested at 1e-5) at the cost of a forward over the whole batch. It still runs for a shared value head,
         whose values come from it, and in half precision, TF32 or autocast, where the KV-cached and the
-        teacher-forced forwards differ by more than that, which would bias the first epoch's ratios. (With
+        teacher-forced forwards differ by more than that, which would bias the first epoch's ratios (so also under
+        the policy's ``mixed_precision``). (With
         top-k/top-p, rounding can still move a token at the edge of the kept set in or out between the two passes;
         the update keeps the sampled token in its set, so its ratio stays finite, as TRL's.)
 
@@ -422,6 +423,7 @@ class RolloutEngine:
             and policy.actor.get_output_embeddings().weight.dtype == th.float32
             and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
             and not th.is_autocast_enabled()
+            and policy.mixed_precision is None
         )
         generated = self.generate(
             policy,
