@@ -9,15 +9,17 @@
 # 2. benchmarks/gpu_throughput.py: RLHFPPO on a model of SmolLM2-135M's shape in bf16 with each generation_cache
 #    setting (static, dynamic): generated tokens/s, the rollout against bare generate() with the same cache in the
 #    same run, the warm-up (compilation) apart, the update's MFU, peak GPU memory;
-# 3. benchmarks/peers.py on the GPU with a Llama of SmolLM2-135M's shape (576 wide, 30 layers, 9 heads; float32
-#    on both sides), PEERS_REPEATS repeats (3), when the TRL wheels are there (see below).
-# It is sized to finish within 8 minutes on one H100, installs included. Without CUDA it refuses at once: exit 3,
+# 3. benchmarks/peers.py on the GPU with a Llama of SmolLM2-135M's shape (576 wide, 30 layers, 9 heads): float32
+#    on both sides, PEERS_REPEATS repeats (3), then bf16 mixed precision on both (TRL's default), one repeat; when
+#    the TRL wheels are there (see below).
+# Each step has its own time limit (100 + 180 + 130 + 60 s), so that it ends within 8 minutes on one H100,
+# installs included: a step cut short says so in gpu.md. Without CUDA it refuses at once: exit 3,
 # one line.
 #
 # The machine needs python3 with torch (CUDA), transformers, peft, pytest and tensorboard (the device image has
 # them). Packages it lacks travel as wheels in .whl/ at the repository root (git-ignored), installed here into
 # /tmp/site: benchmarks/gpu_wheels.sh downloads them (the versions of constraints.txt), and TRL for the peer
-# comparison into .whl/trl-1.12/ and .whl/trl-1.16/; the peers' GPU results land in peers_gpu/ beside gpu.md
+# comparison into .whl/trl-1.12/ and .whl/trl-1.16/; the peers' GPU results land in peers_gpu_<precision>/ beside gpu.md
 # (merge their rows into benchmarks/results/peers.csv, which holds one row per pair and device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +46,7 @@ mkdir -p "$(dirname "$RESULTS")"
 } >"$RESULTS"
 
 echo "== tests/test_cuda.py"
-if "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee /tmp/gpu_check_tests.log; then
+if timeout 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee /tmp/gpu_check_tests.log; then
     status=passed
 else
     status=FAILED
@@ -59,7 +61,7 @@ fi
 } >>"$RESULTS"
 
 echo "== benchmarks/gpu_throughput.py"
-timeout 240 "$PYTHON" benchmarks/gpu_throughput.py --caches static dynamic --out "$RESULTS" \
+timeout 180 "$PYTHON" benchmarks/gpu_throughput.py --caches static dynamic --out "$RESULTS" \
     || echo "gpu_throughput.py failed (exit $?)" | tee -a "$RESULTS"
 
 if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; then
@@ -76,14 +78,20 @@ if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; t
             chmod +x ".venv-trl-$version/bin/python"
         fi
     done
-    peers_dir="$(dirname "$RESULTS")/peers_gpu"
-    # the issue's shape: 32 episodes × 64 tokens, 4 rollouts per run; the floor runs left out for time
-    if timeout 210 "$PYTHON" benchmarks/peers.py --device cuda --models llama-576x30 --repeats "${PEERS_REPEATS:-3}" \
-        --n-episodes 32 --response-length 64 --iterations 4 --vocab 4096 --no-floor --out-dir "$peers_dir"; then
-        { echo; cat "$peers_dir/peers.md"; } >>"$RESULTS"
-    else
-        echo "peers.py failed (exit $?)" | tee -a "$RESULTS"
-    fi
+    # the issue's shape: 32 episodes × 64 tokens, 4 rollouts per run, the floor runs left out for time; float32 on
+    # both sides (PEERS_REPEATS repeats), then bf16 mixed precision on both (one repeat)
+    for precision in float32 bf16; do
+        peers_dir="$(dirname "$RESULTS")/peers_gpu_$precision"
+        repeats=$([ "$precision" = float32 ] && echo "${PEERS_REPEATS:-3}" || echo 1)
+        limit=$([ "$precision" = float32 ] && echo 130 || echo 60)
+        if timeout "$limit" "$PYTHON" benchmarks/peers.py --device cuda --precision "$precision" \
+            --models llama-576x30 --repeats "$repeats" --n-episodes 32 --response-length 64 --iterations 4 \
+            --vocab 4096 --no-floor --out-dir "$peers_dir"; then
+            { echo; cat "$peers_dir/peers.md"; } >>"$RESULTS"
+        else
+            echo "peers.py --precision $precision failed or ran out of time (exit $?)" | tee -a "$RESULTS"
+        fi
+    done
 else
     echo "## Peers: not run (benchmarks/peers.py and the TRL wheels in .whl/trl-1.12 and .whl/trl-1.16 are needed)" | tee -a "$RESULTS"
 fi

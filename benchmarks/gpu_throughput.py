@@ -214,7 +214,7 @@ def main() -> int:
         "(its time, compilation included, reported apart). Bare `generate()`: transformers' own call on the same "
         "prompts with the same cache, sampling as many tokens.",
         "",
-        "| generation_cache | warm-up iteration | rollout | generated tokens/s | bare `generate()` (first call) | rollout / bare | update | update TFLOP/s | MFU (measured matmul) | MFU (datasheet) | micro-batch tokens | peak GPU memory |",
+        "| generation_cache | warm-up iteration | rollout | generated tokens/s | bare `generate()` (first call) | speed vs bare (bare s / rollout s) | update | update TFLOP/s | MFU (measured matmul) | MFU (datasheet) | micro-batch tokens | peak GPU memory |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -249,6 +249,7 @@ def make_spec(args: argparse.Namespace, model: str, pair: Pair, policy_dir: str,
         "seed": args.seed,
         "threads": args.threads,
         "device": args.device,
+        "precision": args.precision,
     }
 
 
@@ -306,6 +307,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
         temperature=spec["temperature"],
         optimizer_kwargs=dict(weight_decay=0.0),  # TRL's TrainingArguments default (torch's AdamW: 0.01)
     )
+    if spec.get("precision") == "bf16":  # float32 master weights, bf16 forwards: TRL's bf16=True does the same
+        policy_kwargs["mixed_precision"] = "bf16"
     common = dict(
         learning_rate=spec["learning_rate"],
         n_episodes=n_episodes,
@@ -438,6 +441,12 @@ def check_trl_venvs(versions: set[str]) -> None:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def device_label(args: argparse.Namespace) -> str:
+    """The ``device`` column of peers.csv: the device, and the precision where it is not float32."""
+    precision = getattr(args, "precision", "float32")
+    return args.device if precision == "float32" else f"{args.device} {precision}"
 
 
 def summarize(results: list[dict[str, Any]], pairs: list[Pair], models: list[str], device: str) -> list[dict]:
@@ -738,9 +747,14 @@ def write_markdown(
         "- RLOO: ours `RLOO(samples_per_prompt, loss_aggregation='sequence', normalize_advantage=False)` with "
         "`KLPenaltyWrapper(estimator='k1')` (β·KL in the return); TRL `RLOOConfig(num_generations, beta, "
         "normalize_advantages=False)` (β·KL in the reward too).",
-        "- Both: AdamW (β = 0.9, 0.999, ε = 1e-8, weight decay 0), constant learning rate, float32 (TRL's bf16 "
-        "and gradient checkpointing defaults switched off), dropout off, top-k/top-p off, one process, "
-        f"{args.threads} thread(s).",
+        "- Both: AdamW (β = 0.9, 0.999, ε = 1e-8, weight decay 0), constant learning rate, "
+        + (
+            "float32 (TRL's bf16 and gradient checkpointing defaults switched off)"
+            if getattr(args, "precision", "float32") == "float32"
+            else "bf16 mixed precision (float32 weights, bf16 autocast: TRL's bf16=True, our mixed_precision='bf16'; "
+            "TRL's gradient checkpointing default switched off)"
+        )
+        + f", dropout off, top-k/top-p off, one process, {args.threads} thread(s).",
         "",
         "Differences that remain: TRL's RLOO clips one importance ratio per sequence (exp of the summed token "
         "log-ratios) and its loss sums token log-probs per sequence, ours clips per token and averages them (equal "
@@ -804,6 +818,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-floor", dest="floor", action="store_false", help="skip the floor runs (peers_floor.py) of each pair"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bf16"],
+        help="float32 on both sides, or bf16 mixed precision on both (float32 master weights, bf16 autocast: "
+        "TRL's bf16=True, its configs' default, and our mixed_precision='bf16')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--trl-results", default=None, help="take TRL's runs from this peers_raw.json instead of running TRL"
@@ -868,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in stored:
         trl_versions.update({run["side"]: run.get("versions", {})})
     results += [r for r in stored if r["model"] in args.models]
-    rows = summarize(results, pairs, args.models, args.device)
+    rows = summarize(results, pairs, args.models, device_label(args))
     print("\n".join(markdown_table(rows)))
     print("\n".join(training_table(rows)))
     if not args.no_write:
@@ -894,7 +915,7 @@ def render(raw_path: str, out_dir: str) -> int:
         raw = json.load(f)
     args = parse_args(raw["command"][1:])
     pairs = [p for name in args.pairs for p in PAIRS[name]]
-    rows = summarize(raw["runs"], pairs, args.models, args.device)
+    rows = summarize(raw["runs"], pairs, args.models, device_label(args))
     write_results(rows, raw["runs"], args, {k: v for k, v in raw.items() if k != "runs"}, out_dir)
     return 0
 

@@ -49,7 +49,8 @@ def common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
-        bf16=False,  # TRL's configs default to bf16 mixed precision; both sides train in float32
+        # TRL's configs default to bf16 mixed precision; both sides train in float32 unless --precision bf16
+        bf16=spec.get("precision") == "bf16",
         fp16=False,
         gradient_checkpointing=False,  # TRL's default is on; ours is off
         use_cpu=cpu,

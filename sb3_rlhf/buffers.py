@@ -56,14 +56,15 @@ def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> lis
     :param max_tokens: the token budget of one micro-batch.
     :param unit: rows that must stay together (a group of responses to one prompt).
     """
+    rows, width = batch.input_ids.shape  # a minibatch comes trimmed to its longest prompt and response
+    if rows * width <= max_tokens:
+        return [batch]
     response_length = batch.response_mask.shape[1]
-    prompt_width = batch.input_ids.shape[1] - response_length
+    prompt_width = width - response_length
     # read on the host once: the splits and trims follow from them
     prompt_lengths = batch.attention_mask[:, :prompt_width].sum(-1).tolist()
     response_lengths = batch.response_mask.sum(-1).tolist()
     n = len(prompt_lengths)
-    if n * (max(prompt_lengths) + max(response_lengths)) <= max_tokens:
-        return [batch]
     pieces: list[tuple[int, int]] = []
     start = 0
     while start < n:

@@ -51,10 +51,19 @@ def test_the_static_cache_compiles_and_samples_as_the_dynamic_one_on_cuda(tokeni
     engine = model.rollout_engine
     assert engine.cache_for(th.device("cuda")) == "static"
     model.learn(total_timesteps=200)
-    assert not engine.compile_failed  # the compiled decoding step ran
+    assert not engine.compile_failed
+    assert getattr(model.policy.actor, "_compiled_call", None) is not None  # transformers compiled the decoding step
     gen_env = env.unwrapped
     ids, mask = (th.as_tensor(a, device="cuda") for a in gen_env.prompt_batch(range(16)))
     args = (ids, mask, gen_env.max_new_tokens, gen_env.stop_token_ids, gen_env.pad_token_id)
     static = engine.generate(model.policy, *args, deterministic=True)
     dynamic = RolloutEngine("dynamic").generate(model.policy, *args, deterministic=True)
     assert th.equal(static.responses, dynamic.responses)
+    # the log-probs recorded by the compiled sampling loop (a float32 critic-free rollout keeps them as the old
+    # log-probs) agree with the teacher-forced pass the update computes
+    th.manual_seed(0)
+    batch, _ = engine.sample_episodes(model.policy, gen_env, list(range(16)), with_values=False)
+    with th.no_grad():
+        forced, _, _ = model.policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    real = batch.response_mask
+    assert th.allclose(batch.logprobs[real], forced[real], atol=1e-4), (batch.logprobs[real] - forced[real]).abs().max()

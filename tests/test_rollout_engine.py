@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch as th
-from torch._dynamo.exc import TorchDynamoException
+from torch._dynamo.exc import BackendCompilerFailed
 
 from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.cli import USER_ERRORS
@@ -110,29 +110,64 @@ def test_auto_is_static_on_cuda_only_and_bad_settings_are_refused(tokenizer, mod
     assert model.rollout_engine.cache == "static" and model.rollout_engine.batch_size == 16
 
 
-def test_a_compile_failure_falls_back_to_the_dynamic_cache_with_a_warning(tokenizer, monkeypatch):
-    policy, env = _policy(tokenizer)
+def _failing_compile(policy, monkeypatch, inner: Exception):
+    """Make the static cache's generate() fail as torch.compile does (BackendCompilerFailed around ``inner``);
+    return the list of the caches asked for."""
     generate = policy.actor.generate
     caches = []
 
-    def failing_compile(**kwargs):
+    def failing(**kwargs):
         caches.append(kwargs["generation_config"].cache_implementation)
         if kwargs["generation_config"].cache_implementation == "static":
-            raise TorchDynamoException("inductor could not compile the decoding step")
+            try:
+                raise inner
+            except Exception as error:
+                raise BackendCompilerFailed(lambda *a: None, error, None) from error
         return generate(**kwargs)
 
-    monkeypatch.setattr(policy.actor, "generate", failing_compile)
-    engine = RolloutEngine("static")
-    with pytest.warns(UserWarning, match="falls back|dynamic cache from now on"):
+    monkeypatch.setattr(policy.actor, "generate", failing)
+    return caches
+
+
+def test_a_compile_failure_falls_back_to_the_dynamic_cache_with_a_warning(tokenizer, monkeypatch):
+    policy, env = _policy(tokenizer)
+    caches = _failing_compile(policy, monkeypatch, RuntimeError("inductor could not lower an op"))
+    engine = RolloutEngine("static", batch_size=16)
+    with pytest.warns(UserWarning, match="dynamic cache from now on"):
         first = _sample(engine, policy, env, seed=1, output_logprobs=True)
     assert engine.compile_failed and caches == ["static", None]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not at every rollout
         second = _sample(engine, policy, env, seed=1, output_logprobs=True)
     assert caches == ["static", None, None]
-    assert isinstance(first, Generation) and first.responses.shape[0] == 8
+    # the fallback is the dynamic cache's generation of the caller's own prompts (not the bucketed ones)
     dynamic = _sample(RolloutEngine("dynamic"), policy, env, seed=1, output_logprobs=True)
-    assert th.equal(second.responses, dynamic.responses)
+    for out in (first, second):
+        assert isinstance(out, Generation) and out.responses.shape[0] == 8
+        assert th.equal(out.responses, dynamic.responses) and th.equal(out.logprobs, dynamic.logprobs)
+
+
+def test_out_of_memory_while_compiling_is_reported_as_out_of_memory(tokenizer, monkeypatch):
+    policy, env = _policy(tokenizer)
+    _failing_compile(policy, monkeypatch, th.OutOfMemoryError("CUDA out of memory while autotuning"))
+    engine = RolloutEngine("static")
+    with pytest.raises(DeviceMemoryError, match="set generation_batch_size below 8"):
+        _sample(engine, policy, env, seed=0)
+    assert not engine.compile_failed  # the static cache is not given up for a lack of memory
+
+
+def test_the_static_buckets_never_exceed_the_envs_prompt_width(tokenizer, monkeypatch):
+    policy, env = _policy(tokenizer)  # max_prompt_tokens=8
+    widths = []
+    generate = policy.actor.generate
+
+    def spy(**kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(policy.actor, "generate", spy)
+    RolloutEngine("static", prompt_multiple=64).sample_episodes(policy, env, [0, 1, 2], with_values=False)
+    assert widths == [env.max_prompt_tokens]  # not 64
 
 
 def test_other_errors_in_generation_are_not_taken_for_a_compile_failure(tokenizer, monkeypatch):
@@ -159,7 +194,7 @@ def test_out_of_memory_in_generation_names_the_setting_and_the_last_checkpoint_l
     model = make_model(env, model_path, n_episodes=8, batch_size=8, n_epochs=1)
     model.learn(48, callback=TrainingCheckpointCallback(save_freq=1, save_path=str(tmp_path)))
     monkeypatch.setattr(model.policy.actor, "generate", _out_of_memory)
-    with pytest.raises(DeviceMemoryError, match="lower generation_batch_size") as error:
+    with pytest.raises(DeviceMemoryError, match="set generation_batch_size below 8") as error:
         model.learn(48, reset_num_timesteps=False)
     assert "\n" not in str(error.value) and isinstance(error.value, USER_ERRORS)  # one line from sb3-rlhf
     assert isinstance(error.value, th.OutOfMemoryError)  # still what code catching a CUDA OOM expects
@@ -179,6 +214,13 @@ def test_out_of_memory_in_a_forward_names_the_setting_to_lower(tokenizer, model_
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(model.policy, "evaluate_sequences", failing)
-    expected = "set micro_batch_tokens to a lower number" if where == "update" else "lower generation_batch_size"
+    expected = "set micro_batch_tokens to a lower number" if where == "update" else "set generation_batch_size below 8"
     with pytest.raises(DeviceMemoryError, match=expected):
+        model.learn(48)
+
+
+def test_out_of_memory_scoring_the_rollout_names_the_generation_batch(tokenizer, model_path, monkeypatch):
+    model = make_model(rule_env(tokenizer), model_path, n_episodes=8, batch_size=8, n_epochs=1)
+    monkeypatch.setattr(model.reward_wrappers[0], "batch_rewards", _out_of_memory)
+    with pytest.raises(DeviceMemoryError, match="set generation_batch_size below 8"):
         model.learn(48)

@@ -11,6 +11,7 @@ from sb3_rlhf.common.sequences import entropy_from_logits, logprobs_and_entropy,
 from sb3_rlhf.grpo import GRPO
 from sb3_rlhf.p3o import P3O
 from sb3_rlhf.ppo import RLHFPPO
+from sb3_rlhf.rloo import RLOO
 from tests.helpers import make_model, rule_env
 
 
@@ -42,43 +43,90 @@ def test_split_minibatch_keeps_units_whole_and_within_the_budget():
     assert len(singles) == 6 and all(p.input_ids.shape[0] == 1 for p in singles)
 
 
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [
-        (RLHFPPO, {}),
-        (RLHFPPO, {"policy_kwargs": {"value_head": "separate"}, "ent_coef": 0.01}),
-        (GRPO, {"samples_per_prompt": 4, "estimator": "k3"}),
-        (P3O, {"clipping": "joint"}),
-    ],
-    ids=["ppo", "ppo-separate-entropy", "grpo-sequence-mean", "p3o-pairs"],
-)
+ALGORITHMS = [
+    (RLHFPPO, {"ent_coef": 0.05}),
+    (RLHFPPO, {"policy_kwargs": {"value_head": "separate"}, "ent_coef": 0.05}),
+    (GRPO, {"samples_per_prompt": 4, "estimator": "k3", "ent_coef": 0.5}),
+    (RLOO, {"samples_per_prompt": 4, "loss_aggregation": "sequence", "ent_coef": 0.5}),
+    (P3O, {"clipping": "joint", "ent_coef": 0.5}),
+    (P3O, {"clipping": "separate", "ent_coef": 0.5}),
+]
+ALGORITHM_IDS = ["ppo", "ppo-separate", "grpo-sequence-mean", "rloo-sequence-mean", "p3o-joint", "p3o-separate"]
+
+
+def _algorithm(cls, kwargs, tokenizer, model_path, **settings):
+    """One of :data:`ALGORITHMS` on the rule task (an entropy bonus on: a per-token mean beside the per-sequence
+    ones of the critic-free losses)."""
+    settings = {**dict(learning_rate=1e-3, n_episodes=16, batch_size=8, n_epochs=2, seed=0), **settings}
+    policy_kwargs = {"model_name_or_path": model_path, **kwargs.get("policy_kwargs", {})}
+    extra = {k: v for k, v in kwargs.items() if k not in ("policy_kwargs", "estimator")}
+    env = rule_env(tokenizer, estimator=kwargs.get("estimator", "k1"))
+    return cls("TransformerActorCriticPolicy", env, policy_kwargs=policy_kwargs, **settings, **extra)
+
+
+@pytest.mark.parametrize("cls,kwargs", ALGORITHMS, ids=ALGORITHM_IDS)
+def test_micro_batches_add_up_to_the_minibatch_gradient_loss_and_diagnostics(tokenizer, model_path, cls, kwargs):
+    """The gradient, the loss and every diagnostic (approx_kl, which the early stop reads, among them) of a
+    minibatch split into micro-batches equal those of the whole minibatch, for every algorithm's mix of per-token
+    and per-sequence (or per-pair) means."""
+    model = _algorithm(cls, kwargs, tokenizer, model_path)
+    model.learn(16)  # one rollout and its update: the buffer holds a rollout with advantages
+    model.policy.set_training_mode(True)
+    batch = next(model.rollout_buffer.get(8))
+    micro_batches = split_minibatch(batch, 24, model.rollout_buffer._unit)
+    assert len(micro_batches) > 1
+    results = []
+    for split in (False, True):
+        model.policy.optimizer.zero_grad()
+        if split:
+            loss, metrics = model._accumulate_gradients(batch, micro_batches, 0.2)
+        else:
+            loss, metrics = model._minibatch_loss(batch, 0.2)
+            loss.backward()
+        grads = [p.grad.clone() for p in model.policy.parameters() if p.grad is not None]
+        results.append((loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert th.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    assert metrics_a.keys() == metrics_b.keys() and "approx_kl" in metrics_a
+    for key in metrics_a:
+        assert th.allclose(metrics_a[key], metrics_b[key], rtol=1e-5, atol=1e-7), key
+    assert len(grads_a) == len(grads_b) and any(g.abs().sum() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        assert th.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls,kwargs", ALGORITHMS[::2], ids=ALGORITHM_IDS[::2])
 def test_micro_batches_take_the_minibatch_step(tokenizer, model_path, cls, kwargs):
-    """Gradients accumulated over micro-batches, each weighted by its share of the minibatch's tokens (or
-    sequences), give the step of the whole minibatch: the same weights after an update as without a split."""
+    """End to end: the same weights after an update with and without the split (AdamW, clipping, two epochs)."""
     weights = []
     for micro_batch_tokens in (None, 24):
-        settings = dict(learning_rate=1e-3, n_episodes=16, batch_size=8, n_epochs=2, seed=0)
-        policy_kwargs = {"model_name_or_path": model_path, **kwargs.get("policy_kwargs", {})}
-        extra = {k: v for k, v in kwargs.items() if k not in ("policy_kwargs", "estimator")}
-        env = rule_env(tokenizer, estimator=kwargs.get("estimator", "k1"))
-        model = cls("TransformerActorCriticPolicy", env, policy_kwargs=policy_kwargs,
-                    micro_batch_tokens=micro_batch_tokens, **settings, **extra)  # fmt: skip
+        model = _algorithm(cls, kwargs, tokenizer, model_path, micro_batch_tokens=micro_batch_tokens)
         splits = []
         accumulate = model._accumulate_gradients
 
-        def counting(micro_batches, clip_range):
+        def counting(batch, micro_batches, clip_range):
             splits.append(len(micro_batches))
-            return accumulate(micro_batches, clip_range)
+            return accumulate(batch, micro_batches, clip_range)
 
         model._accumulate_gradients = counting
         model.learn(16)  # one rollout, one update
         assert (bool(splits) and min(splits) > 1) == (micro_batch_tokens is not None)  # the split really happened
         weights.append({k: v.clone() for k, v in model.policy.state_dict().items()})
     before = make_model(rule_env(tokenizer), model_path).policy.actor.state_dict()
-    moved = [k for k in before if not th.equal(before[k], weights[0]["actor." + k])]
-    assert moved  # the update changed the weights
+    assert any(not th.equal(before[k], weights[0]["actor." + k]) for k in before)  # the update moved the weights
     for name, tensor in weights[0].items():
         assert th.allclose(tensor, weights[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_several_processes_refuse_a_micro_batch_budget_even_from_a_zip(tokenizer, model_path, monkeypatch):
+    from sb3_rlhf.common import on_policy_algorithm
+
+    model = make_model(rule_env(tokenizer), model_path, micro_batch_tokens=64)
+    monkeypatch.setattr(on_policy_algorithm, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="not supported with several processes"):
+        model._micro_batch_token_budget()
+    model.micro_batch_tokens = "auto"
+    assert model._micro_batch_token_budget() is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -126,8 +174,15 @@ def test_the_auto_budget_reads_free_gpu_memory(monkeypatch):
     assert per_token == 30 * (16 * 576 + 2 * 1536) * 2 + 49152 * 10
     assert micro_batch_tokens_for(th.device("cpu"), per_token) is None
     monkeypatch.setattr(memory.th.cuda, "mem_get_info", lambda device: (40 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(memory.th.cuda, "memory_reserved", lambda device: 12 * 2**30)
+    monkeypatch.setattr(memory.th.cuda, "memory_allocated", lambda device: 8 * 2**30)
     budget = micro_batch_tokens_for(th.device("cuda"), per_token)
-    assert budget == int(40 * 2**30 * memory.AUTO_MEMORY_SHARE / per_token) and 20_000 < budget < 40_000
+    # free memory and what the caching allocator holds unused (12 - 8 GiB) are both available
+    assert budget == int(44 * 2**30 * memory.AUTO_MEMORY_SHARE / per_token) and 20_000 < budget < 40_000
+    # memory still to be allocated (gradients and Adam's moments before the first step) is not
+    assert micro_batch_tokens_for(th.device("cuda"), per_token, reserved_bytes=4 * 2**30) == int(
+        40 * 2**30 * memory.AUTO_MEMORY_SHARE / per_token
+    )
 
 
 def test_micro_batch_tokens_is_checked_where_it_is_read(tokenizer, model_path):

@@ -48,6 +48,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     )
     th.manual_seed(args.seed)
     answers: list[str] = []
+    engine = RolloutEngine("dynamic")  # one prompt at a time, each its own shape: nothing a compiled step would reuse
     for prompt in args.prompt:
         if args.chat_template:
             prompt = tokenizer.apply_chat_template(
@@ -55,19 +56,15 @@ def run_generate(args: argparse.Namespace) -> list[str]:
             )
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat_template)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        response = (
-            RolloutEngine()
-            .generate(
-                policy,
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                args.max_new_tokens,
-                (tokenizer.eos_token_id,),
-                pad,
-                deterministic=args.greedy,
-            )
-            .responses
-        )
+        response = engine.generate(
+            policy,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            args.max_new_tokens,
+            (tokenizer.eos_token_id,),
+            pad,
+            deterministic=args.greedy,
+        ).responses
         answers.append(str(tokenizer.decode(response[0], skip_special_tokens=True)))
         print(f"{prompt!r} -> {answers[-1]!r}")
     return answers

@@ -100,6 +100,7 @@ class HeldOutEvaluationCallback(BaseCallback):
             self.seed,
             samples_per_prompt=self.samples_per_prompt,
             judge=self.judge,
+            generation_cache=getattr(self.model, "generation_cache", "auto"),  # the training run's own setting
         )
         self.model.policy.set_training_mode(was_training)
         for key, value in metrics.items():

@@ -35,13 +35,21 @@ def activation_bytes_per_token(
     return int(n_layers * per_layer + head)
 
 
-def micro_batch_tokens_for(device: th.device, bytes_per_token: int, share: float = AUTO_MEMORY_SHARE) -> int | None:
-    """The ``"auto"`` token budget of one micro-batch on ``device``: ``share`` of its free memory over
-    :func:`activation_bytes_per_token`, or ``None`` (no split) where free memory cannot be read (a CPU)."""
+def micro_batch_tokens_for(
+    device: th.device, bytes_per_token: int, share: float = AUTO_MEMORY_SHARE, reserved_bytes: int = 0
+) -> int | None:
+    """The ``"auto"`` token budget of one micro-batch on ``device``: ``share`` of its free memory, less
+    ``reserved_bytes`` still to be allocated (gradients and optimizer state before the first step), over
+    :func:`activation_bytes_per_token`; ``None`` (no split) where free memory cannot be read (a CPU). Free memory
+    counts what PyTorch's caching allocator holds without using (the rollout's leftovers), which it hands out
+    again.
+    """
     if device.type != "cuda":
         return None
     free, _ = th.cuda.mem_get_info(device)
-    return max(1, int(free * share / bytes_per_token))
+    cached = th.cuda.memory_reserved(device) - th.cuda.memory_allocated(device)
+    available = max(0, free + cached - reserved_bytes)
+    return max(1, int(available * share / bytes_per_token))
 
 
 def check_micro_batch_tokens(value: int | str | None) -> int | str | None:

@@ -55,7 +55,7 @@ from sb3_rlhf.common.memory import (
 )
 from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.safe_load import safe_custom_objects
-from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS
+from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, minibatch_normalizers
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import NonFiniteRewardError, RewardWrapper, reward_wrappers
@@ -369,6 +369,13 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             assert batch.logprobs is not None  # sample_episodes fills the old log-probs
             try:
                 rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
+            except th.OutOfMemoryError as error:
+                raise DeviceMemoryError(
+                    f"out of device memory scoring {batch.batch_size} episodes × {batch.input_ids.shape[1]} tokens "
+                    f"(the reward model and the KL reference): set generation_batch_size below {batch.batch_size} "
+                    f"(now {self.generation_batch_size}: the episodes of one generate() call are scored together); "
+                    "checkpoints already written stay loadable"
+                ) from error
             except NonFiniteRewardError as error:
                 fault = str(error)
                 break
@@ -499,11 +506,14 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ update
     def train(self) -> None:
-        """``n_epochs`` over minibatches of whole episodes (or groups), one forward per minibatch (CleanRL-style,
-        masked means over the real response tokens).
+        """``n_epochs`` over minibatches of whole episodes (or groups), one optimizer step per minibatch
+        (CleanRL-style, masked means over the real response tokens): one forward, or, where the minibatch exceeds
+        the token budget of :attr:`micro_batch_tokens`, one forward and backward per micro-batch with the gradients
+        accumulated (:meth:`_accumulate_gradients`).
 
-        One host sync per minibatch (whether its step is taken); the diagnostics stay on the device and are read
-        once per update, except ``approx_kl`` where the early stop (``target_kl``) or other ranks need it at once.
+        One host sync per minibatch (whether its step is taken; one more where it is split); the diagnostics stay on
+        the device and are read once per update, except ``approx_kl`` where the early stop (``target_kl``) or other
+        ranks need it at once.
         """
         if self._skipped_rollout():
             return
@@ -523,7 +533,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 with self._naming_out_of_memory(micro_batch_tokens):
                     if accumulated:
                         self.policy.optimizer.zero_grad()
-                        loss, metrics = self._accumulate_gradients(micro_batches, clip_range)
+                        loss, metrics = self._accumulate_gradients(batch, micro_batches, clip_range)
                     else:
                         loss, metrics = self._minibatch_loss(batch, clip_range)
                 last_loss = loss.detach()
@@ -564,25 +574,24 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         return self.compute_loss(batch, logprobs, values, entropy, clip_range)
 
     def _accumulate_gradients(
-        self, micro_batches: list[SequenceBatch], clip_range: float
+        self, batch: SequenceBatch, micro_batches: list[SequenceBatch], clip_range: float
     ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
-        """Forward and backward of each micro-batch, the gradients summed into ``.grad``: micro-batch ``i``'s loss
-        is weighted by its share ``n_i / n`` of what the minibatch loss is a mean over (:meth:`_loss_normalizer`),
-        so the gradient is the whole minibatch's (every loss here is a mean over tokens or sequences).
+        """Forward and backward of each micro-batch of ``batch``, the gradients summed into ``.grad``. Each loss is
+        computed inside :func:`~sb3_rlhf.common.sequences.minibatch_normalizers`, so every mean in it (over tokens,
+        over responses, over pairs) divides by the whole minibatch's count: the micro-batches' losses, gradients
+        and diagnostics add up to exactly the minibatch's.
 
-        :return: the minibatch's loss (detached) and its diagnostics, each the same weighted sum.
+        :return: the minibatch's loss (detached) and its diagnostics.
         """
-        normalizers = [self._loss_normalizer(micro) for micro in micro_batches]
-        total = sum(normalizers)
         loss_sum = th.zeros((), device=self.device)
         metrics_sum: dict[str, th.Tensor] = {}
-        for micro, normalizer in zip(micro_batches, normalizers):
-            loss, metrics = self._minibatch_loss(micro, clip_range)
-            weight = normalizer / total
-            (loss * weight).backward()  # frees this micro-batch's activations before the next forward
-            loss_sum = loss_sum + loss.detach() * weight
-            for key, value in metrics.items():
-                metrics_sum[key] = metrics_sum.get(key, th.zeros((), device=self.device)) + value.detach() * weight
+        with minibatch_normalizers(batch.response_mask):
+            for micro in micro_batches:
+                loss, metrics = self._minibatch_loss(micro, clip_range)
+                loss.backward()  # frees this micro-batch's activations before the next forward
+                loss_sum = loss_sum + loss.detach()
+                for key, value in metrics.items():
+                    metrics_sum[key] = metrics_sum.get(key, th.zeros((), device=self.device)) + value.detach()
         return loss_sum, metrics_sum
 
     @contextlib.contextmanager
@@ -596,7 +605,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             raise DeviceMemoryError(
                 f"out of device memory in the update (micro_batch_tokens={self.micro_batch_tokens!r}: "
                 f"{'no split' if micro_batch_tokens is None else f'{micro_batch_tokens} tokens'} per forward): set "
-                "micro_batch_tokens to a lower number of tokens, or lower batch_size or max_batch_tokens; "
+                "micro_batch_tokens to a lower number of tokens (a group of samples_per_prompt responses is never "
+                "split: with one too long for it, lower samples_per_prompt or max_new_tokens), or lower batch_size; "
                 "checkpoints already written stay loadable"
             ) from error
 
@@ -604,10 +614,14 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         """The token budget of one micro-batch now: :attr:`micro_batch_tokens`, or under ``"auto"`` the one
         :func:`~sb3_rlhf.common.memory.micro_batch_tokens_for` reads from the free GPU memory (``None`` on a CPU
         and with several processes: no split)."""
-        if self.micro_batch_tokens != "auto":
-            return self.micro_batch_tokens  # type: ignore[return-value]
         if world_size() > 1:
+            if isinstance(self.micro_batch_tokens, int):  # e.g. a zip saved with a number, loaded under torchrun
+                raise ValueError(
+                    "micro_batch_tokens is not supported with several processes yet: set it to 'auto' or None"
+                )
             return None
+        if self.micro_batch_tokens != "auto":
+            return self.micro_batch_tokens  # type: ignore[return-value]  # an int or None (check_micro_batch_tokens)
         config = self.policy.actor.config
         intermediate = getattr(config, "intermediate_size", None)
         per_token = activation_bytes_per_token(
@@ -618,7 +632,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             per_token += activation_bytes_per_token(
                 critic.num_hidden_layers, critic.hidden_size, 0, self.policy.critic.dtype
             )
-        return micro_batch_tokens_for(self.device, per_token)
+        # before the first step, the gradients and Adam's two moments are still to be allocated
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        pending = 3 * sum(p.numel() * p.element_size() for p in trainable) if not self.policy.optimizer.state else 0
+        return micro_batch_tokens_for(self.device, per_token, reserved_bytes=pending)
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
         """Log the update under ``train/`` (SB3's keys): the mean of each diagnostic over the minibatches that

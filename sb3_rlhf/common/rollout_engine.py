@@ -158,6 +158,18 @@ def _is_compile_failure(error: BaseException) -> bool:
     return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor")) for cls in type(error).__mro__)
 
 
+def _out_of_memory_within(error: BaseException) -> bool:
+    """Whether a device out of memory caused ``error`` (torch.compile wraps one raised while it autotunes)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, th.OutOfMemoryError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def left_pad(input_ids: th.Tensor, attention_mask: th.Tensor, width: int, pad_token_id: int) -> tuple[th.Tensor, ...]:
     """Left-pad ``(batch, P)`` prompts to ``(batch, width)``: the added columns are padding (mask 0), so positions
     (:func:`~sb3_rlhf.common.sequences.position_ids_from_mask`) and what the model attends to are unchanged."""
@@ -176,7 +188,7 @@ class RolloutEngine:
     ``generation_config.json`` applies, see :meth:`generation_config`).
 
     With the static cache the shapes are bucketed so that a run compiles once: the prompts are left-padded to a
-    multiple of ``prompt_multiple`` tokens and a smaller batch is filled up to ``batch_size`` rows with copies of
+    multiple of ``prompt_multiple`` tokens (at most the env's ``max_prompt_tokens``) and a smaller batch is filled up to ``batch_size`` rows with copies of
     its first prompt (dropped afterwards). The extra columns are padding, which the model does not attend to, so
     the responses are those of the unpadded batch up to float rounding. transformers compiles the decoding step
     on CUDA by itself (``torch.compile`` with CUDA graphs); should compiling fail, the engine warns once and
@@ -220,6 +232,7 @@ class RolloutEngine:
         output_scores: bool = False,
         output_logprobs: bool = False,
         output_action_masks: bool = False,
+        max_prompt_width: int | None = None,
     ) -> Generation:
         """Sample responses of ``policy`` for left-padded prompts with one ``generate()`` call (KV cache).
 
@@ -234,6 +247,8 @@ class RolloutEngine:
             ``(batch, T, vocab)`` scores kept).
         :param output_action_masks: also return the policy's :attr:`action_mask` at every step (the policy must
             have one).
+        :param max_prompt_width: the widest prompt the caller ever passes (the env's ``max_prompt_tokens``): the
+            static cache's bucketed width never exceeds it.
         :return: a :class:`Generation`.
         """
         if output_scores and output_logprobs:
@@ -242,20 +257,21 @@ class RolloutEngine:
             raise ValueError("output_action_masks=True needs the policy's action_mask: set policy.action_mask")
         n_rows = input_ids.shape[0]
         cache = self.cache_for(input_ids.device)
+        ids, mask = input_ids, attention_mask
         if cache == "static":
-            input_ids, attention_mask = self._bucketed(input_ids, attention_mask, pad_token_id)
+            ids, mask = self._bucketed(input_ids, attention_mask, pad_token_id, max_prompt_width)
         try:
             generation = self._generate(
-                policy, input_ids, attention_mask, max_new_tokens, stop_token_ids, pad_token_id, deterministic,
-                output_scores, output_logprobs, cache,
+                policy, ids, mask, max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores,
+                output_logprobs, cache,
             )  # fmt: skip
-        except th.OutOfMemoryError as error:
-            raise DeviceMemoryError(
-                f"out of device memory generating {input_ids.shape[0]} responses of up to {max_new_tokens} tokens "
-                f"after {input_ids.shape[1]}-token prompts ({cache} cache): lower generation_batch_size (or "
-                "max_new_tokens, max_prompt_tokens); checkpoints already written stay loadable"
-            ) from error
         except Exception as error:
+            if _out_of_memory_within(error):
+                raise DeviceMemoryError(
+                    f"out of device memory generating {ids.shape[0]} responses of up to {max_new_tokens} tokens after "
+                    f"{ids.shape[1]}-token prompts ({cache} cache): set generation_batch_size below {ids.shape[0]} "
+                    "(or lower max_new_tokens, max_prompt_tokens); checkpoints already written stay loadable"
+                ) from error
             if cache != "static" or not _is_compile_failure(error):
                 raise
             warnings.warn(
@@ -265,17 +281,20 @@ class RolloutEngine:
             )
             self.compile_failed = True
             return self.generate(
-                policy, input_ids[:n_rows], attention_mask[:n_rows], max_new_tokens, stop_token_ids, pad_token_id,
-                deterministic, output_scores, output_logprobs, output_action_masks,
+                policy, input_ids, attention_mask, max_new_tokens, stop_token_ids, pad_token_id, deterministic,
+                output_scores, output_logprobs, output_action_masks, max_prompt_width,
             )  # fmt: skip
         return Generation._make(None if x is None else x[:n_rows] for x in generation)
 
     def _bucketed(
-        self, input_ids: th.Tensor, attention_mask: th.Tensor, pad_token_id: int
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, pad_token_id: int, max_prompt_width: int | None
     ) -> tuple[th.Tensor, th.Tensor]:
-        """The prompts padded to the static cache's shape: width up to a multiple of :attr:`prompt_multiple`, rows
-        up to :attr:`batch_size` (copies of the first prompt, dropped after generation)."""
+        """The prompts padded to the static cache's shape: width up to a multiple of :attr:`prompt_multiple` (at
+        most ``max_prompt_width``, when the prompts are not wider), rows up to :attr:`batch_size` (copies of the
+        first prompt, dropped after generation)."""
         width = -(-input_ids.shape[1] // self.prompt_multiple) * self.prompt_multiple
+        if max_prompt_width is not None:
+            width = min(width, max(max_prompt_width, input_ids.shape[1]))
         input_ids, attention_mask = left_pad(input_ids, attention_mask, width, pad_token_id)
         missing = (self.batch_size or 0) - input_ids.shape[0]
         if missing > 0:
@@ -434,6 +453,7 @@ class RolloutEngine:
             env.pad_token_id,
             output_logprobs=from_generation,
             output_action_masks=policy.action_mask is not None,
+            max_prompt_width=env.max_prompt_tokens,
         )
         batch = GenerationBatch.from_generation(env, prompt_indices, prompt_ids, prompt_mask, generated.responses)
         batch.action_masks = generated.action_masks
@@ -453,8 +473,8 @@ class RolloutEngine:
         except th.OutOfMemoryError as error:
             raise DeviceMemoryError(
                 f"out of device memory in the rollout's teacher-forced pass over {batch.batch_size} episodes × "
-                f"{batch.input_ids.shape[1]} tokens: lower generation_batch_size (or max_new_tokens); checkpoints "
-                "already written stay loadable"
+                f"{batch.input_ids.shape[1]} tokens: set generation_batch_size below {batch.batch_size} (or lower "
+                "max_new_tokens); checkpoints already written stay loadable"
             ) from error
         batch.logprobs = zero_padding(logprobs, batch.response_mask)
         return batch, values

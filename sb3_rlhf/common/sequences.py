@@ -5,10 +5,13 @@ Layout used everywhere in the fast path: ``input_ids = [prompt (left-padded, P) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch as th
-from torch.utils.checkpoint import checkpoint
 
 
 def position_ids_from_mask(attention_mask: th.Tensor) -> th.Tensor:
@@ -62,15 +65,49 @@ def _scaled(logits: th.Tensor, temperature: float) -> th.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _chunk_logprobs_and_entropy(
-    logits: th.Tensor, tokens: th.Tensor, temperature: float
-) -> tuple[th.Tensor, th.Tensor]:
-    scaled = _scaled(logits, temperature)
-    return logprobs_of_tokens(scaled, tokens), entropy_from_logits(scaled)
+class _ChunkedLogprobsAndEntropy(th.autograd.Function):
+    """log softmax(z / τ)[token] and the entropy of softmax(z / τ), computed ``positions`` at a time in float32
+    from the model's logits, in the forward pass and again in the backward pass, which writes each chunk's
+    gradient straight into one buffer of the logits' shape and dtype: the memory beyond the model's logits is one
+    float32 chunk, and nothing of a chunk is kept between the passes.
 
+    With ``z`` the scaled logits, ``p = softmax(z)``, ``lp = z_a − logsumexp(z)`` and ``H = logsumexp(z) − Σ p z``:
+    ``∂lp/∂z = onehot(a) − p`` and ``∂H/∂z = −p (z − Σ p z)``; both divided by τ for the model's logits.
+    """
 
-def _chunk_logprobs(logits: th.Tensor, tokens: th.Tensor, temperature: float) -> th.Tensor:
-    return logprobs_of_tokens(_scaled(logits, temperature), tokens)
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: th.Tensor, tokens: th.Tensor, temperature: float, positions: int, with_entropy: bool
+    ) -> tuple[th.Tensor, th.Tensor]:
+        logprob_chunks, entropy_chunks = [], []
+        for start in range(0, logits.shape[1], positions):
+            z = _scaled(logits[:, start : start + positions], temperature)
+            logprob_chunks.append(logprobs_of_tokens(z, tokens[:, start : start + positions]))
+            if with_entropy:
+                entropy_chunks.append(entropy_from_logits(z))
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature, ctx.positions = temperature, positions
+        entropy = th.cat(entropy_chunks, dim=1) if with_entropy else logits.new_zeros(0, dtype=th.float32)
+        return th.cat(logprob_chunks, dim=1), entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: th.Tensor | None, grad_entropy: th.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        logits, tokens = ctx.saved_tensors
+        grad = th.empty_like(logits)
+        for start in range(0, logits.shape[1], ctx.positions):
+            end = start + ctx.positions
+            z = _scaled(logits[:, start:end], ctx.temperature)
+            p = th.softmax(z, dim=-1)
+            chunk = th.zeros_like(z)
+            if grad_logprobs is not None:  # ∂lp/∂z = onehot(a) − p
+                g = grad_logprobs[:, start:end].unsqueeze(-1)
+                chunk -= g * p
+                chunk.scatter_add_(-1, tokens[:, start:end].unsqueeze(-1), g)
+            if grad_entropy is not None and grad_entropy.numel():  # ∂H/∂z = −p (z − Σ p z)
+                expected = (p * z).sum(-1, keepdim=True)
+                chunk -= grad_entropy[:, start:end].unsqueeze(-1) * p * (z - expected)
+            grad[:, start:end] = chunk / ctx.temperature if ctx.temperature != 1.0 else chunk
+        return grad, None, None, None, None
 
 
 def logprobs_and_entropy(
@@ -84,9 +121,10 @@ def logprobs_and_entropy(
     """log softmax(z / τ)[token] and the entropy of softmax(z / τ) at every position, in float32, from the model's
     own logits (bf16 or float32) in chunks of positions, so that no float32 ``(batch, T, vocab)`` copy exists.
 
-    Each chunk is cast, scaled and normalised inside :func:`torch.utils.checkpoint.checkpoint`: its float32
-    intermediates are freed after the forward and recomputed in the backward pass, so the memory beyond the model's
-    logits is one chunk's. Logits that fit in ``chunk_bytes`` as float32 go in one piece, without the recomputation.
+    Each chunk is cast, scaled and normalised in one autograd function (:class:`_ChunkedLogprobsAndEntropy`)
+    that recomputes it in the backward pass and writes its gradient into one buffer of the logits' shape: the
+    memory beyond the model's logits (and their gradient) is one float32 chunk. Logits that fit in
+    ``chunk_bytes`` as float32 go in one piece, as plain autograd operations.
 
     :param logits: ``(batch, T, vocab)`` the model's logits for each response token, not yet scaled.
     :param tokens: ``(batch, T)`` int64.
@@ -98,7 +136,6 @@ def logprobs_and_entropy(
     """
     batch, length, vocab = logits.shape
     positions = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // max(1, batch * vocab * 4))
-    grad = th.is_grad_enabled() and logits.requires_grad
     if positions >= length:
         scaled = _scaled(logits, temperature)
         logprobs = logprobs_of_tokens(scaled, tokens)  # first: the gradients into `scaled` add up in this order
@@ -107,24 +144,10 @@ def logprobs_and_entropy(
             with th.set_grad_enabled(entropy_grad and th.is_grad_enabled()):
                 entropy = entropy_from_logits(scaled)
         return logprobs, entropy
-    logprob_chunks: list[th.Tensor] = []
-    entropy_chunks: list[th.Tensor] = []
-    for start in range(0, length, positions):
-        z, a = logits[:, start : start + positions], tokens[:, start : start + positions]
-        if grad and with_entropy and entropy_grad:
-            lp, ent = checkpoint(_chunk_logprobs_and_entropy, z, a, temperature, use_reentrant=False)
-            entropy_chunks.append(ent)
-        else:
-            lp = (
-                checkpoint(_chunk_logprobs, z, a, temperature, use_reentrant=False)
-                if grad
-                else _chunk_logprobs(z, a, temperature)
-            )
-            if with_entropy:
-                with th.no_grad():
-                    entropy_chunks.append(entropy_from_logits(_scaled(z, temperature)))
-        logprob_chunks.append(lp)
-    return th.cat(logprob_chunks, dim=1), th.cat(entropy_chunks, dim=1) if with_entropy else None
+    logprobs, entropy = _ChunkedLogprobsAndEntropy.apply(logits, tokens, temperature, positions, with_entropy)
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, entropy if entropy_grad else entropy.detach()
 
 
 def zero_padding(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
@@ -140,9 +163,49 @@ def zero_padding(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
     return th.where(mask.bool(), values, th.zeros((), dtype=values.dtype, device=values.device))
 
 
+@dataclass(frozen=True)
+class _MinibatchCounts:
+    tokens: th.Tensor  # 0-d: real response tokens of the whole minibatch
+    sequences: int  # its responses
+
+
+_MINIBATCH: ContextVar[_MinibatchCounts | None] = ContextVar("sb3_rlhf_minibatch_counts", default=None)
+
+
+@contextlib.contextmanager
+def minibatch_normalizers(response_mask: th.Tensor) -> Iterator[None]:
+    """Inside this context the loss helpers (:func:`masked_mean`, :func:`masked_aggregate`,
+    :func:`mean_over_sequences`) divide by the counts of the whole minibatch whose ``response_mask`` this is,
+    instead of those of the tensors they see. The update computes a minibatch split into micro-batches this way:
+    each micro-batch's loss and diagnostics are then its share of the minibatch's, and their plain sum is exactly
+    the minibatch's, whatever mix of per-token and per-sequence means a loss has (PPO's value loss, GRPO's
+    sequence mean beside a per-token entropy bonus, P3O's mean over pairs).
+
+    :param response_mask: ``(batch, T)`` the whole minibatch's real response tokens.
+    """
+    token = _MINIBATCH.set(_MinibatchCounts(response_mask.sum().clamp(min=1), response_mask.shape[0]))
+    try:
+        yield
+    finally:
+        _MINIBATCH.reset(token)
+
+
 def masked_mean(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
-    """Mean over the positions where ``mask`` is true; padding never enters a statistic, even inf or NaN."""
-    return zero_padding(values, mask).sum() / mask.sum().to(values.dtype).clamp(min=1.0)
+    """Mean over the positions where ``mask`` is true; padding never enters a statistic, even inf or NaN. Inside
+    :func:`minibatch_normalizers`, the sum is divided by the whole minibatch's token count."""
+    counts = _MINIBATCH.get()
+    denominator = mask.sum() if counts is None else counts.tokens
+    return zero_padding(values, mask).sum() / denominator.to(values.dtype).clamp(min=1.0)
+
+
+def mean_over_sequences(values: th.Tensor, n_sequences: int) -> th.Tensor:
+    """The mean of ``values``, sequence-level quantities of ``n_sequences`` responses (one entry per response, or
+    one per pair of them). Inside :func:`minibatch_normalizers`: the same mean over the whole minibatch's
+    responses, of which these are ``n_sequences``."""
+    counts = _MINIBATCH.get()
+    if counts is None:
+        return values.mean()
+    return values.sum() / (values.numel() * counts.sequences / n_sequences)
 
 
 #: How a per-token loss becomes one number: ``"token"`` averages over every real token of the batch (PPO,
@@ -156,7 +219,7 @@ def masked_aggregate(values: th.Tensor, mask: th.Tensor, aggregation: str = "tok
         return masked_mean(values, mask)
     if aggregation == "sequence":
         per_sequence = zero_padding(values, mask).sum(-1) / mask.sum(-1).to(values.dtype).clamp(min=1.0)
-        return per_sequence.mean()
+        return mean_over_sequences(per_sequence, values.shape[0])
     raise ValueError(f"unknown loss aggregation {aggregation!r}: use one of {LOSS_AGGREGATIONS}")
 
 

@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch as th
 
+from sb3_rlhf.common.sequences import mean_over_sequences
+
 #: ``"separate"``: each response's log-ratio clipped on its own; ``"joint"``: the pair's log-ratio clipped as a whole.
 P3O_CLIPPING = ("separate", "joint")
 
@@ -91,15 +93,17 @@ def p3o_loss(
         unclipped = signed * log_ratio
         clipped = signed * log_ratio.clamp(-clip_range, clip_range)
         objective = th.min(unclipped, clipped).sum(-1)
-        clip_fraction = (log_ratio.abs() > clip_range).float().mean()
+        clip_fraction = mean_over_sequences((log_ratio.abs() > clip_range).float(), 2 * len(delta))
     else:
         pair_log_ratio = log_ratio[:, 0] - log_ratio[:, 1]  # log(ρ1/ρ2)
         unclipped = delta * pair_log_ratio
         clipped = delta * pair_log_ratio.clamp(-clip_range, clip_range)
         objective = th.min(unclipped, clipped)
-        clip_fraction = (pair_log_ratio.abs() > clip_range).float().mean()
-    loss = -(weight * objective / 2).mean()
+        clip_fraction = mean_over_sequences((pair_log_ratio.abs() > clip_range).float(), 2 * len(delta))
+    loss = -mean_over_sequences(weight * objective / 2, 2 * len(delta))
     with th.no_grad():
         products = th.exp(log_ratio.sum(-1))
-        weight_clip_fraction = ((products < 1.0 / weight_clip) | (products > weight_clip)).float().mean()
+        weight_clip_fraction = mean_over_sequences(
+            ((products < 1.0 / weight_clip) | (products > weight_clip)).float(), 2 * len(delta)
+        )
     return P3OLosses(loss, clip_fraction, weight_clip_fraction)

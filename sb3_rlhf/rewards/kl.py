@@ -142,13 +142,14 @@ class KLPenaltyWrapper(RewardWrapper):
         obs_t = {k: th.as_tensor(v, device=policy.device).unsqueeze(0) for k, v in obs_before.items()}
         action_t = th.as_tensor([int(np.asarray(action).item())], device=policy.device)
         logprob = policy.action_log_prob(obs_t, action_t)
-        ref_logits = next_token_logits(
-            self.ref_model,
-            obs_t["input_ids"].long(),
-            obs_t["attention_mask"].long(),
-            policy.temperature,
-            policy.n_actions,
-        )
+        with policy.autocast():
+            ref_logits = next_token_logits(
+                self.ref_model,
+                obs_t["input_ids"].long(),
+                obs_t["attention_mask"].long(),
+                policy.temperature,
+                policy.n_actions,
+            )
         kl = kl_estimate(logprob, logprobs_of_tokens(ref_logits, action_t), self.estimator).item()
         reward = -self.coef * kl
         self._episode_kl += kl
@@ -161,14 +162,15 @@ class KLPenaltyWrapper(RewardWrapper):
     def reference_logprobs(self, batch: GenerationBatch) -> th.Tensor:
         """log π_ref of each response token at the policy's temperature: ``(batch, T)`` float32."""
         policy = self._require_bound()
-        return response_logprobs(
-            self.ref_model,
-            batch.input_ids,
-            batch.attention_mask,
-            batch.response_length,
-            policy.temperature,
-            policy.n_actions,
-        )
+        with policy.autocast():  # the policy's own precision: an untrained policy is exactly at KL 0
+            return response_logprobs(
+                self.ref_model,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_length,
+                policy.temperature,
+                policy.n_actions,
+            )
 
     @th.no_grad()
     def batch_kl(self, batch: GenerationBatch, ref_logprobs: th.Tensor | None = None) -> th.Tensor:
