@@ -71,19 +71,27 @@ def matmul_tflops() -> float:
 def bare_generate_seconds(actor, prompt_ids, prompt_mask, new_tokens: int, pad: int, cache: str, repeats: int):
     """transformers' own ``generate()`` on the same prompts, sampling ``new_tokens`` tokens with ``cache``: the
     first call's time (compilation, for the static cache) and the median of ``repeats`` calls after it."""
+    from transformers import GenerationConfig
+
     times = []
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
     for _ in range(repeats + 1):
         th.cuda.synchronize()
         start = time.perf_counter()
-        actor.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=True,
-            pad_token_id=pad,
-            cache_implementation="static" if cache == "static" else None,
-        )
+        if cache == "continuous":
+            # no min_new_tokens there; EOS is one token in 49152 of a random model
+            config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, pad_token_id=pad, eos_token_id=None)
+            actor.generate_batch(prompts, generation_config=config, max_new_tokens=new_tokens)
+        else:
+            actor.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                pad_token_id=pad,
+                cache_implementation="static" if cache == "static" else None,
+            )
         th.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return times[0], statistics.median(times[1:])
@@ -173,7 +181,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--caches", nargs="+", default=["static", "dynamic"], help="generation_cache settings")
+    parser.add_argument(
+        "--caches", nargs="+", default=["static", "dynamic", "continuous"], help="generation_cache settings"
+    )
     parser.add_argument("--micro-batch-tokens", default="auto", help="the update's setting ('auto', a number, None)")
     parser.add_argument("--out", default=None, help="append the report to this markdown file")
     args = parser.parse_args()

@@ -224,3 +224,39 @@ def test_out_of_memory_scoring_the_rollout_names_the_generation_batch(tokenizer,
     monkeypatch.setattr(model.reward_wrappers[0], "batch_rewards", _out_of_memory)
     with pytest.raises(DeviceMemoryError, match="set generation_batch_size below 8"):
         model.learn(48)
+
+
+def test_continuous_batching_samples_the_policy_and_records_its_logprobs(tokenizer):
+    """generation_cache='continuous' (transformers' generate_batch, each response leaving the batch when it ends):
+    the log-probs it records are the policy's at its temperature, and a seeded rollout repeats."""
+    policy, env = _policy(tokenizer, temperature=0.7)
+    engine = RolloutEngine("continuous")
+    assert engine.cache_for(th.device("cpu")) == "continuous"
+    th.manual_seed(0)
+    batch, _ = engine.sample_episodes(policy, env, np.arange(8), with_values=False)
+    with th.no_grad():
+        forced, _, _ = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
+    real = batch.response_mask
+    assert real.sum() > 8 and th.allclose(batch.logprobs[real], forced[real], atol=1e-5)
+    assert not th.equal(batch.logprobs[real], th.zeros_like(batch.logprobs[real]))
+    th.manual_seed(0)
+    again, _ = engine.sample_episodes(policy, env, np.arange(8), with_values=False)
+    assert th.equal(again.response_ids, batch.response_ids)
+    # what it cannot sample exactly is refused, naming the caches that can
+    for kwargs in ({"top_k": 5}, {"top_p": 0.9}):
+        truncated, _ = _policy(tokenizer, **kwargs)
+        with pytest.raises(ValueError, match="continuous' samples with transformers' own temperature only"):
+            engine.sample_episodes(truncated, env, np.arange(2), with_values=False)
+    policy.action_mask = ActionMask([AllowedTokens(range(4, 20))], len(tokenizer), [tokenizer.eos_token_id])
+    with pytest.raises(ValueError, match="an action mask"):
+        engine.sample_episodes(policy, env, np.arange(2), with_values=False)
+
+
+def test_an_algorithm_refuses_continuous_batching_for_a_truncated_policy_when_built(tokenizer, model_path):
+    with pytest.raises(ValueError, match="not with top_k/top_p"):
+        RLHFPPO(
+            TransformerActorCriticPolicy,
+            rule_env(tokenizer),
+            policy_kwargs=dict(model_name_or_path=model_path, top_k=5),
+            generation_cache="continuous",
+        )

@@ -87,8 +87,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         ``train/skipped_updates``. After this many skips in a row the run stops with an error (0: at the first).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
     :param generation_cache: the KV cache of ``generate()``: ``"static"`` (transformers then compiles the decoding
-        step on CUDA, with CUDA graphs; the shapes are bucketed so that a run compiles once), ``"dynamic"``, or
-        ``"auto"`` (static on CUDA, dynamic elsewhere). See :class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`.
+        step on CUDA, with CUDA graphs; the shapes are bucketed so that a run compiles once), ``"dynamic"``,
+        ``"auto"`` (static on CUDA, dynamic elsewhere), or ``"continuous"`` (transformers' continuous batching,
+        ``generate_batch``, for long or uneven responses; a policy without top-k/top-p or an action mask). See
+        :class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`.
     :param micro_batch_tokens: split each minibatch into micro-batches of at most this many tokens and accumulate
         their gradients into the minibatch's one optimizer step (the same step, in less memory): a positive integer,
         ``"auto"`` (on CUDA, sized from the free GPU memory; elsewhere no split) or ``None`` (no split).
@@ -288,6 +290,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.rollout_engine = RolloutEngine(
             getattr(self, "generation_cache", "auto"), batch_size=self.generation_batch_size or self.n_episodes
         )
+        self.rollout_engine.check_policy(self.policy)
         if getattr(self.policy, "revision", None) is not None:
             # the zip's policy_kwargs name a hub model by the commit it resolved to, not a branch that moves
             self.policy_kwargs = {**self.policy_kwargs, "revision": self.policy.revision}

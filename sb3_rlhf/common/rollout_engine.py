@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from sb3_rlhf.policies import TransformerActorCriticPolicy
 
 #: the KV caches :class:`RolloutEngine` generates with: ``"auto"`` is ``"static"`` on CUDA (transformers compiles
-#: the decoding step, CUDA graphs included) and ``"dynamic"`` elsewhere (a CPU gains nothing from a static cache)
-GENERATION_CACHES = ("auto", "static", "dynamic")
+#: the decoding step, CUDA graphs included) and ``"dynamic"`` elsewhere (a CPU gains nothing from a static cache);
+#: ``"continuous"`` is transformers' continuous batching (``generate_batch``: a paged cache, each response leaves
+#: the batch when it ends), for long or uneven responses on a GPU
+GENERATION_CACHES = ("auto", "static", "dynamic", "continuous")
 
 
 class Generation(NamedTuple):
@@ -219,6 +221,31 @@ class RolloutEngine:
             return "static" if device.type == "cuda" else "dynamic"
         return self.cache
 
+    def check_policy(self, policy: TransformerActorCriticPolicy) -> None:
+        """Refuse a policy this engine's cache cannot sample exactly: transformers' continuous batching applies the
+        generation config's temperature and nothing else (no top-k/top-p of the policy's own semantics, no action
+        mask, no suppression of a vocabulary wider than the tokenizer's)."""
+        if self.cache != "continuous":
+            return
+        n_actions = policy.n_actions
+        problems = [
+            name
+            for name, present in (
+                ("top_k/top_p", policy.top_k > 0 or policy.top_p < 1.0),
+                ("an action mask (NLPO, masked RLHFPPO)", policy.action_mask is not None),
+                (
+                    f"a model vocabulary wider than the tokenizer's {n_actions} tokens",
+                    policy.actor.get_output_embeddings().weight.shape[0] > n_actions,
+                ),
+            )
+            if present
+        ]
+        if problems:
+            raise ValueError(
+                f"generation_cache='continuous' samples with transformers' own temperature only, not with "
+                f"{', '.join(problems)}: use generation_cache='static' or 'dynamic' for this policy"
+            )
+
     @th.no_grad()
     def generate(
         self,
@@ -315,6 +342,11 @@ class RolloutEngine:
         output_logprobs: bool,
         cache: str,
     ) -> Generation:
+        if cache == "continuous":
+            return self._generate_continuous(
+                policy, input_ids, attention_mask, max_new_tokens, stop_token_ids, pad_token_id, deterministic,
+                output_scores, output_logprobs,
+            )  # fmt: skip
         config = self.generation_config(
             max_new_tokens, stop_token_ids, pad_token_id, deterministic, output_scores, cache
         )
@@ -354,6 +386,65 @@ class RolloutEngine:
             scores=th.stack(out.scores, dim=1)[:, :, :n_actions] if output_scores else None,
             action_masks=masking.finish(responses) if masking is not None else None,
         )
+
+    def _generate_continuous(
+        self,
+        policy: TransformerActorCriticPolicy,
+        input_ids: th.Tensor,
+        attention_mask: th.Tensor,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        deterministic: bool,
+        output_scores: bool,
+        output_logprobs: bool,
+    ) -> Generation:
+        """One ``generate_batch()`` call (transformers' continuous batching) with the log-prob of every drawn token.
+
+        Its sampling runs the generation config's own temperature and nothing else, so only a policy that is its
+        softmax at that temperature (no top-k/top-p, no action mask, a vocabulary no wider than the tokenizer's)
+        is sampled exactly; others are refused. Its random stream is seeded from torch's, so a seeded run
+        repeats.
+        """
+        if output_scores:
+            raise ValueError("generation_cache='continuous' returns no scores: use 'static' or 'dynamic' for them")
+        self.check_policy(policy)
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic)
+        if not deterministic:
+            config.temperature = policy.temperature
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+        seed = int(th.randint(2**31 - 1, (), device="cpu"))  # from torch's stream: seeded runs repeat
+        actor = policy.actor
+        was_training = actor.training
+        actor.eval()
+        try:
+            with policy.autocast():
+                results = actor.generate_batch(
+                    prompts,
+                    generation_config=config,
+                    continuous_batching_config=ContinuousBatchingConfig(return_logprobs=True, seed=seed),
+                    max_new_tokens=max_new_tokens,
+                    warmup=input_ids.device.type == "cuda",  # CUDA graphs captured before the requests
+                )
+        finally:
+            actor.train(was_training)
+        outputs = list(results.values())
+        failed = [out.error for out in outputs if out.error is not None]
+        if len(outputs) != len(prompts) or failed:
+            raise RuntimeError(
+                f"transformers' continuous batching returned {len(outputs)} of {len(prompts)} responses"
+                + (f" ({failed[0]})" if failed else "")
+                + ": use generation_cache='static' or 'dynamic'"
+            )
+        length = max(len(out.generated_tokens) for out in outputs)
+        responses = th.full((len(outputs), length), pad_token_id, dtype=th.long)
+        logprobs = th.zeros((len(outputs), length), dtype=th.float32)
+        for row, out in enumerate(outputs):
+            responses[row, : len(out.generated_tokens)] = th.as_tensor(out.generated_tokens)
+            logprobs[row, : len(out.logprobs)] = th.as_tensor(out.logprobs)
+        return Generation(responses.to(input_ids.device), logprobs.to(input_ids.device) if output_logprobs else None)
 
     @staticmethod
     def generation_config(

@@ -48,8 +48,8 @@ class P3O(RLHFOnPolicyAlgorithm):
         with an error (see :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`).
     :param generation_batch_size: prompts per ``generate()`` call (``None``: all ``n_episodes`` at once).
     :param generation_cache: ``generate()``'s KV cache: ``"auto"`` (static on CUDA, so that transformers compiles
-        the decoding step; dynamic elsewhere), ``"static"`` or ``"dynamic"``
-        (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`).
+        the decoding step; dynamic elsewhere), ``"static"``, ``"dynamic"`` or ``"continuous"`` (transformers'
+        continuous batching) (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`).
     :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
         whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
         a CPU), ``None`` never splits.
