@@ -12,7 +12,7 @@
 # 3. benchmarks/peers.py on the GPU with a Llama of SmolLM2-135M's shape (576 wide, 30 layers, 9 heads): float32
 #    on both sides, PEERS_REPEATS repeats (3), then bf16 mixed precision on both (TRL's default), one repeat; when
 #    the TRL wheels are there (see below).
-# Each step has its own time limit (100 + 3 × 70 + 130 + 60 s), so that it ends within 8 minutes on one H100,
+# Each step has its own time limit (90 + 3 × 60 + 120 + 60 s = 450 s), so that it ends within 8 minutes on one H100,
 # installs included: a step cut short says so in gpu.md. Without CUDA it refuses at once: exit 3,
 # one line.
 #
@@ -46,7 +46,7 @@ mkdir -p "$(dirname "$RESULTS")"
 } >"$RESULTS"
 
 echo "== tests/test_cuda.py"
-if timeout 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee /tmp/gpu_check_tests.log; then
+if timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee /tmp/gpu_check_tests.log; then
     status=passed
 else
     status=FAILED
@@ -63,7 +63,7 @@ fi
 echo "== benchmarks/gpu_throughput.py"
 # one process per cache setting, each with its own time limit: one that runs over loses its own row only
 for cache in static dynamic continuous; do
-    timeout 70 "$PYTHON" benchmarks/gpu_throughput.py --caches "$cache" --out "$RESULTS" \
+    timeout 60 "$PYTHON" benchmarks/gpu_throughput.py --caches "$cache" --out "$RESULTS" \
         || echo "gpu_throughput.py --caches $cache failed or ran out of time (exit $?)" | tee -a "$RESULTS"
 done
 
@@ -86,7 +86,7 @@ if [ -f benchmarks/peers.py ] && [ -d .whl/trl-1.12 ] && [ -d .whl/trl-1.16 ]; t
     for precision in float32 bf16; do
         peers_dir="$(dirname "$RESULTS")/peers_gpu_$precision"
         repeats=$([ "$precision" = float32 ] && echo "${PEERS_REPEATS:-3}" || echo 1)
-        limit=$([ "$precision" = float32 ] && echo 130 || echo 60)
+        limit=$([ "$precision" = float32 ] && echo 120 || echo 60)
         if timeout "$limit" "$PYTHON" benchmarks/peers.py --device cuda --precision "$precision" \
             --models llama-576x30 --repeats "$repeats" --n-episodes 32 --response-length 64 --iterations 4 \
             --vocab 4096 --no-floor --out-dir "$peers_dir"; then

@@ -80,7 +80,9 @@ def bare_generate_seconds(actor, prompt_ids, prompt_mask, new_tokens: int, pad: 
         start = time.perf_counter()
         if cache == "continuous":
             # no min_new_tokens there; EOS is one token in 49152 of a random model
-            config = GenerationConfig(max_new_tokens=new_tokens, do_sample=True, pad_token_id=pad, eos_token_id=None)
+            config = GenerationConfig(
+                max_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=None
+            )
             actor.generate_batch(prompts, generation_config=config, max_new_tokens=new_tokens)
         else:
             actor.generate(

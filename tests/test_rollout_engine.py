@@ -8,11 +8,13 @@ import pytest
 import torch as th
 from torch._dynamo.exc import BackendCompilerFailed
 
-from sb3_rlhf import RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
+from sb3_rlhf import NLPO, RLHFPPO, TokenGenerationEnv, TransformerActorCriticPolicy
 from sb3_rlhf.cli import USER_ERRORS
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback
+from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.memory import DeviceMemoryError
 from sb3_rlhf.common.rollout_engine import Generation, RolloutEngine, left_pad
+from sb3_rlhf.common.sequences import response_mask_until_stop
 from sb3_rlhf.common.tiny import tiny_causal_lm
 from sb3_rlhf.envs.masks import ActionMask, AllowedTokens, TopPMask
 from tests.helpers import make_model, make_prompts, rule_env
@@ -228,35 +230,55 @@ def test_out_of_memory_scoring_the_rollout_names_the_generation_batch(tokenizer,
 
 def test_continuous_batching_samples_the_policy_and_records_its_logprobs(tokenizer):
     """generation_cache='continuous' (transformers' generate_batch, each response leaving the batch when it ends):
-    the log-probs it records are the policy's at its temperature, and a seeded rollout repeats."""
+    the log-probs it records are the policy's at its temperature; torch's own random streams are left as they were
+    (transformers reseeds them); the rollout keeps the teacher-forced log-probs as the old ones."""
     policy, env = _policy(tokenizer, temperature=0.7)
     engine = RolloutEngine("continuous")
     assert engine.cache_for(th.device("cpu")) == "continuous"
     th.manual_seed(0)
-    batch, _ = engine.sample_episodes(policy, env, np.arange(8), with_values=False)
+    recorded = _sample(engine, policy, env, seed=0, output_logprobs=True)
+    after = th.rand(4)
+    th.manual_seed(0)
+    th.randint(2**31 - 1, ())  # the engine's one draw: the batch's seed
+    assert th.equal(after, th.rand(4))
+    responses = recorded.responses
+    real, _ = response_mask_until_stop(responses, env.stop_token_ids)
+    assert responses.shape[0] == 8 and real.sum() > 8
+    assert (responses[~real] == env.pad_token_id).all()  # padding after the stop token, as generate() pads
+    prompt_ids, prompt_mask = (th.as_tensor(a) for a in env.prompt_batch(np.arange(8)))
+    batch = GenerationBatch.from_generation(env, np.arange(8), prompt_ids, prompt_mask, responses)
     with th.no_grad():
         forced, _, _ = policy.evaluate_sequences(batch.input_ids, batch.attention_mask, batch.response_length)
-    real = batch.response_mask
-    assert real.sum() > 8 and th.allclose(batch.logprobs[real], forced[real], atol=1e-5)
-    assert not th.equal(batch.logprobs[real], th.zeros_like(batch.logprobs[real]))
-    th.manual_seed(0)
-    again, _ = engine.sample_episodes(policy, env, np.arange(8), with_values=False)
-    assert th.equal(again.response_ids, batch.response_ids)
+    assert th.allclose(recorded.logprobs[real], forced[real], atol=1e-5)
+    th.manual_seed(1)
+    episodes, _ = engine.sample_episodes(policy, env, np.arange(8), with_values=False)
+    with th.no_grad():
+        forced, _, _ = policy.evaluate_sequences(episodes.input_ids, episodes.attention_mask, episodes.response_length)
+    assert th.equal(episodes.logprobs[episodes.response_mask], forced[episodes.response_mask])  # recomputed
     # what it cannot sample exactly is refused, naming the caches that can
-    for kwargs in ({"top_k": 5}, {"top_p": 0.9}):
-        truncated, _ = _policy(tokenizer, **kwargs)
+    for kwargs in ({"top_k": 5}, {"top_p": 0.9}, {"mixed_precision": "bf16"}):
+        other, _ = _policy(tokenizer, **kwargs)
         with pytest.raises(ValueError, match="continuous' samples with transformers' own temperature only"):
-            engine.sample_episodes(truncated, env, np.arange(2), with_values=False)
+            engine.sample_episodes(other, env, np.arange(2), with_values=False)
+    with pytest.raises(ValueError, match="no greedy decoding"):
+        _sample(engine, policy, env, seed=0, deterministic=True)
     policy.action_mask = ActionMask([AllowedTokens(range(4, 20))], len(tokenizer), [tokenizer.eos_token_id])
     with pytest.raises(ValueError, match="an action mask"):
         engine.sample_episodes(policy, env, np.arange(2), with_values=False)
 
 
-def test_an_algorithm_refuses_continuous_batching_for_a_truncated_policy_when_built(tokenizer, model_path):
+def test_algorithms_refuse_continuous_batching_for_a_policy_it_cannot_sample_when_built(tokenizer, model_path):
     with pytest.raises(ValueError, match="not with top_k/top_p"):
         RLHFPPO(
             TransformerActorCriticPolicy,
             rule_env(tokenizer),
             policy_kwargs=dict(model_name_or_path=model_path, top_k=5),
+            generation_cache="continuous",
+        )
+    with pytest.raises(ValueError, match="not with an action mask"):  # NLPO's nucleus, bound after the policy
+        NLPO(
+            TransformerActorCriticPolicy,
+            rule_env(tokenizer),
+            policy_kwargs=dict(model_name_or_path=model_path),
             generation_cache="continuous",
         )

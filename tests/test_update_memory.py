@@ -147,10 +147,18 @@ def test_chunked_logprobs_and_entropy_equal_the_whole_computation(temperature, d
     assert th.allclose(results[0][1], entropy_from_logits(scaled), atol=1e-5)
     for whole, chunked in zip(results[0], results[1]):
         assert whole.dtype == chunked.dtype and th.allclose(whole, chunked, atol=1e-6)
-    # no entropy gradient asked: entropy still computed, outside the graph
-    logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, entropy_grad=False, chunk_bytes=600)
-    assert logprobs.requires_grad and not entropy.requires_grad
-    assert th.allclose(entropy, results[0][1], atol=1e-6)
+    # no entropy gradient asked (ent_coef 0): entropy still computed, outside the graph; the log-probs' gradient alone
+    grads = []
+    for chunk_bytes in (None, 600):
+        logits.grad = None
+        logprobs, entropy = logprobs_and_entropy(
+            logits, tokens, temperature, entropy_grad=False, chunk_bytes=chunk_bytes
+        )
+        assert logprobs.requires_grad and not entropy.requires_grad
+        assert th.allclose(entropy, results[0][1], atol=1e-6)
+        (logprobs * weights_lp).sum().backward()
+        grads.append(logits.grad.clone())
+    assert th.allclose(*grads, atol=1e-6) and not th.allclose(grads[0], results[0][2], atol=1e-3)
 
 
 def test_the_chunked_update_is_the_whole_update(tokenizer, model_path):

@@ -100,7 +100,7 @@ class HeldOutEvaluationCallback(BaseCallback):
             self.seed,
             samples_per_prompt=self.samples_per_prompt,
             judge=self.judge,
-            generation_cache=getattr(self.model, "generation_cache", "auto"),  # the training run's own setting
+            engine=getattr(self.model, "rollout_engine", None),  # the training run's own (cache, compiled shape)
         )
         self.model.policy.set_training_mode(was_training)
         for key, value in metrics.items():

@@ -27,14 +27,14 @@ def sample(
     env: TokenGenerationEnv,
     indices: Sequence[int] | np.ndarray,
     batch_size: int = 32,
-    generation_cache: str = "auto",
+    engine: RolloutEngine | None = None,
 ) -> list[GenerationBatch]:
     """Responses of ``policy`` to ``env.prompts[indices]``, in batches, with their log-probs filled.
 
-    :param generation_cache: the KV cache (:class:`~sb3_rlhf.common.rollout_engine.RolloutEngine`); a static one
-        (CUDA) compiles one shape for every batch.
+    :param engine: the rollout engine to sample with (a training run's own: its cache setting, its compiled shape
+        and what it learnt of a failed compilation); default: one with the default cache, ``batch_size`` rows.
     """
-    engine = RolloutEngine(generation_cache, batch_size=batch_size)
+    engine = engine or RolloutEngine(batch_size=batch_size)
     return [
         engine.sample_episodes(policy, env, list(indices[start : start + batch_size]), with_values=False)[0]
         for start in range(0, len(indices), batch_size)
@@ -51,7 +51,7 @@ def evaluate_policy(
     batch_size: int = 32,
     samples_per_prompt: int = 1,
     judge: BagOfWordsJudge | None = None,
-    generation_cache: str = "auto",
+    engine: RolloutEngine | None = None,
 ) -> tuple[dict[str, float], list[str], list[float]]:
     """Sample ``policy`` ``samples_per_prompt`` times on every prompt of ``env`` (the held-out prompts) and
     score the responses.
@@ -59,7 +59,7 @@ def evaluate_policy(
     :param reference: the KL reference (a causal LM: the initial policy's actor).
     :param scorers: the task's reward wrappers; their sequence-level terms (reward model, function) are the score.
     :param judge: a second judge (never trained against) of the responses' text.
-    :param generation_cache: the KV cache to sample with (:func:`sample`).
+    :param engine: the rollout engine to sample with (:func:`sample`).
     :return: metrics ``score`` (mean), ``kl`` (mean over responses of Σ_t log π(a_t|s_t) − log π_ref(a_t|s_t), the
         k1 estimate of KL(π‖π_ref) per response), ``response_length``, ``eos_fraction``, the text quality
         (:func:`~sb3_rlhf.common.quality.text_quality`: ``distinct_1``, ``distinct_2``, ``repeated_2gram_rate``),
@@ -74,15 +74,16 @@ def evaluate_policy(
     cuda = [policy.device] if policy.device.type == "cuda" else []
     with th.random.fork_rng(devices=cuda):
         th.manual_seed(seed)
-        batches = sample(policy, env, indices, batch_size, generation_cache)
+        batches = sample(policy, env, indices, batch_size, engine)
     for batch in batches:
         score = sum(
             (w.score(batch) for w in scorers if isinstance(w, SequenceRewardWrapper)), th.zeros(batch.batch_size)
         )
         # one reference forward: the KL reads its logits at the sampling temperature, the perplexity as they are
-        ref_logits, _ = response_logits(
-            reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
-        )
+        with policy.autocast():  # the policy's precision (its log-probs' own): the KL of an untrained policy is 0
+            ref_logits, _ = response_logits(
+                reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
+            )
         tokens = batch.input_ids[:, -batch.response_length :]
         ref = logprobs_of_tokens(ref_logits, tokens)  # the reference's own distribution: the perplexity's
         if policy.temperature != 1.0:

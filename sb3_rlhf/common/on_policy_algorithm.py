@@ -284,6 +284,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
         self.policy = self.policy.to(self.device)
         self.clip_range = FloatSchedule(self.clip_range)
+        if world_size() > 1 and isinstance(getattr(self, "micro_batch_tokens", None), int):
+            raise ValueError(  # a zip saved with a number, loaded under torchrun: refused before any rollout
+                "micro_batch_tokens is not supported with several processes yet: set it to 'auto' or None"
+            )
         if self.device.type == "cuda":
             self.policy.use_fused_optimizer()
         #: samples the rollouts (cache, compilation, shapes); rebuilt from its settings, never saved in the zip

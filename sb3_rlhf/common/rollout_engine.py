@@ -196,7 +196,7 @@ class RolloutEngine:
     on CUDA by itself (``torch.compile`` with CUDA graphs); should compiling fail, the engine warns once and
     generates with the dynamic cache from then on.
 
-    :param cache: ``"auto"``, ``"static"`` or ``"dynamic"`` (see :data:`GENERATION_CACHES`).
+    :param cache: ``"auto"``, ``"static"``, ``"dynamic"`` or ``"continuous"`` (see :data:`GENERATION_CACHES`).
     :param batch_size: the rows of one ``generate()`` call under the static cache (``None``: as given).
     :param prompt_multiple: under the static cache, pad the prompts' width up to a multiple of this.
     """
@@ -214,7 +214,7 @@ class RolloutEngine:
         self.compile_failed = False
 
     def cache_for(self, device: th.device) -> str:
-        """The cache a ``generate()`` on ``device`` uses: ``"static"`` or ``"dynamic"``."""
+        """The cache a ``generate()`` on ``device`` uses: ``"static"``, ``"dynamic"`` or ``"continuous"``."""
         if self.compile_failed:
             return "dynamic"
         if self.cache == "auto":
@@ -224,7 +224,8 @@ class RolloutEngine:
     def check_policy(self, policy: TransformerActorCriticPolicy) -> None:
         """Refuse a policy this engine's cache cannot sample exactly: transformers' continuous batching applies the
         generation config's temperature and nothing else (no top-k/top-p of the policy's own semantics, no action
-        mask, no suppression of a vocabulary wider than the tokenizer's)."""
+        mask, no suppression of a vocabulary wider than the tokenizer's) in a thread of its own (outside
+        ``torch.autocast``)."""
         if self.cache != "continuous":
             return
         n_actions = policy.n_actions
@@ -233,6 +234,8 @@ class RolloutEngine:
             for name, present in (
                 ("top_k/top_p", policy.top_k > 0 or policy.top_p < 1.0),
                 ("an action mask (NLPO, masked RLHFPPO)", policy.action_mask is not None),
+                # autocast is per thread, and generate_batch samples in a thread of its own
+                ("mixed_precision (its sampling thread runs outside the autocast)", policy.mixed_precision is not None),
                 (
                     f"a model vocabulary wider than the tokenizer's {n_actions} tokens",
                     policy.actor.get_output_embeddings().weight.shape[0] > n_actions,
@@ -403,28 +406,45 @@ class RolloutEngine:
 
         Its sampling runs the generation config's own temperature and nothing else, so only a policy that is its
         softmax at that temperature (no top-k/top-p, no action mask, a vocabulary no wider than the tokenizer's)
-        is sampled exactly; others are refused. Its random stream is seeded from torch's, so a seeded run
-        repeats.
+        is sampled exactly; others are refused (:meth:`check_policy`). Its random stream is seeded from torch's,
+        and torch's own streams are left as they were; which draw each response gets depends on how transformers'
+        scheduler thread fills its batches, so a seeded run need not repeat token for token. The paged cache is
+        sized for this batch, and the attention stays the model's own (no switch to flash-attention).
         """
-        if output_scores:
-            raise ValueError("generation_cache='continuous' returns no scores: use 'static' or 'dynamic' for them")
+        if output_scores or deterministic:
+            raise ValueError(
+                "generation_cache='continuous' samples (no greedy decoding) and returns no scores: use 'static' or "
+                "'dynamic' for them"
+            )
         self.check_policy(policy)
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id, deterministic)
-        if not deterministic:
-            config.temperature = policy.temperature
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
-        seed = int(th.randint(2**31 - 1, (), device="cpu"))  # from torch's stream: seeded runs repeat
+        config = self.generation_config(max_new_tokens, stop_token_ids, pad_token_id)
+        config.temperature = policy.temperature
+        prompts = [row[mask].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu().bool())]
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        page_size = 256
+        batching = ContinuousBatchingConfig(
+            return_logprobs=True,
+            seed=int(th.randint(2**31 - 1, (), device="cpu")),  # from torch's stream
+            # a cache for this batch (transformers would take most of the device's memory, or of the host's)
+            page_size=page_size,
+            num_blocks=len(prompts) * -(-longest // page_size) + 1,
+            max_batch_tokens=max(len(prompts), min(2048, len(prompts) * longest)),
+            # the attention the teacher-forced pass uses, not flash-attention where it is installed
+            auto_switch_to_flash=False,
+        )
         actor = policy.actor
         was_training = actor.training
         actor.eval()
+        devices = [input_ids.device] if input_ids.device.type == "cuda" else []
         try:
-            with policy.autocast():
+            # transformers seeds torch's global generators with the batch's seed: put back the run's own streams
+            with th.random.fork_rng(devices=devices):
                 results = actor.generate_batch(
                     prompts,
                     generation_config=config,
-                    continuous_batching_config=ContinuousBatchingConfig(return_logprobs=True, seed=seed),
+                    continuous_batching_config=batching,
                     max_new_tokens=max_new_tokens,
                     warmup=input_ids.device.type == "cuda",  # CUDA graphs captured before the requests
                 )
@@ -432,6 +452,11 @@ class RolloutEngine:
             actor.train(was_training)
         outputs = list(results.values())
         failed = [out.error for out in outputs if out.error is not None]
+        if any("out of memory" in str(error).lower() for error in failed):
+            raise DeviceMemoryError(
+                f"out of device memory generating {len(prompts)} responses with continuous batching: set "
+                f"generation_batch_size below {len(prompts)}; checkpoints already written stay loadable"
+            )
         if len(outputs) != len(prompts) or failed:
             raise RuntimeError(
                 f"transformers' continuous batching returned {len(outputs)} of {len(prompts)} responses"
@@ -507,7 +532,8 @@ class RolloutEngine:
 
         A float32 actor's old log-probs are those ``generate()`` sampled with (TRL's PPO keeps its generation
         logits the same way): the actor's teacher-forced pass would give the same numbers up to float rounding
-        (tested at 1e-5) at the cost of a forward over the whole batch. It still runs for a shared value head,
+        (tested at 1e-5 on CPU, 1e-4 through the compiled static cache on CUDA) at the cost of a forward over the
+        whole batch. It still runs for a shared value head,
         whose values come from it, and in half precision, TF32 or autocast, where the KV-cached and the
         teacher-forced forwards differ by more than that, which would bias the first epoch's ratios (so also under
         the policy's ``mixed_precision``). (With
@@ -534,6 +560,8 @@ class RolloutEngine:
             and th.get_float32_matmul_precision() == "highest"  # TF32 rounds far above 1e-5
             and not th.is_autocast_enabled()
             and policy.mixed_precision is None
+            # paged attention kernels are not the teacher-forced pass's: its own log-probs are the old ones
+            and self.cache_for(policy.device) != "continuous"
         )
         generated = self.generate(
             policy,

@@ -68,8 +68,8 @@ def _scaled(logits: th.Tensor, temperature: float) -> th.Tensor:
 class _ChunkedLogprobsAndEntropy(th.autograd.Function):
     """log softmax(z / τ)[token] and the entropy of softmax(z / τ), computed ``positions`` at a time in float32
     from the model's logits, in the forward pass and again in the backward pass, which writes each chunk's
-    gradient straight into one buffer of the logits' shape and dtype: the memory beyond the model's logits is one
-    float32 chunk, and nothing of a chunk is kept between the passes.
+    gradient straight into one buffer of the logits' shape and dtype: the memory beyond the model's logits and that
+    buffer is a few float32 chunks' worth of temporaries, and nothing of a chunk is kept between the passes.
 
     With ``z`` the scaled logits, ``p = softmax(z)``, ``lp = z_a − logsumexp(z)`` and ``H = logsumexp(z) − Σ p z``:
     ``∂lp/∂z = onehot(a) − p`` and ``∂H/∂z = −p (z − Σ p z)``; both divided by τ for the model's logits.
@@ -87,12 +87,15 @@ class _ChunkedLogprobsAndEntropy(th.autograd.Function):
                 entropy_chunks.append(entropy_from_logits(z))
         ctx.save_for_backward(logits, tokens)
         ctx.temperature, ctx.positions = temperature, positions
+        ctx.set_materialize_grads(False)  # an output nothing differentiates (the entropy at ent_coef 0) costs nothing
         entropy = th.cat(entropy_chunks, dim=1) if with_entropy else logits.new_zeros(0, dtype=th.float32)
         return th.cat(logprob_chunks, dim=1), entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logprobs: th.Tensor | None, grad_entropy: th.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         logits, tokens = ctx.saved_tensors
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None
         grad = th.empty_like(logits)
         for start in range(0, logits.shape[1], ctx.positions):
             end = start + ctx.positions
@@ -123,7 +126,7 @@ def logprobs_and_entropy(
 
     Each chunk is cast, scaled and normalised in one autograd function (:class:`_ChunkedLogprobsAndEntropy`)
     that recomputes it in the backward pass and writes its gradient into one buffer of the logits' shape: the
-    memory beyond the model's logits (and their gradient) is one float32 chunk. Logits that fit in
+    memory beyond the model's logits (and their gradient) is a few float32 chunks' worth of temporaries. Logits that fit in
     ``chunk_bytes`` as float32 go in one piece, as plain autograd operations.
 
     :param logits: ``(batch, T, vocab)`` the model's logits for each response token, not yet scaled.

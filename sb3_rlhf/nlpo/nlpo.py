@@ -187,6 +187,7 @@ class NLPO(RLHFPPO):
         super()._setup_model()
         self.masking_policy = MaskingPolicy(self.policy, self.mask_top_p, self.mask_min_tokens_to_keep)
         self._bind_action_mask()
+        self.rollout_engine.check_policy(self.policy)  # now with the nucleus mask: not every cache samples under it
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         super().set_env(env, force_reset=force_reset)
