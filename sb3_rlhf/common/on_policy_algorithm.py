@@ -205,11 +205,6 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 "of optimizer steps; leave it None"
             )
         micro_batch_tokens = check_micro_batch_tokens(micro_batch_tokens)
-        if world_size() > 1 and isinstance(micro_batch_tokens, int):
-            raise ValueError(
-                "micro_batch_tokens is not supported with several processes yet: leave it 'auto' (no split there) "
-                "or None"
-            )
         RolloutEngine(generation_cache)  # the setting checked where it is read, not at the first rollout
         if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
@@ -285,8 +280,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.policy = self.policy.to(self.device)
         self.clip_range = FloatSchedule(self.clip_range)
         if world_size() > 1 and isinstance(getattr(self, "micro_batch_tokens", None), int):
-            raise ValueError(  # a zip saved with a number, loaded under torchrun: refused before any rollout
-                "micro_batch_tokens is not supported with several processes yet: set it to 'auto' or None"
+            # here, not in __init__ alone: a zip saved with a number and loaded under torchrun is refused too
+            raise ValueError(
+                "micro_batch_tokens is not supported with several processes yet: leave it 'auto' (no split there) "
+                "or None"
             )
         if self.device.type == "cuda":
             self.policy.use_fused_optimizer()
@@ -621,11 +618,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         """The token budget of one micro-batch now: :attr:`micro_batch_tokens`, or under ``"auto"`` the one
         :func:`~sb3_rlhf.common.memory.micro_batch_tokens_for` reads from the free GPU memory (``None`` on a CPU
         and with several processes: no split)."""
-        if world_size() > 1:
-            if isinstance(self.micro_batch_tokens, int):  # e.g. a zip saved with a number, loaded under torchrun
-                raise ValueError(
-                    "micro_batch_tokens is not supported with several processes yet: set it to 'auto' or None"
-                )
+        if world_size() > 1:  # a number is refused when the model is built
             return None
         if self.micro_batch_tokens != "auto":
             return self.micro_batch_tokens  # type: ignore[return-value]  # an int or None (check_micro_batch_tokens)

@@ -194,7 +194,8 @@ class RolloutEngine:
     its first prompt (dropped afterwards). The extra columns are padding, which the model does not attend to, so
     the responses are those of the unpadded batch up to float rounding. transformers compiles the decoding step
     on CUDA by itself (``torch.compile`` with CUDA graphs); should compiling fail, the engine warns once and
-    generates with the dynamic cache from then on.
+    generates with the dynamic cache from then on. The continuous cache hands the prompts to transformers'
+    ``generate_batch`` instead (see :meth:`check_policy` for the policies it can sample).
 
     :param cache: ``"auto"``, ``"static"``, ``"dynamic"`` or ``"continuous"`` (see :data:`GENERATION_CACHES`).
     :param batch_size: the rows of one ``generate()`` call under the static cache (``None``: as given).
