@@ -13,7 +13,14 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import PretrainedConfig, PreTrainedModel
 
-from sb3_rlhf.common.forward import forward_last_positions, response_logits
+from sb3_rlhf.common.forward import (
+    VARLEN_ATTENTION,
+    attention_implementation,
+    forward_last_positions,
+    hidden_states_packed,
+    packing_supported,
+    response_logits,
+)
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import (
     causal_lm_from_config,
@@ -106,6 +113,11 @@ class TransformerActorCriticPolicy(BasePolicy):
         of the actor and a separate critic in bfloat16 under ``torch.autocast`` (``None``: as the weights are). The
         log-probs and entropy are still computed in float32; the old log-probs then come from a teacher-forced pass,
         since a KV-cached bf16 forward differs from it by more than float rounding.
+    :param pack_sequences: run the teacher-forced passes (the update's, the rollout's) with the episodes packed into
+        one row without their padding, the attention kept within each episode by the position ids. ``"auto"`` packs
+        where the attention kernel takes packed sequences as they are (``flash_attention_2``/``3``, variable-length,
+        no mask); ``True`` also elsewhere (sdpa and eager then build a block-diagonal mask: exact, but quadratic in
+        the packed length); ``False`` never.
     :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
     :param gradient_checkpointing: trade compute for memory in the update.
     :param lora: LoRA through ``peft``: a dict of ``peft.LoraConfig`` arguments (defaults ``r=8``,
@@ -132,6 +144,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         top_p: float = 1.0,
         dtype: str | None = None,
         mixed_precision: str | None = None,
+        pack_sequences: bool | str = "auto",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
@@ -171,6 +184,9 @@ class TransformerActorCriticPolicy(BasePolicy):
                 f"(float32), not {dtype!r} (dtype='bfloat16' alone trains the bf16 weights themselves)"
             )
         self.mixed_precision = mixed_precision
+        if pack_sequences not in (True, False, "auto"):
+            raise ValueError(f"pack_sequences must be True, False or 'auto', got {pack_sequences!r}")
+        self.pack_sequences = pack_sequences
         self.model_name_or_path = model_name_or_path
         self.revision = revision
         self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
@@ -225,6 +241,10 @@ class TransformerActorCriticPolicy(BasePolicy):
                 disable_dropout(model)
         hidden_size = cast(th.nn.Embedding, (self.critic or self.actor).get_input_embeddings()).embedding_dim
         self.value_head = th.nn.Linear(hidden_size, 1)
+        if pack_sequences is True:  # a model that would mix packed episodes is refused now, not at the first update
+            for model in (self.actor, self.critic):
+                if model is not None:
+                    self.packs(model)
         trainable = [p for p in self.parameters() if p.requires_grad]
         # as SB3's ActorCriticPolicy: optimizer_class is any torch optimizer, whose base class takes no lr
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
@@ -258,6 +278,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             top_p=self.top_p,
             dtype=self.dtype,
             mixed_precision=self.mixed_precision,
+            pack_sequences=self.pack_sequences,
             trust_remote_code=self.trust_remote_code,
             gradient_checkpointing=self.gradient_checkpointing,
             lora=self.lora,
@@ -271,12 +292,41 @@ class TransformerActorCriticPolicy(BasePolicy):
             return contextlib.nullcontext()
         return th.autocast(self.device.type, dtype=th.bfloat16)
 
+    def packs(self, model: th.nn.Module) -> bool:
+        """Whether the teacher-forced passes of ``model`` (the actor, a separate critic, the KL reference) run
+        packed: as ``pack_sequences`` says, for a model that keeps packed rows apart
+        (:func:`~sb3_rlhf.common.forward.packing_supported`); under ``"auto"`` also with a variable-length attention
+        kernel only. ``pack_sequences=True`` with a model that mixes packed rows is an error."""
+        if self.pack_sequences is False:
+            return False
+        if self.pack_sequences == "auto" and attention_implementation(model) not in VARLEN_ATTENTION:
+            return False
+        if packing_supported(model):
+            return True
+        if self.pack_sequences is True:
+            raise ValueError(
+                f"{type(model).__name__} ({attention_implementation(model)} attention) does not keep packed episodes "
+                "apart by their position ids (its mask ignores them, or it carries a state from token to token): "
+                "set pack_sequences=False"
+            )
+        return False
+
+    @property
+    def packed(self) -> bool:
+        """Whether the actor's teacher-forced passes run packed (:meth:`packs`)."""
+        return self.packs(self.actor)
+
     # ------------------------------------------------------------------ values
     def _values_from_hidden(self, hidden: th.Tensor) -> th.Tensor:
         return self.value_head(hidden.float()).squeeze(-1)
 
-    def _critic_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int) -> th.Tensor:
+    def _critic_hidden(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int, packed: bool = False
+    ) -> th.Tensor:
         assert self.critic is not None
+        if packed:
+            with self.autocast():
+                return hidden_states_packed(self.critic, input_ids, attention_mask, n_positions)
         with self.autocast():
             out = self.critic(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
@@ -382,11 +432,13 @@ class TransformerActorCriticPolicy(BasePolicy):
                 self.n_actions,
                 shared,
                 scaled=truncated,  # the untruncated distribution is scaled in chunks below
+                packed=self.packed,
             )
         values = None
         if with_values:
             if not shared:
-                hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1)
+                assert self.critic is not None  # not shared: a separate critic
+                hidden = self._critic_hidden(input_ids, attention_mask, response_length + 1, self.packs(self.critic))
             assert hidden is not None  # the actor's, asked for when shared
             values = self._values_from_hidden(hidden)
         if not truncated:
@@ -427,7 +479,9 @@ class TransformerActorCriticPolicy(BasePolicy):
             raise ValueError(
                 "critic_values() needs value_head='separate'; a shared head's values come from evaluate_sequences()"
             )
-        return self._values_from_hidden(self._critic_hidden(input_ids, attention_mask, response_length + 1))
+        return self._values_from_hidden(
+            self._critic_hidden(input_ids, attention_mask, response_length + 1, self.packs(self.critic))
+        )
 
     def make_reference_model(self) -> th.nn.Module:
         """The KL reference when none is given: the initial model, frozen. Under LoRA that is the actor with its

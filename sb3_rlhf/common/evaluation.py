@@ -82,7 +82,13 @@ def evaluate_policy(
         # one reference forward: the KL reads its logits at the sampling temperature, the perplexity as they are
         with policy.autocast():  # the policy's precision (its log-probs' own): the KL of an untrained policy is 0
             ref_logits, _ = response_logits(
-                reference, batch.input_ids, batch.attention_mask, batch.response_length, 1.0, policy.n_actions
+                reference,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_length,
+                1.0,
+                policy.n_actions,
+                packed=policy.packs(reference),
             )
         tokens = batch.input_ids[:, -batch.response_length :]
         ref = logprobs_of_tokens(ref_logits, tokens)  # the reference's own distribution: the perplexity's

@@ -23,12 +23,44 @@ def accepts_logits_to_keep(model: th.nn.Module) -> bool:
     return _TAKES_LOGITS_TO_KEEP[model_class]
 
 
+#: the attention implementations whose kernels take packed sequences as they are (variable-length, no mask), where
+#: :func:`forward_last_positions`' ``packed="auto"`` packs; others (sdpa, eager) build a block-diagonal mask from the
+#: position ids instead, correct but quadratic in the packed length, so they pack only when asked
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def attention_implementation(model: th.nn.Module) -> str | None:
+    """The attention implementation of ``model`` (a transformers model, or peft's around one)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def packed_layout(attention_mask: th.Tensor, n_positions: int) -> tuple[th.Tensor, th.Tensor]:
+    """Where the real tokens of left- and right-padded rows go when they are packed into one row without padding,
+    and where the last ``n_positions`` columns of each row are in it.
+
+    :param attention_mask: ``(batch, seq_len)`` 0/1.
+    :return: ``positions (1, n_real)`` int64, each row's position ids (restarting at 0 for each row: how the model
+        tells the packed sequences apart), and ``index (batch, n_positions)`` int64, the packed index of each of the
+        last ``n_positions`` columns; a padding column after a row's last real token gets that token's index (its
+        outputs are masked wherever they are read).
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    offsets = lengths.cumsum(0) - lengths
+    last_real = (mask.long().cumsum(-1) - 1).clamp(min=0)  # each column's last real token at or before it
+    index = (offsets.unsqueeze(-1) + last_real)[:, -n_positions:]
+    positions = position_ids_from_mask(attention_mask)[mask].unsqueeze(0)
+    return positions, index
+
+
 def forward_last_positions(
     model: th.nn.Module,
     input_ids: th.Tensor,
     attention_mask: th.Tensor,
     n_positions: int,
     output_hidden_states: bool = False,
+    packed: bool = False,
 ) -> tuple[th.Tensor, th.Tensor | None]:
     """Logits (and last-layer hidden states) at the last ``n_positions`` positions.
 
@@ -42,8 +74,14 @@ def forward_last_positions(
     :param input_ids: ``(batch, seq_len)`` int64.
     :param attention_mask: ``(batch, seq_len)`` int64.
     :param output_hidden_states: also return the last-layer hidden states (for a value head on the actor).
+    :param packed: run the rows packed into one, without their padding (:func:`packed_layout`): the attention sees
+        each row alone through its position ids (variable-length kernels, or a block-diagonal mask), and no compute
+        goes to padding. The model must take ``logits_to_keep`` and keep packed rows apart
+        (:func:`packing_supported`).
     :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
     """
+    if packed:
+        return _forward_packed(model, input_ids, attention_mask, n_positions, output_hidden_states)
     kwargs = {}
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_positions
@@ -70,6 +108,83 @@ def forward_last_positions(
     return logits, hidden
 
 
+def _forward_packed(
+    model: th.nn.Module, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int, output_hidden_states: bool
+) -> tuple[th.Tensor, th.Tensor | None]:
+    """:func:`forward_last_positions` over the rows packed into one: the LM head runs at the kept positions only."""
+    if not accepts_logits_to_keep(model):
+        raise ValueError(f"{type(model).__name__} takes no logits_to_keep: it cannot run packed (pack_sequences=False)")
+    positions, index = packed_layout(attention_mask, n_positions)
+    head_inputs: list[th.Tensor] = []
+    hook = None
+    if output_hidden_states:
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        hook = head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    try:
+        out = model(
+            input_ids=input_ids[attention_mask.bool()].unsqueeze(0),
+            position_ids=positions,
+            attention_mask=None,  # the position ids separate the rows,
+            use_cache=False,  # and only without a cache: transformers reads packing off them when no cache is passed
+            logits_to_keep=index.flatten(),  # the duplicates (padding) are hidden-sized rows, not logits copies
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = out.logits.view(*index.shape, -1)
+    hidden = head_inputs[-1].view(*index.shape, -1) if output_hidden_states else None
+    return logits, hidden
+
+
+_PACKING_SUPPORTED: dict[tuple[type, str | None], bool] = {}
+
+
+def packing_supported(model: th.nn.Module) -> bool:
+    """Whether ``model`` keeps packed rows apart by their position ids alone, found once per model class and
+    attention implementation: one row's outputs must not change with the row packed before it. Models that build
+    their mask without the position ids (OPT, Falcon, Bloom, MPT, ...) or carry a state from token to token
+    (Mamba, RWKV, hybrids) fail it."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    key = (type(base), attention_implementation(model))
+    if key not in _PACKING_SUPPORTED:
+        # a causal LM runs its head at the kept positions only; a backbone (a separate critic) has no head
+        language_model = getattr(base, "get_output_embeddings", lambda: None)() is not None
+        _PACKING_SUPPORTED[key] = (not language_model or accepts_logits_to_keep(model)) and _rows_stay_apart(model)
+    return _PACKING_SUPPORTED[key]
+
+
+@th.no_grad()
+def _rows_stay_apart(model: th.nn.Module) -> bool:
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]  # type: ignore[operator]
+    second = th.tensor([5, 7, 11], device=device) % vocab
+    positions = th.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    outputs = []
+    for first in ([3, 4, 6], [9, 2, 8]):
+        ids = th.cat([th.tensor(first, device=device) % vocab, second]).unsqueeze(0)
+        out = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False)
+        states = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        outputs.append(states[0, 3:].float())
+    # masked-out keys weigh exactly 0 in every kernel that keeps rows apart: the second row's outputs are the same
+    return bool(th.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6))
+
+
+def hidden_states_packed(
+    model: th.nn.Module, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int
+) -> th.Tensor:
+    """The last-layer hidden states of a backbone (a separate critic) at the last ``n_positions`` columns, run over
+    the rows packed into one (:func:`packed_layout`): ``(batch, n_positions, hidden)``."""
+    positions, index = packed_layout(attention_mask, n_positions)
+    out = model(
+        input_ids=input_ids[attention_mask.bool()].unsqueeze(0),
+        position_ids=positions,
+        attention_mask=None,  # the position ids separate the rows,
+        use_cache=False,  # and only without a cache: transformers reads packing off them when no cache is passed
+    )
+    return out.last_hidden_state[0, index]
+
+
 def response_logits(
     model: th.nn.Module,
     input_ids: th.Tensor,
@@ -79,6 +194,7 @@ def response_logits(
     n_actions: int,
     output_hidden_states: bool = False,
     scaled: bool = True,
+    packed: bool = False,
 ) -> tuple[th.Tensor, th.Tensor | None]:
     """Temperature-scaled logits predicting each response token, and hidden states of the states s_0..s_T.
 
@@ -87,9 +203,12 @@ def response_logits(
 
     :param scaled: ``False``: the model's own logits (its dtype, not divided by the temperature), for
         :func:`~sb3_rlhf.common.sequences.logprobs_and_entropy` to scale in chunks.
+    :param packed: run the rows packed, without padding (:func:`forward_last_positions`).
     :return: ``logits (batch, T, n_actions)`` float32, ``hidden (batch, T + 1, hidden) | None``.
     """
-    logits, hidden = forward_last_positions(model, input_ids, attention_mask, response_length + 1, output_hidden_states)
+    logits, hidden = forward_last_positions(
+        model, input_ids, attention_mask, response_length + 1, output_hidden_states, packed
+    )
     if not scaled:
         return logits[:, :-1, :n_actions], hidden
     # float32 before scaling: bf16 logits divided by a temperature lose the digits the PPO ratio needs
@@ -105,9 +224,13 @@ def response_logprobs(
     response_length: int,
     temperature: float,
     n_actions: int,
+    packed: bool = False,
 ) -> th.Tensor:
-    """log π(response token | prefix) under ``model`` at ``temperature``: ``(batch, T)`` float32."""
-    logits, _ = response_logits(model, input_ids, attention_mask, response_length, temperature, n_actions)
+    """log π(response token | prefix) under ``model`` at ``temperature``: ``(batch, T)`` float32 (``packed``: run
+    without padding, :func:`forward_last_positions`)."""
+    logits, _ = response_logits(
+        model, input_ids, attention_mask, response_length, temperature, n_actions, packed=packed
+    )
     return logprobs_of_tokens(logits, input_ids[:, -response_length:])
 
 

@@ -170,6 +170,7 @@ class KLPenaltyWrapper(RewardWrapper):
                 batch.response_length,
                 policy.temperature,
                 policy.n_actions,
+                packed=policy.packs(self.ref_model),  # as the policy's own passes, where the reference allows it
             )
 
     @th.no_grad()
