@@ -118,6 +118,9 @@ class TransformerActorCriticPolicy(BasePolicy):
         where the attention kernel takes packed sequences as they are (``flash_attention_2``/``3``, variable-length,
         no mask); ``True`` also elsewhere (sdpa and eager then build a block-diagonal mask: exact, but quadratic in
         the packed length); ``False`` never.
+    :param attn_implementation: the attention of the actor, a separate critic and the reference built from
+        ``model_name_or_path`` (transformers' ``attn_implementation``: ``"sdpa"``, ``"eager"``,
+        ``"flash_attention_2"``, ...; ``None``: transformers' default).
     :param trust_remote_code: let transformers run the checkpoint's own code (off unless you trust it).
     :param gradient_checkpointing: trade compute for memory in the update.
     :param lora: LoRA through ``peft``: a dict of ``peft.LoraConfig`` arguments (defaults ``r=8``,
@@ -145,6 +148,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         dtype: str | None = None,
         mixed_precision: str | None = None,
         pack_sequences: bool | str = "auto",
+        attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
@@ -187,6 +191,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         if pack_sequences not in (True, False, "auto"):
             raise ValueError(f"pack_sequences must be True, False or 'auto', got {pack_sequences!r}")
         self.pack_sequences = pack_sequences
+        self.attn_implementation = attn_implementation
         self.model_name_or_path = model_name_or_path
         self.revision = revision
         self.model_config = model_config.to_dict() if isinstance(model_config, PretrainedConfig) else model_config
@@ -213,12 +218,12 @@ class TransformerActorCriticPolicy(BasePolicy):
         if model_name_or_path is not None:
             # resolved once (a hub id: one look-up) for the actor and a critic on the same weights
             path = resolve_model_path(model_name_or_path, revision, "policy model", trust_remote_code)
-            self.actor = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.actor = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, **self._attention())
             # a hub id is pinned to the commit it resolved to: the zip reloads (and the KL reference is) these weights
             self.revision = pinned_revision(model_name_or_path, revision, path)
         else:
             assert self.model_config is not None  # exactly one of the two, checked above
-            self.actor = causal_lm_from_config(self.model_config, dtype=dtype)
+            self.actor = causal_lm_from_config(self.model_config, dtype=dtype, **self._attention())
         check_vocabulary(self.actor, self.n_actions, "the env's tokenizer")
         self.critic: PreTrainedModel | None = None
         if value_head == "separate":
@@ -227,6 +232,7 @@ class TransformerActorCriticPolicy(BasePolicy):
                 None if (critic_model_name_or_path or path) else self.model_config,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
+                **self._attention(),
             )
         for model in (self.actor, self.critic):
             if model is not None and gradient_checkpointing:
@@ -279,6 +285,7 @@ class TransformerActorCriticPolicy(BasePolicy):
             dtype=self.dtype,
             mixed_precision=self.mixed_precision,
             pack_sequences=self.pack_sequences,
+            attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             gradient_checkpointing=self.gradient_checkpointing,
             lora=self.lora,
@@ -310,6 +317,10 @@ class TransformerActorCriticPolicy(BasePolicy):
                 "set pack_sequences=False"
             )
         return False
+
+    def _attention(self) -> dict[str, Any]:
+        """transformers' loading arguments for :attr:`attn_implementation` (none when it is left to transformers)."""
+        return {} if self.attn_implementation is None else {"attn_implementation": self.attn_implementation}
 
     @property
     def packed(self) -> bool:
@@ -497,6 +508,7 @@ class TransformerActorCriticPolicy(BasePolicy):
                 dtype=self.dtype,
                 trust_remote_code=self.trust_remote_code,
                 revision=self.revision,
+                **self._attention(),
             )
             return freeze(reference).to(self.device)
         return freeze(copy.deepcopy(self.actor))

@@ -26,9 +26,10 @@ def test_packed_layout_drops_padding_and_maps_the_last_columns():
         ("llama", {"value_head": "separate"}),
         ("llama", {"lora": {"r": 4}}),
         ("llama", {"temperature": 0.7, "top_k": 6}),
+        ("llama", {"attn_implementation": "eager", "value_head": "separate"}),
         ("gpt2", {}),
     ],
-    ids=["llama", "llama-separate-critic", "llama-lora", "llama-top-k", "gpt2"],
+    ids=["llama", "llama-separate-critic", "llama-lora", "llama-top-k", "llama-eager", "gpt2"],
 )
 def test_packed_passes_equal_the_padded_ones(env, model_path, gpt2_path, model, kwargs):
     path = model_path if model == "llama" else gpt2_path
@@ -137,3 +138,21 @@ def test_models_that_mix_packed_rows_are_found_and_refused(env, model_path, gpt2
     # as if OPT ran a variable-length kernel: "auto" still does not pack a model that mixes the rows
     monkeypatch.setattr(policies, "attention_implementation", lambda model: VARLEN_ATTENTION[0])
     assert not policy.packed
+
+
+def test_the_attention_implementation_reaches_every_model_and_the_zip(tokenizer, model_path, tmp_path):
+    env = rule_env(tokenizer)
+    model = RLHFPPO(
+        TransformerActorCriticPolicy,
+        env,
+        n_episodes=8,
+        batch_size=8,
+        policy_kwargs=dict(model_name_or_path=model_path, value_head="separate", attn_implementation="eager"),
+    )
+    policy = model.policy
+    reference = policy.make_reference_model()
+    for built in (policy.actor, policy.critic, reference):
+        assert built.config._attn_implementation == "eager"
+    model.save(tmp_path / "eager.zip")
+    loaded = RLHFPPO.load(tmp_path / "eager.zip", env=env)
+    assert loaded.policy.actor.config._attn_implementation == "eager"

@@ -94,11 +94,12 @@ def pinned_revision(name_or_path: str, revision: str | None = None, path: str | 
 
 
 def causal_lm_from_config(
-    config: PretrainedConfig | dict[str, Any], dtype: str | th.dtype | None = None
+    config: PretrainedConfig | dict[str, Any], dtype: str | th.dtype | None = None, **kwargs: Any
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM from a config object or a ``config.to_dict()`` dictionary."""
+    """A randomly initialised causal LM from a config object or a ``config.to_dict()`` dictionary (``kwargs`` for
+    ``from_config``, e.g. ``attn_implementation``)."""
     config = _as_config(config)
-    return AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(dtype)).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(dtype), **kwargs).eval()
 
 
 def load_backbone(
@@ -107,15 +108,17 @@ def load_backbone(
     dtype: str | th.dtype | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    **kwargs: Any,
 ) -> PreTrainedModel:
-    """The transformer without its LM head (``AutoModel``), for a separate critic."""
+    """The transformer without its LM head (``AutoModel``), for a separate critic (``kwargs`` for transformers'
+    loading, e.g. ``attn_implementation``)."""
     if name_or_path is not None:
         path = resolve_model_path(name_or_path, revision, "critic model", trust_remote_code)
         return AutoModel.from_pretrained(
-            path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True
+            path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
         ).eval()
     assert config is not None
-    return AutoModel.from_config(_as_config(config), dtype=_resolve_dtype(dtype)).eval()
+    return AutoModel.from_config(_as_config(config), dtype=_resolve_dtype(dtype), **kwargs).eval()
 
 
 def _as_config(config: PretrainedConfig | dict[str, Any]) -> PretrainedConfig:
