@@ -11,12 +11,16 @@ from sb3_rlhf.common.sequences import logprobs_of_tokens, position_ids_from_mask
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
+def _base_model(model: th.nn.Module) -> th.nn.Module:
+    """The transformers model inside a peft model (or the adapter-disabled LoRA reference); ``model`` otherwise."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def accepts_logits_to_keep(model: th.nn.Module) -> bool:
     """Whether ``model``'s forward takes ``logits_to_keep``. A peft model (and the adapter-disabled LoRA reference)
     passes its keyword arguments through to the transformers model inside, whose signature decides."""
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
-    model_class = type(base)
+    model_class = type(_base_model(model))
     # cached by class, not by model: a cache keyed by the model would keep every model it saw alive
     if model_class not in _TAKES_LOGITS_TO_KEEP:
         _TAKES_LOGITS_TO_KEEP[model_class] = "logits_to_keep" in inspect.signature(model_class.forward).parameters
@@ -54,6 +58,19 @@ def packed_layout(attention_mask: th.Tensor, n_positions: int) -> tuple[th.Tenso
     return positions, index
 
 
+def _packed_inputs(
+    input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int
+) -> tuple[dict[str, th.Tensor | int | None], th.Tensor]:
+    """The model inputs of the rows packed into one (:func:`packed_layout`), and the packed index of each row's last
+    ``n_positions`` columns. Run them without a cache: transformers reads the packing off the position ids only
+    when neither an attention mask nor a cache is passed."""
+    positions, index = packed_layout(attention_mask, n_positions)
+    inputs: dict[str, th.Tensor | int | None] = dict(
+        input_ids=input_ids[attention_mask.bool()].unsqueeze(0), position_ids=positions, attention_mask=None
+    )
+    return inputs, index
+
+
 def forward_last_positions(
     model: th.nn.Module,
     input_ids: th.Tensor,
@@ -80,59 +97,39 @@ def forward_last_positions(
         (:func:`packing_supported`).
     :return: ``logits (batch, n_positions, vocab)`` and ``hidden (batch, n_positions, hidden) | None``.
     """
-    if packed:
-        return _forward_packed(model, input_ids, attention_mask, n_positions, output_hidden_states)
-    kwargs = {}
-    if accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = n_positions
+    index = None
+    inputs: dict[str, th.Tensor | int | None]
+    if packed:  # one row of every row's real tokens; the LM head at the kept positions only
+        if not accepts_logits_to_keep(model):
+            raise ValueError(
+                f"{type(model).__name__} takes no logits_to_keep: it cannot run packed (pack_sequences=False)"
+            )
+        inputs, index = _packed_inputs(input_ids, attention_mask, n_positions)
+        inputs["logits_to_keep"] = index.flatten()  # the duplicates (padding) are hidden-sized rows, not logits
+    else:
+        inputs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        )
+        if accepts_logits_to_keep(model):
+            inputs["logits_to_keep"] = n_positions
     head_inputs: list[th.Tensor] = []
     hook = None
     if output_hidden_states:
         head = model.get_output_embeddings()  # type: ignore[operator]
         hook = head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
     try:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            **kwargs,
-        )
+        out = model(**inputs, use_cache=False)
     finally:
         if hook is not None:
             hook.remove()
+    if index is not None:
+        logits = out.logits.view(*index.shape, -1)
+        hidden = head_inputs[-1].view(*index.shape, -1) if output_hidden_states else None
+        return logits, hidden
     logits = out.logits
     if logits.shape[1] != n_positions:  # no logits_to_keep; a no-op slice would still cost its backward a
         logits = logits[:, -n_positions:]  # zero-filled copy of the whole (batch, n, vocab) gradient
     hidden = head_inputs[-1][:, -n_positions:] if output_hidden_states else None
-    return logits, hidden
-
-
-def _forward_packed(
-    model: th.nn.Module, input_ids: th.Tensor, attention_mask: th.Tensor, n_positions: int, output_hidden_states: bool
-) -> tuple[th.Tensor, th.Tensor | None]:
-    """:func:`forward_last_positions` over the rows packed into one: the LM head runs at the kept positions only."""
-    if not accepts_logits_to_keep(model):
-        raise ValueError(f"{type(model).__name__} takes no logits_to_keep: it cannot run packed (pack_sequences=False)")
-    positions, index = packed_layout(attention_mask, n_positions)
-    head_inputs: list[th.Tensor] = []
-    hook = None
-    if output_hidden_states:
-        head = model.get_output_embeddings()  # type: ignore[operator]
-        hook = head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
-    try:
-        out = model(
-            input_ids=input_ids[attention_mask.bool()].unsqueeze(0),
-            position_ids=positions,
-            attention_mask=None,  # the position ids separate the rows,
-            use_cache=False,  # and only without a cache: transformers reads packing off them when no cache is passed
-            logits_to_keep=index.flatten(),  # the duplicates (padding) are hidden-sized rows, not logits copies
-        )
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits = out.logits.view(*index.shape, -1)
-    hidden = head_inputs[-1].view(*index.shape, -1) if output_hidden_states else None
     return logits, hidden
 
 
@@ -144,8 +141,7 @@ def packing_supported(model: th.nn.Module) -> bool:
     attention implementation: one row's outputs must not change with the row packed before it. Models that build
     their mask without the position ids (OPT, Falcon, Bloom, MPT, ...) or carry a state from token to token
     (Mamba, RWKV, hybrids) fail it."""
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
+    base = _base_model(model)
     key = (type(base), attention_implementation(model))
     if key not in _PACKING_SUPPORTED:
         # a causal LM runs its head at the kept positions only; a backbone (a separate critic) has no head
@@ -175,14 +171,8 @@ def hidden_states_packed(
 ) -> th.Tensor:
     """The last-layer hidden states of a backbone (a separate critic) at the last ``n_positions`` columns, run over
     the rows packed into one (:func:`packed_layout`): ``(batch, n_positions, hidden)``."""
-    positions, index = packed_layout(attention_mask, n_positions)
-    out = model(
-        input_ids=input_ids[attention_mask.bool()].unsqueeze(0),
-        position_ids=positions,
-        attention_mask=None,  # the position ids separate the rows,
-        use_cache=False,  # and only without a cache: transformers reads packing off them when no cache is passed
-    )
-    return out.last_hidden_state[0, index]
+    inputs, index = _packed_inputs(input_ids, attention_mask, n_positions)
+    return model(**inputs, use_cache=False).last_hidden_state[0, index]
 
 
 def response_logits(

@@ -155,6 +155,17 @@ def _generation_defaults(model: PreTrainedModel, config: GenerationConfig) -> It
         model.generation_config = checkpoint_config
 
 
+@contextlib.contextmanager
+def _eval_mode(model: th.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for one generation, its training mode put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _is_compile_failure(error: BaseException) -> bool:
     """Whether ``error`` comes from torch.compile (TorchDynamo or Inductor) rather than from the model itself."""
     return any(cls.__module__.startswith(("torch._dynamo", "torch._inductor")) for cls in type(error).__mro__)
@@ -368,10 +379,8 @@ class RolloutEngine:
             processors.append(recorder)  # last: it must see the scores that sampling uses
         actor = policy.actor
         model = actor.get_base_model() if policy.lora is not None else actor  # peft generates with it
-        was_training = actor.training
-        actor.eval()
         try:
-            with _generation_defaults(model, config), policy.autocast():
+            with _eval_mode(actor), _generation_defaults(model, config), policy.autocast():
                 out = actor.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -379,7 +388,6 @@ class RolloutEngine:
                     logits_processor=processors,
                 )
         finally:
-            actor.train(was_training)
             if policy.action_mask is not None:
                 policy.action_mask.reset()  # a model-based source's KV cache is this generation's only
         sequences = out.sequences if output_scores else out
@@ -436,21 +444,16 @@ class RolloutEngine:
             auto_switch_to_flash=False,
         )
         actor = policy.actor
-        was_training = actor.training
-        actor.eval()
         devices = [input_ids.device] if input_ids.device.type == "cuda" else []
-        try:
-            # transformers seeds torch's global generators with the batch's seed: put back the run's own streams
-            with th.random.fork_rng(devices=devices):
-                results = actor.generate_batch(
-                    prompts,
-                    generation_config=config,
-                    continuous_batching_config=batching,
-                    max_new_tokens=max_new_tokens,
-                    warmup=input_ids.device.type == "cuda",  # CUDA graphs captured before the requests
-                )
-        finally:
-            actor.train(was_training)
+        # transformers seeds torch's global generators with the batch's seed: fork_rng puts back the run's streams
+        with _eval_mode(actor), th.random.fork_rng(devices=devices):
+            results = actor.generate_batch(
+                prompts,
+                generation_config=config,
+                continuous_batching_config=batching,
+                max_new_tokens=max_new_tokens,
+                warmup=input_ids.device.type == "cuda",  # CUDA graphs captured before the requests
+            )
         outputs = list(results.values())
         failed = [out.error for out in outputs if out.error is not None]
         if any("out of memory" in str(error).lower() for error in failed):
