@@ -45,6 +45,34 @@ def _pad(tensors: list[th.Tensor], width: int, value: float, left: bool) -> th.T
     return th.cat(padded)
 
 
+def token_budget_spans(
+    prompt_lengths: list[int], response_lengths: list[int], max_tokens: int, unit: int = 1, max_rows: int | None = None
+) -> list[tuple[int, int]]:
+    """Consecutive spans ``(start, end)`` of rows, of whole units of ``unit`` rows, each of at most ``max_rows`` rows
+    and ``max_tokens`` tokens counted as a forward pass sees them: rows × (longest prompt + longest response) of the
+    span. Rows join the current span while it stays within both limits (dynamic batching, as ``--max-tokens`` in
+    fairseq); a unit over the limits on its own forms a span alone.
+
+    :param prompt_lengths: each row's prompt length, in order; the same for ``response_lengths``.
+    """
+    n = len(prompt_lengths)
+    spans, start, end, longest_prompt, longest_response = [], 0, 0, 0, 0
+    for unit_start in range(0, n, unit):
+        unit_end = min(unit_start + unit, n)
+        prompt = max(longest_prompt, *prompt_lengths[unit_start:unit_end])
+        response = max(longest_response, *response_lengths[unit_start:unit_end])
+        rows = unit_end - start
+        fits = (max_rows is None or rows <= max_rows) and rows * (prompt + response) <= max_tokens
+        if end > start and not fits:  # close the current span; this unit opens the next
+            spans.append((start, end))
+            start = unit_start
+            prompt = max(prompt_lengths[unit_start:unit_end])
+            response = max(response_lengths[unit_start:unit_end])
+        end, longest_prompt, longest_response = unit_end, prompt, response
+    spans.append((start, end))
+    return spans
+
+
 def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> list[SequenceBatch]:
     """Split a minibatch into micro-batches of whole units (episodes, or groups of ``unit`` consecutive rows) of
     at most ``max_tokens`` tokens each, counted as the forward pass sees them (rows × (longest prompt + longest
@@ -64,22 +92,8 @@ def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> lis
     # read on the host once: the splits and trims follow from them
     prompt_lengths = batch.attention_mask[:, :prompt_width].sum(-1).tolist()
     response_lengths = batch.response_mask.sum(-1).tolist()
-    n = len(prompt_lengths)
-    pieces: list[tuple[int, int]] = []
-    start = 0
-    while start < n:
-        end, longest_prompt, longest_response = start, 0, 0
-        while end < n:
-            unit_end = min(end + unit, n)
-            prompt = max(longest_prompt, *prompt_lengths[end:unit_end])
-            response = max(longest_response, *response_lengths[end:unit_end])
-            if end > start and (unit_end - start) * (prompt + response) > max_tokens:
-                break
-            end, longest_prompt, longest_response = unit_end, prompt, response
-        pieces.append((start, end))
-        start = end
     micro_batches = []
-    for start, end in pieces:
+    for start, end in token_budget_spans(prompt_lengths, response_lengths, max_tokens, unit):
         longest_prompt = max(prompt_lengths[start:end])
         longest_response = max(response_lengths[start:end])
         columns = slice(prompt_width - longest_prompt, prompt_width + longest_response)
@@ -247,20 +261,8 @@ class BaseSequenceBuffer(BaseBuffer):
             return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         prompt_lengths = [prompt_lengths[i] for i in order]
         response_lengths = [response_lengths[i] for i in order]
-        minibatches, start, end, longest_prompt, longest_response = [], 0, 0, 0, 0
-        for unit_start in range(0, len(order), self._unit):
-            unit_end = unit_start + self._unit
-            prompt = max(longest_prompt, *prompt_lengths[unit_start:unit_end])
-            response = max(longest_response, *response_lengths[unit_start:unit_end])
-            fits = unit_end - start <= batch_size and (unit_end - start) * (prompt + response) <= max_tokens
-            if end > start and not fits:  # close the current minibatch; this unit opens the next
-                minibatches.append(order[start:end])
-                start = unit_start
-                prompt = max(prompt_lengths[unit_start:unit_end])
-                response = max(response_lengths[unit_start:unit_end])
-            end, longest_prompt, longest_response = unit_end, prompt, response
-        minibatches.append(order[start:end])
-        return minibatches
+        spans = token_budget_spans(prompt_lengths, response_lengths, max_tokens, self._unit, batch_size)
+        return [order[start:end] for start, end in spans]
 
     def _get_samples(  # type: ignore[override]
         self, rows: list[int], longest_prompt: int, longest_response: int
