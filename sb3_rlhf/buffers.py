@@ -73,7 +73,9 @@ def token_budget_spans(
     return spans
 
 
-def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> list[SequenceBatch]:
+def split_minibatch(
+    batch: SequenceBatch, max_tokens: int, unit: int = 1, n_parts: int | None = None
+) -> list[SequenceBatch]:
     """Split a minibatch into micro-batches of whole units (episodes, or groups of ``unit`` consecutive rows) of
     at most ``max_tokens`` tokens each, counted as the forward pass sees them (rows × (longest prompt + longest
     response) of the micro-batch), each trimmed of the columns that are padding in all its rows. A unit longer
@@ -83,17 +85,25 @@ def split_minibatch(batch: SequenceBatch, max_tokens: int, unit: int = 1) -> lis
     :param batch: the minibatch, ``(rows, P + T)``.
     :param max_tokens: the token budget of one micro-batch.
     :param unit: rows that must stay together (a group of responses to one prompt).
+    :param n_parts: instead, this many micro-batches of as equal numbers of units as can be, when the budget would
+        make fewer (the ranks of a distributed run split alike; at most the number of units).
     """
     rows, width = batch.input_ids.shape  # a minibatch comes trimmed to its longest prompt and response
-    if rows * width <= max_tokens:
+    if rows * width <= max_tokens and not n_parts:
         return [batch]
     response_length = batch.response_mask.shape[1]
     prompt_width = width - response_length
     # read on the host once: the splits and trims follow from them
     prompt_lengths = batch.attention_mask[:, :prompt_width].sum(-1).tolist()
     response_lengths = batch.response_mask.sum(-1).tolist()
+    spans = token_budget_spans(prompt_lengths, response_lengths, max_tokens, unit)
+    if n_parts is not None and len(spans) < n_parts:
+        units = -(-rows // unit)
+        parts = min(n_parts, units)
+        bounds = [min(i * units // parts * unit, rows) for i in range(parts + 1)]
+        spans = list(zip(bounds[:-1], bounds[1:]))
     micro_batches = []
-    for start, end in token_budget_spans(prompt_lengths, response_lengths, max_tokens, unit):
+    for start, end in spans:
         longest_prompt = max(prompt_lengths[start:end])
         longest_response = max(response_lengths[start:end])
         columns = slice(prompt_width - longest_prompt, prompt_width + longest_response)

@@ -13,6 +13,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from transformers import PretrainedConfig, PreTrainedModel
 
+from sb3_rlhf.common.distributed import is_main_process
 from sb3_rlhf.common.forward import (
     VARLEN_ATTENTION,
     attention_implementation,
@@ -38,6 +39,7 @@ from sb3_rlhf.common.sequences import (
     position_ids_from_mask,
     unpack_bool,
 )
+from sb3_rlhf.common.strategies import ParallelStrategy
 from sb3_rlhf.common.tokenizers import check_vocabulary
 from sb3_rlhf.common.truncation import check_truncation, truncate_logits
 
@@ -251,6 +253,8 @@ class TransformerActorCriticPolicy(BasePolicy):
             for model in (self.actor, self.critic):
                 if model is not None:
                     self.packs(model)
+        #: how the policy is spread over the processes of a distributed run (set by the algorithm); one process: as is
+        self.parallel = ParallelStrategy()
         trainable = [p for p in self.parameters() if p.requires_grad]
         # as SB3's ActorCriticPolicy: optimizer_class is any torch optimizer, whose base class takes no lr
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
@@ -270,6 +274,21 @@ class TransformerActorCriticPolicy(BasePolicy):
         params = [p for group in groups for p in group["params"]]
         self.optimizer = self.optimizer_class(params, lr=groups[0]["lr"], fused=True, **self.optimizer_kwargs)  # type: ignore[call-arg]
         return True
+
+    def rebuild_optimizer(self, names: list[str]) -> None:
+        """A fresh optimizer of the same class and settings over the parameters named ``names`` as the policy holds
+        them now (FSDP replaces each parameter with its shard), before any step.
+
+        :param names: the parameters' names, in the optimizer's order, read before they were replaced.
+        """
+        if self.optimizer.state:
+            raise RuntimeError("rebuild_optimizer() would drop the optimizer's state: call it before the first step")
+        params = dict(self.named_parameters())
+        fused: dict[str, Any] = (
+            {"fused": True} if self.optimizer.defaults.get("fused") and "fused" not in self.optimizer_kwargs else {}
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer = self.optimizer_class([params[n] for n in names], lr=lr, **fused, **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = BasePolicy._get_constructor_parameters(self)  # by name, as __init__
@@ -511,7 +530,25 @@ class TransformerActorCriticPolicy(BasePolicy):
                 **self._attention(),
             )
             return freeze(reference).to(self.device)
+        if self.parallel.sharded:  # a copy of the whole weights, gathered on every rank
+            return freeze(self._whole_actor(self.parallel.full_actor_state_dict(everywhere=True)))
         return freeze(copy.deepcopy(self.actor))
+
+    def _whole_actor(self, state: dict[str, Any]) -> Any:
+        """A new, unsharded actor of this policy's architecture (with its LoRA adapter) holding ``state``."""
+        actor: Any
+        if self.model_name_or_path is not None:
+            path = resolve_model_path(self.model_name_or_path, self.revision, "policy model", self.trust_remote_code)
+            actor = load_causal_lm(
+                path, dtype=self.dtype, trust_remote_code=self.trust_remote_code, **self._attention()
+            )
+        else:
+            assert self.model_config is not None
+            actor = causal_lm_from_config(self.model_config, dtype=self.dtype, **self._attention())
+        if self.lora is not None:
+            actor = with_lora(actor, self.lora)
+        actor.load_state_dict(state)
+        return actor.to(self.device)
 
     def save_pretrained(self, path: str, tokenizer: Any = None, merge_lora: bool = True) -> None:
         """Export the actor (and ``tokenizer``) so that plain transformers loads it.
@@ -519,10 +556,19 @@ class TransformerActorCriticPolicy(BasePolicy):
         Under LoRA the adapter is merged into a copy of the base weights (``merge_lora=False`` writes the peft
         adapter folder instead). The folder is written next to ``path`` first and renamed into place, so a
         crash never leaves a half-written export; an existing export at ``path`` is replaced.
+
+        With several processes rank 0 writes; in a run sharded over them (``strategy="fsdp"``) every rank must call
+        it, since the weights are gathered from every rank onto rank 0, which writes the files a one-process run
+        writes.
         """
         actor = self.actor
-        if self.lora is not None and merge_lora:
-            actor = copy.deepcopy(self.actor).merge_and_unload()
+        state = self.parallel.full_actor_state_dict() if self.parallel.sharded else None  # every rank takes part
+        if not is_main_process():
+            return  # rank 0 writes
+        if state is not None:
+            actor = self._whole_actor(state)
+        if self.lora is not None and merge_lora:  # merged into a copy (the sharded path's actor is one already)
+            actor = (actor if self.parallel.sharded else copy.deepcopy(actor)).merge_and_unload()
         with atomic_directory(path) as tmp:
             actor.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:

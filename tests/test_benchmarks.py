@@ -304,3 +304,19 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     for value in np.random.default_rng(0).random(200):
         mean, low, high = seed_mean([{"kl": value}] * 3, "kl")
         assert low <= mean <= high
+
+
+def test_the_memory_plan_follows_its_formulas():
+    """docs/scaling.md's formulas, as benchmarks/memory_plan.py computes them: ddp holds everything on every device,
+    fsdp a 1/W share plus the gathered policy during the rollout; LoRA drops the reference copy and the critic."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from memory_plan import per_device
+
+    n = 8.03e9
+    ddp = per_device(n, 8, "ddp", lora=False, trained_bytes=8, lora_fraction=0.005)
+    assert ddp["states"] == ddp["peak"] == (8 + 8 + 2 + 2) * n  # actor, critic, reference, reward model
+    fsdp = per_device(n, 8, "fsdp", lora=False, trained_bytes=8, lora_fraction=0.005)
+    assert fsdp["states"] == pytest.approx(ddp["states"] / 8)
+    assert fsdp["peak"] - fsdp["states"] == pytest.approx(2 * 2 * n)  # actor and critic, whole, in bf16
+    lora = per_device(n, 1, "ddp", lora=True, trained_bytes=16, lora_fraction=0.005)
+    assert lora["reference"] == lora["critic"] == 0 and lora["actor"] == pytest.approx((2 + 16 * 0.005) * n)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch as th
 
@@ -31,74 +32,189 @@ def run_launcher(command: list[str], out=None) -> subprocess.CompletedProcess:
     return second
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(model_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    command = torchrun(os.path.join(ROOT, "tests", "distributed_worker.py"), model_path, str(out), "--iterations", "1")
-    run_launcher(command)
-    return [th.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+RUNS = ["ppo", "ppo_separate", "grpo", "rloo", "ppo_micro", "ppo_reward_model"]
 
 
-def test_ranks_sample_different_episodes_and_end_with_identical_weights(two_rank_run):
-    rank0, rank1 = two_rank_run
-    # the prompts are sharded: rank r draws from prompts r, r + 2, r + 4, ...
-    assert {i % 2 for i in rank0["prompt_indices"]} == {0} and {i % 2 for i in rank1["prompt_indices"]} == {1}
-    for name, tensor in rank0["state"].items():
-        assert th.equal(tensor, rank1["state"][name]), name  # gradients were averaged: the same step everywhere
-    assert rank0["kl_coef"] == rank1["kl_coef"] != 0.1  # the KL controller saw every rank's episodes
-    assert rank0["num_timesteps"] == rank1["num_timesteps"]  # the counter is global: both stop together
-
-
-def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(model_path, tmp_path):
-    """A loss of +inf whose gradient is finite (a constant added, as k3 at a -inf reference log-prob gives): the
-    rank that has it skips, and so must the other, or their weights part for good."""
+def launch(model_path: str, out, strategy: str, *args: str) -> None:
     worker = os.path.join(ROOT, "tests", "distributed_worker.py")
-    run_launcher(torchrun(worker, model_path, str(tmp_path), "--infinite-loss-on-rank-1"))
-    rank0, rank1 = (th.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    assert rank0["skipped_updates"] == rank1["skipped_updates"] == 1  # one minibatch, skipped on both ranks
-    assert not rank0["changed"] and not rank1["changed"]
-    for name, tensor in rank0["state"].items():
-        assert th.equal(tensor, rank1["state"][name]), name
+    run_launcher(torchrun(worker, model_path, str(out), "--strategy", strategy, *args), out)
 
 
-def test_two_ranks_match_one_process_on_the_same_global_batch(two_rank_run, model_path, tokenizer):
-    """Replay the two ranks' episodes in one process with a minibatch of both: same weights, same β."""
-    single = make_model(model_path, 2 * EPISODES_PER_RANK)
-    (indices0, responses0), (indices1, responses1) = (run["episodes"][0] for run in two_rank_run)
+def load_ranks(out, run: str) -> list[dict]:
+    return [th.load(out / f"{run}_rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    launch(model_path, out, "ddp", "--runs", *RUNS, "ppo_lora")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    launch(model_path, out, "fsdp", "--runs", *RUNS, "ppo_lora", "--memory", "--save")
+    return out
+
+
+def replay_in_one_process(model_path: str, tokenizer, run: str, ranks: list[dict]):
+    """Replay the two ranks' episodes in one process with a minibatch of both: the step a single process takes."""
+    single = make_model(model_path, 2 * EPISODES_PER_RANK, run)
+    (indices0, responses0), (indices1, responses1) = (r["episodes"][0] for r in ranks)
     width = max(responses0.shape[1], responses1.shape[1])
     pad = tokenizer.pad_token_id
     # a rank whose responses are narrower stopped every one of them at EOS: padding after it is what generate() does
     responses = th.cat([th.nn.functional.pad(r, (0, width - r.shape[1]), value=pad) for r in (responses0, responses1)])
-    single._rollout_prompt_indices = lambda env, n: [*indices0, *indices1]
+    single._rollout_prompt_indices = lambda env, n: np.array([*indices0, *indices1])
     single.rollout_engine.generate = lambda *args, **kwargs: Generation(responses)
     single.learn(1)
-    assert single.num_timesteps == two_rank_run[0]["num_timesteps"]
-    assert single.reward_wrappers[0].coef == pytest.approx(two_rank_run[0]["kl_coef"], rel=1e-6)
+    return single
+
+
+def assert_matches_one_process(ranks: list[dict], model_path: str, tokenizer, run: str) -> None:
+    rank0, rank1 = ranks
+    # the prompts are sharded: rank r draws from prompts r, r + 2, r + 4, ...
+    assert {i % 2 for i in rank0["prompt_indices"]} == {0} and {i % 2 for i in rank1["prompt_indices"]} == {1}
+    assert rank0["kl_coef"] == rank1["kl_coef"] != 0.1  # the KL controller saw every rank's episodes
+    assert rank0["num_timesteps"] == rank1["num_timesteps"]  # the counter is global: both stop together
+    single = replay_in_one_process(model_path, tokenizer, run, ranks)
+    assert single.num_timesteps == rank0["num_timesteps"]
+    assert single.reward_wrappers[0].coef == pytest.approx(rank0["kl_coef"], rel=1e-6)
+    initial = make_model(model_path, 2, run).policy.state_dict()
+    state = single.policy.state_dict()
+    assert rank0["state"].keys() == state.keys()
     moved = 0.0
-    for name, tensor in single.policy.state_dict().items():
-        th.testing.assert_close(two_rank_run[0]["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-        moved += (
-            (tensor - make_model(model_path, 2).policy.state_dict()[name]).abs().sum().item()
-            if "value_head" not in name
-            else 0
-        )
+    for name, tensor in state.items():
+        th.testing.assert_close(rank0["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        moved += (tensor - initial[name]).abs().sum().item()
     assert moved > 1e-3  # the update did move the weights (the comparison is not of two untouched models)
 
 
-@pytest.mark.parametrize("launcher", ["--nproc", "accelerate"])
-def test_sb3_rlhf_train_runs_the_task_in_two_processes(tmp_path, launcher):
-    """`sb3-rlhf train --nproc 2` (torchrun) or `accelerate launch`: rank 0 builds the model, logs, checkpoints,
-    saves and reports; the counter is global, so the run stops at the task's total over both ranks."""
+@pytest.mark.parametrize("run", [*RUNS, "ppo_lora"])
+def test_ddp_matches_one_process_on_the_same_global_batch(ddp_runs, model_path, tokenizer, run):
+    """Two DDP ranks (each its half of the episodes) against one process replaying both halves as one minibatch:
+    PPO with a shared head and with a separate critic, GRPO, RLOO, PPO accumulating micro-batches, with a reward
+    model, with LoRA. The replicas end equal."""
+    ranks = load_ranks(ddp_runs, run)
+    for name, tensor in ranks[0]["state"].items():
+        assert th.equal(tensor, ranks[1]["state"][name]), name
+    if run == "ppo_micro":  # each rank's minibatch was split into micro-batches of at most 40 tokens
+        assert all(r["micro_batch_tokens"] == 40 < r["minibatch_tokens"] / 2 for r in ranks)
+    assert_matches_one_process(ranks, model_path, tokenizer, run)
+
+
+@pytest.mark.parametrize("run", [*RUNS, "ppo_lora"])
+def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_runs, model_path, tokenizer, run):
+    """The same under FSDP2 (the weights gathered from the shards for the comparison), and with LoRA."""
+    assert_matches_one_process(load_ranks(fsdp_runs, run), model_path, tokenizer, run)
+
+
+@pytest.mark.parametrize("run", ["ppo", "ppo_separate", "ppo_reward_model"])
+def test_fsdp_gathers_the_weights_once_per_rollout(fsdp_runs, run):
+    """The rollout gathers each sharded module once: the policy's for generate() (not again for each of up to 6
+    generated tokens, nor for the teacher-forced pass after it), the frozen reference and reward model's for their
+    one scoring pass."""
+    for rank in load_ranks(fsdp_runs, run):
+        assert rank["fsdp_modules"] >= 4 and rank["frozen_fsdp_modules"] >= 3  # blocks, roots: all sharded
+        assert rank["rollout_gathers"] == [rank["fsdp_modules"] + rank["frozen_fsdp_modules"]]
+
+
+def test_fsdp_holds_about_half_the_training_state_per_rank(fsdp_runs, model_path):
+    """Parameters + gradients + AdamW moments of one rank under fsdp against one process holding them all."""
+    from tests.distributed_worker import local_bytes
+
+    single = make_model(model_path, EPISODES_PER_RANK, "ppo", optimizer=th.optim.AdamW)
+    single.learn(1)
+    whole = local_bytes(single)
+    per_rank = [th.load(fsdp_runs / f"memory_rank{r}.pt", weights_only=True)["bytes"] for r in range(2)]
+    assert max(per_rank) <= 0.6 * whole, (per_rank, whole)
+    assert sum(per_rank) >= whole  # the shards together hold everything (a rank holding nothing would pass above)
+
+
+def test_a_sharded_run_loads_its_own_zip_back_into_its_shards(fsdp_runs):
+    """The zip of an fsdp run with AdamW state (gathered, renumbered as a one-process optimizer's), loaded into a
+    new sharded run, gathers to the same weights and optimizer state; the one AdamW step stays one."""
+    measured = th.load(fsdp_runs / "memory_rank0.pt", weights_only=True)
+    assert measured["round_trip"]
+    assert measured["adam_steps"] == [1]  # saving before the first step took none of its own
+
+
+@pytest.mark.parametrize("run", ["ppo", "ppo_lora"])
+def test_fsdp_saves_the_files_a_single_process_writes(fsdp_runs, model_path, tokenizer, run):
+    """model.save() and policy.save_pretrained() under fsdp gather the shards: the zip loads in one process with
+    the trained weights and the optimizer state a one-process zip holds, and the export (LoRA merged) is a plain
+    transformers model with the actor's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from sb3_rlhf import RLHFPPO
+
+    trained = load_ranks(fsdp_runs, run)[0]["state"]
+    loaded = RLHFPPO.load(fsdp_runs / f"{run}.zip", trust_pickled_objects=True)  # SGD, a class, in policy_kwargs
+    for name, tensor in loaded.policy.state_dict().items():
+        assert th.equal(tensor, trained[name]), name
+    single = replay_in_one_process(model_path, tokenizer, run, load_ranks(fsdp_runs, run))
+    assert loaded.policy.optimizer.state_dict()["param_groups"] == single.policy.optimizer.state_dict()["param_groups"]
+    export = AutoModelForCausalLM.from_pretrained(fsdp_runs / f"{run}_policy")
+    single_export = single.policy.actor.merge_and_unload() if run == "ppo_lora" else single.policy.actor
+    expected = single_export.state_dict()
+    for name, tensor in export.state_dict().items():
+        th.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(model_path, tmp_path, strategy):
+    """A loss of +inf whose gradient is finite (a constant added, as k3 at a -inf reference log-prob gives): the
+    rank that has it skips, and so must the other, or their weights part for good."""
+    launch(model_path, tmp_path, strategy, "--infinite-loss-on-rank-1")
+    rank0, rank1 = load_ranks(tmp_path, "ppo")
+    assert rank0["skipped_updates"] == rank1["skipped_updates"] == 1  # one minibatch, skipped on both ranks
+    assert not rank0["changed"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(model_path, tmp_path, strategy):
+    """Two iterations (AdamW) checkpointed after each; the checkpoint after the first resumed in new processes
+    (each rank its shard of the weights and AdamW's moments under fsdp, and its own random streams) ends with the
+    same weights."""
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    launch(model_path, whole, strategy, "--iterations", "2", "--checkpoint", "--adamw")
+    checkpoints = sorted(os.listdir(whole / "checkpoints"))
+    assert len(checkpoints) == 2
+    first = whole / "checkpoints" / checkpoints[0]
+    assert (first / "training_state_rank1.json").is_file()
+    assert (first / "sharded").is_dir() == (strategy == "fsdp")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first, resumed / "checkpoints" / checkpoints[0])
+    launch(model_path, resumed, strategy, "--iterations", "1", "--resume", "--adamw")
+    uninterrupted, after_resume = load_ranks(whole, "ppo")[0], load_ranks(resumed, "ppo")[0]
+    if strategy == "fsdp":  # the frozen reference's root gives its gathered weights back: each rollout gathers alike
+        assert len(set(uninterrupted["rollout_gathers"])) == 1 and len(uninterrupted["rollout_gathers"]) == 2
+    assert after_resume["num_timesteps"] == uninterrupted["num_timesteps"]
+    # each rank drew the same prompts and sampled the same responses after the resume as without it
+    assert [e[0] for e in after_resume["episodes"]] == [e[0] for e in uninterrupted["episodes"][1:]]
+    for name, tensor in uninterrupted["state"].items():
+        th.testing.assert_close(after_resume["state"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("launcher, strategy", [("--nproc", "ddp"), ("accelerate", "fsdp")])
+def test_sb3_rlhf_train_runs_the_task_in_two_processes(tmp_path, launcher, strategy):
+    """`sb3-rlhf train --nproc 2` (torchrun) or `accelerate launch`, the strategy from the library's own setting:
+    rank 0 builds the model, logs, writes the zip, the export and the report; every rank writes its part of the
+    checkpoints; the counter is global, so the run stops at the task's total over both ranks."""
     out = tmp_path / "run"
     train = [
         "train", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--out", str(out), "--no-progress-bar",
-        "--set", "algorithm.total_timesteps=1200", "--set", "algorithm.n_episodes=32",
+        "--set", "algorithm.total_timesteps=1200", "--set", "algorithm.n_episodes=32", "--strategy", strategy,
     ]  # fmt: skip
     if launcher == "--nproc":
         command = [sys.executable, "-m", "sb3_rlhf.cli", *train, "--nproc", "2"]
     else:
         pytest.importorskip("accelerate")
-        accelerate = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+        # --multi_gpu is accelerate's torchrun launcher (--cpu would start one process); gloo where there is no GPU
+        accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
         command = [
             sys.executable,
             *accelerate,
@@ -120,3 +236,46 @@ def test_sb3_rlhf_train_runs_the_task_in_two_processes(tmp_path, launcher):
     # at most 12 tokens: at most 768 per rollout); a per-rank count would have run to about 2400
     assert 1200 <= final.num_timesteps < 1200 + 768
     assert final._n_updates % 4 == 0 and final._n_updates > 0  # whole updates of 4 epochs
+    assert final.strategy == strategy
+    checkpoint = out / "checkpoints" / sorted(os.listdir(out / "checkpoints"))[-1]
+    assert (checkpoint / "training_state_rank1.json").is_file()
+    assert (checkpoint / "sharded").is_dir() == (strategy == "fsdp")
+    assert os.path.isfile(out / "policy" / "model.safetensors")
+
+
+def test_strategy_settings_fail_where_they_are_read(model_path, tokenizer):
+    from tests.helpers import make_model as make_single
+    from tests.helpers import rule_env
+
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        make_single(rule_env(tokenizer), model_path, strategy="deepspeed")
+    with pytest.raises(TypeError, match="shard_frozen_models must be True or False"):
+        make_single(rule_env(tokenizer), model_path, shard_frozen_models="yes")
+    model = make_single(rule_env(tokenizer), model_path, strategy="fsdp")  # one process: the policy as it is
+    assert not model.parallel.sharded and model.parallel.holds_whole_weights
+    assert type(model.parallel).__name__ == "ParallelStrategy" and model.strategy == "fsdp"
+
+
+def test_accelerate_settings_the_library_would_ignore_are_refused():
+    from sb3_rlhf.common.strategies import check_launcher_settings
+
+    check_launcher_settings("ddp", {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "false"})
+    for strategy in ("ddp", "fsdp"):  # FSDP's settings given to accelerate would be ignored either way
+        with pytest.raises(ValueError, match="launch without --use_fsdp"):
+            check_launcher_settings(strategy, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ValueError, match="DeepSpeed is not supported"):
+        check_launcher_settings("fsdp", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(ValueError, match="mixed_precision='bf16'"):
+        check_launcher_settings("ddp", {"ACCELERATE_MIXED_PRECISION": "bf16"})
+
+
+def test_the_strategy_is_set_from_the_command_line_and_task_files(tmp_path):
+    from sb3_rlhf.cli import make_parser
+    from sb3_rlhf.cli.common import with_algorithm
+    from sb3_rlhf.tasks import load_task
+
+    args = make_parser().parse_args(["train", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--strategy", "fsdp"])
+    task = load_task(args.task, with_algorithm(args))
+    assert task.algorithm_settings()["strategy"] == "fsdp"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        make_parser().parse_args(["train", "x.toml", "--strategy", "zero3"])

@@ -118,18 +118,6 @@ def test_micro_batches_take_the_minibatch_step(tokenizer, model_path, cls, kwarg
         assert th.allclose(tensor, weights[1][name], rtol=1e-4, atol=1e-6), name
 
 
-def test_several_processes_refuse_a_micro_batch_budget_even_from_a_zip(tokenizer, model_path, monkeypatch, tmp_path):
-    from sb3_rlhf.common import on_policy_algorithm
-
-    model = make_model(rule_env(tokenizer), model_path, micro_batch_tokens=64)
-    model.save(tmp_path / "budget.zip")
-    monkeypatch.setattr(on_policy_algorithm, "world_size", lambda: 2)
-    with pytest.raises(ValueError, match="not supported with several processes"):
-        RLHFPPO.load(tmp_path / "budget.zip", env=rule_env(tokenizer))
-    model.micro_batch_tokens = "auto"
-    assert model._micro_batch_token_budget() is None
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [th.float32, th.bfloat16])
 def test_chunked_logprobs_and_entropy_equal_the_whole_computation(temperature, dtype):

@@ -89,8 +89,14 @@ def add_algorithm_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def with_algorithm(args: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides, with ``--algorithm`` as ``task.algorithm``."""
-    return [*args.set, *([f"task.algorithm={args.algorithm}"] if args.algorithm else [])]
+    """The ``--set`` overrides, with ``--algorithm`` as ``task.algorithm`` (and ``train --strategy`` as
+    ``algorithm.strategy``)."""
+    strategy = getattr(args, "strategy", None)
+    return [
+        *args.set,
+        *([f"task.algorithm={args.algorithm}"] if args.algorithm else []),
+        *([f"algorithm.strategy={strategy}"] if strategy else []),
+    ]
 
 
 def launch_processes(nproc: int, argv: Sequence[str]) -> int:

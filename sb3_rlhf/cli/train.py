@@ -29,6 +29,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--nproc", type=int, default=1, help="train in this many processes on this machine (torchrun; one per GPU)"
     )
     parser.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp"],
+        help="with several processes: a whole replica per process (ddp, the default) or the weights, gradients and "
+        "optimizer state sharded over them (fsdp); the same as --set algorithm.strategy=...",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="resolve every model and data file, print the plan (models, data sizes, budget) and exit without training",

@@ -92,16 +92,17 @@ class HeldOutEvaluationCallback(BaseCallback):
     def evaluate(self) -> dict[str, float]:
         """Evaluate now, log under ``eval/`` and append to :attr:`history`."""
         was_training = self.model.policy.training
-        metrics, _, _ = evaluate_policy(
-            self.model.policy,
-            self.reference,
-            self.eval_env.unwrapped,
-            reward_wrappers(self.eval_env),
-            self.seed,
-            samples_per_prompt=self.samples_per_prompt,
-            judge=self.judge,
-            engine=getattr(self.model, "rollout_engine", None),  # the training run's own (cache, compiled shape)
-        )
+        with self.model.policy.parallel.whole_weights():  # a sharded run's weights, gathered once
+            metrics, _, _ = evaluate_policy(
+                self.model.policy,
+                self.reference,
+                self.eval_env.unwrapped,
+                reward_wrappers(self.eval_env),
+                self.seed,
+                samples_per_prompt=self.samples_per_prompt,
+                judge=self.judge,
+                engine=getattr(self.model, "rollout_engine", None),  # the training run's own (cache, compiled shape)
+            )
         self.model.policy.set_training_mode(was_training)
         for key, value in metrics.items():
             self.logger.record(f"eval/{key}", value)

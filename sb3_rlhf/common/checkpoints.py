@@ -10,21 +10,30 @@ The algorithm captures and restores that state itself (``get_training_state``/``
 ``load_checkpoint`` of :class:`~sb3_rlhf.common.on_policy_algorithm.RLHFOnPolicyAlgorithm`); this module names
 the folders, writes them atomically and holds the callback. Resuming restores the state at the start of the
 next ``learn()`` (after SB3's own setup), so a seeded run that is killed and resumed on CPU trains exactly as
-the run that was never interrupted. A distributed run is checkpointed by rank 0; on resume the other ranks get
-the weights, optimizer, β and counters, and fresh random streams of their own.
+the run that was never interrupted.
+
+In a distributed run every rank takes part: each writes its own random streams (``training_state_rank<r>.json``),
+and under ``strategy="fsdp"`` its shard of the weights and optimizer state with :mod:`torch.distributed.checkpoint`
+(``sharded/``; the zip then holds the hyperparameters and counters only, not a gathered copy). Rank 0 makes the
+temporary folder and renames it into place once every rank has written, so the folder must be on storage every
+rank sees (one machine, or a shared file system across machines). Such a checkpoint resumes with the same number
+of processes, each taking back its shard and its streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import torch.distributed as dist
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_rlhf.common.distributed import is_main_process
+from sb3_rlhf.common.distributed import is_main_process, rank, sum_over_ranks, world_size
 from sb3_rlhf.common.io import atomic_directory
 
 if TYPE_CHECKING:
@@ -32,15 +41,49 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.zip"
 STATE_FILE = "training_state.json"
+SHARDED_FOLDER = "sharded"
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
 
 
+def rank_state_file(rank: int) -> str:
+    """The training state of ``rank`` in a checkpoint (rank 0's is :data:`STATE_FILE`)."""
+    return STATE_FILE if rank == 0 else f"training_state_rank{rank}.json"
+
+
+@contextlib.contextmanager
+def _shared_atomic_directory(path: str) -> Iterator[str]:
+    """:func:`~sb3_rlhf.common.io.atomic_directory` made by rank 0, its temporary name sent to every rank, and
+    renamed into place by rank 0 once every rank has written into it."""
+    if world_size() == 1:
+        with atomic_directory(path) as tmp:
+            yield tmp
+        return
+    with atomic_directory(path) if is_main_process() else contextlib.nullcontext("") as tmp:
+        name = [tmp]
+        dist.broadcast_object_list(name, src=0)
+        failed: BaseException | None = None
+        try:
+            yield name[0]
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after the other ranks know
+            failed = error
+        # every rank's files are in, or one failed, before rank 0 renames the folder (or removes it)
+        (failures,) = sum_over_ranks([float(failed is not None)])
+        if failed is not None:
+            raise failed
+        if failures:
+            raise RuntimeError("another rank failed writing its part of the checkpoint; the checkpoint was not kept")
+
+
 def save_checkpoint(model: RLHFOnPolicyAlgorithm, folder: str) -> str:
-    """Write ``folder/checkpoint_<timesteps>`` atomically and return its path."""
+    """Write ``folder/checkpoint_<timesteps>`` atomically and return its path (every rank of a distributed run
+    calls it)."""
     path = os.path.join(folder, f"checkpoint_{model.num_timesteps:012d}")
-    with atomic_directory(path) as tmp:
-        model.save(os.path.join(tmp, MODEL_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+    with _shared_atomic_directory(path) as tmp:
+        if model.parallel.sharded:
+            model.parallel.save_sharded(os.path.join(tmp, SHARDED_FOLDER))
+        # rank 0 writes it; the weights of a sharded run are in the shards
+        model.save(os.path.join(tmp, MODEL_FILE), weights=not model.parallel.sharded)
+        with open(os.path.join(tmp, rank_state_file(rank())), "w") as f:
             json.dump(model.get_training_state(), f)
     return path
 
@@ -107,11 +150,12 @@ class TrainingCheckpointCallback(BaseCallback):
             self.save()
 
     def save(self) -> str | None:
-        """Write a checkpoint now and drop the oldest beyond ``keep`` (rank 0 only in a distributed run)."""
+        """Write a checkpoint now and drop the oldest beyond ``keep`` (every rank of a distributed run takes part;
+        rank 0 drops the old ones)."""
         self._last_saved = self.num_timesteps
+        path = save_checkpoint(self.model, self.save_path)  # type: ignore[arg-type]
         if not is_main_process():
             return None
-        path = save_checkpoint(self.model, self.save_path)  # type: ignore[arg-type]
         if self.verbose >= 1:
             print(f"Saving checkpoint to {path}")
         if self.keep is not None:

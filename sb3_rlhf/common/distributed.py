@@ -1,10 +1,11 @@
-"""Data-parallel training over ``torch.distributed``: one process per device, launched by ``torchrun`` (or
+"""What the ranks of a distributed run reduce themselves: one process per device, launched by ``torchrun`` (or
 ``accelerate launch``, which runs torchrun), each rank generating its own share of the episodes.
 
-What must agree across ranks is reduced here, in one place: gradients (averaged, as DDP does), the token
-counts that normalise token-mean losses, advantage-whitening statistics, the KL controller's measurement, the
-timestep counter and every decision that changes control flow (early stop, skipped updates). With one process
-every function is the identity, so single-process runs are unchanged.
+The gradients are PyTorch's to reduce (DDP or FSDP2: :mod:`sb3_rlhf.common.strategies`). What else must agree
+across ranks is reduced here, in one place: the token counts that weight each rank's loss, advantage-whitening
+statistics, the KL controller's measurement, the timestep counter and every decision that changes control flow
+(early stop, skipped updates). With one process every function is the identity, so single-process runs are
+unchanged.
 """
 
 from __future__ import annotations
@@ -63,33 +64,18 @@ def sum_over_ranks(values: Iterable[float]) -> list[float]:
     return tensor.tolist()
 
 
+def max_over_ranks(values: Iterable[float]) -> list[float]:
+    """Element-wise maxima of a few numbers over every rank (float64)."""
+    values = list(values)
+    if world_size() == 1:
+        return values
+    tensor = th.tensor(values, dtype=th.float64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def mean_over_ranks(value: float) -> float:
     return sum_over_ranks([value])[0] / world_size()
-
-
-def broadcast_parameters(module: th.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (as DDP does when it wraps a model): freshly
-    initialised heads would otherwise differ between ranks."""
-    if world_size() == 1:
-        return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
-def average_gradients(parameters: Iterable[th.nn.Parameter]) -> None:
-    """All-reduce the gradients and divide by the world size: DDP's arithmetic, in one flat buffer per call."""
-    if world_size() == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = th.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
 
 
 def masked_whiten_over_ranks(values: th.Tensor, mask: th.Tensor, eps: float = 1e-8) -> th.Tensor:

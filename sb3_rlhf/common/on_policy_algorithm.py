@@ -34,12 +34,11 @@ from stable_baselines3.common.utils import FloatSchedule, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from sb3_rlhf.buffers import BaseSequenceBuffer, SequenceBatch, split_minibatch
-from sb3_rlhf.common.checkpoints import MODEL_FILE, STATE_FILE, latest_checkpoint
+from sb3_rlhf.common.checkpoints import MODEL_FILE, SHARDED_FOLDER, STATE_FILE, latest_checkpoint, rank_state_file
 from sb3_rlhf.common.distributed import (
-    average_gradients,
-    broadcast_parameters,
     init_distributed,
     is_main_process,
+    max_over_ranks,
     mean_over_ranks,
     rank,
     sum_over_ranks,
@@ -56,6 +55,7 @@ from sb3_rlhf.common.memory import (
 from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.safe_load import safe_custom_objects
 from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, minibatch_normalizers
+from sb3_rlhf.common.strategies import ParallelStrategy, check_strategy, make_strategy
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.base import NonFiniteRewardError, RewardWrapper, reward_wrappers
@@ -94,6 +94,12 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     :param micro_batch_tokens: split each minibatch into micro-batches of at most this many tokens and accumulate
         their gradients into the minibatch's one optimizer step (the same step, in less memory): a positive integer,
         ``"auto"`` (on CUDA, sized from the free GPU memory; elsewhere no split) or ``None`` (no split).
+    :param strategy: how a run of several processes (``torchrun``, ``accelerate launch``) spreads the policy:
+        ``"ddp"`` (a whole replica per process, gradients all-reduced by PyTorch's DistributedDataParallel) or
+        ``"fsdp"`` (weights, gradients and optimizer state sharded over the processes by FSDP2's ``fully_shard``).
+        See :mod:`sb3_rlhf.common.strategies`; one process ignores it.
+    :param shard_frozen_models: under ``"fsdp"``, shard the KL reference and reward models too (``False``: a whole
+        copy on each process, no gathering in their forwards).
     :param samples_per_prompt: responses sampled for each prompt drawn (consecutive episodes share a prompt);
         ``n_episodes`` and ``batch_size`` must be multiples of it, so that a group stays in one minibatch.
     :param rollout_buffer_class: the rollout storage, a :class:`~sb3_rlhf.buffers.BaseSequenceBuffer`.
@@ -140,6 +146,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         generation_batch_size: int | None = None,
         generation_cache: str = "auto",
         micro_batch_tokens: int | str | None = "auto",
+        strategy: str = "ddp",
+        shard_frozen_models: bool = True,
         samples_per_prompt: int = 1,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
@@ -205,6 +213,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 "of optimizer steps; leave it None"
             )
         micro_batch_tokens = check_micro_batch_tokens(micro_batch_tokens)
+        check_strategy(strategy)
+        if not isinstance(shard_frozen_models, bool):
+            raise TypeError(f"shard_frozen_models must be True or False, got {shard_frozen_models!r}")
         RolloutEngine(generation_cache)  # the setting checked where it is read, not at the first rollout
         if not isinstance(max_consecutive_skips, (int, np.integer)) or max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
@@ -219,6 +230,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.generation_batch_size = generation_batch_size
         self.generation_cache = generation_cache
         self.micro_batch_tokens = micro_batch_tokens
+        self.strategy = strategy
+        self.shard_frozen_models = shard_frozen_models
         self.samples_per_prompt = int(samples_per_prompt)
         self.n_logged_samples = n_logged_samples
         self.n_skipped_updates = 0
@@ -226,6 +239,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self._rollout_fault: str | None = None
         # the training state of a checkpoint, restored when the next learn() starts (see load_checkpoint)
         self._pending_training_state: dict[str, Any] | None = None
+        # a sharded checkpoint's torch.distributed.checkpoint folder, read by the next set_parameters (load_checkpoint)
+        self._sharded_checkpoint: str | None = None
         if self.env is not None:
             self._single_env()
         if _init_setup_model:
@@ -279,23 +294,28 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
         self.policy = self.policy.to(self.device)
         self.clip_range = FloatSchedule(self.clip_range)
-        if world_size() > 1 and isinstance(getattr(self, "micro_batch_tokens", None), int):
-            # here, not in __init__ alone: a zip saved with a number and loaded under torchrun is refused too
-            raise ValueError(
-                "micro_batch_tokens is not supported with several processes yet: leave it 'auto' (no split there) "
-                "or None"
-            )
         if self.device.type == "cuda":
             self.policy.use_fused_optimizer()
+        if not self.learns_values:  # never trained: frozen, so that no strategy waits for its gradient
+            self.policy.value_head.requires_grad_(False)
+        #: how the policy is spread over the processes (:mod:`sb3_rlhf.common.strategies`); not saved in the zip
+        self.parallel: ParallelStrategy = make_strategy(
+            getattr(self, "strategy", "ddp"), getattr(self, "shard_frozen_models", True)
+        )
+        self.policy.parallel = self.parallel
+        self.parallel.prepare(self.policy)  # every rank starts from rank 0's weights (the value head is random)
         #: samples the rollouts (cache, compilation, shapes); rebuilt from its settings, never saved in the zip
         self.rollout_engine = RolloutEngine(
             getattr(self, "generation_cache", "auto"), batch_size=self.generation_batch_size or self.n_episodes
         )
         self.rollout_engine.check_policy(self.policy)
+        if self.parallel.sharded and self.rollout_engine.cache == "continuous":
+            raise ValueError(
+                "generation_cache='continuous' is not supported with strategy='fsdp' yet: use 'auto' (static on CUDA)"
+            )
         if getattr(self.policy, "revision", None) is not None:
             # the zip's policy_kwargs name a hub model by the commit it resolved to, not a branch that moves
             self.policy_kwargs = {**self.policy_kwargs, "revision": self.policy.revision}
-        broadcast_parameters(self.policy)  # every rank starts from rank 0's weights (the value head is random)
         if self.env is not None:
             self._bind_reward_wrappers()
 
@@ -330,6 +350,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             )
         for wrapper in wrappers:
             wrapper.bind(self.policy)
+            for model in wrapper.frozen_models():
+                self.parallel.prepare_frozen(model)
 
     def set_random_seed(self, seed: int | None = None) -> None:
         """SB3's seeding, offset by the rank: each rank of a distributed run draws its own prompts and samples."""
@@ -366,42 +388,46 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
         fault = None
-        for start in range(0, n_rollout_steps, chunk):
-            batch, values = self.rollout_engine.sample_episodes(
-                self.policy, gen_env, indices[start : start + chunk], with_values=self.learns_values
-            )
-            assert batch.logprobs is not None  # sample_episodes fills the old log-probs
-            try:
-                rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
-            except th.OutOfMemoryError as error:
-                raise DeviceMemoryError(
-                    f"out of device memory scoring {batch.batch_size} episodes × {batch.input_ids.shape[1]} tokens "
-                    f"(the reward model and the KL reference): set generation_batch_size below {batch.batch_size} "
-                    f"(now {self.generation_batch_size}: the episodes of one generate() call are scored together); "
-                    "checkpoints already written stay loadable"
-                ) from error
-            except NonFiniteRewardError as error:
-                fault = str(error)
-                break
-            for name, term in terms.items():
-                terms_per_episode[name].append(term.sum(-1).cpu())
-            rollout_buffer.add(
-                batch.prompt_ids,
-                batch.prompt_mask,
-                batch.response_ids,
-                batch.response_mask,
-                batch.logprobs,
-                values,
-                rewards,
-                batch.terminated,
-                ref_logprobs,
-                batch.action_masks,
-            )
-            episodes["reward"] += rewards.sum(-1).tolist()
-            episodes["length"] += batch.lengths.tolist()
-            episodes["eos"] += batch.terminated.tolist()
-            episodes["neg_logprob"] += (-batch.logprobs.sum(-1)).tolist()
-            episodes["infos"] += batch.infos
+        # the weights gathered once for the rollout (a sharded run), not for every generated token
+        with self.parallel.whole_weights():
+            for start in range(0, n_rollout_steps, chunk):
+                batch, values = self.rollout_engine.sample_episodes(
+                    self.policy, gen_env, indices[start : start + chunk], with_values=self.learns_values
+                )
+                assert batch.logprobs is not None  # sample_episodes fills the old log-probs
+                try:
+                    rewards, terms, ref_logprobs = self._score_batch(batch, wrappers)
+                except th.OutOfMemoryError as error:
+                    raise DeviceMemoryError(
+                        f"out of device memory scoring {batch.batch_size} episodes × {batch.input_ids.shape[1]} "
+                        f"tokens (the reward model and the KL reference): set generation_batch_size below "
+                        f"{batch.batch_size} (now {self.generation_batch_size}: the episodes of one generate() call "
+                        "are scored together); checkpoints already written stay loadable"
+                    ) from error
+                except NonFiniteRewardError as error:
+                    fault = str(error)
+                    if self.parallel.sharded:
+                        continue  # a sharded frozen model gathers in each forward: every rank scores every batch
+                    break
+                for name, term in terms.items():
+                    terms_per_episode[name].append(term.sum(-1).cpu())
+                rollout_buffer.add(
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.response_ids,
+                    batch.response_mask,
+                    batch.logprobs,
+                    values,
+                    rewards,
+                    batch.terminated,
+                    ref_logprobs,
+                    batch.action_masks,
+                )
+                episodes["reward"] += rewards.sum(-1).tolist()
+                episodes["length"] += batch.lengths.tolist()
+                episodes["eos"] += batch.terminated.tolist()
+                episodes["neg_logprob"] += (-batch.logprobs.sum(-1)).tolist()
+                episodes["infos"] += batch.infos
 
         # every rank must agree on the rollout's fate and on the timestep counter (it decides when learn() stops)
         local_tokens = int(sum(episodes["length"]))
@@ -463,8 +489,22 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         :return: the summed per-token rewards ``(batch, T)``, each wrapper's term ``(batch, T)`` by name, and
             the reference log-probs to store (``None``: the KL is a reward term here, not a loss term).
         """
-        terms = {wrapper.name: wrapper.batch_rewards(batch) for wrapper in wrappers}
+        terms = self._terms_of_every_wrapper(batch, wrappers)
         return sum(terms.values(), th.zeros_like(batch.response_mask, dtype=th.float32)), terms, None
+
+    @staticmethod
+    def _terms_of_every_wrapper(batch: GenerationBatch, wrappers: list[RewardWrapper]) -> dict[str, th.Tensor]:
+        """Each wrapper's term of a batch by name; a non-finite reward is raised once every wrapper has scored the
+        batch, so that each rank runs the same forwards (a sharded frozen model gathers its weights in each)."""
+        terms, error = {}, None
+        for wrapper in wrappers:
+            try:
+                terms[wrapper.name] = wrapper.batch_rewards(batch)
+            except NonFiniteRewardError as raised:
+                error = error or raised
+        if error is not None:
+            raise error
+        return terms
 
     def _log_rollout(
         self, wrappers: list[RewardWrapper], episodes: dict[str, list[Any]], terms: dict[str, th.Tensor]
@@ -532,8 +572,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             for batch in self.rollout_buffer.get(self.batch_size, self.max_batch_tokens):
                 micro_batches = [batch]
                 if micro_batch_tokens is not None:
-                    micro_batches = split_minibatch(batch, micro_batch_tokens, self.rollout_buffer._unit)
-                accumulated = len(micro_batches) > 1
+                    micro_batches = self._split_minibatch(batch, micro_batch_tokens)
+                # with several ranks every one takes the same path (its collectives must pair with the others')
+                accumulated = len(micro_batches) > 1 or (micro_batch_tokens is not None and world_size() > 1)
                 with self._naming_out_of_memory(micro_batch_tokens):
                     if accumulated:
                         self.policy.optimizer.zero_grad()
@@ -565,8 +606,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self._record_train_stats(_read_on_host(stats), clip_range, float(last_loss))
 
     def _minibatch_loss(self, batch: SequenceBatch, clip_range: float) -> tuple[th.Tensor, dict[str, th.Tensor]]:
-        """One forward of the policy over ``batch`` and :meth:`compute_loss` of it."""
-        logprobs, values, entropy = self.policy.evaluate_sequences(
+        """One forward of the policy over ``batch`` (through the strategy's wrapper, whose hooks reduce the
+        gradients) and :meth:`compute_loss` of it."""
+        logprobs, values, entropy = self.parallel.update_forward(
             batch.input_ids,
             batch.attention_mask,
             batch.response_mask.shape[1],
@@ -577,6 +619,17 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         assert entropy is not None  # evaluate_sequences computes it by default
         return self.compute_loss(batch, logprobs, values, entropy, clip_range)
 
+    def _split_minibatch(self, batch: SequenceBatch, micro_batch_tokens: int) -> list[SequenceBatch]:
+        """The micro-batches of ``batch`` (:func:`~sb3_rlhf.buffers.split_minibatch`); with several ranks as many on
+        every rank as on the one that needs the most, since each micro-batch's forward under ``fsdp`` gathers the
+        weights with every rank."""
+        micro_batches = split_minibatch(batch, micro_batch_tokens, self.rollout_buffer._unit)
+        if world_size() > 1:
+            (most,) = max_over_ranks([len(micro_batches)])
+            if len(micro_batches) < most:
+                micro_batches = split_minibatch(batch, micro_batch_tokens, self.rollout_buffer._unit, int(most))
+        return micro_batches
+
     def _accumulate_gradients(
         self, batch: SequenceBatch, micro_batches: list[SequenceBatch], clip_range: float
     ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
@@ -585,14 +638,20 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         over responses, over pairs) divides by the whole minibatch's count: the micro-batches' losses, gradients
         and diagnostics add up to exactly the minibatch's.
 
+        With several ranks each backward is weighted by the rank's share of the minibatch (:meth:`_rank_weight`),
+        and the gradients are reduced across ranks in the last micro-batch's backward only.
+
         :return: the minibatch's loss (detached) and its diagnostics.
         """
         loss_sum = th.zeros((), device=self.device)
         metrics_sum: dict[str, th.Tensor] = {}
+        weight = self._rank_weight(batch)
         with minibatch_normalizers(batch.response_mask):
-            for micro in micro_batches:
-                loss, metrics = self._minibatch_loss(micro, clip_range)
-                loss.backward()  # frees this micro-batch's activations before the next forward
+            for i, micro in enumerate(micro_batches):
+                with self.parallel.gradient_sync(i == len(micro_batches) - 1):
+                    loss, metrics = self._minibatch_loss(micro, clip_range)
+                    # the backward frees this micro-batch's activations before the next forward
+                    (loss if weight == 1.0 else loss * weight).backward()
                 loss_sum = loss_sum + loss.detach()
                 for key, value in metrics.items():
                     metrics_sum[key] = metrics_sum.get(key, th.zeros((), device=self.device)) + value.detach()
@@ -616,10 +675,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     def _micro_batch_token_budget(self) -> int | None:
         """The token budget of one micro-batch now: :attr:`micro_batch_tokens`, or under ``"auto"`` the one
-        :func:`~sb3_rlhf.common.memory.micro_batch_tokens_for` reads from the free GPU memory (``None`` on a CPU
-        and with several processes: no split)."""
-        if world_size() > 1:  # a number is refused when the model is built
-            return None
+        :func:`~sb3_rlhf.common.memory.micro_batch_tokens_for` reads from the free GPU memory (``None`` on a CPU:
+        no split), the smallest of every rank's."""
         if self.micro_batch_tokens != "auto":
             return self.micro_batch_tokens  # type: ignore[return-value]  # an int or None (check_micro_batch_tokens)
         config = self.policy.actor.config
@@ -633,9 +690,14 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 critic.num_hidden_layers, critic.hidden_size, 0, self.policy.critic.dtype
             )
         # before the first step, the gradients and Adam's two moments are still to be allocated
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        # (of this rank's shard, under fsdp)
+        trainable = [getattr(p, "_local_tensor", p) for p in self.policy.parameters() if p.requires_grad]
         pending = 3 * sum(p.numel() * p.element_size() for p in trainable) if not self.policy.optimizer.state else 0
-        return micro_batch_tokens_for(self.device, per_token, reserved_bytes=pending)
+        budget = micro_batch_tokens_for(self.device, per_token, reserved_bytes=pending)
+        if world_size() > 1:  # one budget for every rank (None, no split, is taken as no limit)
+            (largest_negative,) = max_over_ranks([-(budget or float("inf"))])
+            budget = None if largest_negative == -float("inf") else int(-largest_negative)
+        return budget
 
     def _record_train_stats(self, stats: dict[str, list[float]], clip_range: float, last_loss: float) -> None:
         """Log the update under ``train/`` (SB3's keys): the mean of each diagnostic over the minibatches that
@@ -655,37 +717,50 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             return float(batch.response_mask.sum())
         return float(batch.response_mask.shape[0])
 
+    def _rank_weight(self, batch: SequenceBatch) -> float:
+        """With several ranks, the factor of this rank's loss, a mean over its part of the minibatch: its share of
+        every rank's items (:meth:`_loss_normalizer`) times the number of ranks, which the strategy's gradient
+        averaging divides by again, so that the step is the one a single process takes on the whole minibatch.
+        One process: 1."""
+        if world_size() == 1:
+            return 1.0
+        normalizer = self._loss_normalizer(batch)
+        (total,) = sum_over_ranks([normalizer])
+        return world_size() * normalizer / total
+
     def _optimizer_step(self, loss: th.Tensor, batch: SequenceBatch, backward: bool = True) -> bool:
         """Backward, gradient clipping at ``max_grad_norm``, one optimizer step; skipped (returns False) when the
         loss or the gradient is not finite, so that one bad minibatch cannot poison the weights or Adam's moments.
         In one process the one host sync of a minibatch is that decision, taken after the backward pass on the
         loss and the gradient norm together (the rare wasted backward is cheaper than a sync before it).
 
-        With several ranks each holds part of the minibatch: its loss, a mean over its items (tokens, or
-        sequences; :meth:`_loss_normalizer`), is weighted by its share of all ranks' items, and the gradients are
-        averaged across ranks, so the step is the one a single process would take on the whole minibatch. The
-        ranks agree on a non-finite loss before the backward pass, and a non-finite gradient on one rank is
-        non-finite on all after the averaging: all ranks skip together.
+        With several ranks each holds part of the minibatch: its loss is weighted by its share of all ranks' items
+        (:meth:`_rank_weight`) and the strategy averages the gradients across ranks in the backward pass, so the
+        step is the one a single process would take on the whole minibatch. The ranks agree on a non-finite loss
+        (whose gradient can be finite), and a non-finite gradient on one rank is non-finite on all after the
+        averaging: all ranks skip together.
 
         :param backward: ``False`` when the gradients of ``batch`` are already in ``.grad``, accumulated over its
-            micro-batches (one process only): then only the clipping, the finiteness check and the step remain.
+            micro-batches (:meth:`_accumulate_gradients`): then only the clipping, the finiteness check and the
+            step remain.
         """
         if backward:
             self.policy.optimizer.zero_grad()
-        if backward and world_size() > 1:
+        if world_size() > 1:
             # ranks must skip together, and a non-finite loss can have a finite gradient (k3 at a -inf
             # reference log-prob): its finiteness travels with the normaliser, in the all-reduce that needs anyway
-            normalizer = self._loss_normalizer(batch)
+            normalizer = self._loss_normalizer(batch) if backward else 0.0
             finite = bool(th.isfinite(loss))
             total, faults = sum_over_ranks([normalizer, float(not finite)])
             if faults:
+                self.policy.optimizer.zero_grad()
                 self._skip_update(f"the loss is {loss.item()}" if not finite else "another rank's loss is not finite")
                 return False
-            loss = loss * (world_size() * normalizer / total)
+            if backward:
+                loss = loss * (world_size() * normalizer / total)
         if backward:
             loss.backward()
-        average_gradients(self.policy.parameters())
-        grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        grad_norm = self.parallel.clip_grad_norm(self.max_grad_norm)
         if not bool(th.isfinite(grad_norm) & th.isfinite(loss.detach())):
             self.policy.optimizer.zero_grad()
             finite_loss = bool(th.isfinite(loss))
@@ -721,20 +796,80 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ saving, loading and resuming
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_pending_training_state", "rollout_engine"]
+        return [
+            *super()._excluded_save_params(),
+            "_pending_training_state",
+            "rollout_engine",
+            "parallel",
+            "_sharded_checkpoint",
+            "_zip_without_weights",
+        ]
+
+    def get_parameters(self) -> dict[str, dict]:
+        """SB3's state dicts of the policy and its optimizer, whole as a single process holds them: in a sharded
+        run (``strategy="fsdp"``) gathered onto rank 0 (every rank calls it, and the others get them empty)."""
+        parallel = getattr(self, "parallel", None)
+        if getattr(self, "_zip_without_weights", False):
+            return {}  # a sharded checkpoint: its weights are in torch.distributed.checkpoint's files beside the zip
+        if parallel is None or not parallel.sharded:
+            return super().get_parameters()
+        policy_state, optimizer_state = parallel.full_state_dicts()
+        return {"policy": policy_state, "policy.optimizer": optimizer_state}
+
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, th.Tensor],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """SB3's, with the weights of a sharded checkpoint read by :mod:`torch.distributed.checkpoint` (each rank
+        its shard) and a zip's whole state dicts scattered into the shards of a sharded run."""
+        folder = getattr(self, "_sharded_checkpoint", None)
+        if isinstance(load_path_or_dict, dict) and not load_path_or_dict:
+            if folder is None:
+                raise ValueError(
+                    "this zip holds no weights: it is a sharded checkpoint's (strategy='fsdp'), whose weights are in "
+                    f"the {SHARDED_FOLDER}/ folder beside it; resume it with {type(self).__name__}.load_checkpoint("
+                    "<the checkpoint folder>, env) in as many processes as wrote it"
+                )
+            self.parallel.load_sharded(folder)
+            return
+        if isinstance(load_path_or_dict, dict) and self.parallel.sharded:
+            params: dict[str, Any] = load_path_or_dict
+            if set(params) - {"policy", "policy.optimizer"} or (exact_match and len(params) != 2):
+                raise ValueError(f"expected the state dicts of policy and policy.optimizer, got {sorted(params)}")
+            self.parallel.load_full_state_dicts(params.get("policy"), params.get("policy.optimizer"), exact_match)
+            return
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
 
     def save(  # type: ignore[override]
         self,
         path: str | os.PathLike | io.BufferedIOBase,
         exclude: list[str] | None = None,
         include: list[str] | None = None,
+        weights: bool = True,
     ) -> None:
         """SB3's ``save``, written to a temporary file and renamed into place: a crash mid-save leaves the
-        previous file intact."""
-        if isinstance(path, io.BufferedIOBase):
-            return super().save(path, exclude, include)
-        with atomic_file(str(path) if str(path).endswith(".zip") else f"{path}.zip") as tmp:
-            super().save(tmp, exclude, include)
+        previous file intact.
+
+        With several processes rank 0 writes the file; under ``strategy="fsdp"`` every rank must call it (the
+        weights are gathered from every rank's shard), and the file is the one a single-process run writes.
+
+        :param weights: ``False``: the zip without the policy's and optimizer's state dicts (a sharded
+            checkpoint's, whose weights :mod:`torch.distributed.checkpoint` writes beside it).
+        """
+        self._zip_without_weights = not weights
+        try:
+            if not is_main_process():
+                if self.parallel.sharded:
+                    self.get_parameters()  # this rank's part of the gathering
+                return None
+            if isinstance(path, io.BufferedIOBase):
+                return super().save(path, exclude, include)
+            with atomic_file(str(path) if str(path).endswith(".zip") else f"{path}.zip") as tmp:
+                super().save(tmp, exclude, include)
+        finally:
+            self._zip_without_weights = False
 
     @classmethod
     def load(  # type: ignore[override]
@@ -762,6 +897,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         wrappers' state (the KL controller's β) and every random number generator (torch, CUDA, NumPy, Python,
         the env's prompt sampler)."""
         state: dict[str, Any] = {
+            "rank": rank(),
             "num_timesteps": int(self.num_timesteps),
             "reward_wrappers": {w.name: w.state_dict() for w in self.reward_wrappers},
             "env_rng": self.generation_env.np_random.bit_generator.state,
@@ -776,8 +912,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
     def set_training_state(self, state: dict[str, Any]) -> None:
         """Put back what :meth:`get_training_state` recorded (the algorithm's own state comes from the zip).
 
-        A distributed run is checkpointed by rank 0: the other ranks take its β and counters but draw fresh,
-        distinct random streams of their own.
+        In a distributed run each rank restores its own random streams (every rank writes its state into the
+        checkpoint); a rank given another rank's state (a checkpoint of an older version, written by rank 0 alone)
+        takes its β and counters and draws fresh, distinct streams of its own.
         """
         wrappers = {w.name: w for w in self.reward_wrappers}
         saved = state["reward_wrappers"]
@@ -788,7 +925,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             )
         for name, wrapper_state in saved.items():
             wrappers[name].load_state_dict(wrapper_state)
-        if rank() > 0:
+        if state.get("rank", 0) != rank():
             seed = ((self.seed or 0) + 7919 * rank() + int(state["num_timesteps"])) % 2**32
             self.generation_env.np_random = np.random.default_rng(seed)
             set_random_seed(seed, using_cuda=th.cuda.is_available())
@@ -820,9 +957,14 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         :param kwargs: the rest of :meth:`load`'s arguments.
         """
         path = latest_checkpoint(path)
-        with open(os.path.join(path, STATE_FILE)) as f:
+        own_state = os.path.join(path, rank_state_file(rank()))
+        with open(own_state if os.path.isfile(own_state) else os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
+        sharded = os.path.join(path, SHARDED_FOLDER)
+        if os.path.isdir(sharded):  # the weights and optimizer in torch.distributed.checkpoint's files
+            kwargs = {**kwargs, "_sharded_checkpoint": sharded}
         model = cls.load(os.path.join(path, MODEL_FILE), env=env, device=device, **kwargs)
+        model._sharded_checkpoint = None
         if model.num_timesteps != state["num_timesteps"]:
             raise ValueError(
                 f"{path} is inconsistent: the zip is at {model.num_timesteps} timesteps, the state at "

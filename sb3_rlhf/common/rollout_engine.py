@@ -386,6 +386,9 @@ class RolloutEngine:
                     attention_mask=attention_mask,
                     generation_config=config,
                     logits_processor=processors,
+                    # transformers keeps the ranks of a sharded model in step (an all-reduce per token); with the
+                    # weights gathered (the rollout) each rank generates alone
+                    synced_gpus=not policy.parallel.holds_whole_weights,
                 )
         finally:
             if policy.action_mask is not None:

@@ -18,7 +18,7 @@ from sb3_rlhf.common.on_policy_algorithm import (
 from sb3_rlhf.common.sequences import masked_mean
 from sb3_rlhf.grpo.losses import group_normalized_advantages, grpo_losses
 from sb3_rlhf.policies import TransformerActorCriticPolicy
-from sb3_rlhf.rewards.base import RewardWrapper
+from sb3_rlhf.rewards.base import NonFiniteRewardError, RewardWrapper
 from sb3_rlhf.rewards.kl import KLPenaltyWrapper
 
 
@@ -59,6 +59,10 @@ class GRPO(RLHFOnPolicyAlgorithm):
     :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
         whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
         a CPU), ``None`` never splits.
+    :param strategy: with several processes (``torchrun``): ``"ddp"`` (a whole replica each) or ``"fsdp"``
+        (weights, gradients and optimizer state sharded by FSDP2); see :mod:`sb3_rlhf.common.strategies`.
+    :param shard_frozen_models: under ``"fsdp"``, shard the KL reference and reward models too (``False``: whole on
+        each process).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
     :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``.
     :param tensorboard_log: TensorBoard log folder.
@@ -93,6 +97,8 @@ class GRPO(RLHFOnPolicyAlgorithm):
         generation_batch_size: int | None = None,
         generation_cache: str = "auto",
         micro_batch_tokens: int | str | None = "auto",
+        strategy: str = "ddp",
+        shard_frozen_models: bool = True,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -123,6 +129,8 @@ class GRPO(RLHFOnPolicyAlgorithm):
             generation_batch_size=generation_batch_size,
             generation_cache=generation_cache,
             micro_batch_tokens=micro_batch_tokens,
+            strategy=strategy,
+            shard_frozen_models=shard_frozen_models,
             samples_per_prompt=samples_per_prompt,
             n_logged_samples=n_logged_samples,
             stats_window_size=stats_window_size,
@@ -159,7 +167,12 @@ class GRPO(RLHFOnPolicyAlgorithm):
         self, batch: GenerationBatch, wrappers: list[RewardWrapper]
     ) -> tuple[th.Tensor, dict[str, th.Tensor], th.Tensor | None]:
         kl_wrapper = self._kl_wrapper(wrappers)
-        terms = {w.name: w.batch_rewards(batch) for w in wrappers if w is not kl_wrapper}
+        try:
+            terms = self._terms_of_every_wrapper(batch, [w for w in wrappers if w is not kl_wrapper])
+        except NonFiniteRewardError:
+            if kl_wrapper is not None:
+                kl_wrapper.reference_logprobs(batch)  # the reference's forward, as every other rank runs it
+            raise
         rewards = sum(terms.values(), th.zeros_like(batch.response_mask, dtype=th.float32))
         ref_logprobs, self._rollout_kl = None, None
         if kl_wrapper is not None:

@@ -76,6 +76,10 @@ class NLPO(RLHFPPO):
     :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
         whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
         a CPU), ``None`` never splits.
+    :param strategy: with several processes (``torchrun``): ``"ddp"`` (a whole replica each) or ``"fsdp"``
+        (weights, gradients and optimizer state sharded by FSDP2); see :mod:`sb3_rlhf.common.strategies`.
+    :param shard_frozen_models: under ``"fsdp"``, shard the KL reference and reward models too (``False``: whole on
+        each process).
     :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see
         :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
@@ -118,6 +122,8 @@ class NLPO(RLHFPPO):
         generation_batch_size: int | None = None,
         generation_cache: str = "auto",
         micro_batch_tokens: int | str | None = "auto",
+        strategy: str = "ddp",
+        shard_frozen_models: bool = True,
         bootstrap_truncated: bool = False,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
@@ -162,6 +168,8 @@ class NLPO(RLHFPPO):
             generation_batch_size=generation_batch_size,
             generation_cache=generation_cache,
             micro_batch_tokens=micro_batch_tokens,
+            strategy=strategy,
+            shard_frozen_models=shard_frozen_models,
             bootstrap_truncated=bootstrap_truncated,
             n_logged_samples=n_logged_samples,
             stats_window_size=stats_window_size,
@@ -185,6 +193,11 @@ class NLPO(RLHFPPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        if self.parallel.sharded:
+            raise ValueError(
+                "NLPO is not supported with strategy='fsdp' yet (its masking policy is a copy of the whole actor): "
+                "use strategy='ddp'"
+            )
         self.masking_policy = MaskingPolicy(self.policy, self.mask_top_p, self.mask_min_tokens_to_keep)
         self._bind_action_mask()
         self.rollout_engine.check_policy(self.policy)  # now with the nucleus mask: not every cache samples under it

@@ -51,6 +51,10 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
     :param micro_batch_tokens: the update's token budget per forward: each minibatch is split into micro-batches
         whose gradients add up to its one optimizer step; ``"auto"`` sizes it from the free GPU memory (no split on
         a CPU), ``None`` never splits.
+    :param strategy: with several processes (``torchrun``): ``"ddp"`` (a whole replica each) or ``"fsdp"``
+        (weights, gradients and optimizer state sharded by FSDP2); see :mod:`sb3_rlhf.common.strategies`.
+    :param shard_frozen_models: under ``"fsdp"``, shard the KL reference and reward models too (``False``: whole on
+        each process).
     :param bootstrap_truncated: bootstrap truncated responses from V(s_T) (see
         :class:`~sb3_rlhf.buffers.SequenceRolloutBuffer`).
     :param n_logged_samples: generations written to TensorBoard as text each rollout (0 to disable).
@@ -87,6 +91,8 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         generation_batch_size: int | None = None,
         generation_cache: str = "auto",
         micro_batch_tokens: int | str | None = "auto",
+        strategy: str = "ddp",
+        shard_frozen_models: bool = True,
         bootstrap_truncated: bool = False,
         n_logged_samples: int = 4,
         stats_window_size: int = 100,
@@ -124,6 +130,8 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
             generation_batch_size=generation_batch_size,
             generation_cache=generation_cache,
             micro_batch_tokens=micro_batch_tokens,
+            strategy=strategy,
+            shard_frozen_models=shard_frozen_models,
             n_logged_samples=n_logged_samples,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,

@@ -73,6 +73,11 @@ class RewardWrapper(gym.Wrapper):
     def bind(self, policy: TransformerActorCriticPolicy) -> None:
         """Called by the algorithm once its policy exists (devices, reference models)."""
 
+    def frozen_models(self) -> list[th.nn.Module]:
+        """The models this term reads without training them (a reward model, a KL reference): the algorithm places
+        them as its strategy says (replicated, or sharded under ``fsdp``) once :meth:`bind` has run."""
+        return []
+
     def on_rollout_start(self) -> None:
         """Called by the algorithm before the batches of a rollout are scored."""
 

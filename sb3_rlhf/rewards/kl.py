@@ -122,6 +122,10 @@ class KLPenaltyWrapper(RewardWrapper):
                 "the reference model's vocabulary is smaller than the policy tokenizer: use the policy's base model"
             )
 
+    def frozen_models(self) -> list[th.nn.Module]:
+        # the LoRA reference is the actor itself with its adapter off: it owns no weights of its own
+        return [self.ref_model] if self.ref_model is not None and any(True for _ in self.ref_model.parameters()) else []
+
     def _require_bound(self) -> TransformerActorCriticPolicy:
         if self.policy is None or self.ref_model is None:
             raise RuntimeError(

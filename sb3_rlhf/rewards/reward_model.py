@@ -139,6 +139,9 @@ class RewardModelWrapper(SequenceRewardWrapper):
     def device(self) -> th.device:
         return next(self.reward_model.parameters()).device
 
+    def frozen_models(self) -> list[th.nn.Module]:
+        return [self.reward_model]
+
     def bind(self, policy: TransformerActorCriticPolicy) -> None:
         if not self.explicit_device and self.device != policy.device:
             raise ValueError(

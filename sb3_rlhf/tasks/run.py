@@ -177,11 +177,13 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
             tb_log_name=task.name,
             reset_num_timesteps=not resume,
         )
-    if not is_main_process():
-        return {}  # rank 0 saves and reports for the run
+    # every rank calls them (a sharded run gathers its weights); rank 0 writes the files
     model.save(model_file(task, out))
     model.policy.save_pretrained(os.path.join(out, "policy"), tokenizer=prepared.tokenizer)
-    return evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
+    with model.policy.parallel.whole_weights():
+        if not is_main_process():
+            return {}  # rank 0 reports for the run
+        return evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
 
 
 def evaluate_task(task: TaskConfig, out: str) -> dict[str, Any]:
