@@ -85,8 +85,8 @@ def split_minibatch(
     :param batch: the minibatch, ``(rows, P + T)``.
     :param max_tokens: the token budget of one micro-batch.
     :param unit: rows that must stay together (a group of responses to one prompt).
-    :param n_parts: instead, this many micro-batches of as equal numbers of units as can be, when the budget would
-        make fewer (the ranks of a distributed run split alike; at most the number of units).
+    :param n_parts: at least this many micro-batches (at most the number of units): where the budget makes fewer,
+        the micro-batch of the most units is halved until there are (the ranks of a distributed run split alike).
     """
     rows, width = batch.input_ids.shape  # a minibatch comes trimmed to its longest prompt and response
     if rows * width <= max_tokens and not n_parts:
@@ -97,11 +97,13 @@ def split_minibatch(
     prompt_lengths = batch.attention_mask[:, :prompt_width].sum(-1).tolist()
     response_lengths = batch.response_mask.sum(-1).tolist()
     spans = token_budget_spans(prompt_lengths, response_lengths, max_tokens, unit)
-    if n_parts is not None and len(spans) < n_parts:
-        units = -(-rows // unit)
-        parts = min(n_parts, units)
-        bounds = [min(i * units // parts * unit, rows) for i in range(parts + 1)]
-        spans = list(zip(bounds[:-1], bounds[1:]))
+    while n_parts is not None and len(spans) < n_parts:
+        start, end = max(spans, key=lambda span: span[1] - span[0])  # each half is within the budget too
+        if end - start <= unit:
+            break  # one unit each: no more parts to make
+        middle = start + (end - start) // unit // 2 * unit
+        at = spans.index((start, end))
+        spans[at : at + 1] = [(start, middle), (middle, end)]
     micro_batches = []
     for start, end in spans:
         longest_prompt = max(prompt_lengths[start:end])

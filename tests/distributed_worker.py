@@ -209,7 +209,8 @@ def main() -> None:
         th.save(run_one(args, run), os.path.join(args.out, f"{run}_rank{rank()}.pt"))
     if args.memory:
         model = make_model(args.model_path, EPISODES_PER_RANK, "ppo", args.strategy, optimizer=th.optim.AdamW)
-        model.get_parameters()  # a save before the first step must not take a step of its own
+        unstepped_zip = os.path.join(args.out, "unstepped.zip")
+        model.save(unstepped_zip)  # a save before the first step must not take a step of its own
         model.learn(1)
         measured = {"bytes": local_bytes(model)}
         # the zip's whole AdamW state, loaded back into shards and gathered again, is what was saved
@@ -233,6 +234,12 @@ def main() -> None:
                 and all(th.equal(v, after["state"][i][k]) for i, s in before["state"].items() for k, v in s.items())
             )
             measured["adam_steps"] = sorted({int(s["step"]) for s in again["policy.optimizer"]["state"].values()})
+        # nor may loading a zip whose optimizer never stepped
+        unstepped = type(model).load(unstepped_zip, env=make_env(args.model_path), trust_pickled_objects=True)
+        unstepped.learn(1)
+        optimizer = unstepped.get_parameters()["policy.optimizer"]
+        if rank() == 0:
+            measured["adam_steps_after_unstepped_load"] = sorted({int(s["step"]) for s in optimizer["state"].values()})
         th.save(measured, os.path.join(args.out, f"memory_rank{rank()}.pt"))
 
 

@@ -134,10 +134,12 @@ def test_fsdp_holds_about_half_the_training_state_per_rank(fsdp_runs, model_path
 
 def test_a_sharded_run_loads_its_own_zip_back_into_its_shards(fsdp_runs):
     """The zip of an fsdp run with AdamW state (gathered, renumbered as a one-process optimizer's), loaded into a
-    new sharded run, gathers to the same weights and optimizer state; the one AdamW step stays one."""
+    new sharded run, gathers to the same weights and optimizer state; the one AdamW step stays one, and a zip saved
+    before any step loads without one."""
     measured = th.load(fsdp_runs / "memory_rank0.pt", weights_only=True)
     assert measured["round_trip"]
     assert measured["adam_steps"] == [1]  # saving before the first step took none of its own
+    assert measured["adam_steps_after_unstepped_load"] == [1]  # nor did loading a zip saved then
 
 
 @pytest.mark.parametrize("run", ["ppo", "ppo_lora"])
@@ -279,3 +281,48 @@ def test_the_strategy_is_set_from_the_command_line_and_task_files(tmp_path):
     assert task.algorithm_settings()["strategy"] == "fsdp"
     with pytest.raises(SystemExit):  # argparse names the choices
         make_parser().parse_args(["train", "x.toml", "--strategy", "zero3"])
+
+
+def test_a_zip_with_a_minibatch_token_cap_is_refused_under_several_processes(
+    model_path, tokenizer, tmp_path, monkeypatch
+):
+    """max_batch_tokens gives each rank its own number of optimizer steps: refused when the model is built, also
+    from a zip that a one-process run saved with it."""
+    from sb3_rlhf import RLHFPPO
+    from sb3_rlhf.common import on_policy_algorithm
+    from tests.helpers import make_model as make_single
+    from tests.helpers import rule_env
+
+    make_single(rule_env(tokenizer), model_path, max_batch_tokens=64).save(tmp_path / "capped.zip")
+    monkeypatch.setattr(on_policy_algorithm, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="max_batch_tokens is not supported with several processes"):
+        RLHFPPO.load(tmp_path / "capped.zip", env=rule_env(tokenizer))
+
+
+def test_a_sharded_checkpoints_zip_alone_names_the_way_to_load_it(model_path, tokenizer, tmp_path):
+    from sb3_rlhf import RLHFPPO
+    from tests.helpers import make_model as make_single
+    from tests.helpers import rule_env
+
+    make_single(rule_env(tokenizer), model_path).save(tmp_path / "weightless.zip", weights=False)
+    with pytest.raises(FileNotFoundError, match="load_checkpoint"):
+        RLHFPPO.load(tmp_path / "weightless.zip", env=rule_env(tokenizer))
+
+
+def test_micro_batches_can_be_made_more_alike_across_ranks(model_path, tokenizer):
+    """split_minibatch(n_parts=...) halves its largest micro-batch until there are as many as another rank has:
+    each within the budget, every row once, groups whole."""
+    from sb3_rlhf.buffers import split_minibatch
+    from tests.helpers import make_model as make_single
+    from tests.helpers import rule_env
+
+    model = make_single(rule_env(tokenizer), model_path, n_episodes=8, batch_size=8)
+    model.learn(1)
+    batch = next(model.rollout_buffer.get(8))
+    budget = batch.input_ids.numel()  # one micro-batch by the budget alone
+    assert len(split_minibatch(batch, budget)) == 1
+    for n_parts, unit in ((3, 1), (4, 2), (8, 1), (20, 2)):
+        parts = split_minibatch(batch, budget, unit, n_parts)
+        assert len(parts) == min(n_parts, 8 // unit)
+        assert all(p.input_ids.numel() <= budget and p.input_ids.shape[0] % unit == 0 for p in parts)
+        assert th.equal(th.cat([p.old_logprobs[:, :1] for p in parts]), batch.old_logprobs[:, :1])  # rows in order

@@ -53,14 +53,25 @@ def rank_state_file(rank: int) -> str:
 @contextlib.contextmanager
 def _shared_atomic_directory(path: str) -> Iterator[str]:
     """:func:`~sb3_rlhf.common.io.atomic_directory` made by rank 0, its temporary name sent to every rank, and
-    renamed into place by rank 0 once every rank has written into it."""
+    renamed into place by rank 0 once every rank has written into it. A failure on any rank (making the folder,
+    writing into it, renaming it) is raised on every rank, none left waiting for the others."""
     if world_size() == 1:
         with atomic_directory(path) as tmp:
             yield tmp
         return
-    with atomic_directory(path) if is_main_process() else contextlib.nullcontext("") as tmp:
-        name = [tmp]
+    with contextlib.ExitStack() as stack:
+        name: list[str | None] = [None]
+        made: BaseException | None = None
+        if is_main_process():
+            try:
+                name = [stack.enter_context(atomic_directory(path))]
+            except BaseException as error:  # noqa: BLE001 - raised below, once the other ranks know
+                made = error
         dist.broadcast_object_list(name, src=0)
+        if made is not None:
+            raise made
+        if name[0] is None:
+            raise RuntimeError(f"rank 0 could not make the checkpoint folder {path}")
         failed: BaseException | None = None
         try:
             yield name[0]
@@ -72,6 +83,17 @@ def _shared_atomic_directory(path: str) -> Iterator[str]:
             raise failed
         if failures:
             raise RuntimeError("another rank failed writing its part of the checkpoint; the checkpoint was not kept")
+        renamed: BaseException | None = None
+        if is_main_process():
+            try:
+                stack.close()  # the rename into place
+            except BaseException as error:  # noqa: BLE001 - raised below, once the other ranks know
+                renamed = error
+        (failures,) = sum_over_ranks([float(renamed is not None)])
+        if renamed is not None:
+            raise renamed
+        if failures:
+            raise RuntimeError(f"rank 0 could not put the checkpoint in place at {path}")
 
 
 def save_checkpoint(model: RLHFOnPolicyAlgorithm, folder: str) -> str:

@@ -207,11 +207,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             _init_setup_model=False,
             supported_action_spaces=(spaces.Discrete,),
         )
-        if init_distributed() and max_batch_tokens is not None:
-            raise ValueError(
-                "max_batch_tokens is not supported with several processes: the ranks would take different numbers "
-                "of optimizer steps; leave it None"
-            )
+        init_distributed()  # the process group a launcher describes, joined before anything is built
         micro_batch_tokens = check_micro_batch_tokens(micro_batch_tokens)
         check_strategy(strategy)
         if not isinstance(shard_frozen_models, bool):
@@ -294,6 +290,12 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
         self.policy = self.policy.to(self.device)
         self.clip_range = FloatSchedule(self.clip_range)
+        if world_size() > 1 and getattr(self, "max_batch_tokens", None) is not None:
+            # here too, not in __init__ alone: a zip saved with a cap and loaded under torchrun is refused as well
+            raise ValueError(
+                "max_batch_tokens is not supported with several processes: the ranks would take different numbers "
+                "of optimizer steps; leave it None (micro_batch_tokens bounds the memory of a forward instead)"
+            )
         if self.device.type == "cuda":
             self.policy.use_fused_optimizer()
         if not self.learns_values:  # never trained: frozen, so that no strategy waits for its gradient
@@ -826,8 +828,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         its shard) and a zip's whole state dicts scattered into the shards of a sharded run."""
         folder = getattr(self, "_sharded_checkpoint", None)
         if isinstance(load_path_or_dict, dict) and not load_path_or_dict:
-            if folder is None:
-                raise ValueError(
+            if folder is None:  # not a ValueError: SB3's load() catches those and reads on in the empty dict
+                raise FileNotFoundError(
                     "this zip holds no weights: it is a sharded checkpoint's (strategy='fsdp'), whose weights are in "
                     f"the {SHARDED_FOLDER}/ folder beside it; resume it with {type(self).__name__}.load_checkpoint("
                     "<the checkpoint folder>, env) in as many processes as wrote it"
@@ -837,7 +839,7 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         if isinstance(load_path_or_dict, dict) and self.parallel.sharded:
             params: dict[str, Any] = load_path_or_dict
             if set(params) - {"policy", "policy.optimizer"} or (exact_match and len(params) != 2):
-                raise ValueError(f"expected the state dicts of policy and policy.optimizer, got {sorted(params)}")
+                raise RuntimeError(f"expected the state dicts of policy and policy.optimizer, got {sorted(params)}")
             self.parallel.load_full_state_dicts(params.get("policy"), params.get("policy.optimizer"), exact_match)
             return
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)

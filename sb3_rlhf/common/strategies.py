@@ -344,7 +344,11 @@ class FSDPStrategy(ParallelStrategy):
         options = StateDictOptions(full_state_dict=True, strict=strict)
         if policy_state is not None:
             set_model_state_dict(self.policy, policy_state, options=options)
-        if optimizer_state is not None:
+        if optimizer_state is not None and not optimizer_state["state"]:
+            # an optimizer that never stepped: its settings only (loading it would fill it with a step of its own)
+            for group, saved in zip(self.policy.optimizer.param_groups, optimizer_state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+        elif optimizer_state is not None:
             state = _indexed_to_fqn_keyed(optimizer_state, self.optimizer_names)
             set_optimizer_state_dict(self.policy, self.policy.optimizer, state, options=options)
 
