@@ -21,7 +21,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sb3_rlhf import GRPO, RLHFPPO, RLOO, TokenGenerationEnv  # noqa: E402
+from sb3_rlhf import GRPO, P3O, RLHFPPO, RLOO, TokenGenerationEnv  # noqa: E402
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback  # noqa: E402
 from sb3_rlhf.common.distributed import init_distributed, rank, world_size  # noqa: E402
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper  # noqa: E402
@@ -37,6 +37,7 @@ RUNS = {
     "ppo_micro": (RLHFPPO, {"micro_batch_tokens": 40}, {}),
     "grpo": (GRPO, {"samples_per_prompt": 2}, {}),
     "rloo": (RLOO, {"samples_per_prompt": 2}, {}),
+    "p3o": (P3O, {"samples_per_prompt": 2}, {}),  # pairwise: each prompt's two responses
     "ppo_reward_model": (RLHFPPO, {}, {}),  # a BERT reward model, sharded with the reference under fsdp
 }
 

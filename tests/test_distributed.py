@@ -32,7 +32,7 @@ def run_launcher(command: list[str], out=None) -> subprocess.CompletedProcess:
     return second
 
 
-RUNS = ["ppo", "ppo_separate", "grpo", "rloo", "ppo_micro", "ppo_reward_model"]
+RUNS = ["ppo", "ppo_separate", "grpo", "rloo", "p3o", "ppo_micro", "ppo_reward_model"]
 
 
 def launch(model_path: str, out, strategy: str, *args: str) -> None:
@@ -94,8 +94,8 @@ def assert_matches_one_process(ranks: list[dict], model_path: str, tokenizer, ru
 @pytest.mark.parametrize("run", [*RUNS, "ppo_lora"])
 def test_ddp_matches_one_process_on_the_same_global_batch(ddp_runs, model_path, tokenizer, run):
     """Two DDP ranks (each its half of the episodes) against one process replaying both halves as one minibatch:
-    PPO with a shared head and with a separate critic, GRPO, RLOO, PPO accumulating micro-batches, with a reward
-    model, with LoRA. The replicas end equal."""
+    PPO with a shared head and with a separate critic, GRPO, RLOO, P3O, PPO accumulating micro-batches, with a
+    reward model, with LoRA. The replicas end equal."""
     ranks = load_ranks(ddp_runs, run)
     for name, tensor in ranks[0]["state"].items():
         assert th.equal(tensor, ranks[1]["state"][name]), name
