@@ -156,6 +156,51 @@ def bad_inputs(tokenizer, model_path, tmp_path):
             "one float per completion",
         ),
         "reward model path missing": (lambda: RewardModelWrapper(env, "/no/rm"), FileNotFoundError, "does not exist"),
+        "reward fn returns strings": (
+            lambda: RewardFunctionWrapper(env, fn=lambda p, c: ["1.5"]).step_reward(None, 0, True, stepped(env, 1)[4]),
+            TypeError,
+            "must return numbers",
+        ),
+        "reward fn returns booleans": (
+            lambda: RewardFunctionWrapper(env, fn=lambda p, c: [True]).step_reward(None, 0, True, stepped(env, 1)[4]),
+            TypeError,
+            "convert with float(...)",
+        ),
+        "reward model: a causal LM, no trained head": (
+            lambda: RewardModelWrapper(env, model_path),
+            ValueError,
+            "no trained sequence-classification head",
+        ),
+        "algorithm: clip_range 0": (
+            lambda: algorithm(tokenizer, model_path, clip_range=0.0),
+            ValueError,
+            "clip_range must be a finite number > 0",
+        ),
+        "algorithm: negative clip_range": (
+            lambda: algorithm(tokenizer, model_path, clip_range=-0.2),
+            ValueError,
+            "clip_range must be",
+        ),
+        "algorithm: ent_coef NaN": (
+            lambda: algorithm(tokenizer, model_path, ent_coef=float("nan")),
+            ValueError,
+            "ent_coef must be a finite number",
+        ),
+        "algorithm: gamma above 1": (
+            lambda: algorithm(tokenizer, model_path, gamma=2.0),
+            ValueError,
+            "gamma must be a finite number >= 0.0 and <= 1.0",
+        ),
+        "algorithm: max_grad_norm 0": (
+            lambda: algorithm(tokenizer, model_path, max_grad_norm=0),
+            ValueError,
+            "max_grad_norm must be",
+        ),
+        "algorithm: unknown device": (
+            lambda: algorithm(tokenizer, model_path, device="tpu"),
+            ValueError,
+            "device must be 'auto', 'cpu', 'cuda'",
+        ),
         "kl coef 0": (lambda: KLPenaltyWrapper(env, coef=0.0), ValueError, "leave the wrapper out"),
         "kl unknown estimator": (lambda: KLPenaltyWrapper(env, estimator="k9"), ValueError, "unknown KL estimator"),
         "kl reference path missing": (
@@ -242,6 +287,9 @@ def test_bad_input_gets_a_clear_error_from_this_library(name, tokenizer, model_p
         (["train", TINY_TASK, "--set", "policy.tiny_size=1"], "unknown key policy.tiny_size"),
         (["train", TINY_TASK, "--set", "reward.function=no_such_module:fn"], "cannot import 'no_such_module'"),
         (["train", TINY_TASK, "--set", "checkpoint.every=0"], "checkpoint.every must be a positive"),
+        (["train", TINY_TASK, "--set", "algorithm.total_timesteps=-5"], "total_timesteps must be a positive whole"),
+        (["train", TINY_TASK, "--set", "algorithm.total_timesteps=2e3"], "(2000, not 2e3 or -5), got 2000.0"),
+        (["train", TINY_TASK, "--set", "task.device=tpu", "--dry-run"], "device must be 'auto'"),
         (["train", TINY_TASK, "--resume", "--out", "{tmp}/fresh"], "no checkpoint in"),
         (["train", TINY_TASK, "--algorithm", "dpo", "--resume", "--out", "{tmp}/fresh"], "continues an online run"),
         (["evaluate", TINY_TASK, "--out", "{tmp}/never_trained"], "run `sb3-rlhf train`"),
@@ -262,6 +310,90 @@ def test_cli_answers_bad_input_with_one_line_and_exit_code_2(argv, words, tmp_pa
     err = capsys.readouterr().err
     assert f"sb3-rlhf {argv[0]}: error:" in err and words in err, err
     assert "Traceback" not in err
+
+
+def test_cuda_asked_for_without_cuda_is_an_error_not_a_cpu_run(tokenizer, model_path, monkeypatch):
+    import torch as th
+
+    monkeypatch.setattr(th.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is visible: use 'auto' or 'cpu'"):
+        algorithm(tokenizer, model_path, device="cuda")
+
+
+def test_another_algorithms_zip_is_refused_by_name(tokenizer, model_path, tmp_path):
+    from sb3_rlhf import GRPO, RLOO
+
+    algorithm(tokenizer, model_path).save(tmp_path / "ppo.zip")
+    for other in (GRPO, RLOO):
+        with pytest.raises(ValueError, match=f"saved by RLHFPPO, not {other.__name__}: load it with RLHFPPO.load"):
+            other.load(tmp_path / "ppo.zip", env=rule_env(tokenizer))
+    assert RLHFPPO.load(tmp_path / "ppo.zip", env=rule_env(tokenizer)).algorithm_class == "RLHFPPO"
+
+
+def test_a_reward_model_put_on_cuda_without_cuda_is_an_error(tokenizer, monkeypatch):
+    import torch as th
+
+    from tests.helpers import tiny_reward_model
+
+    monkeypatch.setattr(th.cuda, "is_available", lambda: False)
+    env = TokenGenerationEnv(["the cat"], tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        RewardModelWrapper(env, tiny_reward_model(len(tokenizer)), device="cuda")
+
+
+def test_cli_one_liners_for_a_file_as_out_and_an_empty_prompt(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert main(["train", TINY_TASK, "--out", str(tmp_path / "a_file")]) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "is a file: name a folder" in err
+    assert main(["generate", "--model", "x", "--prompt", "hi", "--prompt", " "]) == 2
+    assert "--prompt number 2 is empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_train_ends_with_one_line_naming_the_checkpoints(tmp_path, capsys, monkeypatch):
+    import sb3_rlhf.tasks
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sb3_rlhf.tasks, "run_task", interrupted)
+    assert main(["train", TINY_TASK, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sb3-rlhf train: interrupted; checkpoints written so far are in" in err
+    assert f"continue with `sb3-rlhf train {TINY_TASK} --out {tmp_path / 'run'} --resume`" in err
+    assert "Traceback" not in err
+
+
+def test_edge_values_that_are_valid_are_still_accepted(tokenizer, model_path, tmp_path):
+    """The range checks refuse what is wrong, not what is unusual: no clipping (inf), a negative entropy
+    coefficient, a schedule, NumPy numbers, a torch.device, gamma 0; a bfloat16 tensor of rewards; a zip saved
+    before zips named their class."""
+    import math
+
+    import torch as th
+
+    model = algorithm(
+        tokenizer,
+        model_path,
+        max_grad_norm=math.inf,
+        ent_coef=-0.01,
+        learning_rate=lambda progress: 1e-4 * progress,
+        clip_range=np.float64(0.2),
+        gamma=0.0,
+        device=th.device("cpu"),
+    )
+    env = TokenGenerationEnv(["the cat"], tokenizer, max_prompt_tokens=8, max_new_tokens=6)
+    bf16 = RewardFunctionWrapper(env, fn=lambda p, c: th.tensor([0.5] * len(c), dtype=th.bfloat16))
+    assert bf16.step_reward(None, 0, True, stepped(env, 1)[4]) == 0.5
+    del model.algorithm_class  # as a zip of an earlier version holds nothing of it
+    model.save(tmp_path / "old.zip")
+    loaded = RLHFPPO.load(tmp_path / "old.zip", env=rule_env(tokenizer), trust_pickled_objects=True)
+    assert loaded.n_epochs == model.n_epochs and loaded.max_grad_norm == math.inf
+
+
+def test_nproc_below_one_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", TINY_TASK, "--nproc", "0"])
+    assert exited.value.code == 2 and "--nproc: must be a whole number >= 1, got 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- property-based env tests

@@ -160,6 +160,19 @@ def test_saves_are_atomic(tokenizer, model_path, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["model.zip"]  # no temporary file left behind
 
 
+def test_saved_files_follow_the_umask(tokenizer, model_path, tmp_path):
+    """The zip and the exported folder get the modes open() and mkdir() would give, not the temporary names'."""
+    model = make_model(rule_env(tokenizer), model_path, n_episodes=8)
+    old = os.umask(0o027)
+    try:
+        model.save(tmp_path / "model.zip")
+        model.policy.save_pretrained(str(tmp_path / "policy"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.zip").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "policy").stat().st_mode & 0o777 == 0o750
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

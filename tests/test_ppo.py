@@ -359,3 +359,44 @@ def test_cli_demo(tmp_path, capsys):
     assert (tmp_path / "ppo_tiny.zip").exists()
     assert (tmp_path / "policy" / "model.safetensors").exists()
     assert glob.glob(str(tmp_path / "tensorboard" / "*" / "events.*"))
+
+
+def test_an_ordinary_sb3_callback_sees_each_tokens_action_and_reward(tokenizer, model_path):
+    """SB3's rollout contract: one on_step() per timestep (generated token) with locals["actions"] the token and
+    locals["rewards"] its reward (the KL penalty on every token, the score on the last), dones at the last."""
+
+    class Recorder(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def _on_step(self) -> bool:
+            locals_ = self.locals
+            self.steps.append(
+                (
+                    int(locals_["actions"][0]),
+                    float(locals_["rewards"][0]),
+                    bool(locals_["dones"][0]),
+                    locals_["infos"][0],
+                )
+            )
+            return True
+
+    model = make_model(rule_env(tokenizer, kl_coef=0.05), model_path, n_episodes=4, batch_size=4)
+    recorder = Recorder()
+    model.learn(1, callback=recorder)
+    buffer = model.rollout_buffer
+    episodes, current = [], []
+    for step in recorder.steps:
+        current.append(step)
+        if step[2]:
+            episodes.append(current)
+            current = []
+    assert not current and len(episodes) == 4 and len(recorder.steps) == model.num_timesteps
+    for i, steps in enumerate(episodes):
+        actions = [a for a, _, _, _ in steps]
+        rewards = np.array([r for _, r, _, _ in steps])
+        assert actions == buffer.response_ids[i, : len(steps)].tolist()
+        np.testing.assert_allclose(rewards, buffer.rewards[i, : len(steps)].numpy(), rtol=0, atol=0)
+        assert rewards.sum() == pytest.approx(steps[-1][3]["episode"]["r"], abs=1e-5)
+    assert any(steps[-1][1] != 0 for steps in episodes)  # the score, on the last token (not zeros throughout)

@@ -46,10 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         or torchrun's status for ``train --nproc N``.
     """
     args = make_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "nproc", 1) > 1 and not args.dry_run and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return launch_processes(args.nproc, list(sys.argv[1:] if argv is None else argv))
+        try:
+            return launch_processes(args.nproc, args.argv)
+        except KeyboardInterrupt:  # each rank has said where its run stands
+            return 130
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        # one line, not a traceback through torch; train says where its checkpoints are
+        print(f"sb3-rlhf {args.command}: interrupted{getattr(args, 'on_interrupt', '')}", file=sys.stderr)
+        return 130
     except USER_ERRORS as error:
         if args.traceback:
             raise

@@ -88,6 +88,17 @@ def add_algorithm_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--algorithm", choices=list(ALGORITHM_NAMES), help=help)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option and the value when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def with_algorithm(args: argparse.Namespace) -> list[str]:
     """The ``--set`` overrides, with ``--algorithm`` as ``task.algorithm`` (and ``train --strategy`` as
     ``algorithm.strategy``)."""

@@ -35,6 +35,9 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     from sb3_rlhf.common.rollout_engine import RolloutEngine
     from sb3_rlhf.policies import TransformerActorCriticPolicy
 
+    blank = [i for i, prompt in enumerate(args.prompt) if not prompt.strip()]
+    if blank:  # checked before any model is loaded
+        raise ValueError(f"--prompt number {blank[0] + 1} is empty: give it some text to continue")
     path = resolve_model_path(args.model, args.revision)
     tokenizer = load_tokenizer(path)
     policy = TransformerActorCriticPolicy(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from typing import Any
 
-from sb3_rlhf.cli.common import add_algorithm_argument, with_algorithm
+from sb3_rlhf.cli.common import add_algorithm_argument, positive_int, with_algorithm
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +27,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (online algorithms)"
     )
     parser.add_argument(
-        "--nproc", type=int, default=1, help="train in this many processes on this machine (torchrun; one per GPU)"
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="train in this many processes on this machine (torchrun; one per GPU)",
     )
     parser.add_argument(
         "--strategy",
@@ -52,6 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> dict[str, object]:
     """``sb3-rlhf train``: every stage of a task file, then the comparison with the initial policy."""
+    from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
     from sb3_rlhf.common.distributed import is_main_process
     from sb3_rlhf.common.evaluation import report_markdown
     from sb3_rlhf.tasks import load_task, run_task
@@ -64,6 +69,14 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
         print(format_plan(plan_task(task)))
         print(describe_output(out))
         return {}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: name a folder for the run (it is made if it does not exist)")
+    if task.algorithm_name in ONLINE_ALGORITHMS:  # the ones that checkpoint and resume
+        again = [*args.argv, *([] if args.resume else ["--resume"]), *([] if args.out else ["--out", out])]
+        args.on_interrupt = (
+            f"; checkpoints written so far are in {os.path.join(out, 'checkpoints')} (none before the first "
+            f"[checkpoint] every): continue with `sb3-rlhf {shlex.join(again)}`"
+        )
     results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
     if not is_main_process():
         return results

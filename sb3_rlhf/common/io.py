@@ -1,4 +1,5 @@
-"""Atomic writes: a crash mid-save never leaves a half-written model folder or file."""
+"""Atomic writes: a crash mid-save never leaves a half-written model folder or file. What is written gets the
+modes a plain ``open``/``mkdir`` would give under the process's umask (the temporary names are private: 0600/0700)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+
+def _umask() -> int:
+    try:  # Linux: read without changing it (other threads may be creating files)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # elsewhere: read by setting it, a private one meanwhile, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: str, mode: int) -> None:
+    """Give a finished temporary file or folder the mode ``open``/``mkdir`` would have (``mode`` under the umask),
+    keeping its special bits (a group folder's setgid); left as it is where the file system refuses modes."""
+    try:
+        os.chmod(path, (os.stat(path).st_mode & 0o7000) | (mode & ~_umask()))
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -22,6 +45,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
+        _publish(tmp, 0o777)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
             os.replace(path, os.path.join(old, "previous"))
@@ -49,6 +73,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        _publish(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

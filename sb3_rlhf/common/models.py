@@ -25,6 +25,24 @@ from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.tokenizers import add_pad_token, use_spare_pad_token
 
 
+def check_device(device: str | th.device, allow_auto: bool = True, present: bool = True) -> str | th.device:
+    """``device`` itself (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ...), or a clear error: an unknown name,
+    or CUDA asked for where none is visible (SB3 would train on the CPU without a word).
+
+    :param allow_auto: whether ``"auto"`` is a value here (not where a model is moved to the device at once).
+    :param present: also require the device to be there (not for a plan made on another machine)."""
+    if allow_auto and isinstance(device, str) and device == "auto":
+        return device
+    try:
+        resolved = th.device(device)
+    except (RuntimeError, TypeError) as error:
+        names = "'auto', 'cpu', 'cuda' or 'cuda:N'" if allow_auto else "'cpu', 'cuda' or 'cuda:N'"
+        raise ValueError(f"device must be {names}, got {device!r}") from error
+    if present and resolved.type == "cuda" and not th.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asks for CUDA, but no CUDA device is visible: use 'auto' or 'cpu'")
+    return device
+
+
 def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
     if dtype is None or isinstance(dtype, th.dtype):
         return dtype

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import io
 import json
+import math
 import os
 import random
 import time
@@ -52,6 +53,7 @@ from sb3_rlhf.common.memory import (
     check_micro_batch_tokens,
     micro_batch_tokens_for,
 )
+from sb3_rlhf.common.models import check_device
 from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.safe_load import safe_custom_objects
 from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, minibatch_normalizers
@@ -166,6 +168,12 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 raise TypeError(
                     f"{name} must be a number or a schedule (a callable of the remaining progress), got {schedule!r}"
                 )
+            check_hyperparameter(name, schedule, above=0.0)
+        check_hyperparameter("ent_coef", ent_coef)
+        check_hyperparameter("max_grad_norm", max_grad_norm, above=0.0, infinite=True)  # inf: no clipping
+        if target_kl is not None:
+            check_hyperparameter("target_kl", target_kl, above=0.0)
+        check_device(device)
         if samples_per_prompt > 1:
             for name, value in (("n_episodes", n_episodes), ("batch_size", batch_size)):
                 if value % samples_per_prompt:
@@ -237,6 +245,8 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         self._pending_training_state: dict[str, Any] | None = None
         # a sharded checkpoint's torch.distributed.checkpoint folder, read by the next set_parameters (load_checkpoint)
         self._sharded_checkpoint: str | None = None
+        #: the class that trained it, kept in the zip: load() of another algorithm's zip is refused by name
+        self.algorithm_class = type(self).__name__
         if self.env is not None:
             self._single_env()
         if _init_setup_model:
@@ -272,6 +282,13 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ model and env
     def _setup_model(self) -> None:
+        saved_by = getattr(self, "algorithm_class", type(self).__name__)  # load() has put the zip's in place
+        saved_class = _algorithm_classes().get(saved_by)
+        # refused between unrelated algorithms; a class and its subclasses (a user's own) load each other's zips
+        if saved_class is not None and not (issubclass(type(self), saved_class) or issubclass(saved_class, type(self))):
+            raise ValueError(
+                f"this zip was saved by {saved_by}, not {type(self).__name__}: load it with {saved_by}.load(...)"
+            )
         if getattr(self, "observation_space", None) is None:  # built without an env, and not by load()
             raise ValueError(f"{type(self).__name__} needs an env: a TokenGenerationEnv under its reward wrappers")
         # SB3's OnPolicyAlgorithm._setup_model, with a rollout storage that takes only its own arguments
@@ -387,7 +404,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
         indices = self._rollout_prompt_indices(gen_env, n_rollout_steps)
         chunk = self.generation_batch_size or n_rollout_steps
-        episodes: dict[str, list[Any]] = {"reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": []}
+        episodes: dict[str, list[Any]] = {
+            "reward": [], "length": [], "eos": [], "neg_logprob": [], "infos": [], "token_rewards": [], "actions": []
+        }  # fmt: skip
         terms_per_episode: dict[str, list[th.Tensor]] = {w.name: [] for w in wrappers}
         fault = None
         # the weights gathered once for the rollout (a sharded run), not for every generated token
@@ -427,6 +446,9 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 )
                 episodes["reward"] += rewards.sum(-1).tolist()
                 episodes["length"] += batch.lengths.tolist()
+                # per token, on the host, for the callbacks' locals (one copy per batch)
+                episodes["token_rewards"] += list(rewards.float().cpu().numpy())
+                episodes["actions"] += list(batch.response_ids.cpu().numpy())
                 episodes["eos"] += batch.terminated.tolist()
                 episodes["neg_logprob"] += (-batch.logprobs.sum(-1)).tolist()
                 episodes["infos"] += batch.infos
@@ -454,9 +476,13 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     def _step_callbacks(self, callback: BaseCallback, episodes: dict[str, list[Any]]) -> bool:
         """Count the rollout's tokens and show them to the callbacks as SB3 shows env steps: one ``on_step()`` per
-        generated token, the episode's ``info`` (with SB3's ``"episode"`` record) at its last token.
+        generated token, after generation, with ``locals`` holding what SB3's rollout loop holds for one env:
+        ``actions`` (the token), ``rewards`` (its reward: every term the wrappers gave that token, as the rollout
+        stores it), ``dones`` and ``infos`` (the episode's ``info``, with SB3's ``"episode"`` record, at its last
+        token). ``new_obs``, ``values`` and ``log_probs`` are not set: a token's observation is its whole prefix.
 
-        :param episodes: the rollout's ``reward``, ``length`` and ``infos`` per episode.
+        :param episodes: the rollout's ``reward``, ``length``, ``infos``, ``token_rewards`` and ``actions`` per
+            episode.
         :return: False when a callback stops training.
         """
         elapsed = time.time() - self.start_time / 1e9
@@ -468,9 +494,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
                 done = t == length - 1
                 callback.update_locals(
                     {
+                        "actions": episodes["actions"][i][t : t + 1],
                         "dones": np.array([done]),
                         "infos": [info if done else {}],
-                        "rewards": np.zeros(1, dtype=np.float32),
+                        "rewards": episodes["token_rewards"][i][t : t + 1],
                     }
                 )
                 if not callback.on_step():
@@ -1037,6 +1064,38 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+
+def _algorithm_classes() -> dict[str, type[RLHFOnPolicyAlgorithm]]:
+    """Every online algorithm class defined so far (the library's and a user's), by name."""
+    found: dict[str, type[RLHFOnPolicyAlgorithm]] = {}
+    pending = list(RLHFOnPolicyAlgorithm.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.__name__, cls)
+        pending += cls.__subclasses__()
+    return found
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    above: float = -math.inf,
+    at_least: float = -math.inf,
+    at_most: float = math.inf,
+    infinite: bool = False,
+) -> None:
+    """A finite number in its range (``infinite``: or +inf), or an error naming it (a schedule is the caller's
+    own: not checked here)."""
+    if callable(value):
+        return
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    finite = number and (math.isfinite(float(value)) or (infinite and float(value) == math.inf))
+    if not finite or not (above < value and at_least <= value <= at_most):
+        bounds = [f"> {above}" if above > -math.inf else "", f">= {at_least}" if at_least > -math.inf else ""]
+        bounds.append(f"<= {at_most}" if at_most < math.inf else "")
+        wanted = " and ".join(b for b in bounds if b)
+        raise ValueError(f"{name} must be a finite number{f' {wanted}' if wanted else ''}, got {value!r}")
 
 
 def check_loss_aggregation(loss_aggregation: str) -> str:

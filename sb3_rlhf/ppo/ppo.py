@@ -9,7 +9,7 @@ from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import FloatSchedule, explained_variance
 
 from sb3_rlhf.buffers import SequenceBatch, SequenceRolloutBuffer
-from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
+from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm, check_hyperparameter
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.ppo.losses import ppo_losses
 
@@ -103,6 +103,9 @@ class RLHFPPO(RLHFOnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_hyperparameter("gamma", gamma, at_least=0.0, at_most=1.0)
+        check_hyperparameter("gae_lambda", gae_lambda, at_least=0.0, at_most=1.0)
+        check_hyperparameter("vf_coef", vf_coef, at_least=0.0)
         if not (callable(clip_range_vf) or isinstance(clip_range_vf, (int, float)) or clip_range_vf is None):
             raise TypeError(
                 "clip_range_vf must be a number, a schedule (a callable of the remaining progress) or None, "

@@ -170,6 +170,17 @@ def load_reward_model(path: str, trust_remote_code: bool = False, revision: str 
     path = resolve_model_path(path, revision, "reward model", trust_remote_code)
     if os.path.exists(os.path.join(path, CONFIG_NAME)):
         return RewardModel.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, trust_remote_code=trust_remote_code, local_files_only=True
-    ).eval()
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, trust_remote_code=trust_remote_code, local_files_only=True, output_loading_info=True
+    )
+    # the head's weights (outside the backbone): initialised at random they would score by chance and train the
+    # policy on it; a missing backbone key is transformers' own warning
+    prefix = f"{model.base_model_prefix}."
+    head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
+    if head_missing:
+        raise ValueError(
+            f"{path} holds no trained sequence-classification head (missing from its weights: {head_missing[:3]}): "
+            "it is not a reward model or classifier; train one with `sb3-rlhf reward-model` (or "
+            "RewardModelTrainer), or name a model trained for sequence classification"
+        )
+    return model.eval()

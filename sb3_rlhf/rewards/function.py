@@ -36,12 +36,25 @@ class RewardFunctionWrapper(SequenceRewardWrapper):
 
     def score(self, batch: GenerationBatch) -> th.Tensor:
         result = self.fn(batch.prompts, batch.completions)
+        if isinstance(result, th.Tensor):  # on the host, bfloat16 (no NumPy type) as float32
+            result = result.detach().float().cpu() if result.is_floating_point() else result.detach().cpu()
         try:
-            values = np.asarray(result.detach().cpu() if isinstance(result, th.Tensor) else result, dtype=np.float64)
-        except (TypeError, ValueError) as error:
+            raw = np.asarray(result)
+        except (TypeError, ValueError) as error:  # ragged
             raise TypeError(
                 f"{self.name}: the reward function must return a list of floats, got {type(result).__name__}"
             ) from error
+        # numbers only: NumPy would read "1.5" or True as a reward without a word
+        if raw.dtype.kind not in "iuf":
+            numbers = (int, float, np.integer, np.floating)
+            offending = (v for v in raw.flat if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers))
+            example = next(offending, None)
+            raise TypeError(
+                f"{self.name}: the reward function must return numbers, one float per completion; got "
+                f"{type(result).__name__} of {type(example).__name__ if example is not None else 'nothing'}"
+                f"{f' ({example!r})' if example is not None else ''}: convert with float(...) in the function"
+            )
+        values = raw.astype(np.float64)
         if values.shape != (batch.batch_size,):
             raise ValueError(
                 f"{self.name}: the reward function returned {values.size} value(s) of shape {values.shape} "

@@ -13,7 +13,7 @@ import torch as th
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sb3_rlhf.common.generation import GenerationBatch
-from sb3_rlhf.common.models import freeze, load_tokenizer, resolve_model_path
+from sb3_rlhf.common.models import check_device, freeze, load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
 from sb3_rlhf.reward_modeling.model import RewardModel, load_reward_model, saved_max_length
 from sb3_rlhf.rewards.base import SequenceRewardWrapper
@@ -133,7 +133,7 @@ class RewardModelWrapper(SequenceRewardWrapper):
         self.batch_size: int = int(batch_size)
         self.explicit_device: bool = device is not None
         if device is not None:
-            self.reward_model.to(device)
+            self.reward_model.to(check_device(device, allow_auto=False))
 
     @property
     def device(self) -> th.device:

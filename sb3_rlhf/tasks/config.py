@@ -328,6 +328,15 @@ def _check(task: TaskConfig) -> None:
             )
     if task.algorithm_name in ONLINE_ALGORITHMS and task.algorithm.total_timesteps is None:
         raise ValueError(f"missing key algorithm.total_timesteps ({task.algorithm_name} is an online algorithm)")
+    total = task.algorithm.total_timesteps
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise ValueError(
+            f"algorithm.total_timesteps must be a positive whole number of generated tokens (2000, not 2e3 or -5), "
+            f"got {total!r}"
+        )
+    from sb3_rlhf.common.models import check_device
+
+    check_device(task.device, present=False)  # a plan (--dry-run) may be made on a machine without the GPU
     if task.kl.estimator is not None and task.kl.estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"kl.estimator must be 'k1', 'k2' or 'k3', got {task.kl.estimator!r}")
     reward = task.reward

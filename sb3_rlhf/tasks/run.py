@@ -17,7 +17,7 @@ from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_check
 from sb3_rlhf.common.data import load_prompt_forms, train_test_split
 from sb3_rlhf.common.distributed import init_distributed, is_main_process
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
-from sb3_rlhf.common.models import load_tokenizer, pinned_revision, resolve_model_path
+from sb3_rlhf.common.models import check_device, load_tokenizer, pinned_revision, resolve_model_path
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
@@ -127,6 +127,7 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
                 f"--resume continues an online run (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
             )
         latest_checkpoint(checkpoints)  # fail before any work when there is nothing to resume
+    check_device(task.device)  # the GPU the task names is here (a dry run only checks the name)
     distributed = init_distributed()
     if distributed and task.algorithm_name not in ONLINE_ALGORITHMS:
         raise ValueError(
