@@ -257,6 +257,11 @@ def bad_inputs(tokenizer, model_path, tmp_path):
             "does not exist",
         ),
         "data: split leaving nothing": (lambda: train_test_split([1, 2], 2), ValueError, "leaves no train"),
+        "data: negative held-out share": (
+            lambda: train_test_split([1, 2, 3], -0.5),
+            ValueError,
+            "test_size must be a share in (0, 1) or a whole number >= 1",
+        ),
     }
 
 
@@ -290,6 +295,8 @@ def test_bad_input_gets_a_clear_error_from_this_library(name, tokenizer, model_p
         (["train", TINY_TASK, "--set", "algorithm.total_timesteps=-5"], "total_timesteps must be a positive whole"),
         (["train", TINY_TASK, "--set", "algorithm.total_timesteps=2e3"], "(2000, not 2e3 or -5), got 2000.0"),
         (["train", TINY_TASK, "--set", "task.device=tpu", "--dry-run"], "device must be 'auto'"),
+        (["train", TINY_TASK, "--set", "prompts.eval_size=-0.5", "--dry-run"], "prompts.eval_size must be a share"),
+        (["train", TINY_TASK, "--set", "prompts.eval_size=-0.5"], "got -0.5"),
         (["train", TINY_TASK, "--resume", "--out", "{tmp}/fresh"], "no checkpoint in"),
         (["train", TINY_TASK, "--algorithm", "dpo", "--resume", "--out", "{tmp}/fresh"], "continues an online run"),
         (["evaluate", TINY_TASK, "--out", "{tmp}/never_trained"], "run `sb3-rlhf train`"),

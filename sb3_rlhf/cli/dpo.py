@@ -31,7 +31,7 @@ def train_dpo(args: argparse.Namespace) -> dict[str, float]:
     from sb3_rlhf.dpo import DPOTrainer
 
     pairs, report = load_preference_pairs(records(args), args.chosen_key, args.rejected_key, args.prompt_key)
-    train, test = train_test_split(pairs, args.test_size, seed=args.seed)
+    train, test = train_test_split(pairs, args.test_size, args.seed, "--test-size")
     trainer = DPOTrainer(
         resolve_model_path(args.model, args.revision),
         None,

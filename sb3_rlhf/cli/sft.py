@@ -27,7 +27,7 @@ def train_sft(args: argparse.Namespace) -> dict[str, float]:
     from sb3_rlhf.sft import SFTTrainer
 
     demos, report = load_demonstrations(records(args), args.prompt_key, args.response_key)
-    train, test = train_test_split(demos, args.test_size, seed=args.seed)
+    train, test = train_test_split(demos, args.test_size, args.seed, "--test-size")
     trainer = SFTTrainer(
         resolve_model_path(args.model, args.revision),
         None,

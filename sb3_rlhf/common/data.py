@@ -537,12 +537,21 @@ def load_demonstrations(
 
 
 # ---------------------------------------------------------------------------------------------- splits
-def train_test_split(items: Sequence[T], test_size: int | float, seed: int = 0) -> tuple[list[T], list[T]]:
-    """A deterministic shuffle by ``seed``, then the last ``test_size`` items (a count, or a fraction) held out."""
+def train_test_split(
+    items: Sequence[T], test_size: int | float, seed: int = 0, name: str = "test_size"
+) -> tuple[list[T], list[T]]:
+    """A deterministic shuffle by ``seed``, then the last ``test_size`` items (a count, or a fraction) held out.
+
+    :param name: the setting's name in errors (``prompts.eval_size``, ``--test-size``, ...).
+    """
+    fraction = isinstance(test_size, float) and 0.0 < test_size < 1.0
+    count = isinstance(test_size, int) and not isinstance(test_size, bool) and test_size >= 1
+    if not (fraction or count):  # a negative share would hold out one item without a word
+        raise ValueError(f"{name} must be a share in (0, 1) or a whole number >= 1 of items, got {test_size!r}")
     n = len(items)
     n_test = max(1, int(round(test_size * n))) if isinstance(test_size, float) else int(test_size)
     if not 0 < n_test < n:
-        raise ValueError(f"test_size={test_size} leaves no train or no test items out of {n}")
+        raise ValueError(f"{name}={test_size} leaves no train or no test items out of {n}")
     order = np.random.default_rng(seed).permutation(n)
     return [items[i] for i in order[: n - n_test]], [items[i] for i in order[n - n_test :]]
 

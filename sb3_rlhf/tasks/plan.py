@@ -74,7 +74,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         plan.models["policy"]["lora"] = dict(policy.lora)
 
     prompts = load_prompts(task.prompts, tokenizer)
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
+    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, task.seed, "prompts.eval_size")
     plan.data["prompts"] = {
         "source": task.prompts.path or task.prompts.source,
         "total": len(prompts),
@@ -87,7 +87,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         stage = reward.train
         plan.models["reward_backbone"] = _model_entry(stage.backbone, stage.backbone_revision, "reward-model backbone")
         pairs, report = reward_training_pairs(stage, task.seed, task.judge.share if task.judge else 0.0)
-        train, test = train_test_split(pairs, stage.test_size, seed=task.seed)
+        train, test = train_test_split(pairs, stage.test_size, task.seed, "reward.train.test_size")
         train = train[: stage.max_pairs] if stage.max_pairs else train
         steps = stage.epochs * math.ceil(len(train) / stage.batch_size)
         plan.data["reward_pairs"] = {"source": str(report), "train": len(train), "held_out": len(test)}

@@ -46,7 +46,7 @@ def prepare(
     policy_revision = pinned_revision(policy_path, task.policy.revision, policy_folder)
     tokenizer = load_tokenizer(policy_folder)
     prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, seed=task.seed)
+    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, task.seed, "prompts.eval_size")
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:

@@ -191,8 +191,8 @@ def train_judge_stage(
         (``n_train`` texts; ``n_train_windows``, the windows it was fitted on, when it is fitted on windows).
     """
     _, (positives, negatives), _ = labelled_halves(stage, judge.share, seed)
-    train_pos, test_pos = train_test_split(positives, judge.test_size, seed=seed)
-    train_neg, test_neg = train_test_split(negatives, judge.test_size, seed=seed)
+    train_pos, test_pos = train_test_split(positives, judge.test_size, seed, "judge.test_size")
+    train_neg, test_neg = train_test_split(negatives, judge.test_size, seed, "judge.test_size")
     fit_pos, fit_neg = train_pos, train_neg
     if judge.window_words:  # reviews of one label run longer than the other's: as many windows of each
         fit_pos, fit_neg = _balanced(
