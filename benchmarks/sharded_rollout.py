@@ -34,24 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def size(tensor: th.Tensor) -> int:
-    local = getattr(tensor, "_local_tensor", tensor)
-    return local.numel() * local.element_size()
-
-
-def training_bytes(model) -> int:
-    """This rank's parameters + gradients + optimizer state (shards under fsdp)."""
-    total = sum(size(p) + (size(p.grad) if p.grad is not None else 0) for p in model.policy.parameters())
-    for state in model.policy.optimizer.state.values():
-        total += sum(size(v) for v in state.values() if isinstance(v, th.Tensor) and v.dim() > 0)
-    return total
-
-
 def gathered_bytes(model) -> int:
     """What the rollout's gathering adds on this rank under fsdp: the whole weights, in buffers of their own beside
     the shards FSDP keeps."""
-    sharded = any(hasattr(p, "_local_tensor") for p in model.policy.parameters())
-    return sum(p.numel() * p.element_size() for p in model.policy.parameters()) if sharded else 0
+    return sum(p.numel() * p.element_size() for p in model.policy.parameters()) if model.parallel.sharded else 0
 
 
 def build(strategy: str, model_path: str, args: argparse.Namespace):
@@ -95,6 +81,7 @@ def build(strategy: str, model_path: str, args: argparse.Namespace):
 
 def worker(args: argparse.Namespace) -> None:
     from sb3_rlhf.common.distributed import init_distributed, is_main_process, world_size
+    from sb3_rlhf.common.memory import training_state_bytes
 
     init_distributed()
     th.set_num_threads(max(1, (os.cpu_count() or 1) // world_size()))
@@ -111,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
         measured = [
             statistics.median(timings["rollout"]),
             statistics.median(timings["update"]),
-            training_bytes(model) / 2**20,
+            training_state_bytes(model.policy, model.policy.optimizer) / 2**20,
             gathered_bytes(model) / 2**20,
         ]
         if th.cuda.is_available():

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sb3_rlhf import GRPO, P3O, RLHFPPO, RLOO, TokenGenerationEnv  # noqa: E402
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback  # noqa: E402
 from sb3_rlhf.common.distributed import init_distributed, rank, world_size  # noqa: E402
+from sb3_rlhf.common.memory import training_state_bytes  # noqa: E402
 from sb3_rlhf.rewards import KLPenaltyWrapper, RewardFunctionWrapper, RewardModelWrapper  # noqa: E402
 from tests.helpers import make_prompts, share_of_good, tiny_reward_model  # noqa: E402
 
@@ -80,19 +81,6 @@ def record_episodes(model) -> list:
 
     model.rollout_engine.sample_episodes = recording
     return episodes
-
-
-def local_bytes(model) -> int:
-    """This rank's bytes of parameters, gradients and optimizer state (a shard's own, under fsdp)."""
-
-    def size(t: th.Tensor) -> int:
-        t = getattr(t, "_local_tensor", t)
-        return t.numel() * t.element_size()
-
-    total = sum(size(p) + (size(p.grad) if p.grad is not None else 0) for p in model.policy.parameters())
-    for state in model.policy.optimizer.state.values():
-        total += sum(size(v) for v in state.values() if isinstance(v, th.Tensor) and v.dim() > 0)
-    return total
 
 
 class GatherCounter(BaseCallback):
@@ -213,7 +201,7 @@ def main() -> None:
         unstepped_zip = os.path.join(args.out, "unstepped.zip")
         model.save(unstepped_zip)  # a save before the first step must not take a step of its own
         model.learn(1)
-        measured = {"bytes": local_bytes(model)}
+        measured = {"bytes": training_state_bytes(model.policy, model.policy.optimizer)}
         # the zip's whole AdamW state, loaded back into shards and gathered again, is what was saved
         zip_path = os.path.join(args.out, "adamw.zip")
         model.save(zip_path)

@@ -122,11 +122,11 @@ def test_fsdp_gathers_the_weights_once_per_rollout(fsdp_runs, run):
 
 def test_fsdp_holds_about_half_the_training_state_per_rank(fsdp_runs, model_path):
     """Parameters + gradients + AdamW moments of one rank under fsdp against one process holding them all."""
-    from tests.distributed_worker import local_bytes
+    from sb3_rlhf.common.memory import training_state_bytes
 
     single = make_model(model_path, EPISODES_PER_RANK, "ppo", optimizer=th.optim.AdamW)
     single.learn(1)
-    whole = local_bytes(single)
+    whole = training_state_bytes(single.policy, single.policy.optimizer)
     per_rank = [th.load(fsdp_runs / f"memory_rank{r}.pt", weights_only=True)["bytes"] for r in range(2)]
     assert max(per_rank) <= 0.6 * whole, (per_rank, whole)
     assert sum(per_rank) >= whole  # the shards together hold everything (a rank holding nothing would pass above)

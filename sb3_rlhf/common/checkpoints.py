@@ -78,22 +78,25 @@ def _shared_atomic_directory(path: str) -> Iterator[str]:
         except BaseException as error:  # noqa: BLE001 - re-raised below, after the other ranks know
             failed = error
         # every rank's files are in, or one failed, before rank 0 renames the folder (or removes it)
-        (failures,) = sum_over_ranks([float(failed is not None)])
-        if failed is not None:
-            raise failed
-        if failures:
-            raise RuntimeError("another rank failed writing its part of the checkpoint; the checkpoint was not kept")
+        _raise_on_every_rank(
+            failed, "another rank failed writing its part of the checkpoint; the checkpoint was not kept"
+        )
         renamed: BaseException | None = None
         if is_main_process():
             try:
                 stack.close()  # the rename into place
             except BaseException as error:  # noqa: BLE001 - raised below, once the other ranks know
                 renamed = error
-        (failures,) = sum_over_ranks([float(renamed is not None)])
-        if renamed is not None:
-            raise renamed
-        if failures:
-            raise RuntimeError(f"rank 0 could not put the checkpoint in place at {path}")
+        _raise_on_every_rank(renamed, f"rank 0 could not put the checkpoint in place at {path}")
+
+
+def _raise_on_every_rank(failed: BaseException | None, elsewhere: str) -> None:
+    """Raise ``failed`` where it happened and an error saying ``elsewhere`` on every other rank (one all-reduce)."""
+    (failures,) = sum_over_ranks([float(failed is not None)])
+    if failed is not None:
+        raise failed
+    if failures:
+        raise RuntimeError(elsewhere)
 
 
 def save_checkpoint(model: RLHFOnPolicyAlgorithm, folder: str) -> str:

@@ -54,24 +54,25 @@ def _device() -> th.device:
     return th.device("cuda", th.cuda.current_device()) if dist.get_backend() == "nccl" else th.device("cpu")
 
 
-def sum_over_ranks(values: Iterable[float]) -> list[float]:
-    """Element-wise sums of a few numbers over every rank (float64)."""
+def _reduce_over_ranks(values: Iterable[float], op: str) -> list[float]:
+    """A few numbers reduced element-wise over every rank by ``op`` (a :class:`~torch.distributed.ReduceOp` name),
+    in float64; one process: the numbers themselves."""
     values = list(values)
     if world_size() == 1:
         return values
     tensor = th.tensor(values, dtype=th.float64, device=_device())
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
+
+
+def sum_over_ranks(values: Iterable[float]) -> list[float]:
+    """Element-wise sums of a few numbers over every rank (float64)."""
+    return _reduce_over_ranks(values, "SUM")
 
 
 def max_over_ranks(values: Iterable[float]) -> list[float]:
     """Element-wise maxima of a few numbers over every rank (float64)."""
-    values = list(values)
-    if world_size() == 1:
-        return values
-    tensor = th.tensor(values, dtype=th.float64, device=_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
+    return _reduce_over_ranks(values, "MAX")
 
 
 def mean_over_ranks(value: float) -> float:

@@ -16,6 +16,21 @@ class DeviceMemoryError(th.OutOfMemoryError):
     line. Checkpoints are written atomically, so the last one written before the failure stays loadable."""
 
 
+def local_bytes(tensor: th.Tensor) -> int:
+    """The bytes of ``tensor`` this process holds: all of it, or its own shard of a DTensor (FSDP)."""
+    local = getattr(tensor, "_local_tensor", tensor)
+    return local.numel() * local.element_size()
+
+
+def training_state_bytes(module: th.nn.Module, optimizer: th.optim.Optimizer) -> int:
+    """The bytes of parameters, gradients and optimizer state this process holds for ``module`` (its shards under
+    FSDP): what sharding divides."""
+    total = sum(local_bytes(p) + (local_bytes(p.grad) if p.grad is not None else 0) for p in module.parameters())
+    for state in optimizer.state.values():
+        total += sum(local_bytes(v) for v in state.values() if isinstance(v, th.Tensor) and v.dim() > 0)
+    return total
+
+
 def activation_bytes_per_token(
     n_layers: int, hidden_size: int, vocab_size: int, dtype: th.dtype, intermediate_size: int | None = None
 ) -> int:

@@ -51,6 +51,7 @@ from sb3_rlhf.common.memory import (
     DeviceMemoryError,
     activation_bytes_per_token,
     check_micro_batch_tokens,
+    local_bytes,
     micro_batch_tokens_for,
 )
 from sb3_rlhf.common.models import check_device
@@ -718,10 +719,10 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             per_token += activation_bytes_per_token(
                 critic.num_hidden_layers, critic.hidden_size, 0, self.policy.critic.dtype
             )
-        # before the first step, the gradients and Adam's two moments are still to be allocated
-        # (of this rank's shard, under fsdp)
-        trainable = [getattr(p, "_local_tensor", p) for p in self.policy.parameters() if p.requires_grad]
-        pending = 3 * sum(p.numel() * p.element_size() for p in trainable) if not self.policy.optimizer.state else 0
+        # before the first step, the gradients and Adam's two moments are still to be allocated (of this rank's
+        # shard, under fsdp)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        pending = 3 * sum(local_bytes(p) for p in trainable) if not self.policy.optimizer.state else 0
         budget = micro_batch_tokens_for(self.device, per_token, reserved_bytes=pending)
         if world_size() > 1:  # one budget for every rank (None, no split, is taken as no limit)
             (largest_negative,) = max_over_ranks([-(budget or float("inf"))])

@@ -123,8 +123,8 @@ class KLPenaltyWrapper(RewardWrapper):
             )
 
     def frozen_models(self) -> list[th.nn.Module]:
-        # the LoRA reference is the actor itself with its adapter off: it owns no weights of its own
-        return [self.ref_model] if self.ref_model is not None and any(True for _ in self.ref_model.parameters()) else []
+        # the LoRA reference (the actor with its adapter off) owns no weights: the strategy leaves it as it is
+        return [] if self.ref_model is None else [self.ref_model]
 
     def _require_bound(self) -> TransformerActorCriticPolicy:
         if self.policy is None or self.ref_model is None:
