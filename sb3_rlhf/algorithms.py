@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
 from sb3_rlhf.dpo import DPOTrainer
@@ -37,3 +38,18 @@ def accepted_arguments(cls: type) -> set[str]:
     """Every keyword argument ``cls(...)`` accepts (each algorithm declares its own, explicitly)."""
     parameters = inspect.signature(cls).parameters
     return {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def argument_defaults(cls: type) -> dict[str, Any]:
+    """The default of every keyword argument ``cls(...)`` takes, following ``**kwargs`` up the class hierarchy."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
+        for name, parameter in parameters.items():
+            if parameter.default is not parameter.empty:
+                defaults.setdefault(name, parameter.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return defaults

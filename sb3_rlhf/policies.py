@@ -54,6 +54,10 @@ def _entropy_of_truncated(logits: th.Tensor) -> th.Tensor:
     return -(log_probs.exp() * log_probs.masked_fill(th.isinf(logits), 0.0)).sum(-1)
 
 
+#: ``value_head``: the actor's backbone shared with the value head, or a separate critic backbone.
+VALUE_HEADS = ("shared", "separate")
+
+
 class _AdapterDisabled(th.nn.Module):
     """The LoRA actor with its adapter switched off, i.e. the frozen base model: the KL reference under LoRA,
     without a second copy of the weights. It holds the actor without registering it, so it owns no parameters."""
@@ -177,7 +181,7 @@ class TransformerActorCriticPolicy(BasePolicy):
                 "pass exactly one of policy_kwargs['model_name_or_path'] (a local model folder) "
                 "or policy_kwargs['model_config'] (a config dict for a random model)"
             )
-        if value_head not in ("shared", "separate"):
+        if value_head not in VALUE_HEADS:
             raise ValueError(f"value_head must be 'shared' or 'separate', got {value_head!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

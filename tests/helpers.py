@@ -1,8 +1,13 @@
 """Shared test builders: tiny vocabularies and prompts, rule-reward envs and PPO models, tiny reward models and
 classifiers, toy comparisons and demonstrations, a policy built straight from an env, a generated batch, a
-step-path replay, a hub cache laid out offline. Test modules import these from here, never from each other."""
+step-path replay, a hub cache laid out offline, a copy of the repository, the smallest task dictionary. Test modules
+import these from here, never from each other."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import torch as th
@@ -158,3 +163,31 @@ def build_hub_cache(hf_home, repo_id: str, folder, revision: str = "main", repo_
     with open(os.path.join(storage, "refs", revision), "w") as f:
         f.write(commit_hash)
     return commit_hash
+
+
+def copy_of_repository(dest: str | os.PathLike) -> None:
+    """The repository's files (committed, or new and not ignored) copied into ``dest``, links followed: a clone
+    with nothing beside it and no build outputs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        if os.path.isfile(os.path.join(root, name)):
+            os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), os.path.join(dest, name))
+
+
+def minimal_task() -> dict:
+    """The smallest valid task dictionary: a tiny policy, one inline prompt, a rule reward, ten timesteps."""
+    return {
+        "task": {"name": "t"},
+        "policy": {"model": "tiny", "tiny_words": ["a", "b"]},
+        "prompts": {"source": "inline", "texts": ["a b"]},
+        "reward": {"function": "sb3_rlhf.rewards.rules:share_of_good"},
+        "algorithm": {"total_timesteps": 10, "n_episodes": 4},
+    }

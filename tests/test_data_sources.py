@@ -16,22 +16,16 @@ import tomllib
 import pytest
 import torch as th
 
-from sb3_rlhf.common.data import (
-    load_hub_dataset,
-    load_prompt_forms,
-    load_prompts,
-    messages_to_hh,
-    prompt_messages,
-    reward_training_pairs,
-)
+from sb3_rlhf.common.data import load_hub_dataset, messages_to_hh, prompt_messages
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
+from sb3_rlhf.tasks.data import load_prompt_forms, load_prompts, reward_training_pairs
 from sb3_rlhf.tasks.run import prepare
-from tests.helpers import WORDS, tiny_reward_model
+from tests.helpers import WORDS, copy_of_repository, tiny_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = "\n\nHuman: the cat sat\n\nAssistant: a dog ran\n\nHuman: it was good\n\nAssistant:"
@@ -166,8 +160,9 @@ def build_datasets_cache(cache_dir, repo_id: str, records: list[dict], workdir, 
 
 OFFLINE_SCRIPT = """
 import json, sys
-from sb3_rlhf.common.data import load_hub_dataset, load_prompts, reward_training_pairs
+from sb3_rlhf.common.data import load_hub_dataset
 from sb3_rlhf.tasks.config import parse_task
+from sb3_rlhf.tasks.data import load_prompts, reward_training_pairs
 
 task = parse_task(json.loads(sys.argv[1]))
 pairs, report = reward_training_pairs(task.reward.train, 0)
@@ -214,18 +209,18 @@ def test_hub_without_the_datasets_package_says_how_to_install_it(monkeypatch):
     [
         ({"source": "hub"}, None, "prompts.source = 'hub' needs prompts.dataset"),
         ({"source": "hub", "dataset": "x", "path": "f.csv"}, None, "prompts.path is a file"),
-        ({"source": "csv", "path": "f.csv", "dataset": "x"}, None, "prompts.dataset names a datasets data set"),
-        ({"source": "csv", "path": "f.csv", "split": "test"}, None, "prompts.split names a datasets data set"),
-        ({"source": "parquet", "path": "f"}, None, "prompts.source must be one of inline, csv, jsonl, hh, hub"),
+        ({"source": "file", "path": "f.csv", "dataset": "x"}, None, "prompts.dataset names a datasets data set"),
+        ({"source": "file", "path": "f.csv", "split": "train"}, None, "prompts.split names a datasets data set"),
+        ({"source": "parquet", "path": "f"}, None, "prompts.source must be one of ['inline', 'file', 'hub']"),
         (
             {"source": "inline", "texts": ["a"]},
             {"source": "hub"},
             "reward.train.source = 'hub' needs reward.train.dataset",
         ),
-        ({"source": "inline", "texts": ["a"]}, {"source": "pairs"}, "needs reward.train.data"),
+        ({"source": "inline", "texts": ["a"]}, {"source": "file"}, "needs reward.train.path"),
         ({"source": "inline", "texts": ["a"]}, {"source": "hub", "dataset": "x", "format": "ranks"}, "format must be"),
-        ({"source": "inline", "texts": ["a"]}, {"source": "labels", "data": "f", "format": "labels"}, "format is for"),
-        ({"source": "inline", "texts": ["a"]}, {"source": "labels", "data": "f", "revision": "v1"}, "revision names"),
+        ({"source": "inline", "texts": ["a"]}, {"source": "labels", "path": "f", "format": "labels"}, "is an old form"),
+        ({"source": "inline", "texts": ["a"]}, {"path": "f", "format": "labels", "revision": "v1"}, "revision names"),
     ],
 )
 def test_data_source_keys_are_checked(prompts, reward_train, match):
@@ -248,10 +243,11 @@ def test_task_files_name_their_public_originals_as_valid_alternatives():
             if match:
                 online.setdefault(section, {}).update(tomllib.loads(match.group(1)))
         assert set(online) == {"prompts", "reward.train"}, name
-        assert data["prompts"].get("path") and data["reward"]["train"].get("data")  # shipped data by default
+        assert data["prompts"].get("path") and data["reward"]["train"].get("path")  # shipped data by default
         data["prompts"].pop("path")
+        data["prompts"].pop("format", None)  # hh_harmless: the pairs file's conversations; online, a column of them
         data["prompts"].update(online["prompts"])
-        data["reward"]["train"].pop("data")
+        data["reward"]["train"].pop("path")
         data["reward"]["train"].update(online["reward.train"])
         task = parse_task(data, source=path)
         assert task.prompts.source == task.reward.train.source == "hub"
@@ -262,13 +258,14 @@ def test_task_files_name_their_public_originals_as_valid_alternatives():
 COPY_SCRIPT = """
 import dataclasses, glob, json, os
 import sb3_rlhf
-from sb3_rlhf.common.data import find_data_file, load_prompts, reward_training_pairs
+from sb3_rlhf.common.data import find_data_file
 from sb3_rlhf.tasks.config import load_task
+from sb3_rlhf.tasks.data import load_prompts, reward_training_pairs
 
 result = {"package": os.path.abspath(sb3_rlhf.__file__), "tasks": {}}
 for path in sorted(glob.glob("envs/*.toml")):
     task = load_task(path)
-    names = [n for n in (task.prompts.path, task.reward.train.data if task.reward.train else None) if n]
+    names = [n for n in (task.prompts.path, task.reward.train.path if task.reward.train else None) if n]
     prompts = load_prompts(dataclasses.replace(task.prompts, chat_template=False), None)
     pairs = reward_training_pairs(task.reward.train, task.seed)[0] if task.reward.train else []
     files = [os.path.abspath(find_data_file(n)) for n in names]
@@ -278,18 +275,8 @@ print(json.dumps(result))
 
 
 def test_a_copy_of_the_repository_alone_resolves_every_task_data_file(tmp_path):
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
     copy = tmp_path / "clone"  # nothing beside it: no ../shared
-    for name in filter(None, listed):
-        if os.path.isfile(os.path.join(REPO, name)):
-            os.makedirs(copy / os.path.dirname(name), exist_ok=True)
-            shutil.copy2(os.path.join(REPO, name), copy / name)
+    copy_of_repository(copy)
     assert (copy / "sb3_rlhf" / "data" / "imdb_subset.csv").is_file()  # the data travels with the repository
     env = {k: v for k, v in os.environ.items() if k != "SB3_RLHF_DATA_DIR"}
     env["PYTHONPATH"] = str(copy)
@@ -328,7 +315,7 @@ def write_hh(path) -> str:
 
 def test_chat_templated_hh_prompts_are_turns_and_the_reward_model_reads_hh_text(tmp_path):
     tokenizer = chat_tokenizer()
-    section = PromptsSection(source="hh", path=write_hh(tmp_path / "hh.jsonl.gz"), chat_template=True)
+    section = PromptsSection(source="file", format="hh", path=write_hh(tmp_path / "hh.jsonl.gz"), chat_template=True)
     templated, plain = load_prompt_forms(section, tokenizer)
     # multi-turn messages through the template, not the flattened transcript as one user turn
     assert templated[0] == "user the cat sat assistant a dog ran user it was good assistant"
@@ -367,7 +354,13 @@ def test_prepare_gives_the_env_the_plain_prompts_of_a_chat_template(tmp_path):
     tiny_causal_lm(len(tokenizer)).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
     data = task_dict(
-        {"source": "hh", "path": write_hh(tmp_path / "hh.jsonl.gz"), "chat_template": True, "eval_size": 1},
+        {
+            "source": "file",
+            "format": "hh",
+            "path": write_hh(tmp_path / "hh.jsonl.gz"),
+            "chat_template": True,
+            "test_size": 1,
+        },
         reward={"function": "sb3_rlhf.rewards.rules:share_of_good"},
     )
     data["policy"] = {"model": str(policy)}

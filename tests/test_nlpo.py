@@ -247,7 +247,7 @@ def test_nlpo_runs_the_imdb_task_on_its_real_model(tmp_path):
         "algorithm.n_episodes=4",
         "algorithm.batch_size=4",
         "reward.train.max_pairs=24",
-        "reward.train.epochs=0",
+        "reward.train.n_epochs=0",
         "reward.train.test_size=16",
         "prompts.max_prompts=200",
         "generation.max_new_tokens=4",

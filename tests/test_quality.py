@@ -11,7 +11,6 @@ import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sb3_rlhf import TokenGenerationEnv
-from sb3_rlhf.common.data import labelled_halves, reward_training_pairs
 from sb3_rlhf.common.evaluation import evaluate_policy, paired_preference, report_markdown, student_t_quantile
 from sb3_rlhf.common.forward import response_logprobs
 from sb3_rlhf.common.judge import BagOfWordsJudge
@@ -21,6 +20,7 @@ from sb3_rlhf.common.sequences import zero_padding
 from sb3_rlhf.rewards import RewardFunctionWrapper
 from sb3_rlhf.rewards.rules import share_of_good
 from sb3_rlhf.tasks import load_task, parse_task
+from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
 from sb3_rlhf.tasks.run import prepare, run_task
 from tests.helpers import make_policy
 
@@ -85,14 +85,14 @@ def judged_task(data: str, backbone: str, **judge) -> dict:
     return {
         "task": {"name": "judged", "seed": 0},
         "policy": {"model": "tiny", "tiny_words": [*NEUTRAL, *POSITIVE, *NEGATIVE]},
-        "prompts": {"source": "inline", "texts": ["the cat", "a dog ran", "it was", "the log"], "eval_size": 2},
+        "prompts": {"source": "inline", "texts": ["the cat", "a dog ran", "it was", "the log"], "test_size": 2},
         "generation": {"max_prompt_tokens": 4, "max_new_tokens": 6},
         "reward": {
             "train": {
-                "data": data,
-                "source": "labels",
+                "path": data,
+                "format": "labels",
                 "backbone": backbone,
-                "epochs": 0,
+                "n_epochs": 0,
                 "linear_probe_init": True,
                 "test_size": 10,
                 "max_length": 16,
@@ -184,17 +184,17 @@ def test_judge_windows_and_balance():
 
 def test_a_judge_needs_labelled_reward_data():
     data = judged_task("r.csv", "unused", share=0.5)
-    data["reward"]["train"]["source"] = "pairs"
+    data["reward"]["train"]["format"] = "pairs"
     with pytest.raises(ValueError, match=r"\[judge\] is trained on a share of \[reward.train\]'s labelled texts"):
         parse_task(data)
     data = judged_task("r.csv", "unused", share=1.5)
-    with pytest.raises(ValueError, match="judge.share must be a share between 0 and 1"):
+    with pytest.raises(ValueError, match=r"judge.share must be > 0 and < 1, got 1.5"):
         parse_task(data)
     with pytest.raises(ValueError, match="judge.window_words must be >= 0"):
         parse_task(judged_task("r.csv", "unused", window_words=-1))
     data = judged_task("r.csv", "unused")
     data["evaluation"]["every"] = 0
-    with pytest.raises(ValueError, match="evaluation.every must be a positive number of rollouts"):
+    with pytest.raises(ValueError, match="evaluation.every must be >= 1, got 0"):
         parse_task(data)
 
 

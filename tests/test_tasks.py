@@ -8,6 +8,7 @@ from sb3_rlhf import RLHFPPO
 from sb3_rlhf.cli import main
 from sb3_rlhf.tasks import load_task, parse_task
 from sb3_rlhf.tasks.config import kl_estimator
+from tests.helpers import minimal_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = sorted(glob.glob(os.path.join(ROOT, "envs", "*.toml")))
@@ -20,16 +21,6 @@ def test_every_task_file_parses_and_validates(path):
     assert task.algorithm.total_timesteps > 0
 
 
-def minimal() -> dict:
-    return {
-        "task": {"name": "t"},
-        "policy": {"model": "tiny", "tiny_words": ["a", "b"]},
-        "prompts": {"source": "inline", "texts": ["a b"]},
-        "reward": {"function": "sb3_rlhf.rewards.rules:share_of_good"},
-        "algorithm": {"total_timesteps": 10, "n_episodes": 4},
-    }
-
-
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -39,10 +30,10 @@ def minimal() -> dict:
         (lambda d: d["reward"].update(model="x"), "exactly one of function, model"),
         (lambda d: d["reward"].update(function="no_colon"), "module:function"),
         (lambda d: d["algorithm"].pop("total_timesteps"), "missing key algorithm.total_timesteps"),
-        (lambda d: d["prompts"].update(source="csv"), "needs prompts.path"),
+        (lambda d: d["prompts"].update(source="file", texts=[]), "needs prompts.path"),
         (lambda d: d["policy"].pop("model"), "missing key policy.model"),
         (
-            lambda d: d["reward"].update(function=None, train={"data": "x", "epoch": 2}),
+            lambda d: d["reward"].update(function=None, train={"path": "x", "epoch": 2}),
             r"unknown key reward.train.epoch",
         ),
         (lambda d: d["task"].update(algorithm="a2c"), r"unknown task.algorithm 'a2c'"),
@@ -57,7 +48,7 @@ def minimal() -> dict:
     ],
 )
 def test_bad_task_files_name_the_problem(change, match):
-    data = minimal()
+    data = minimal_task()
     change(data)
     if match is None:  # valid at parse time; the algorithm refuses it when built (tested with DPOTrainer)
         parse_task(data)
@@ -67,7 +58,7 @@ def test_bad_task_files_name_the_problem(change, match):
 
 
 def test_algorithm_selection_shared_and_own_settings():
-    data = minimal()
+    data = minimal_task()
     data["algorithm"].update(vf_coef=0.3, samples_per_prompt=4, p3o={"clipping": "joint", "samples_per_prompt": 2})
     ppo = parse_task(data)
     assert ppo.algorithm_name == "ppo" and ppo.algorithm_settings() == {"n_episodes": 4, "vf_coef": 0.3}
@@ -86,7 +77,7 @@ def test_algorithm_selection_shared_and_own_settings():
 def test_overrides_and_file_errors(tmp_path):
     task = load_task(TASKS[-1], ["algorithm.total_timesteps=123", "kl.coef=0.5", "task.seed=7"])
     assert (task.algorithm.total_timesteps, task.kl.coef, task.seed) == (123, 0.5, 7)
-    with pytest.raises(FileNotFoundError, match="envs/"):
+    with pytest.raises(FileNotFoundError, match="a ready task.s name .*tiny_synthetic"):
         load_task(str(tmp_path / "none.toml"))
     (tmp_path / "bad.toml").write_text("[task\nname=")
     with pytest.raises(ValueError, match="not valid TOML"):
@@ -97,8 +88,12 @@ def test_overrides_and_file_errors(tmp_path):
 
 def test_kl_controller_settings_are_checked_when_the_task_is_read():
     main_job = os.path.join(ROOT, "envs", "imdb_positive.toml")  # an adaptive target, before any stage runs
-    for override in ("kl.proportional_gain=-1", "kl.target=-1", "kl.horizon=0"):
-        with pytest.raises(ValueError, match=r"\[kl\]: need coef >= 0, target > 0, horizon > 0"):
+    for override, match in (
+        ("kl.proportional_gain=-1", "kl.proportional_gain must be >= 0, got -1.0"),
+        ("kl.target=-1", "kl.target must be > 0, got -1.0"),
+        ("kl.horizon=0", "kl.horizon must be >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
             load_task(main_job, [override])
     with pytest.raises(ValueError, match="kl.proportional_gain is a setting of the adaptive controller"):
         load_task(os.path.join(ROOT, "envs", "tiny_synthetic.toml"), ["kl.proportional_gain=1"])  # no target
@@ -175,10 +170,10 @@ def save_sentiment_classifier(folder, words: list[str]) -> None:
 
 
 def classifier_task(model: str, **reward) -> dict:
-    data = minimal()
+    data = minimal_task()
     data["reward"] = {"model": model, "label": "POSITIVE", **reward}
     data["prompts"]["texts"] = ["a b", "b a", "a a", "b b", "a", "b"]
-    data["prompts"]["eval_size"] = 2
+    data["prompts"]["test_size"] = 2
     data["generation"] = {"max_prompt_tokens": 4, "max_new_tokens": 3}
     data["algorithm"] = {"total_timesteps": 24, "n_episodes": 4, "batch_size": 4, "n_epochs": 1}
     data["evaluation"] = {"n_prompts": 2, "n_samples_shown": 1}
@@ -263,7 +258,7 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
         "algorithm.n_episodes=4",
         "algorithm.batch_size=4",  # a whole group of 4 for hh_harmless's RLOO
         "reward.train.max_pairs=24",
-        "reward.train.epochs=0",
+        "reward.train.n_epochs=0",
         "reward.train.test_size=16",
         "prompts.max_prompts=200",
         "generation.max_prompt_tokens=48",
@@ -278,19 +273,14 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     import torch as th
     from transformers import AutoTokenizer
 
-    from sb3_rlhf.common.data import (
-        labelled_halves,
-        load_labelled_texts,
-        load_preference_pairs,
-        pairs_from_labels,
-        train_test_split,
-    )
+    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
     from sb3_rlhf.reward_modeling import load_reward_model
+    from sb3_rlhf.tasks.data import labelled_halves
 
     stage = task.reward.train
-    if stage.source == "labels":
+    if stage.format == "labels":
         positives, negatives, _ = load_labelled_texts(
-            find_data_file(stage.data), stage.text_column, stage.label_column, str(stage.positive_label)
+            find_data_file(stage.path), stage.text_column, stage.label_column, str(stage.positive_label)
         )
         if task.judge is not None:  # the judge's share of the reviews is not the reward model's
             (positives, negatives), judged, _ = labelled_halves(stage, task.judge.share, task.seed)
@@ -300,7 +290,7 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
             assert 0 <= results["trained"]["judge_positive_share"] <= 1
         pairs = pairs_from_labels(positives, negatives, seed=task.seed)
     else:
-        pairs, _ = load_preference_pairs(find_data_file(stage.data))
+        pairs, _ = load_preference_pairs(find_data_file(stage.path))
     held_out = train_test_split(pairs, 16, seed=task.seed)[1]
     folder = str(tmp_path / "reward_model")
     reward_model, reward_tokenizer = load_reward_model(folder), AutoTokenizer.from_pretrained(folder)

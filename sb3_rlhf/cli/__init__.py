@@ -4,17 +4,19 @@ function it runs (``set_defaults(func=...)``); the options several share are in 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import sys
+import warnings
 from collections.abc import Sequence
 
-from sb3_rlhf.cli import demo, dpo, evaluate, generate, reward_model, sft, train
+from sb3_rlhf.cli import demo, dpo, evaluate, generate, reward_model, sft, tasks, train
 from sb3_rlhf.cli.common import launch_processes
 from sb3_rlhf.common.memory import DeviceMemoryError
 
 #: the sub-commands, in the order ``sb3-rlhf --help`` lists them
-COMMANDS = (demo, reward_model, sft, dpo, train, evaluate, generate)
+COMMANDS = (demo, tasks, reward_model, sft, dpo, train, evaluate, generate)
 
 #: errors that come from what the user gave (or a run that stopped for a reason it names, such as a device out of
 #: memory with the setting to lower), printed without a traceback
@@ -27,6 +29,25 @@ USER_ERRORS = (
     pickle.UnpicklingError,
     DeviceMemoryError,
 )
+
+
+#: what a file system error says, and the fix: a full disk, a read-only one, a path without permission
+FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: "no space left on the device: free some, or write elsewhere (--out; HF_HOME for the model cache)",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere (--out)",
+    errno.EROFS: "the file system is read-only: write elsewhere (--out)",
+    errno.EACCES: "permission denied: choose a path you may use (--out), or change its permissions",
+    errno.EPERM: "permission denied: choose a path you may use (--out), or change its permissions",
+    errno.EFBIG: "a file outgrew the size this process may write (ulimit -f): raise the limit, or write elsewhere",
+}
+#: how those read where a library reports them without an errno (safetensors, torch.save)
+FILE_SYSTEM_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "os error 28": errno.ENOSPC,
+    "File too large": errno.EFBIG,
+    "os error 27": errno.EFBIG,
+}
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -52,6 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return launch_processes(args.nproc, args.argv)
         except KeyboardInterrupt:  # each rank has said where its run stands
             return 130
+    show_warning = warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if filename.startswith(PACKAGE_DIR):  # ours: a sentence meant for the user, not a code location
+            print(f"sb3-rlhf {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line_warning
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -64,6 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input, a missing file, a run that cannot go on: the message names the fix; a traceback adds nothing
         print(f"sb3-rlhf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a file system error, from our code or a library's: one line if it is a known one
+        code = getattr(error, "errno", None)
+        code = next((c for text, c in FILE_SYSTEM_TEXTS.items() if text in str(error)), code)
+        if code not in FILE_SYSTEM_ERRORS or args.traceback:
+            raise
+        filename = getattr(error, "filename", None)
+        where = f"{filename}: " if filename else ""
+        print(f"sb3-rlhf {args.command}: error: {where}{FILE_SYSTEM_ERRORS[code]}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = show_warning
     return 0
 
 

@@ -99,6 +99,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def run_folder(args: argparse.Namespace, task: Any) -> str:
+    """``--out``, else ``runs/<task name>``, or ``runs/<task name>_<algorithm>`` when the command runs another
+    algorithm than the task file names (so that each algorithm of a task has its own run)."""
+    if args.out:
+        return str(args.out)
+    from sb3_rlhf.tasks.config import read_task_file
+
+    own = read_task_file(task.source).get("task", {}).get("algorithm", "ppo")
+    return os.path.join("runs", task.name if task.algorithm_name == own else f"{task.name}_{task.algorithm_name}")
+
+
 def with_algorithm(args: argparse.Namespace) -> list[str]:
     """The ``--set`` overrides, with ``--algorithm`` as ``task.algorithm`` (and ``train --strategy`` as
     ``algorithm.strategy``)."""

@@ -25,7 +25,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--label-column", default="sentiment", help="CSV: the label column")
     parser.add_argument("--positive-label", default="positive", help="CSV: the preferred label")
     parser.add_argument(
-        "--format", default="pairs", choices=["pairs", "labels"], help="--dataset: comparisons, or labelled texts"
+        "--format",
+        choices=["pairs", "labels"],
+        help="comparisons, or labelled texts (default: labels for a .csv file, else pairs)",
     )
     parser.set_defaults(func=train_reward_model)
     return parser
@@ -37,16 +39,16 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     from sb3_rlhf.tasks.stages import train_reward_model_stage
 
     stage = RewardModelTrainingSection(
-        data=args.data,
+        path=args.data,
         dataset=args.dataset,
         config=args.dataset_config,
         split=args.split,
         data_dir=args.data_dir,
         revision=args.dataset_revision,
-        format=args.format,
+        format=args.format or ("labels" if (args.data or "").lower().endswith((".csv", ".csv.gz")) else "pairs"),
         backbone=args.model,
         backbone_revision=args.revision,
-        source="hub" if args.dataset else "labels" if args.data.lower().endswith((".csv", ".csv.gz")) else "pairs",
+        source="hub" if args.dataset else "file",
         prompt_key=args.prompt_key,
         chosen_key=args.chosen_key,
         rejected_key=args.rejected_key,
@@ -54,7 +56,7 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
         label_column=args.label_column,
         positive_label=args.positive_label,
         test_size=args.test_size,
-        epochs=args.epochs,
+        n_epochs=args.epochs,
         learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
         linear_probe_init=args.linear_probe_init,

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from sb3_rlhf.cli.common import add_algorithm_argument, positive_int, with_algorithm
+from sb3_rlhf.cli.common import add_algorithm_argument, positive_int, run_folder, with_algorithm
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -22,9 +22,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a task key, e.g. algorithm.total_timesteps=2000",
     )
-    parser.add_argument("--out", help="run folder (default runs/<task name>)")
+    parser.add_argument(
+        "--out", help="run folder (default runs/<task name>, runs/<task name>_<algorithm> with --algorithm)"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its newest checkpoint (online algorithms)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of another run in --out (a new run refuses them; a finished run with the same "
+        "settings is repeated without it)",
     )
     parser.add_argument(
         "--nproc",
@@ -62,22 +70,23 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
     from sb3_rlhf.tasks import load_task, run_task
 
     task = load_task(args.task, with_algorithm(args))
-    out = args.out or os.path.join("runs", task.name)
+    out = run_folder(args, task)
     if args.dry_run:
+        from sb3_rlhf.tasks.folders import claim_run_folder
         from sb3_rlhf.tasks.plan import describe_output, format_plan, plan_task
+
+        claim_run_folder(task, out, args.resume, args.overwrite)  # the run folder would take this run (read only)
 
         print(format_plan(plan_task(task)))
         print(describe_output(out))
         return {}
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file: name a folder for the run (it is made if it does not exist)")
     if task.algorithm_name in ONLINE_ALGORITHMS:  # the ones that checkpoint and resume
         again = [*args.argv, *([] if args.resume else ["--resume"]), *([] if args.out else ["--out", out])]
         args.on_interrupt = (
             f"; checkpoints written so far are in {os.path.join(out, 'checkpoints')} (none before the first "
             f"[checkpoint] every): continue with `sb3-rlhf {shlex.join(again)}`"
         )
-    results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume)
+    results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume, overwrite=args.overwrite)
     if not is_main_process():
         return results
     if results.get("reward_model"):

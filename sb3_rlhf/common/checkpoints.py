@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_rlhf.common.distributed import is_main_process, rank, sum_over_ranks, world_size
+from sb3_rlhf.common.distributed import is_main_process, raise_on_every_rank, rank, world_size
 from sb3_rlhf.common.io import atomic_directory
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def _shared_atomic_directory(path: str) -> Iterator[str]:
         except BaseException as error:  # noqa: BLE001 - re-raised below, after the other ranks know
             failed = error
         # every rank's files are in, or one failed, before rank 0 renames the folder (or removes it)
-        _raise_on_every_rank(
+        raise_on_every_rank(
             failed, "another rank failed writing its part of the checkpoint; the checkpoint was not kept"
         )
         renamed: BaseException | None = None
@@ -87,16 +87,7 @@ def _shared_atomic_directory(path: str) -> Iterator[str]:
                 stack.close()  # the rename into place
             except BaseException as error:  # noqa: BLE001 - raised below, once the other ranks know
                 renamed = error
-        _raise_on_every_rank(renamed, f"rank 0 could not put the checkpoint in place at {path}")
-
-
-def _raise_on_every_rank(failed: BaseException | None, elsewhere: str) -> None:
-    """Raise ``failed`` where it happened and an error saying ``elsewhere`` on every other rank (one all-reduce)."""
-    (failures,) = sum_over_ranks([float(failed is not None)])
-    if failed is not None:
-        raise failed
-    if failures:
-        raise RuntimeError(elsewhere)
+        raise_on_every_rank(renamed, f"rank 0 could not put the checkpoint in place at {path}")
 
 
 def save_checkpoint(model: RLHFOnPolicyAlgorithm, folder: str) -> str:

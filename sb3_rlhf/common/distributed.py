@@ -70,6 +70,15 @@ def sum_over_ranks(values: Iterable[float]) -> list[float]:
     return _reduce_over_ranks(values, "SUM")
 
 
+def raise_on_every_rank(failed: BaseException | None, elsewhere: str) -> None:
+    """Raise ``failed`` where it happened and an error saying ``elsewhere`` on every other rank (one all-reduce)."""
+    (failures,) = sum_over_ranks([float(failed is not None)])
+    if failed is not None:
+        raise failed
+    if failures:
+        raise RuntimeError(elsewhere)
+
+
 def max_over_ranks(values: Iterable[float]) -> list[float]:
     """Element-wise maxima of a few numbers over every rank (float64)."""
     return _reduce_over_ranks(values, "MAX")

@@ -43,13 +43,17 @@ def check_device(device: str | th.device, allow_auto: bool = True, present: bool
     return device
 
 
+#: The dtypes a model may be loaded in, by name.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
     if dtype is None or isinstance(dtype, th.dtype):
         return dtype
     if dtype == "auto":
         raise ValueError("dtype='auto' is not supported: name it (float32, bfloat16 or float16)")
     resolved = getattr(th, str(dtype), None)
-    if not isinstance(resolved, th.dtype):
+    if str(dtype) not in DTYPES or not isinstance(resolved, th.dtype):
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return resolved
 
@@ -253,7 +257,8 @@ def resolve_model_path(
 ) -> str:
     """The local folder of a model named the way transformers users name one.
 
-    * an existing folder (``save_pretrained`` layout): returned as it is;
+    * an existing folder (``save_pretrained`` layout): returned as it is (a run folder of ``sb3-rlhf train`` is
+      refused with the path of its exported policy);
     * a packaged model name (``PACKAGED_MODELS``): its folder, converted once if it ships as GGUF;
     * a hub id (``"org/name"`` or ``"name"``, with an optional ``revision``): a snapshot in the Hugging Face cache
       (``$HF_HOME/hub``), fetched by ``huggingface_hub.snapshot_download`` when online and read from the cache
@@ -272,6 +277,13 @@ def resolve_model_path(
     if os.path.isdir(name):
         if revision is not None:
             raise ValueError(f"{what} {name!r} is a local folder: a revision ({revision!r}) applies to hub ids only")
+        exported = os.path.join(name, "policy")
+        if not os.path.exists(os.path.join(name, "config.json")) and os.path.isfile(
+            os.path.join(exported, "config.json")
+        ):
+            raise FileNotFoundError(
+                f"{what} {name!r} is a run folder, not a model folder: its trained policy is {exported!r}"
+            )
         return name
     if name in PACKAGED_MODELS:
         return packaged_model_path(name)

@@ -44,13 +44,7 @@ class SupervisedTrainer:
         seed: int = 0,
         device: th.device | str = "auto",
     ) -> None:
-        for key, value, least in (
-            ("batch_size", batch_size, 1),
-            ("n_epochs", n_epochs, 0),
-            ("log_interval", log_interval, 1),
-        ):
-            if not isinstance(value, (int, np.integer)) or value < least:
-                raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+        self.check_settings(learning_rate, batch_size, n_epochs, weight_decay, max_grad_norm, log_interval)
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.n_epochs = n_epochs
@@ -68,6 +62,34 @@ class SupervisedTrainer:
         self.epochs_done = 0
         self.optimizer: th.optim.Optimizer | None = None
         self.logger = configure_logger(verbose, tensorboard_log, type(self).__name__)
+
+    @staticmethod
+    def check_settings(
+        learning_rate: float,
+        batch_size: int,
+        n_epochs: int,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        log_interval: int = 10,
+    ) -> None:
+        """The training settings, each in its range (without a model: ``sb3-rlhf train --dry-run`` checks them too).
+
+        :raises ValueError: naming the setting and the value.
+        """
+        from sb3_rlhf.common.on_policy_algorithm import (
+            check_hyperparameter,
+        )  # it imports the reward models, and they this
+
+        for key, value, least in (
+            ("batch_size", batch_size, 1),
+            ("n_epochs", n_epochs, 0),
+            ("log_interval", log_interval, 1),
+        ):
+            if not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+        check_hyperparameter("learning_rate", learning_rate, above=0.0)
+        check_hyperparameter("weight_decay", weight_decay, at_least=0.0)
+        check_hyperparameter("max_grad_norm", max_grad_norm, above=0.0, infinite=True)  # inf: no clipping
 
     # ------------------------------------------------------------------ for subclasses
     def parameter_groups(self) -> list[dict[str, Any]]:

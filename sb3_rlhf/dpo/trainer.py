@@ -115,12 +115,7 @@ class DPOTrainer(SupervisedTrainer):
             seed=seed,
             device=device,
         )
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta}: it scales the implicit KL constraint")
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.check_loss_settings(beta, loss_type, label_smoothing)
         _check_pairs(train_pairs, "train_pairs")
         if eval_pairs:
             _check_pairs(eval_pairs, "eval_pairs")
@@ -165,6 +160,16 @@ class DPOTrainer(SupervisedTrainer):
             self.train_examples = self._with_reference(self.train_examples)
             self.eval_examples = self._with_reference(self.eval_examples)
             self.ref_model = None  # no longer needed: free its memory
+
+    @staticmethod
+    def check_loss_settings(beta: float, loss_type: str, label_smoothing: float) -> None:
+        """The loss's settings, each in its range (without a model: ``sb3-rlhf train --dry-run`` checks them too)."""
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}: it scales the implicit KL constraint")
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
     # ------------------------------------------------------------------ data
     def _encode(self, pair: PreferencePair) -> _EncodedPair:

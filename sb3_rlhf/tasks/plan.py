@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,13 +9,16 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from sb3_rlhf.algorithms import ONLINE_ALGORITHMS, algorithm_class
-from sb3_rlhf.common.data import load_prompts, reward_training_pairs, train_test_split
+from sb3_rlhf.algorithms import ONLINE_ALGORITHMS, algorithm_class, argument_defaults
+from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.common.models import count_parameters, load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import check_tokenizer
+from sb3_rlhf.dpo import DPOTrainer
+from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.reward_model import classifier_label_index
 from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, TaskConfig, kl_estimator
+from sb3_rlhf.tasks.data import load_prompts, reward_training_pairs
 from sb3_rlhf.tasks.stages import import_function
 
 
@@ -29,21 +31,6 @@ class TaskPlan:
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # what -> {"source", counts}
     budget: dict[str, Any] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
-
-
-def argument_defaults(cls: type) -> dict[str, Any]:
-    """The default of every keyword argument ``cls(...)`` takes, following ``**kwargs`` up the class hierarchy."""
-    defaults: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters
-        for name, parameter in parameters.items():
-            if parameter.default is not parameter.empty:
-                defaults.setdefault(name, parameter.default)
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return defaults
 
 
 def _model_entry(name: str, revision: str | None, what: str) -> dict[str, Any]:
@@ -74,7 +61,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         plan.models["policy"]["lora"] = dict(policy.lora)
 
     prompts = load_prompts(task.prompts, tokenizer)
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, task.seed, "prompts.eval_size")
+    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
     plan.data["prompts"] = {
         "source": task.prompts.path or task.prompts.source,
         "total": len(prompts),
@@ -89,11 +76,11 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         pairs, report = reward_training_pairs(stage, task.seed, task.judge.share if task.judge else 0.0)
         train, test = train_test_split(pairs, stage.test_size, task.seed, "reward.train.test_size")
         train = train[: stage.max_pairs] if stage.max_pairs else train
-        steps = stage.epochs * math.ceil(len(train) / stage.batch_size)
+        steps = stage.n_epochs * math.ceil(len(train) / stage.batch_size)
         plan.data["reward_pairs"] = {"source": str(report), "train": len(train), "held_out": len(test)}
         plan.stages.append(
             f"reward model: Bradley–Terry on {len(train)} pairs ({len(test)} held out), "
-            f"{'linear probe, then ' if stage.linear_probe_init else ''}{stage.epochs} epoch(s) = {steps} gradient steps"
+            f"{'linear probe, then ' if stage.linear_probe_init else ''}{stage.n_epochs} epoch(s) = {steps} gradient steps"
         )
     elif reward.function is not None:
         import_function(reward.function)  # importable, and a callable: fail now, not after the first rollout
@@ -107,6 +94,15 @@ def plan_task(task: TaskConfig) -> TaskPlan:
 
     settings = {**argument_defaults(algorithm_class(task.algorithm_name)), **task.algorithm_settings()}
     if task.algorithm_name in ONLINE_ALGORITHMS:
+        # the algorithm's own checks of its settings, as the run makes them (SB3's _init_setup_model=False: no model)
+        ONLINE_ALGORITHMS[task.algorithm_name](
+            TransformerActorCriticPolicy,
+            None,
+            **task.algorithm_settings(),
+            policy_kwargs={"value_head": task.policy.value_head},
+            device="cpu",  # the task's device is checked by name: a plan may be made away from the GPU
+            _init_setup_model=False,
+        )
         total = task.algorithm.total_timesteps
         n_episodes, batch_size, n_epochs = settings["n_episodes"], settings["batch_size"], settings["n_epochs"]
         # one timestep is one generated token: a rollout holds n_episodes responses of 1..max_new_tokens tokens
@@ -126,6 +122,10 @@ def plan_task(task: TaskConfig) -> TaskPlan:
             f"{math.ceil(n_episodes / batch_size)} minibatches{', fewer if target_kl stops early' if settings.get('target_kl') else ''})"
         )
     else:
+        # DPO's own checks of its settings, as the run makes them (the model is not loaded for a plan)
+        names = ("learning_rate", "batch_size", "n_epochs", "weight_decay", "max_grad_norm", "log_interval")
+        DPOTrainer.check_settings(**{k: settings[k] for k in names})
+        DPOTrainer.check_loss_settings(settings["beta"], settings["loss_type"], settings["label_smoothing"])
         pair_settings = {k: settings.get(k) for k in DPO_TASK_SETTINGS}
         n_prompts = min(pair_settings["n_prompts"] or len(train_prompts), len(train_prompts))
         n_pairs = n_prompts * (pair_settings["pairs_per_prompt"] or 1)

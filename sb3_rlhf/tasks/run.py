@@ -13,14 +13,23 @@ from stable_baselines3.common.utils import get_device, set_random_seed
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
-from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback, latest_checkpoint
-from sb3_rlhf.common.data import load_prompt_forms, train_test_split
-from sb3_rlhf.common.distributed import init_distributed, is_main_process
+from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback
+from sb3_rlhf.common.data import train_test_split
+from sb3_rlhf.common.distributed import init_distributed, is_main_process, raise_on_every_rank
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
 from sb3_rlhf.common.models import check_device, load_tokenizer, pinned_revision, resolve_model_path
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
+from sb3_rlhf.tasks.data import load_prompt_forms
+from sb3_rlhf.tasks.folders import (
+    RESUMABLE_CHANGES,
+    check_same_run,
+    claim_run_folder,
+    read_record,
+    run_record,
+    write_record,
+)
 from sb3_rlhf.tasks.stages import (
     PreparedTask,
     exported_policy,
@@ -46,7 +55,7 @@ def prepare(
     policy_revision = pinned_revision(policy_path, task.policy.revision, policy_folder)
     tokenizer = load_tokenizer(policy_folder)
     prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.eval_size, task.seed, "prompts.eval_size")
+    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:
@@ -114,21 +123,32 @@ def model_file(task: TaskConfig, out: str) -> str:
     return os.path.join(out, f"{task.algorithm_name}_model.zip")
 
 
-def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool = False) -> dict[str, Any]:
+def run_task(
+    task: TaskConfig, out: str, progress_bar: bool = True, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``).
 
     :param resume: continue an online run from the newest checkpoint in ``out/checkpoints`` (the reward model
-        a previous run trained into ``out/reward_model`` is reused).
+        a previous run trained into ``out/reward_model`` is reused); only the run ``out/run.json`` records, with the
+        settings it can honour (:func:`~sb3_rlhf.tasks.folders.claim_run_folder`).
+    :param overwrite: replace another run's results in ``out`` (without it, a new run refuses them).
     """
     checkpoints = os.path.join(out, "checkpoints")
-    if resume:
-        if task.algorithm_name not in ONLINE_ALGORITHMS:
-            raise ValueError(
-                f"--resume continues an online run (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
-            )
-        latest_checkpoint(checkpoints)  # fail before any work when there is nothing to resume
     check_device(task.device)  # the GPU the task names is here (a dry run only checks the name)
+    folder = claim_run_folder(task, out, resume, overwrite)  # every rank reads the same files and decides alike
     distributed = init_distributed()
+    if distributed:
+        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    failed = None
+    if is_main_process():
+        try:
+            folder.apply()
+        except Exception as error:  # raised on every rank, not left for the others to wait on
+            failed = error
+    if distributed:
+        raise_on_every_rank(failed, f"rank 0 could not prepare the run folder {out}")
+    elif failed is not None:
+        raise failed
     if distributed and task.algorithm_name not in ONLINE_ALGORITHMS:
         raise ValueError(
             f"several processes train the online algorithms (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
@@ -152,7 +172,9 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
         env = prepared.env(prepared.eval_prompts)
         trained = exported_policy(prepared, os.path.join(out, "policy"), env, trainer.device)
         extra["dpo"] = {**counts, "gradient_steps": trainer.num_steps}
-        return evaluate_against_initial(prepared, trained, 0, extra)
+        results = evaluate_against_initial(prepared, trained, 0, extra)
+        write_record(out, run_record(task, finished=True))
+        return results
     env = prepared.env(prepared.train_prompts)
     total = task.algorithm.total_timesteps
     assert total is not None  # parse_task requires it of an online algorithm
@@ -184,12 +206,17 @@ def run_task(task: TaskConfig, out: str, progress_bar: bool = True, resume: bool
     with model.policy.parallel.whole_weights():
         if not is_main_process():
             return {}  # rank 0 reports for the run
-        return evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
+        results = evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
+    write_record(out, run_record(task, finished=True))
+    return results
 
 
 def evaluate_task(task: TaskConfig, out: str) -> dict[str, Any]:
     """``sb3-rlhf evaluate``: re-run the final comparison of a finished run folder (its SB3 zip, or for DPO its
-    exported policy)."""
+    exported policy), with the settings the run recorded (only ``[evaluation]`` and the device may differ)."""
+    previous = read_record(out)
+    if previous is not None:
+        check_same_run(previous, run_record(task), out, "evaluate", RESUMABLE_CHANGES)
     prepared, _ = prepare(task, out, train_reward_model=False)
     env = prepared.env(prepared.eval_prompts)
     if task.algorithm_name == "dpo":

@@ -16,8 +16,8 @@ from stable_baselines3.common.utils import get_device
 from transformers import PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
-from sb3_rlhf.common.data import labelled_halves, reward_training_pairs, train_test_split
-from sb3_rlhf.common.io import atomic_file
+from sb3_rlhf.common.data import train_test_split
+from sb3_rlhf.common.io import atomic_directory, atomic_file
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import resolve_model_path
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
@@ -35,19 +35,33 @@ from sb3_rlhf.tasks.config import (
     TaskConfig,
     kl_estimator,
 )
+from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
 
 #: in a trained reward model's folder: the share of labelled texts it left out for a judge, and the seed
 DATA_SPLIT_FILE = "data_split.json"
 
 
+#: The settings a tiny base model was built with, saved beside it.
+TINY_SETTINGS_FILE = "tiny_settings.json"
+
+
 def policy_model_path(task: TaskConfig, out: str) -> str:
     """The policy's model as the policy names it (and the SB3 zip records it): the task's folder, packaged name or
-    hub id; or a tiny random model built into ``out``."""
+    hub id; or a tiny random model built into ``out`` (again when its settings change)."""
     if task.policy.model != "tiny":
         return task.policy.model
     path = os.path.join(out, "base_model")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        save_tiny_model(path, task.policy.tiny_words, "llama", seed=task.seed, hidden_size=task.policy.tiny_hidden_size)
+    settings = {"words": task.policy.tiny_words, "hidden_size": task.policy.tiny_hidden_size, "seed": task.seed}
+    record = os.path.join(path, TINY_SETTINGS_FILE)
+    if os.path.exists(record):
+        with open(record) as f:
+            if json.load(f) == settings and os.path.exists(os.path.join(path, "config.json")):
+                return path
+    # built anew when its settings changed (or by a version that did not record them)
+    with atomic_directory(path) as tmp:
+        save_tiny_model(tmp, task.policy.tiny_words, "llama", seed=task.seed, hidden_size=task.policy.tiny_hidden_size)
+        with open(os.path.join(tmp, TINY_SETTINGS_FILE), "w") as f:
+            json.dump(settings, f)
     return path
 
 
@@ -76,7 +90,7 @@ def train_reward_model_stage(
         learning_rate=stage.learning_rate,
         head_learning_rate=stage.head_learning_rate,
         batch_size=stage.batch_size,
-        n_epochs=stage.epochs,
+        n_epochs=stage.n_epochs,
         max_length=stage.max_length,
         pooling=stage.pooling,
         center_coef=stage.center_coef,
@@ -241,7 +255,7 @@ def make_env(
 ) -> Any:
     """The task's env under its reward wrappers.
 
-    :param reward_prompts: the plain text of each chat-templated prompt (see :func:`~sb3_rlhf.common.data.load_prompt_forms`), which
+    :param reward_prompts: the plain text of each chat-templated prompt (see :func:`~sb3_rlhf.tasks.data.load_prompt_forms`), which
         reward models read instead of the template.
     """
     env: gym.Env = TokenGenerationEnv(
