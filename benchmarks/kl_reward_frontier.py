@@ -2,6 +2,14 @@
 
     python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml                 # minutes
     python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 4000 # hours, 2 CPUs
+    python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --kl-targets 2 4 8 --dpo-betas ...
+
+At fixed β (``--betas``) the methods end at whatever KL their β leads them to, and two methods are compared only
+where their final KLs overlap. With ``--kl-targets`` the x-axis is controlled instead: every online method runs the
+adaptive KL controller (the task's horizon and proportional gain, starting from its ``kl.coef``; GRPO's k3 term in
+its loss steered by the same controller) towards each target, and the report says whether each run settled within
+±20% of its target over the last third of its evaluations; DPO, which has no controller, sweeps its β over
+``--dpo-betas`` instead, chosen to put its final KL across the same range.
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
 trained once at the start, or its reward function), for each KL coefficient β given (default three) and each
@@ -64,12 +72,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def with_algorithm(prepared: PreparedTask, algorithm: str, beta: float, adaptive: bool, seed: int) -> PreparedTask:
+def with_algorithm(
+    prepared: PreparedTask, algorithm: str, beta: float, target: float | None, seed: int
+) -> PreparedTask:
     """The prepared task switched to ``algorithm``, its KL coefficient set to ``beta`` (online methods), its
     training seeded by ``seed`` (the prompt split, the reward model and the evaluations keep the task's seed); the
-    coefficient stays fixed unless ``adaptive`` (then ``beta`` is the adaptive controller's starting value)."""
+    coefficient stays fixed unless a ``target`` is given (then ``beta`` is the adaptive controller's starting value,
+    and the task's horizon and proportional gain steer it)."""
     task = dataclasses.replace(prepared.task, algorithm_name=algorithm, seed=seed)
-    target = task.kl.target if adaptive else None
     kl = dataclasses.replace(task.kl, coef=beta, target=target, estimator=kl_estimator(task))
     task = dataclasses.replace(task, kl=kl)
     return dataclasses.replace(prepared, task=task)
@@ -149,13 +159,18 @@ def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_
         "dpo_samples": dpo_samples,
         "dpo_epochs": args.dpo_epochs,
         "adaptive": args.adaptive,
+        **({"kl_targets": args.kl_targets} if args.kl_targets else {}),  # a log from before targets still reads
     }
 
 
-def read_run_log(path: str, settings: dict) -> tuple[dict[tuple[str, float, int], dict], dict | None]:
-    """The runs logged in ``path`` with these ``settings``, by (method, β, seed), and the reward model's metrics
-    logged there (None when none are). A last line cut short by a crash is ignored."""
-    runs: dict[tuple[str, float, int], dict] = {}
+#: a run: (method, β, KL target or None, seed)
+RunKey = tuple[str, float, float | None, int]
+
+
+def read_run_log(path: str, settings: dict) -> tuple[dict[RunKey, dict], dict | None]:
+    """The runs logged in ``path`` with these ``settings``, by (method, β, target, seed), and the reward model's
+    metrics logged there (None when none are). A last line cut short by a crash is ignored."""
+    runs: dict[RunKey, dict] = {}
     reward_model_metrics = None
     if not os.path.exists(path):
         return runs, reward_model_metrics
@@ -170,7 +185,7 @@ def read_run_log(path: str, settings: dict) -> tuple[dict[tuple[str, float, int]
             if "reward_model" in record:
                 reward_model_metrics = record["reward_model"]
             else:
-                runs[(record["method"], record["beta"], record["seed"])] = record
+                runs[(record["method"], record["beta"], record.get("target"), record["seed"])] = record
     return runs, reward_model_metrics
 
 
@@ -200,8 +215,8 @@ def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
-    """Score against KL along training, one line per method and β: at each evaluation the mean over seeds, with
-    bars from the lowest to the highest seed on both axes."""
+    """Score against KL along training, one line per method and β (or KL target): at each evaluation the mean over
+    seeds, with bars from the lowest to the highest seed on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,15 +224,15 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
 
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = ["o", "s", "^", "D", "v", "P", "X"]
-    betas = sorted({r["beta"] for r in rows})
+    points = sorted({point_of(r) for r in rows}, key=lambda p: (p[1] is not None, p[1] or 0.0, p[0]))
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for method in METHODS:
-        for i, beta in enumerate(betas):
-            run = [r for r in rows if r["method"] == method and r["beta"] == beta]
+        for i, point in enumerate(points):
+            run = [r for r in rows if r["method"] == method and point_of(r) == point]
             if not run:
                 continue
-            points = sorted({r["evaluation"] for r in run})
-            by_point = [[r for r in run if r["evaluation"] == k] for k in points]
+            evaluations = sorted({r["evaluation"] for r in run})
+            by_point = [[r for r in run if r["evaluation"] == k] for k in evaluations]
             kl = np.array([seed_mean(rs, "kl") for rs in by_point])
             score = np.array([seed_mean(rs, "score") for rs in by_point])
             ax.errorbar(
@@ -231,7 +246,7 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
                 elinewidth=0.6,
                 capsize=1.5,
                 alpha=0.85,
-                label=f"{method} β={beta:g}",
+                label=f"{method} {point_label(point)}",
             )
     ax.set_xlabel("KL to the initial policy (nats per response, held-out prompts)")
     ax.set_ylabel("mean reward score (held-out prompts)")
@@ -240,6 +255,27 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def point_of(row: dict) -> tuple[float, float | None]:
+    """A run's point on the frontier: its β and its KL target (None: β fixed)."""
+    target = row.get("target")
+    return row["beta"], None if target is None or (isinstance(target, float) and np.isnan(target)) else target
+
+
+def point_label(point: tuple[float, float | None]) -> str:
+    beta, target = point
+    return f"β={beta:g}" if target is None else f"KL target {target:g}"
+
+
+def settled(rows: list[dict], target: float, tolerance: float = 0.2) -> tuple[bool, float, float]:
+    """Whether a run's KL stayed within ``tolerance`` (a share) of ``target`` over the last third of its
+    evaluations (at least one; the first, before training, never counts), with the lowest and highest KL there."""
+    trained = sorted((r for r in rows if r["evaluation"] > 0), key=lambda r: r["evaluation"])
+    last = trained[len(trained) - max(1, len(trained) // 3) :]
+    kls = [r["kl"] for r in last]
+    low, high = float(min(kls)), float(max(kls))
+    return bool(abs(low - target) <= tolerance * target and abs(high - target) <= tolerance * target), low, high
 
 
 def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
@@ -262,10 +298,10 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
     masked policy (NLPO) starts away from its unmasked reference, by the nucleus' own cost."""
 
     def mean_kl(method: str, first: bool) -> float:
-        runs: dict[tuple[float, int], list[dict]] = {}
+        runs: dict[tuple[float, float | None, int], list[dict]] = {}
         for row in rows:
             if row["method"] == method:
-                runs.setdefault((row["beta"], row["seed"]), []).append(row)
+                runs.setdefault((*point_of(row), row["seed"]), []).append(row)
         picked = [
             min(r, key=lambda x: x["evaluation"]) if first else max(r, key=lambda x: x["evaluation"])
             for r in runs.values()
@@ -345,6 +381,16 @@ def main() -> int:
         "--eval-freq", type=int, default=None, help="rollouts between evaluations (default: ~8 per run)"
     )
     parser.add_argument("--adaptive", action="store_true", help="keep the task's adaptive KL target (default: fixed β)")
+    parser.add_argument(
+        "--kl-targets",
+        nargs="+",
+        type=float,
+        default=None,
+        help="control the KL: each online method runs the adaptive controller towards each target (nats per response)",
+    )
+    parser.add_argument(
+        "--dpo-betas", nargs="+", type=float, default=None, help="DPO's β values with --kl-targets (default: --betas)"
+    )
     parser.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt per evaluation")
     parser.add_argument(
         "--dpo-samples",
@@ -372,6 +418,19 @@ def main() -> int:
     run_dir = args.run_dir or os.path.join("runs", f"frontier_{task.name}")
     timesteps = args.timesteps or task.algorithm.total_timesteps
     betas = args.betas or [task.kl.coef / 2, task.kl.coef, task.kl.coef * 2]
+    if args.kl_targets and args.adaptive:
+        parser.error("--kl-targets sets the adaptive controller's targets; --adaptive keeps the task's one: give one")
+    if args.kl_targets and (min(args.kl_targets) <= 0 or task.kl.coef <= 0):
+        parser.error("--kl-targets must be > 0, and the task's kl.coef (the controller's starting β) too")
+
+    def points(method: str) -> list[tuple[float, float | None]]:
+        """(β, KL target) of each point of ``method``: the targets for an online method under --kl-targets (from
+        the task's β), else the β values (fixed, or the task's target with --adaptive)."""
+        if args.kl_targets and method != "dpo":
+            return [(task.kl.coef, target) for target in args.kl_targets]
+        values = (args.dpo_betas or betas) if method == "dpo" and args.kl_targets else betas
+        return [(beta, task.kl.target if args.adaptive and method != "dpo" else None) for beta in values]
+
     dpo_samples = timesteps // task.generation.max_new_tokens if args.dpo_samples is None else args.dpo_samples
     if dpo_samples < 2:
         parser.error(f"--dpo-samples must be at least 2 (one pair), got {dpo_samples}")
@@ -392,20 +451,21 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    reused: list[tuple[str, float, int]] = []
+    reused: list[RunKey] = []
     for method in args.methods:
         algorithm, overrides = METHODS[method]
-        for beta in betas:
+        for beta, target in points(method):
+            label = point_label((beta, target))
             for seed in args.seeds:
-                if (method, beta, seed) in logged:
-                    record = logged[(method, beta, seed)]
+                if (method, beta, target, seed) in logged:
+                    record = logged[(method, beta, target, seed)]
                     rows += record["rows"]
                     runs.append(record["run"])
-                    reused.append((method, beta, seed))
-                    print(f"{method:13s} β={beta:<7g} seed {seed}: from {log_path}", flush=True)
+                    reused.append((method, beta, target, seed))
+                    print(f"{method:13s} {label:<14s} seed {seed}: from {log_path}", flush=True)
                     continue
                 run_started = time.time()
-                run = with_algorithm(prepared, algorithm, beta, args.adaptive, seed)
+                run = with_algorithm(prepared, algorithm, beta, target, seed)
                 if algorithm == "dpo":
                     history, counts = run_dpo(run, beta, args.eval_samples, task.seed, dpo_samples, args.dpo_epochs)
                     budget = (
@@ -415,7 +475,7 @@ def main() -> int:
                     history = run_online(run, overrides, timesteps, eval_freq, args.eval_samples, task.seed)
                     budget = f"{history[-1]['episodes']:.0f} episodes, {history[-1]['timesteps']:.0f} tokens"
                 run_rows = [
-                    {"method": method, "beta": beta, "seed": seed, "evaluation": point, **row}
+                    {"method": method, "beta": beta, "target": target, "seed": seed, "evaluation": point, **row}
                     for point, row in enumerate(history)
                 ]
                 rows += run_rows
@@ -424,6 +484,7 @@ def main() -> int:
                     {
                         "method": method,
                         "beta": beta,
+                        "target": target,
                         "seed": seed,
                         **{key: final[key] for key in MEASURES if key in final},
                         "budget": budget,
@@ -437,19 +498,20 @@ def main() -> int:
                         "settings": log_settings,
                         "method": method,
                         "beta": beta,
+                        "target": target,
                         "seed": seed,
                         "rows": run_rows,
                         "run": runs[-1],
                     },
                 )
                 print(
-                    f"{method:13s} β={beta:<7g} seed {seed}: score {history[0]['score']:.3f} -> "
+                    f"{method:13s} {label:<14s} seed {seed}: score {history[0]['score']:.3f} -> "
                     f"{final['score']:.3f}  KL {final['kl']:.2f}  ({budget}, {final['gradient_steps']:.0f} gradient "
                     f"steps, {time.time() - run_started:.0f} s)",
                     flush=True,
                 )
 
-    fields = ["method", "beta", "seed", "evaluation", "timesteps", "episodes", "gradient_steps", *MEASURES]
+    fields = ["method", "beta", "target", "seed", "evaluation", "timesteps", "episodes", "gradient_steps", *MEASURES]
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -458,12 +520,22 @@ def main() -> int:
     # the final point of each (method, β): mean over its seeds
     finals = []
     for method in args.methods:
-        for beta in betas:
-            group = [r for r in runs if r["method"] == method and r["beta"] == beta]
+        for beta, target in points(method):
+            group = [r for r in runs if r["method"] == method and point_of(r) == (beta, target)]
+            run_rows = [r for r in rows if r["method"] == method and point_of(r) == (beta, target)]
+            settling = [
+                settled([r for r in run_rows if r["seed"] == seed], target) for seed in args.seeds if target is not None
+            ]
             finals.append(
                 {
                     "method": method,
                     "beta": beta,
+                    "target": target,
+                    # every seed within ±20% of the target over its last third, and the KL range seen there
+                    "settled": None if target is None else all(s[0] for s in settling),
+                    "settled_range": None
+                    if target is None
+                    else (min(s[1] for s in settling), max(s[2] for s in settling)),
                     **{key: seed_mean(group, key) for key in MEASURES},
                     "budget": " / ".join(dict.fromkeys(r["budget"] for r in group)),  # per seed where they differ
                     "gradient_steps": " / ".join(dict.fromkeys(f"{r['gradient_steps']:.0f}" for r in group)),
@@ -486,8 +558,13 @@ def main() -> int:
         f"task's seed {task.seed}). "
         f"Online budget per run: {timesteps} generated tokens; shared settings {settings}. "
         f"KL estimator: k1 in the reward (PPO, P3O, RLOO), k3 in the loss (GRPO); β is the KL coefficient for the "
-        f"online methods ({'adaptive, starting value' if args.adaptive else 'fixed'}) and DPO's own β. "
-        f"Evaluation every {eval_freq} rollouts, same seed each time.",
+        + (
+            f"online methods (the adaptive controller's starting value, towards each KL target: horizon "
+            f"{task.kl.horizon} episodes, proportional gain {task.kl.proportional_gain}) and DPO's own β. "
+            if args.kl_targets
+            else f"online methods ({'adaptive, starting value' if args.adaptive else 'fixed'}) and DPO's own β. "
+        )
+        + f"Evaluation every {eval_freq} rollouts, same seed each time.",
     ]
     if reward_model_metrics:
         lines.append(f"Reward model (trained once, shared): held-out accuracy {reward_model_metrics['accuracy']:.3f}.")
@@ -504,16 +581,36 @@ def main() -> int:
         f"reference perplexity {initial['reference_perplexity']:.1f}"
         + (f", judged positive {initial['judge_positive_share']:.2f}." if judged else "."),
         "",
-        "Final points, mean over the seeds (lowest–highest seed in brackets for score and KL):",
+        "Final points, mean over the seeds (lowest–highest seed in brackets for score and KL)"
+        + (
+            "; a run settled when its KL stayed within ±20% of its target over the last third of its evaluations "
+            "(every seed; the KL range seen there in brackets):"
+            if args.kl_targets
+            else ":"
+        ),
         "",
-        "| method | β | final score | final KL | distinct-2 | repeated bigrams | reference perplexity | EOS rate "
+        "| method | "
+        + ("point | settled " if args.kl_targets else "β ")
+        + "| final score | final KL | distinct-2 | repeated bigrams | reference perplexity | EOS rate "
         + ("| judged positive " if judged else "")
         + "| compute | gradient steps | seconds per run |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if judged else "") + "---|---|---|",
+        "|---|---|"
+        + ("---|" if args.kl_targets else "")
+        + "---|---|---|---|---|---|"
+        + ("---|" if judged else "")
+        + "---|---|---|",
     ]
-    for r in finals:
+    # under --kl-targets, by target (DPO's β last)
+    order = sorted(finals, key=lambda r: (r["target"] is None, r["target"] or 0.0)) if args.kl_targets else finals
+    for r in order:
+        if args.kl_targets:
+            low, high = r["settled_range"] or (float("nan"), float("nan"))
+            verdict = "–" if r["settled"] is None else f"{'yes' if r['settled'] else 'no'} [{low:.2f}, {high:.2f}]"
+            point = f"{point_label((r['beta'], r['target']))} | {verdict}"
+        else:
+            point = f"{r['beta']:g}"
         lines.append(
-            f"| {r['method']} | {r['beta']:g} | {r['score'][0]:.3f} [{r['score'][1]:.3f}, {r['score'][2]:.3f}] | "
+            f"| {r['method']} | {point} | {r['score'][0]:.3f} [{r['score'][1]:.3f}, {r['score'][2]:.3f}] | "
             f"{r['kl'][0]:.2f} [{r['kl'][1]:.2f}, {r['kl'][2]:.2f}] | {r['distinct_2'][0]:.3f} | "
             f"{r['repeated_2gram_rate'][0]:.3f} | {r['reference_perplexity'][0]:.1f} | {r['eos_fraction'][0]:.2f} | "
             + (f"{r['judge_positive_share'][0]:.2f} | " if judged else "")
@@ -530,10 +627,20 @@ def main() -> int:
         if p3o in args.methods
         for line in comparison_lines(point_finals, p3o, others)
     ]
+    if args.kl_targets:
+        lines += ["", "Each method's score at each target's KL, read off the line through its final points:", ""]
+        lines += [
+            f"| method | {' | '.join(f'KL {t:g}' for t in args.kl_targets)} |",
+            "|---|" + "---|" * len(args.kl_targets),
+        ]
+        for method in args.methods:
+            line = [(f["kl"], f["score"]) for f in point_finals if f["method"] == method and np.isfinite(f["kl"])]
+            read = [score_at_kl(line, t) for t in args.kl_targets]
+            lines.append(f"| {method} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in read) + " |")
     if comparison:
         lines += [
             "",
-            "Where P3O lies, from these final points (seed means, one per β; a method's score at a KL read off the "
+            "Where P3O lies, from these final points (seed means, one per β or KL target; a method's score at a KL read off the "
             "line through its points, where both methods reach that KL):",
             "",
             *comparison,

@@ -386,6 +386,9 @@ def test_ctrl_c_in_train_ends_with_one_line_naming_the_checkpoints(tmp_path, cap
     assert err.count("\n") == 1 and "sb3-rlhf train: interrupted; checkpoints written so far are in" in err
     assert f"continue with `sb3-rlhf train {TINY_TASK} --out {tmp_path / 'run'} --resume`" in err
     assert "Traceback" not in err
+    # a run started with --overwrite is resumed without it (the two are refused together)
+    assert main(["train", TINY_TASK, "--out", str(tmp_path / "run"), "--overwrite"]) == 130
+    assert f"continue with `sb3-rlhf train {TINY_TASK} --out {tmp_path / 'run'} --resume`" in capsys.readouterr().err
 
 
 def test_edge_values_that_are_valid_are_still_accepted(tokenizer, model_path, tmp_path):

@@ -103,13 +103,15 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
         f.write(cut_short)  # skipped when read, and ended before the next record
 
     stdout = frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--resume")
-    assert "ppo           β=0.1     seed 0: from" in stdout and "grpo          β=0.1     seed 0: score" in stdout
+    assert (
+        "ppo           β=0.1          seed 0: from" in stdout and "grpo          β=0.1          seed 0: score" in stdout
+    )
     assert csv_rows("ppo") == first and len(csv_rows("grpo")) > 1
     assert "runs taken from frontier.runs.jsonl: 1." in open(f"{out}.md").read()
     assert [record["method"] for record in log_lines()] == ["ppo", "grpo"]
 
     stdout = frontier("--methods", "ppo", "--timesteps", "400", "--eval-samples", "2", "--resume")  # other settings
-    assert "ppo           β=0.1     seed 0: score" in stdout, stdout
+    assert "ppo           β=0.1          seed 0: score" in stdout, stdout
     frontier("--methods", "ppo", "--timesteps", "400")  # no --resume: a new log
     assert len(log_lines()) == 1
 
@@ -273,6 +275,52 @@ def test_peers_benchmark_our_side_and_its_tables(tmp_path, monkeypatch):
     peers.write_markdown([row], str(tmp_path / "peers.md"), args, meta, [ours, slow])
     report = (tmp_path / "peers.md").read_text()
     assert "**Targets not met**: 0 of 1 rows" in report and "Speed target met by: none." in report
+
+
+def test_kl_reward_frontier_at_controlled_kl(tmp_path):
+    """--kl-targets: every online method runs the adaptive controller towards each target, DPO sweeps its β; the
+    report says whether each run settled near its target and reads every method's score at the targets' KL."""
+    out = tmp_path / "frontier"
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "kl_reward_frontier.py"),
+        *("--task", os.path.join(ROOT, "envs", "tiny_synthetic.toml"), "--methods", "ppo", "p3o-joint", "dpo"),
+        *("--kl-targets", "0.5", "2", "--dpo-betas", "0.05", "0.5", "--seeds", "0", "1", "--timesteps", "2000"),
+        *("--set", "kl.target=1", "--set", "kl.horizon=200", "--set", "kl.proportional_gain=1.5"),  # its controller
+        *("--dpo-epochs", "1"),
+        *("--out", str(out), "--run-dir", str(tmp_path / "run")),
+    ]
+    subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True)
+    with open(f"{out}.csv") as f:
+        rows = list(csv.DictReader(f))
+    online = {(r["method"], r["target"], r["beta"]) for r in rows if r["method"] != "dpo"}
+    assert online == {(m, t, "0.02") for m in ("ppo", "p3o-joint") for t in ("0.5", "2.0")}  # from the task's β
+    assert {(r["target"], r["beta"]) for r in rows if r["method"] == "dpo"} == {("", "0.05"), ("", "0.5")}
+
+    def final_kl(target: str) -> float:
+        ppo = [r for r in rows if r["method"] == "ppo" and r["target"] == target]
+        last = max(int(r["evaluation"]) for r in ppo)
+        return float(np.mean([float(r["kl"]) for r in ppo if int(r["evaluation"]) == last]))
+
+    assert final_kl("2.0") > final_kl("0.5")  # the controller steers the KL: a higher target, a higher KL
+    table = open(f"{out}.md").read()
+    assert "| ppo | KL target 0.5 | yes [" in table or "| ppo | KL target 0.5 | no [" in table
+    assert "| dpo | β=0.05 | – |" in table and "towards each KL target: horizon 200 episodes" in table
+    assert "Each method's score at each target's KL" in table and "| method | KL 0.5 | KL 2 |" in table
+    assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
+
+
+def test_a_run_settles_when_its_last_third_stays_near_the_target(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import settled
+
+    def run(kls):
+        return [{"evaluation": i, "kl": kl} for i, kl in enumerate(kls)]
+
+    # the first evaluation (before training) never counts; the last third of the rest does
+    assert settled(run([0.0, 9.0, 9.0, 3.8, 4.2, 4.4, 3.3]), 4.0) == (True, 3.3, 4.4)
+    assert settled(run([0.0, 4.0, 4.0, 4.0, 4.0, 4.0, 5.0]), 4.0) == (False, 4.0, 5.0)  # 25% over at the end
+    assert settled(run([0.0, 4.1]), 4.0) == (True, 4.1, 4.1)
 
 
 def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):

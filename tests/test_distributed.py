@@ -19,14 +19,21 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
-def run_launcher(command: list[str], out=None) -> subprocess.CompletedProcess:
+def run_launcher(command: list[str], out=None, prepare=None) -> subprocess.CompletedProcess:
     """Run a two-process launch; launch once more if the first fails (a rendezvous port taken by another program
-    on a shared machine fails a launch before any training), and show both failures if it fails again."""
+    on a shared machine fails a launch before any training), and show both failures if it fails again.
+
+    :param prepare: puts the launch's inputs into ``out`` (a checkpoint to resume), before each launch.
+    """
+    if prepare is not None:
+        prepare()
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if first.returncode == 0:
         return first
     if out is not None:
-        shutil.rmtree(out, ignore_errors=True)  # start the second launch from nothing
+        shutil.rmtree(out, ignore_errors=True)  # start the second launch from nothing, but its inputs
+    if prepare is not None:
+        prepare()
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, f"{first.stderr[-3000:]}\n--- and again ---\n{second.stderr[-3000:]}"
     return second
@@ -35,9 +42,9 @@ def run_launcher(command: list[str], out=None) -> subprocess.CompletedProcess:
 RUNS = ["ppo", "ppo_separate", "grpo", "rloo", "p3o", "ppo_micro", "ppo_reward_model"]
 
 
-def launch(model_path: str, out, strategy: str, *args: str) -> None:
+def launch(model_path: str, out, strategy: str, *args: str, prepare=None) -> None:
     worker = os.path.join(ROOT, "tests", "distributed_worker.py")
-    run_launcher(torchrun(worker, model_path, str(out), "--strategy", strategy, *args), out)
+    run_launcher(torchrun(worker, model_path, str(out), "--strategy", strategy, *args), out, prepare)
 
 
 def load_ranks(out, run: str) -> list[dict]:
@@ -188,9 +195,12 @@ def test_a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(model_pat
     assert (first / "training_state_rank1.json").is_file()
     assert (first / "sharded").is_dir() == (strategy == "fsdp")
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first, resumed / "checkpoints" / checkpoints[0])
-    launch(model_path, resumed, strategy, "--iterations", "1", "--resume", "--adamw")
+
+    def checkpoint_to_resume() -> None:
+        (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(first, resumed / "checkpoints" / checkpoints[0], dirs_exist_ok=True)
+
+    launch(model_path, resumed, strategy, "--iterations", "1", "--resume", "--adamw", prepare=checkpoint_to_resume)
     uninterrupted, after_resume = load_ranks(whole, "ppo")[0], load_ranks(resumed, "ppo")[0]
     if strategy == "fsdp":  # the frozen reference's root gives its gathered weights back: each rollout gathers alike
         assert len(set(uninterrupted["rollout_gathers"])) == 1 and len(uninterrupted["rollout_gathers"]) == 2

@@ -214,8 +214,12 @@ def test_a_missing_task_file_is_never_taken_for_a_ready_task(tmp_path, monkeypat
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_task_file(str(tmp_path / "my_tasks" / "imdb_positive.toml"))  # a typo in a folder: not the packaged one
+    monkeypatch.chdir(os.path.join(ROOT, "envs"))  # the same file under its name here and packaged: no conflict
+    assert os.path.samefile(find_task_file("imdb_positive"), "imdb_positive.toml")
     monkeypatch.chdir(tmp_path)  # outside a clone
     assert find_task_file("envs/imdb_positive.toml") == ready_tasks()["imdb_positive"]  # the README's path
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_task_file("imdb_positive.toml")  # a file named here that is not here: not the packaged task
     (tmp_path / "imdb_positive.toml").write_text("")
     with pytest.raises(ValueError, match="give the file as imdb_positive.toml"):
         find_task_file("imdb_positive")
@@ -448,3 +452,83 @@ def test_generate_on_a_run_folder_names_its_policy(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"is a run folder, not a model folder: its trained policy is '{tmp_path / 'run' / 'policy'}'" in err
+
+
+def test_none_is_none_where_a_key_takes_it_and_sections_are_not_made():
+    assert parse_override("algorithm.clip_range_vf=none") == ("algorithm.clip_range_vf", None)  # unclipped
+    assert parse_override("algorithm.learning_rate=.5") == ("algorithm.learning_rate", 0.5)
+    assert parse_override("algorithm.dpo.beta=.1") == ("algorithm.dpo.beta", 0.1)
+    task = load_task("tiny_synthetic", ["judge.share=none", "reward.train.max_pairs=none"])
+    assert task.judge is None and task.reward.train is None  # nothing to leave out: no section made
+    assert load_task("tiny_synthetic", ["algorithm.target_kl=none"]).algorithm_settings()["target_kl"] is None
+
+
+def test_an_old_name_in_the_file_gives_way_to_the_new_one_on_the_command_line(tmp_path):
+    with open(ready_tasks()["tiny_synthetic"]) as f:
+        old = f.read().replace("test_size = 0.25", "eval_size = 0.25")
+    (tmp_path / "old.toml").write_text(old)
+    with pytest.warns(FutureWarning, match="prompts.eval_size"):
+        assert load_task(str(tmp_path / "old.toml")).prompts.test_size == 0.25
+    assert load_task(str(tmp_path / "old.toml"), ["prompts.test_size=0.5"]).prompts.test_size == 0.5
+
+
+def test_a_record_of_another_version_is_compared_on_what_both_know(tmp_path):
+    from sb3_rlhf.tasks.folders import run_record, write_record
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint_000000000010").mkdir(parents=True)
+    for name in ("training_state.json", "model.zip"):  # what makes a checkpoint complete (not loaded here)
+        (out / "checkpoints" / "checkpoint_000000000010" / name).write_text("{}")
+    task = load_task("tiny_synthetic")
+    record = run_record(task)
+    older = {**record, "version": "0.0.9", "settings": {**record["settings"], "algorithm.gone": 1}}
+    older["settings"].pop("algorithm.clip_range")  # a setting that came later
+    write_record(str(out), older)
+    claim_run_folder(task, str(out), resume=True)  # nothing both know differs: no refusal, no warning
+    older["settings"]["algorithm.n_epochs"] = 1  # a default that changed, say
+    write_record(str(out), older)
+    with pytest.warns(UserWarning, match="was written by sb3_rlhf 0.0.9, this is .*algorithm.n_epochs 1 -> 4"):
+        claim_run_folder(task, str(out), resume=True)
+    write_record(str(out), {**record, "settings": {**record["settings"], "algorithm.n_epochs": 1}})
+    with pytest.raises(ValueError, match="algorithm.n_epochs 1 -> 4. Give the recorded values"):
+        claim_run_folder(task, str(out), resume=True)  # the same version: refused
+    # written out as the run reads it: the estimator's default, and the memory settings a resume may change
+    for same in (["kl.estimator=k1"], ["algorithm.generation_batch_size=8", "algorithm.micro_batch_tokens=64"]):
+        write_record(str(out), record)
+        claim_run_folder(load_task("tiny_synthetic", same), str(out), resume=True)
+
+
+def test_a_resumed_run_takes_the_memory_settings_it_is_given(tmp_path, monkeypatch):
+    from sb3_rlhf import RLHFPPO
+    from sb3_rlhf.tasks import run_task
+
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out)]) == 0
+    seen = {}
+    load = RLHFPPO.load_checkpoint.__func__
+
+    def recording(cls, path, env, device="auto", **kwargs):
+        seen.update(kwargs)
+        return load(cls, path, env, device, **kwargs)
+
+    monkeypatch.setattr(RLHFPPO, "load_checkpoint", classmethod(recording))
+    task = load_task("tiny_synthetic", [*TINY_SETTINGS, "algorithm.generation_batch_size=4"])
+    run_task(task, str(out), progress_bar=False, resume=True)
+    assert seen == {"generation_batch_size": 4}
+
+
+def test_dpo_under_several_processes_is_refused_before_the_folder_is_touched(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "tiny_synthetic", "--algorithm", "dpo", "--out", str(out), "--overwrite"]) == 2
+    assert "several processes train the online algorithms" in capsys.readouterr().err
+    assert (out / "policy").is_dir() and not (out / "run.json").exists()
+
+
+def test_overwrite_replaces_the_old_runs_curves_too(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out)]) == 0
+    old_logs = set(os.listdir(out / "tensorboard"))
+    assert main([*TINY, "--out", str(out), "--set", "kl.coef=0.1", "--overwrite"]) == 0
+    assert set(os.listdir(out / "tensorboard")) == old_logs  # the new run's, under the same name: the old ones gone

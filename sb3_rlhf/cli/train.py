@@ -81,7 +81,8 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
         print(describe_output(out))
         return {}
     if task.algorithm_name in ONLINE_ALGORITHMS:  # the ones that checkpoint and resume
-        again = [*args.argv, *([] if args.resume else ["--resume"]), *([] if args.out else ["--out", out])]
+        again = [a for a in args.argv if a != "--overwrite"]  # the run in --out is this one now: resume it
+        again += [*([] if args.resume else ["--resume"]), *([] if args.out else ["--out", out])]
         args.on_interrupt = (
             f"; checkpoints written so far are in {os.path.join(out, 'checkpoints')} (none before the first "
             f"[checkpoint] every): continue with `sb3-rlhf {shlex.join(again)}`"

@@ -465,14 +465,21 @@ def given(section: Any) -> frozenset[str]:
 
 
 def schema_type(dotted: str) -> Any:
-    """The type of a task key (``"policy.temperature"``, ``"reward.train.path"``, ``"task.seed"``), or ``None``
-    for keys the schema does not type itself (algorithm settings, unknown keys)."""
+    """The type of a task key (``"policy.temperature"``, ``"reward.train.path"``, ``"task.seed"``,
+    ``"algorithm.learning_rate"`` as the first algorithm that takes it types it), or ``None`` for unknown keys."""
+    from sb3_rlhf.algorithms import ALGORITHM_NAMES
+
     *path, key = dotted.split(".")
     where = ".".join(path)
+    if path and path[0] == "algorithm" and key != "total_timesteps":
+        readers = (
+            path[1:] if len(path) == 2 and path[1] in ALGORITHM_NAMES else ALGORITHM_NAMES if len(path) == 1 else ()
+        )
+        return next((_setting_types(n)[key] for n in readers if key in _setting_types(n)), None)
     cls = TaskConfig if where == "task" else SECTIONS.get(where)
-    if cls is None or cls is AlgorithmSection and key != "total_timesteps":
+    if cls is None:
         return None
-    key = {"algorithm": "algorithm_name"}.get(key, key) if cls is TaskConfig else key
+    key = TASK_KEYS.get(key, key) if cls is TaskConfig else key
     key = RENAMED_KEYS.get(where, {}).get(key, key)
     return _hints(cls).get(key)
 
@@ -525,7 +532,7 @@ def _algorithm_section(value: dict[str, Any]) -> AlgorithmSection:
 
 
 #: Algorithm arguments that the task sets itself (from other sections).
-_SET_BY_TASK = {
+SET_BY_TASK = {
     "policy",
     "env",
     "policy_kwargs",
@@ -548,7 +555,7 @@ DPO_TASK_SETTINGS = {"pairs_per_prompt", "n_prompts"}
 def _accepted_settings(name: str) -> frozenset[str]:
     from sb3_rlhf.algorithms import accepted_arguments, algorithm_class
 
-    allowed = accepted_arguments(algorithm_class(name)) - _SET_BY_TASK
+    allowed = accepted_arguments(algorithm_class(name)) - SET_BY_TASK
     return frozenset(allowed | DPO_TASK_SETTINGS if name == "dpo" else allowed)
 
 
@@ -615,13 +622,14 @@ def _check_algorithm(task: TaskConfig) -> None:
     unused = sorted(set(task.algorithm.settings) - _accepted_settings(name))
     if name not in ONLINE_ALGORITHMS:  # DPO samples its pairs once: no timestep budget, no checkpoints
         offline = ["algorithm.total_timesteps"] * (task.algorithm.total_timesteps is not None)
+        offline += [f"kl.{key}" for key in ("target", "horizon", "proportional_gain") if key in given(task.kl)]
         offline += ["[checkpoint]"] * ("checkpoint" in given(task)) + ["evaluation.every"] * (
             task.evaluation.every is not None
         )
         if offline:
             warnings.warn(
                 f"{', '.join(offline)}: {name} samples its pairs once and trains offline, without a timestep budget, "
-                "checkpoints or evaluations during training: ignored in this run",
+                "a KL controller, checkpoints or evaluations during training: ignored in this run",
                 UserWarning,
                 stacklevel=3,
             )
@@ -793,26 +801,27 @@ def find_task_file(task: str) -> str:
         return task
     ready = ready_tasks()
     if task in ready:
-        if os.path.isfile(f"{task}.toml"):
-            raise ValueError(f"{task!r} is a ready task and ./{task}.toml a file here: give the file as {task}.toml")
+        here = f"{task}.toml"
+        if os.path.isfile(here) and not os.path.samefile(here, ready[task]):
+            raise ValueError(f"{task!r} is a ready task and ./{here} a file here: give the file as {here}")
         return ready[task]
-    name = os.path.normpath(task).removeprefix(f"envs{os.sep}").removesuffix(".toml")
-    if name in ready:  # envs/<name>.toml of the README, run outside a clone: that file, as packaged
-        return ready[name]
+    name = os.path.normpath(task).removesuffix(".toml")
+    if name.startswith(f"envs{os.sep}") and name.removeprefix(f"envs{os.sep}") in ready:
+        return ready[name.removeprefix(f"envs{os.sep}")]  # envs/<name>.toml of the README, outside a clone
     raise FileNotFoundError(
         f"task file {task!r} does not exist: give a path to a .toml file or a ready task's name "
         f"({', '.join(ready)}; `sb3-rlhf tasks` lists them)"
     )
 
 
-#: ``--set key=none``: the key left out, as if the file did not give it (its default).
+#: ``--set key=none`` for a key that does not take None: the key left out, as if the file did not give it.
 UNSET = object()
 
 
 def parse_override(item: str) -> tuple[str, Any]:
     """``--set key=value``: the value read as the key's type in the schema. A text key takes the text as it is
-    (quotes optional); any other key takes TOML syntax (``2000``, ``1e-5``, ``true``, ``["a", "b"]``); ``none``
-    leaves the key out (:data:`UNSET`: its default)."""
+    (quotes optional); any other key takes TOML syntax (``2000``, ``1e-5``, ``true``, ``["a", "b"]``); ``none`` is
+    None where the key takes it, else leaves the key out (:data:`UNSET`: its default)."""
     if "=" not in item:
         raise ValueError(f"--set takes key=value, got {item!r}")
     key, text = (part.strip() for part in item.split("=", 1))
@@ -825,9 +834,12 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    if text.lower() in ("none", "null"):
-        return key, UNSET
     annotation = schema_type(key)
+    if text.lower() in ("none", "null"):
+        try:  # None itself where the key takes it (clip_range_vf=None: unclipped), else the key left out
+            return key, _typed(None, annotation) if annotation is not None else UNSET
+        except _Mismatch:
+            return key, UNSET
     if isinstance(value, str) and value == text:
         try:
             value = float(text) if annotation is not None and _typed(1.5, annotation) == 1.5 else value
@@ -847,7 +859,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     *path, last = dotted.split(".")
+    for old, new in RENAMED_KEYS.get(".".join(path), {}).items():
+        if new == last:  # the command line's value replaces the file's, under its old name too
+            _set(data, ".".join([*path, old]), UNSET)
     for key in path:
+        if (value is UNSET or value is None) and key not in data:
+            return  # nothing to leave out, or a default: no section to make for it
         inner = data.setdefault(key, {})
         if not isinstance(inner, dict):
             raise ValueError(f"--set {dotted}: {key} is a key, not a section")

@@ -8,9 +8,11 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import sb3_rlhf
 from sb3_rlhf.algorithms import (
     ALGORITHM_NAMES,
     ONLINE_ALGORITHMS,
@@ -20,7 +22,7 @@ from sb3_rlhf.algorithms import (
 )
 from sb3_rlhf.common.checkpoints import latest_checkpoint, list_checkpoints
 from sb3_rlhf.common.io import atomic_file
-from sb3_rlhf.tasks.config import TaskConfig
+from sb3_rlhf.tasks.config import SET_BY_TASK, TaskConfig, kl_estimator
 
 #: The record of the run a folder holds.
 RUN_RECORD = "run.json"
@@ -34,7 +36,13 @@ RESUMABLE_CHANGES = (
     "evaluation.n_samples_shown",
     "evaluation.every",
     "task.device",
+    # how much is generated or trained on at once: memory, not the result (the out-of-memory errors name them)
+    "algorithm.generation_batch_size",
+    "algorithm.micro_batch_tokens",
+    "algorithm.max_batch_tokens",
 )
+#: The settings of :data:`RESUMABLE_CHANGES` that the resumed algorithm takes at load (SB3's ``load(**kwargs)``).
+MEMORY_SETTINGS = ("generation_batch_size", "micro_batch_tokens", "max_batch_tokens")
 
 
 def task_settings(task: TaskConfig) -> dict[str, Any]:
@@ -54,10 +62,14 @@ def task_settings(task: TaskConfig) -> dict[str, Any]:
     for key in ("source", "description"):
         data.pop(key)
     data.pop("algorithm")
+    data["kl"]["estimator"] = kl_estimator(task)  # as the run reads it: "k1" written out is the default
     cls = algorithm_class(task.algorithm_name)
-    arguments = {k: v for k, v in argument_defaults(cls).items() if k in accepted_arguments(cls)}
+    taken = accepted_arguments(cls) - SET_BY_TASK
+    arguments = {k: v for k, v in argument_defaults(cls).items() if k in taken}
     arguments = {**arguments, **task.algorithm_settings()}
-    walk("algorithm", {"total_timesteps": task.algorithm.total_timesteps, **arguments})
+    if task.algorithm_name in ONLINE_ALGORITHMS:  # DPO has no timestep budget
+        arguments["total_timesteps"] = task.algorithm.total_timesteps
+    walk("algorithm", arguments)
     data["task"] = {"algorithm": data.pop("algorithm_name")}
     for key in ("name", "seed", "device"):
         data["task"][key] = data.pop(key)
@@ -66,8 +78,15 @@ def task_settings(task: TaskConfig) -> dict[str, Any]:
 
 
 def run_record(task: TaskConfig, finished: bool = False) -> dict[str, Any]:
-    """What ``run.json`` holds: the task's name, its algorithm, every setting, and whether the run finished."""
-    return {"task": task.name, "algorithm": task.algorithm_name, "settings": task_settings(task), "finished": finished}
+    """What ``run.json`` holds: the task's name, its algorithm, every setting, whether the run finished, and the
+    version of sb3_rlhf that wrote it (whose defaults the settings hold)."""
+    return {
+        "task": task.name,
+        "algorithm": task.algorithm_name,
+        "settings": task_settings(task),
+        "finished": finished,
+        "version": sb3_rlhf.__version__,
+    }
 
 
 def _previous_results(out: str) -> list[str]:
@@ -110,12 +129,26 @@ def check_same_run(previous: dict[str, Any], record: dict[str, Any], out: str, w
         )
     fixed = {k: v for k, v in previous["settings"].items() if k not in may_change}
     now = {k: v for k, v in record["settings"].items() if k not in may_change}
+    if previous.get("version") != record["version"]:
+        # another version's record: its defaults may differ, and settings may have come or gone; compare the
+        # settings both know, and say so rather than refuse
+        common = set(fixed) & set(now)
+        changed = changed_settings({k: fixed[k] for k in common}, {k: now[k] for k in common})
+        if changed:
+            warnings.warn(
+                f"{what}: {out}/{RUN_RECORD} was written by sb3_rlhf {previous.get('version', '< 0.1.0')}, this is "
+                f"{record['version']}; these settings now differ from it (a changed default, or a changed task): "
+                f"{'; '.join(changed)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
     changed = changed_settings(fixed, now)
     if changed:
         raise ValueError(
             f"{what} takes the run in {out} as it was started; these settings differ from its {RUN_RECORD}: "
-            f"{'; '.join(changed)}. Drop them (--set, the task file), or start a new run with --overwrite or another "
-            f"--out ({what} may change only {', '.join(may_change)})"
+            f"{'; '.join(changed)}. Give the recorded values (--set, the task file), or start a new run with "
+            f"--overwrite or another --out ({what} may change only {', '.join(may_change)})"
         )
 
 
@@ -197,4 +230,5 @@ def claim_run_folder(task: TaskConfig, out: str, resume: bool = False, overwrite
             f"{out} holds {_describe(previous)} ({', '.join(found)}): pass --overwrite to replace it, --resume to "
             "continue it, or --out to start this run elsewhere"
         )
-    return RunFolder(out, record, found, repeat=repeat)
+    logs = ["tensorboard"] if os.path.isdir(os.path.join(out, "tensorboard")) else []  # the old run's curves too
+    return RunFolder(out, record, [*found, *logs], repeat=repeat)

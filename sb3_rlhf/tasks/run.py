@@ -23,6 +23,7 @@ from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
 from sb3_rlhf.tasks.data import load_prompt_forms
 from sb3_rlhf.tasks.folders import (
+    MEMORY_SETTINGS,
     RESUMABLE_CHANGES,
     check_same_run,
     claim_run_folder,
@@ -134,6 +135,11 @@ def run_task(
     :param overwrite: replace another run's results in ``out`` (without it, a new run refuses them).
     """
     checkpoints = os.path.join(out, "checkpoints")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and task.algorithm_name not in ONLINE_ALGORITHMS:
+        # before the folder is touched: a refused run must not have replaced a previous one
+        raise ValueError(
+            f"several processes train the online algorithms (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
+        )
     check_device(task.device)  # the GPU the task names is here (a dry run only checks the name)
     folder = claim_run_folder(task, out, resume, overwrite)  # every rank reads the same files and decides alike
     distributed = init_distributed()
@@ -149,10 +155,6 @@ def run_task(
         raise_on_every_rank(failed, f"rank 0 could not prepare the run folder {out}")
     elif failed is not None:
         raise failed
-    if distributed and task.algorithm_name not in ONLINE_ALGORITHMS:
-        raise ValueError(
-            f"several processes train the online algorithms (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
-        )
     progress_bar = progress_bar and is_main_process()
     reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
     if not is_main_process():
@@ -179,7 +181,11 @@ def run_task(
     total = task.algorithm.total_timesteps
     assert total is not None  # parse_task requires it of an online algorithm
     if resume:
-        model = ONLINE_ALGORITHMS[task.algorithm_name].load_checkpoint(checkpoints, env=env, device=task.device)
+        # memory settings may change on resume (SB3's load applies them before the model is set up)
+        memory = {k: v for k, v in task.algorithm_settings().items() if k in MEMORY_SETTINGS}
+        model = ONLINE_ALGORITHMS[task.algorithm_name].load_checkpoint(
+            checkpoints, env=env, device=task.device, **memory
+        )
         print(f"resuming from timestep {model.num_timesteps} of {total}")
     else:
         model = make_online_model(prepared, env)
