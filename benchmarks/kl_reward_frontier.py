@@ -49,11 +49,12 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from versions import versions_line  # benchmarks/versions.py
 
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
 from sb3_rlhf.common.evaluation import evaluate_policy
-from sb3_rlhf.rewards import reward_wrappers
+from sb3_rlhf.rewards import KLPenaltyWrapper, reward_wrappers
 from sb3_rlhf.tasks import load_task
 from sb3_rlhf.tasks.config import kl_estimator
 from sb3_rlhf.tasks.run import prepare
@@ -85,6 +86,23 @@ def with_algorithm(
     return dataclasses.replace(prepared, task=task)
 
 
+class RolloutKL(BaseCallback):
+    """The mean KL per response of each training rollout, as the KL controller measures it (the KL penalty
+    wrapper's own statistics, read before the next rollout starts)."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__()
+        self.wrapper = next((w for w in reward_wrappers(env) if isinstance(w, KLPenaltyWrapper)), None)
+        self.history: list[float] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.wrapper is not None and "kl" in self.wrapper.rollout_stats():
+            self.history.append(self.wrapper.rollout_stats()["kl"])
+
+
 def run_online(
     prepared: PreparedTask,
     overrides: dict[str, Any],
@@ -92,8 +110,10 @@ def run_online(
     eval_freq: int,
     eval_samples: int,
     eval_seed: int,
-) -> list[dict]:
-    model = make_online_model(prepared, prepared.env(prepared.train_prompts), tensorboard_log=None, **overrides)
+) -> tuple[list[dict], list[float]]:
+    """An online run: its held-out evaluations, and the KL of each of its training rollouts."""
+    env = prepared.env(prepared.train_prompts)
+    model = make_online_model(prepared, env, tensorboard_log=None, **overrides)
     evaluation = HeldOutEvaluationCallback(
         prepared.env(prepared.eval_prompts),
         eval_freq,
@@ -101,8 +121,9 @@ def run_online(
         samples_per_prompt=eval_samples,
         judge=prepared.judge,
     )
-    model.learn(timesteps, callback=evaluation)
-    return evaluation.history
+    rollout_kl = RolloutKL(env)
+    model.learn(timesteps, callback=CallbackList([evaluation, rollout_kl]))
+    return evaluation.history, rollout_kl.history
 
 
 def run_dpo(
@@ -159,7 +180,8 @@ def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_
         "dpo_samples": dpo_samples,
         "dpo_epochs": args.dpo_epochs,
         "adaptive": args.adaptive,
-        **({"kl_targets": args.kl_targets} if args.kl_targets else {}),  # a log from before targets still reads
+        # a log from before targets still reads; each run of one with targets records its rollouts' KL
+        **({"kl_targets": args.kl_targets, "rollout_kl": True} if args.kl_targets else {}),
     }
 
 
@@ -268,13 +290,12 @@ def point_label(point: tuple[float, float | None]) -> str:
     return f"β={beta:g}" if target is None else f"KL target {target:g}"
 
 
-def settled(rows: list[dict], target: float, tolerance: float = 0.2) -> tuple[bool, float, float]:
-    """Whether a run's KL stayed within ``tolerance`` (a share) of ``target`` over the last third of its
-    evaluations (at least one; the first, before training, never counts), with the lowest and highest KL there."""
-    trained = sorted((r for r in rows if r["evaluation"] > 0), key=lambda r: r["evaluation"])
-    last = trained[len(trained) - max(1, len(trained) // 3) :]
-    kls = [r["kl"] for r in last]
-    low, high = float(min(kls)), float(max(kls))
+def settled(kls: list[float], target: float, tolerance: float = 0.2) -> tuple[bool, float, float]:
+    """Whether a run's KL (its training rollouts', as the controller measured it, in order) stayed within
+    ``tolerance`` (a share) of ``target`` over the last third of them (at least one), with the lowest and highest
+    KL there."""
+    last = kls[len(kls) - max(1, len(kls) // 3) :]
+    low, high = float(min(last)), float(max(last))
     return bool(abs(low - target) <= tolerance * target and abs(high - target) <= tolerance * target), low, high
 
 
@@ -466,13 +487,14 @@ def main() -> int:
                     continue
                 run_started = time.time()
                 run = with_algorithm(prepared, algorithm, beta, target, seed)
+                rollout_kl: list[float] = []
                 if algorithm == "dpo":
                     history, counts = run_dpo(run, beta, args.eval_samples, task.seed, dpo_samples, args.dpo_epochs)
                     budget = (
                         f"{counts['samples']:.0f} samples once → {counts['pairs']:.0f} pairs, {len(history) - 1} epochs"
                     )
                 else:
-                    history = run_online(run, overrides, timesteps, eval_freq, args.eval_samples, task.seed)
+                    history, rollout_kl = run_online(run, overrides, timesteps, eval_freq, args.eval_samples, task.seed)
                     budget = f"{history[-1]['episodes']:.0f} episodes, {history[-1]['timesteps']:.0f} tokens"
                 run_rows = [
                     {"method": method, "beta": beta, "target": target, "seed": seed, "evaluation": point, **row}
@@ -490,6 +512,7 @@ def main() -> int:
                         "budget": budget,
                         "gradient_steps": final["gradient_steps"],
                         "seconds": time.time() - run_started,
+                        "rollout_kl": rollout_kl,
                     }
                 )
                 append_to_run_log(
@@ -522,10 +545,7 @@ def main() -> int:
     for method in args.methods:
         for beta, target in points(method):
             group = [r for r in runs if r["method"] == method and point_of(r) == (beta, target)]
-            run_rows = [r for r in rows if r["method"] == method and point_of(r) == (beta, target)]
-            settling = [
-                settled([r for r in run_rows if r["seed"] == seed], target) for seed in args.seeds if target is not None
-            ]
+            settling = [settled(r["rollout_kl"], target) for r in group if target is not None]
             finals.append(
                 {
                     "method": method,
@@ -583,8 +603,8 @@ def main() -> int:
         "",
         "Final points, mean over the seeds (lowest–highest seed in brackets for score and KL)"
         + (
-            "; a run settled when its KL stayed within ±20% of its target over the last third of its evaluations "
-            "(every seed; the KL range seen there in brackets):"
+            "; a run settled when its KL stayed within ±20% of its target over the last third of its training "
+            "rollouts, as the controller measured it (every seed; the KL range seen there in brackets):"
             if args.kl_targets
             else ":"
         ),
