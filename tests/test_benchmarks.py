@@ -304,7 +304,7 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path):
 
     assert final_kl("2.0") > final_kl("0.5")  # the controller steers the KL: a higher target, a higher KL
     table = open(f"{out}.md").read()
-    assert "| ppo | KL target 0.5 | yes [" in table or "| ppo | KL target 0.5 | no [" in table
+    assert "| ppo | KL target 0.5 | yes (" in table or "| ppo | KL target 0.5 | no (" in table
     assert "| dpo | β=0.05 | – |" in table and "towards each KL target: horizon 200 episodes" in table
     assert "Each method's score at each target's KL" in table and "| method | KL 0.5 | KL 2 |" in table
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
@@ -319,10 +319,10 @@ def test_a_run_settles_when_its_last_third_stays_near_the_target(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     from kl_reward_frontier import settled
 
-    # the last third of the rollouts counts, however far the first ones were
-    assert settled([9.0, 9.0, 3.8, 4.2, 4.4, 3.3], 4.0) == (True, 3.3, 4.4)
-    assert settled([4.0, 4.0, 4.0, 4.0, 4.0, 5.0], 4.0) == (False, 4.0, 5.0)  # 25% over at the end
-    assert settled([4.1], 4.0) == (True, 4.1, 4.1)
+    # the mean of the last third of the rollouts counts, however far the first ones were or one rollout strays
+    assert settled([9.0, 9.0, 9.0, 3.0, 5.5, 3.5], 4.0) == (True, 4.5, 3.5, 5.5)
+    assert settled([4.0, 4.0, 4.0, 4.0, 5.0, 5.2], 4.0) == (False, 5.1, 5.0, 5.2)  # 27.5% over at the end
+    assert settled([4.1], 4.0) == (True, 4.1, 4.1, 4.1)
 
 
 def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
