@@ -450,10 +450,10 @@ def _build(cls: type[C], data: Any, where: str) -> C:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"missing key {where}.{name}")
             continue
-        rule = f.metadata.get("rule")
-        values[name] = data[name] if dataclasses.is_dataclass(data[name]) else None
-        if values[name] is None:
-            values[name] = check_value(data[name], _hints(cls)[name], f"{where}.{name}", rule)
+        if dataclasses.is_dataclass(data[name]):  # a section built already
+            values[name] = data[name]
+        else:
+            values[name] = check_value(data[name], _hints(cls)[name], f"{where}.{name}", f.metadata.get("rule"))
     section = cls(**values)
     vars(section)["_given"] = frozenset(data)  # for checks of keys that only mean something with others
     return section
@@ -598,7 +598,7 @@ def _check_algorithm(task: TaskConfig) -> None:
         raise ValueError(f"unknown task.algorithm {name!r}: choose one of {list(ALGORITHM_NAMES)}")
     tables = {"": task.algorithm.settings, **{f"{k}.": v for k, v in task.algorithm.per_algorithm.items()}}
     for prefix, table in tables.items():
-        takers = [prefix[:-1]] if prefix else [other for other in ALGORITHM_NAMES]
+        takers = [prefix[:-1]] if prefix else list(ALGORITHM_NAMES)
         for key, value in table.items():
             if key in _SET_WHERE or key in ("policy_kwargs", "tensorboard_log"):
                 raise ValueError(f"algorithm.{prefix}{key} is set by the task: use {_SET_WHERE.get(key, '[policy]')}")

@@ -151,10 +151,7 @@ def run_task(
             folder.apply()
         except Exception as error:  # raised on every rank, not left for the others to wait on
             failed = error
-    if distributed:
-        raise_on_every_rank(failed, f"rank 0 could not prepare the run folder {out}")
-    elif failed is not None:
-        raise failed
+    raise_on_every_rank(failed, f"rank 0 could not prepare the run folder {out}")  # one process: raises it here
     progress_bar = progress_bar and is_main_process()
     reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
     if not is_main_process():
