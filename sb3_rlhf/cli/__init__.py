@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import pickle
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from sb3_rlhf.cli import demo, dpo, evaluate, generate, reward_model, sft, tasks, train
 from sb3_rlhf.cli.common import launch_processes
 from sb3_rlhf.common.memory import DeviceMemoryError
+from sb3_rlhf.common.progress import LIBRARY_LOGGER, show_progress_lines
 
 #: the sub-commands, in the order ``sb3-rlhf --help`` lists them
 COMMANDS = (demo, tasks, reward_model, sft, dpo, train, evaluate, generate)
@@ -54,6 +56,12 @@ def make_parser() -> argparse.ArgumentParser:
     """The ``sb3-rlhf`` parser with every sub-command; ``args.func(args)`` runs the one parsed."""
     parser = argparse.ArgumentParser(prog="sb3-rlhf", description="RLHF for language models with Stable-Baselines3")
     parser.add_argument("--traceback", action="store_true", help="on an error, show the whole Python traceback")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no stage announcements or progress lines on standard error (warnings and errors still print)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(subparsers)
@@ -82,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_warning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = one_line_warning
+    # each stage announces itself and, off a terminal, training prints a line per rollout (sb3_rlhf.progress);
+    # under torchrun, rank 0 speaks for every rank
+    show_progress_lines()
+    quiet = args.quiet or os.environ.get("RANK", "0").strip() not in ("", "0")
+    LIBRARY_LOGGER.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         args.func(args)
     except KeyboardInterrupt:

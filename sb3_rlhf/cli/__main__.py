@@ -4,4 +4,5 @@ import sys
 
 from sb3_rlhf.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not on import (the API reference imports every module)
+    sys.exit(main())

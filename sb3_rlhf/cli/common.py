@@ -88,6 +88,17 @@ def add_algorithm_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--algorithm", choices=list(ALGORITHM_NAMES), help=help)
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1 (argparse names the option and the value when it is not)."""
     try:
@@ -123,7 +134,7 @@ def with_algorithm(args: argparse.Namespace) -> list[str]:
 
 def launch_processes(nproc: int, argv: Sequence[str]) -> int:
     """``sb3-rlhf train --nproc N``: the same command in N processes under torchrun (one node; for several nodes
-    run torchrun or ``accelerate launch`` yourself, see the README)."""
+    run torchrun or ``accelerate launch`` yourself, see the "Several processes and GPUs" guide in docs/)."""
     rest, skip = [], False
     for arg in argv:  # the ranks run the command without --nproc
         if skip:

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Any
 
-from sb3_rlhf.cli.common import add_algorithm_argument, positive_int, run_folder, with_algorithm
+from sb3_rlhf.cli.common import add_algorithm_argument, non_negative_float, positive_int, run_folder, with_algorithm
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -57,7 +57,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="also write the report's headline measures as JSON: {initial, trained} x {score, kl, distinct_1, "
         "distinct_2, eos_rate, judge_positive_share}",
     )
-    parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar or progress lines in training")
+    parser.add_argument(
+        "--progress-lines",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="online algorithms: a progress line (rollouts, tokens, score, KL, tokens/s, time left) at most every "
+        "SECONDS (0: every rollout) instead of the bar, even on a terminal; off a terminal, lines are the default "
+        "(every rollout)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -87,7 +95,14 @@ def run_train(args: argparse.Namespace) -> dict[str, object]:
             f"; checkpoints written so far are in {os.path.join(out, 'checkpoints')} (none before the first "
             f"[checkpoint] every): continue with `sb3-rlhf {shlex.join(again)}`"
         )
-    results = run_task(task, out, progress_bar=not args.no_progress_bar, resume=args.resume, overwrite=args.overwrite)
+    results = run_task(
+        task,
+        out,
+        progress_bar=not args.no_progress_bar,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress_lines=None if args.no_progress_bar else args.progress_lines,
+    )
     if not is_main_process():
         return results
     if results.get("reward_model"):

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from sb3_rlhf.common.io import atomic_directory
+from sb3_rlhf.common.progress import without_transformers_bars
 from sb3_rlhf.common.tokenizers import add_pad_token, use_spare_pad_token
 
 
@@ -58,6 +59,7 @@ def _resolve_dtype(dtype: str | th.dtype | None) -> th.dtype | None:
     return resolved
 
 
+@without_transformers_bars
 def load_causal_lm(
     name_or_path: str,
     dtype: str | th.dtype | None = None,
@@ -124,6 +126,7 @@ def causal_lm_from_config(
     return AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(dtype), **kwargs).eval()
 
 
+@without_transformers_bars
 def load_backbone(
     name_or_path: str | None,
     config: PretrainedConfig | dict[str, Any] | None,
@@ -218,6 +221,7 @@ def packaged_model_path(name: str) -> str:
     return cache
 
 
+@without_transformers_bars
 def _convert_gguf(package_dir: str, gguf_file: str, out: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("de-quantizing a GGUF model needs the gguf package: pip install gguf")
@@ -368,4 +372,7 @@ def with_lora(model: PreTrainedModel, lora: dict[str, Any]) -> Any:
     except ImportError as missing:
         raise ImportError("LoRA needs the peft package: pip install peft") from missing
     settings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **lora}
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+    with warnings.catch_warnings():
+        # peft reads the model's `is_gradient_checkpointing`, deprecated in transformers 5: its call, not ours
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
@@ -26,11 +27,11 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ConvertCallback
 from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import FloatSchedule, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
@@ -55,6 +56,7 @@ from sb3_rlhf.common.memory import (
     micro_batch_tokens_for,
 )
 from sb3_rlhf.common.models import check_device
+from sb3_rlhf.common.progress import ProgressLogCallback, stdout_is_terminal
 from sb3_rlhf.common.rollout_engine import RolloutEngine
 from sb3_rlhf.common.safe_load import safe_custom_objects
 from sb3_rlhf.common.sequences import LOSS_AGGREGATIONS, minibatch_normalizers
@@ -1012,6 +1014,17 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
         model._pending_training_state = state
         return model
 
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        """SB3's, except that ``progress_bar`` gives log lines (:class:`ProgressLogCallback`) where standard
+        output is not a terminal: a redirected run would otherwise show nothing until it ends."""
+        if progress_bar and not stdout_is_terminal():
+            callbacks = list(callback) if isinstance(callback, list) else [callback]
+            callbacks = [c if isinstance(c, BaseCallback) else ConvertCallback(c) for c in callbacks]
+            if not any(isinstance(c, ProgressLogCallback) for c in callbacks):  # the user's own has its interval
+                callbacks.append(ProgressLogCallback())
+            return super()._init_callback(callbacks, progress_bar=False)
+        return super()._init_callback(callback, progress_bar)
+
     def _setup_learn(
         self,
         total_timesteps: int,
@@ -1057,14 +1070,17 @@ class RLHFOnPolicyAlgorithm(OnPolicyAlgorithm):
             or total_timesteps < 0
         ):
             raise ValueError(f"total_timesteps must be an integer >= 0 (generated tokens), got {total_timesteps!r}")
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name or type(self).__name__,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        with warnings.catch_warnings():
+            # SB3's bar is tqdm.rich, which warns on every run that it is experimental: SB3's call, not the user's
+            warnings.filterwarnings("ignore", message="rich is experimental/alpha")
+            return super().learn(
+                total_timesteps=total_timesteps,
+                callback=callback,
+                log_interval=log_interval,
+                tb_log_name=tb_log_name or type(self).__name__,
+                reset_num_timesteps=reset_num_timesteps,
+                progress_bar=progress_bar,
+            )
 
 
 def _algorithm_classes() -> dict[str, type[RLHFOnPolicyAlgorithm]]:

@@ -212,7 +212,7 @@ def mean_over_sequences(values: th.Tensor, n_sequences: int) -> th.Tensor:
 
 
 #: How a per-token loss becomes one number: ``"token"`` averages over every real token of the batch (PPO,
-#: DAPO); ``"sequence"`` averages each sequence over its own tokens, then over sequences (GRPO's 1/|o_i|).
+#: DAPO); ``"sequence"`` averages each sequence over its own tokens, then over sequences (GRPO's ``1/|o_i|``).
 LOSS_AGGREGATIONS = ("token", "sequence")
 
 

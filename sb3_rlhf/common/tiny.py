@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from sb3_rlhf.common.models import causal_lm_from_config
+from sb3_rlhf.common.progress import without_transformers_bars
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 #: the vocabulary of the tiny demo, test and benchmark models
@@ -83,6 +84,7 @@ def tiny_causal_lm(vocab_size: int, architecture: str = "llama", seed: int = 0, 
         return causal_lm_from_config(tiny_config(vocab_size, architecture, **config_kwargs))
 
 
+@without_transformers_bars
 def save_tiny_model(
     folder: str, words: Sequence[str], architecture: str = "llama", seed: int = 0, **config_kwargs
 ) -> PreTrainedTokenizerFast:

@@ -1,8 +1,10 @@
 """The loop shared by the offline trainers (reward model, SFT): SB3 logger and TensorBoard, seeding,
-AdamW, gradient clipping, a progress bar, evaluation after each epoch."""
+AdamW, gradient clipping, a progress bar (a log line per epoch where standard output is not a terminal),
+evaluation after each epoch."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -11,6 +13,8 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.utils import configure_logger, get_device, set_random_seed
 from tqdm.auto import tqdm
+
+from sb3_rlhf.common.progress import PROGRESS_LOGGER, format_duration, show_progress_lines, stdout_is_terminal
 
 
 class SupervisedTrainer:
@@ -123,8 +127,16 @@ class SupervisedTrainer:
 
     # ------------------------------------------------------------------ the loop
     def learn(self, n_epochs: int | None = None, progress_bar: bool = False) -> SupervisedTrainer:
-        """Train for ``n_epochs`` (default: the constructor's) more epochs, evaluating after each."""
+        """Train for ``n_epochs`` (default: the constructor's) more epochs, evaluating after each.
+
+        :param progress_bar: a tqdm bar per epoch on a terminal; elsewhere one log line per epoch
+            (:mod:`sb3_rlhf.common.progress`).
+        """
         n_epochs = self.n_epochs if n_epochs is None else n_epochs
+        lines = progress_bar and not stdout_is_terminal()
+        if lines:
+            show_progress_lines()
+        started = time.monotonic()
         if self.optimizer is None:
             self.optimizer = th.optim.AdamW(
                 self.parameter_groups(), lr=self.learning_rate, weight_decay=self.weight_decay
@@ -133,7 +145,9 @@ class SupervisedTrainer:
             batches = list(self.training_batches())
             running: dict[str, list[float]] = defaultdict(list)
             self.set_training_mode(True)
-            for batch in tqdm(batches, desc=f"{self.name} epoch {self.epochs_done + 1}", disable=not progress_bar):
+            epoch_loss = []
+            bar = tqdm(batches, desc=f"{self.name} epoch {self.epochs_done + 1}", disable=not progress_bar or lines)
+            for batch in bar:
                 loss, metrics, n_examples = self.training_loss(batch)
                 if not th.isfinite(loss):
                     raise FloatingPointError(
@@ -147,7 +161,8 @@ class SupervisedTrainer:
                 self.optimizer.step()
                 self.num_steps += 1
                 self.num_examples += n_examples
-                running["loss"].append(loss.item())
+                epoch_loss.append(loss.item())
+                running["loss"].append(epoch_loss[-1])
                 for key, value in metrics.items():
                     running[key].append(value)
                 if self.num_steps % self.log_interval == 0:
@@ -162,6 +177,13 @@ class SupervisedTrainer:
             if eval_metrics:
                 self.logger.record("train/epoch", self.epochs_done)
                 self.logger.dump(step=self.num_examples)
+            if lines:
+                held_out = "".join(f", held-out {key} {value:.3g}" for key, value in eval_metrics.items())
+                PROGRESS_LOGGER.info(
+                    f"{self.name} epoch {self.epochs_done} ({len(batches)} batches): training loss "
+                    f"{np.mean(epoch_loss) if epoch_loss else float('nan'):.3g}{held_out}; "
+                    f"{format_duration(time.monotonic() - started)} so far"
+                )
             self.on_epoch_end()
         return self
 

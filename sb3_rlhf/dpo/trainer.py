@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import disable_dropout, freeze, load_causal_lm, load_tokenizer, with_lora
+from sb3_rlhf.common.progress import without_transformers_bars
 from sb3_rlhf.common.sequences import position_ids_from_mask
 from sb3_rlhf.common.tokenizers import (
     check_vocabulary,
@@ -277,6 +278,7 @@ class DPOTrainer(SupervisedTrainer):
         return {key: value / len(examples) for key, value in totals.items()}
 
     # ------------------------------------------------------------------ export
+    @without_transformers_bars
     def save(self, path: str, merge_lora: bool = True) -> None:
         """Export the policy and tokenizer (``save_pretrained`` layout, atomically) with ``dpo_config.json``.
 

@@ -195,6 +195,12 @@ class TokenGenerationEnv(gym.Env):
         return self._observation(), {"prompt_index": index}
 
     def step(self, action: int | np.integer | np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        """Append one token to the response (Gymnasium's ``step``).
+
+        :param action: a token id in ``[0, n_actions)``.
+        :return: the observation, reward 0 (the reward wrappers add theirs), ``terminated`` on a stop token,
+            ``truncated`` at ``max_new_tokens``, and at the episode's end an info with the prompt and completion.
+        """
         if self._prompt_index < 0:
             raise RuntimeError("call reset() before step()")
         if len(self._response) >= self.max_new_tokens or (self._response and self._response[-1] in self.stop_token_ids):

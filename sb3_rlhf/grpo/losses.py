@@ -45,14 +45,14 @@ def grpo_losses(
     kl_estimator: str = "k3",
     aggregation: str = "sequence",
 ) -> GRPOLosses:
-    """The GRPO objective; every tensor is ``(batch, T)`` (sequence advantages broadcast over tokens).
+    """The GRPO objective; every tensor is ``(batch, T)`` (sequence advantages broadcast over tokens)::
 
         J = 1/G Σ_i 1/|o_i| Σ_t [ min(r_t Â_i, clip(r_t, 1−ε, 1+ε) Â_i) − β·D_t ]
         D_t = π_ref/π_θ − log(π_ref/π_θ) − 1   (k3: unbiased, ≥ 0; its gradient pulls π_θ towards π_ref)
 
     :param ref_logprobs: log π_ref(a_t|s_t) from the rollout (no gradient).
     :param kl_estimator: the per-token KL estimator in the loss (``"k3"`` in the paper, or ``"k2"``).
-    :param aggregation: ``"sequence"`` (the paper's 1/|o_i|) or ``"token"``.
+    :param aggregation: ``"sequence"`` (the paper's ``1/|o_i|``) or ``"token"``.
     """
     if kl_estimator == "k1":
         raise ValueError("k1 in the loss has zero expected gradient (E[∇log π] = 0): use estimator 'k3' (GRPO) or 'k2'")

@@ -70,8 +70,9 @@ class MaskableTransformerActorCriticPolicy(TransformerActorCriticPolicy, Maskabl
     def evaluate_actions(  # type: ignore[override]
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: th.Tensor | None = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """:return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)`` under the masked
-        distribution, for MaskablePPO's update."""
+        """The masked distribution's values, log-probs and entropies, for MaskablePPO's update.
+
+        :return: ``values (batch, 1)``, ``log_prob (batch,)``, ``entropy (batch,)``."""
         actions = actions.reshape(-1).long()
         distribution, values = self._masked_outputs(obs, action_masks, with_values=True, actions=actions)
         assert values is not None

@@ -79,7 +79,7 @@ def ppo_losses(
     :param values: V_θ(s_t) now (with gradient).
     :param old_values: V_θ_old(s_t) from the rollout.
     :param returns: R_t = Â_t + V_old(s_t) (before whitening).
-    :param entropy: H[π_θ(·|s_t)].
+    :param entropy: ``H[π_θ(·|s_t)]``.
     :param mask: bool, the real response tokens.
     """
     # L^CLIP = −E_t[ min(r_t Â_t, clip(r_t, 1−ε, 1+ε) Â_t) ],  r_t(θ) = π_θ(a_t|s_t) / π_θ_old(a_t|s_t)

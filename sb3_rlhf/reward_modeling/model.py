@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import _resolve_dtype, resolve_model_path
+from sb3_rlhf.common.progress import without_transformers_bars
 
 CONFIG_NAME = "reward_model.json"
 HEAD_NAME = "reward_head.safetensors"
@@ -68,6 +69,7 @@ class RewardModel(th.nn.Module):
         return self.backbone.get_input_embeddings()
 
     @classmethod
+    @without_transformers_bars
     def from_backbone(
         cls,
         name_or_path: str | PreTrainedModel,
@@ -110,6 +112,7 @@ class RewardModel(th.nn.Module):
         :return: ``logits (batch, 1)`` float32."""
         return SequenceClassifierOutput(logits=self.head(self.pool(input_ids, attention_mask, **kwargs)))
 
+    @without_transformers_bars
     def save_pretrained(self, path: str, tokenizer: Any = None, max_length: int | None = None) -> None:
         """Write the backbone, head and pooling (and ``tokenizer``) into ``path``, atomically.
 
@@ -165,6 +168,7 @@ def saved_max_length(folder: str) -> int | None:
     return None
 
 
+@without_transformers_bars
 def load_reward_model(path: str, trust_remote_code: bool = False, revision: str | None = None) -> th.nn.Module:
     """A reward model by folder or hub id: a :class:`RewardModel`, or any ``AutoModelForSequenceClassification``."""
     path = resolve_model_path(path, revision, "reward model", trust_remote_code)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sb3_rlhf.common.data import PreferencePair
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
+from sb3_rlhf.common.progress import without_transformers_bars
 from sb3_rlhf.common.tokenizers import encode_keep_end, pad_right
 from sb3_rlhf.common.trainer import SupervisedTrainer
 from sb3_rlhf.reward_modeling.model import RewardModel, load_reward_model, save_reward_settings
@@ -266,6 +267,7 @@ class RewardModelTrainer(SupervisedTrainer):
             "margin": (chosen - rejected).mean().item(),
         }
 
+    @without_transformers_bars
     def save(self, path: str) -> None:
         """Save the model and tokenizer so that ``RewardModelWrapper(env, path)`` loads them, with ``max_length``
         (``reward_model.json`` or ``reward_settings.json``), the length the wrapper then cuts texts to."""

@@ -217,6 +217,10 @@ class KLPenaltyWrapper(RewardWrapper):
         self.kl_controller.load_state_dict(state)
 
     def rollout_stats(self) -> dict[str, float]:
-        """β used for this rollout's rewards and the mean KL per episode (summed over its tokens)."""
+        """β used for this rollout's rewards, the mean KL per episode (summed over its tokens) and, under the
+        adaptive controller, the KL it steers towards."""
         kl = self.rollout_kl()
-        return {"kl_coef": self.coef, **({"kl": kl.mean().item()} if len(kl) else {})}
+        stats = {"kl_coef": self.coef, **({"kl": kl.mean().item()} if len(kl) else {})}
+        if isinstance(self.kl_controller, AdaptiveKLController):
+            stats["kl_target"] = self.kl_controller.target
+        return stats

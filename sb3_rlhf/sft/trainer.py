@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sb3_rlhf.common.data import Demonstration
 from sb3_rlhf.common.io import atomic_directory
 from sb3_rlhf.common.models import load_causal_lm, load_tokenizer
+from sb3_rlhf.common.progress import without_transformers_bars
 from sb3_rlhf.common.sequences import position_ids_from_mask
 from sb3_rlhf.common.tokenizers import IGNORE_INDEX, check_vocabulary, collate_right_padded, encode_prompt_response
 from sb3_rlhf.common.trainer import SupervisedTrainer
@@ -184,6 +185,7 @@ class SFTTrainer(SupervisedTrainer):
         for old in checkpoints[: -self.keep_checkpoints]:
             shutil.rmtree(os.path.join(self.checkpoint_dir, old))
 
+    @without_transformers_bars
     def save(self, path: str) -> None:
         """Export the model and tokenizer (``save_pretrained`` layout, atomically): plain transformers loads
         it, and it serves as the policy of RLHFPPO (``policy_kwargs=dict(model_name_or_path=path)``)."""

@@ -22,6 +22,7 @@ from sb3_rlhf.algorithms import (
 )
 from sb3_rlhf.common.checkpoints import latest_checkpoint, list_checkpoints
 from sb3_rlhf.common.io import atomic_file
+from sb3_rlhf.common.progress import announce
 from sb3_rlhf.tasks.config import SET_BY_TASK, TaskConfig, kl_estimator
 
 #: The record of the run a folder holds.
@@ -178,7 +179,7 @@ class RunFolder:
         """Remove the previous results and write the record (rank 0 only, in a run of several processes)."""
         if self.clear:
             why = "a finished run with the same settings, run again" if self.repeat else "--overwrite"
-            print(f"replacing {', '.join(self.clear)} in {self.out} ({why})")
+            announce(f"replacing {', '.join(self.clear)} in {self.out} ({why})")
         for name in self.clear:
             path = os.path.join(self.out, name)
             if os.path.isdir(path):

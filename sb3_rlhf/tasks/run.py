@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.common.distributed import init_distributed, is_main_process, raise_on_every_rank
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
 from sb3_rlhf.common.models import check_device, load_tokenizer, pinned_revision, resolve_model_path
+from sb3_rlhf.common.progress import ProgressLogCallback, announce, format_duration, show_progress_lines
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
@@ -57,6 +59,10 @@ def prepare(
     tokenizer = load_tokenizer(policy_folder)
     prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
+    announce(
+        f"policy {policy_path}: {len(train_prompts)} prompts to train on, "
+        f"{min(len(eval_prompts), task.evaluation.n_prompts)} held out"
+    )
     reward_model, metrics = task.reward.model, None
     if task.reward.train is not None:
         if train_reward_model:
@@ -69,8 +75,10 @@ def prepare(
                 judge_share=task.judge.share if task.judge is not None else 0.0,
             )
             metrics = info["after"]
+            announce(f"reward model: held-out accuracy {metrics['accuracy']:.3f}")
         else:
             reward_model = os.path.join(out, "reward_model")
+            announce(f"reward model: the one in {reward_model}")
     if reward_model is not None:
         # a folder, packaged name or hub id (at [reward] revision) -> a local folder, once for every env built
         revision = task.reward.revision if task.reward.model is not None else None
@@ -98,6 +106,7 @@ def evaluate_against_initial(
     """Compare ``trained`` with a fresh initial policy on the held-out prompts; write ``report.md``/``.json``
     (with ``extra`` entries, e.g. the reward model's held-out metrics)."""
     task = prepared.task
+    announce(f"evaluation: the trained policy against the initial one on {len(prepared.eval_prompts)} held-out prompts")
     eval_env = prepared.env(prepared.eval_prompts)
     initial = initial_policy(prepared, eval_env, trained.device)
     results = compare_policies(
@@ -125,10 +134,19 @@ def model_file(task: TaskConfig, out: str) -> str:
 
 
 def run_task(
-    task: TaskConfig, out: str, progress_bar: bool = True, resume: bool = False, overwrite: bool = False
+    task: TaskConfig,
+    out: str,
+    progress_bar: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress_lines: float | None = None,
 ) -> dict[str, Any]:
     """Run every stage of ``task`` into ``out``; return the final comparison (also written to ``out/report.md``).
 
+    :param progress_bar: SB3's progress bar on a terminal, a line per rollout elsewhere
+        (:class:`~sb3_rlhf.common.progress.ProgressLogCallback`).
+    :param progress_lines: progress lines instead of the bar even on a terminal, at most one every this many
+        seconds (0: every rollout).
     :param resume: continue an online run from the newest checkpoint in ``out/checkpoints`` (the reward model
         a previous run trained into ``out/reward_model`` is reused); only the run ``out/run.json`` records, with the
         settings it can honour (:func:`~sb3_rlhf.tasks.folders.claim_run_folder`).
@@ -141,6 +159,7 @@ def run_task(
             f"several processes train the online algorithms (ppo, rloo, grpo, p3o, nlpo), not {task.algorithm_name}"
         )
     check_device(task.device)  # the GPU the task names is here (a dry run only checks the name)
+    started = time.monotonic()
     folder = claim_run_folder(task, out, resume, overwrite)  # every rank reads the same files and decides alike
     distributed = init_distributed()
     if distributed:
@@ -153,6 +172,9 @@ def run_task(
             failed = error
     raise_on_every_rank(failed, f"rank 0 could not prepare the run folder {out}")  # one process: raises it here
     progress_bar = progress_bar and is_main_process()
+    if progress_bar or progress_lines is not None:
+        show_progress_lines()  # the stages announce themselves too
+    announce(f"{task.name}: {task.algorithm_name} into {out}{' (resuming)' if resume else ''}")
     reward_model_ready = resume and os.path.isdir(os.path.join(out, "reward_model"))
     if not is_main_process():
         dist.barrier()  # rank 0 builds the tiny model and trains the reward model into `out` first
@@ -173,6 +195,7 @@ def run_task(
         extra["dpo"] = {**counts, "gradient_steps": trainer.num_steps}
         results = evaluate_against_initial(prepared, trained, 0, extra)
         write_record(out, run_record(task, finished=True))
+        announce(f"{task.name}: done in {format_duration(time.monotonic() - started)}")
         return results
     env = prepared.env(prepared.train_prompts)
     total = task.algorithm.total_timesteps
@@ -183,7 +206,7 @@ def run_task(
         model = ONLINE_ALGORITHMS[task.algorithm_name].load_checkpoint(
             checkpoints, env=env, device=task.device, **memory
         )
-        print(f"resuming from timestep {model.num_timesteps} of {total}")
+        announce(f"resuming from timestep {model.num_timesteps} of {total}")
     else:
         model = make_online_model(prepared, env)
     callback: Any = TrainingCheckpointCallback(
@@ -194,6 +217,9 @@ def run_task(
             prepared.env(prepared.eval_prompts), task.evaluation.every, seed=task.seed, judge=prepared.judge
         )
         callback = CallbackList([callback, evaluation])
+    if progress_lines is not None and is_main_process():
+        callback = CallbackList([callback, ProgressLogCallback(progress_lines)])
+        progress_bar = False
     remaining = total - model.num_timesteps if resume else total
     if remaining > 0:
         model.learn(
@@ -211,6 +237,7 @@ def run_task(
             return {}  # rank 0 reports for the run
         results = evaluate_against_initial(prepared, model.policy, model.num_timesteps, extra)
     write_record(out, run_record(task, finished=True))
+    announce(f"{task.name}: done in {format_duration(time.monotonic() - started)}")
     return results
 
 

@@ -21,6 +21,7 @@ from sb3_rlhf.common.io import atomic_directory, atomic_file
 from sb3_rlhf.common.judge import BagOfWordsJudge
 from sb3_rlhf.common.models import resolve_model_path
 from sb3_rlhf.common.on_policy_algorithm import RLHFOnPolicyAlgorithm
+from sb3_rlhf.common.progress import announce
 from sb3_rlhf.common.tiny import save_tiny_model
 from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.dpo.sampled_pairs import pairs_from_policy_samples
@@ -97,6 +98,11 @@ def train_reward_model_stage(
         tensorboard_log=os.path.join(out, "tensorboard"),
         seed=seed,
         device=device,
+    )
+    announce(
+        f"reward model: training {stage.backbone} on {len(train)} preference pairs for {stage.n_epochs} "
+        f"epoch{'' if stage.n_epochs == 1 else 's'} "
+        f"({len(test)} held out)"
     )
     before = trainer.evaluate()
     if stage.linear_probe_init:
@@ -370,6 +376,7 @@ def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrain
     pair_settings = {k: settings.pop(k) for k in DPO_TASK_SETTINGS if k in settings}
     env = prepared.env(prepared.train_prompts)
     policy = initial_policy(prepared, env, get_device(task.device))
+    announce("DPO: sampling the initial policy's response pairs, labelled by the task's reward")
     pairs, counts = pairs_from_policy_samples(
         policy, env.unwrapped, reward_wrappers(env), seed=task.seed, **pair_settings
     )
@@ -384,4 +391,5 @@ def make_dpo_trainer(prepared: PreparedTask, **overrides: Any) -> tuple[DPOTrain
     settings.setdefault("device", task.device)
     model = resolve_model_path(prepared.policy_path, prepared.policy_revision)
     trainer = DPOTrainer(model, prepared.tokenizer, pairs, lora=task.policy.lora, **settings)
+    announce(f"DPO: {len(pairs)} pairs ({counts['ties']:.0f} ties left out), {trainer.n_epochs} epochs")
     return trainer, counts
