@@ -23,9 +23,9 @@ from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
-from sb3_rlhf.tasks.data import load_prompt_forms, load_prompts, reward_training_pairs
+from sb3_rlhf.tasks.data import load_prompt_forms, load_prompts, policy_conversations, reward_training_pairs
 from sb3_rlhf.tasks.run import prepare
-from tests.helpers import WORDS, copy_of_repository, tiny_reward_model
+from tests.helpers import WORDS, copy_of_repository, tiny_bert, tiny_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = "\n\nHuman: the cat sat\n\nAssistant: a dog ran\n\nHuman: it was good\n\nAssistant:"
@@ -412,3 +412,59 @@ def test_sft_and_dpo_encode_hh_prompts_as_the_env_does():
     assert input_ids[: len(prompt_ids)] == prompt_ids
     assert labels[len(prompt_ids) :] == input_ids[len(prompt_ids) :] and labels[len(prompt_ids) - 1] == -100
     assert messages_to_hh(prompt_messages(HH), add_generation_prompt=True) == HH
+
+
+# ------------------------------------------------------------------------------------- a conversation split
+def write_conversations(path, n: int) -> str:
+    """``n`` HH conversations with two pairs each (as the HH files hold several comparisons of one conversation)."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i in range(n):
+            for good, bad in (("good", "sad"), ("happy", "bad")):
+                prefix = f"\n\nHuman: question {i}\n\nAssistant:"
+                f.write(json.dumps({"chosen": f"{prefix} {good}", "rejected": f"{prefix} {bad}"}) + "\n")
+    return str(path)
+
+
+def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models_pairs(tmp_path, capsys):
+    path = write_conversations(tmp_path / "hh.jsonl.gz", 40)
+    data = task_dict(
+        {"source": "file", "format": "hh", "path": path, "test_size": 4},
+        {"source": "file", "format": "pairs", "path": path, "test_size": 10, "policy_share": 0.25},
+    )
+    task = parse_task(data)
+    policy = policy_conversations(task.reward.train, task.seed)
+    assert policy is not None and len(policy) == 10  # a quarter of the 40 conversations, drawn once
+    assert policy == policy_conversations(task.reward.train, task.seed)  # seeded
+    assert policy != policy_conversations(task.reward.train, task.seed + 1)
+    pairs, _ = reward_training_pairs(task.reward.train, task.seed)
+    assert len(pairs) == 2 * 30 and not {p.prompt for p in pairs} & policy  # every pair of the other 30, no more
+
+    (tmp_path / "run" / "reward_model").mkdir(parents=True)  # as a previous run left it (not trained here)
+    prepared, _ = prepare(task, str(tmp_path / "run"), train_reward_model=False)
+    assert set(prepared.train_prompts) | set(prepared.eval_prompts) == policy
+    assert len(prepared.eval_prompts) == 4 and not set(prepared.train_prompts) & set(prepared.eval_prompts)
+
+    # the plan (--dry-run) reads the same split
+    from sb3_rlhf.tasks.plan import plan_task
+
+    tiny_bert(64).save_pretrained(tmp_path / "bert")
+    data["reward"]["train"]["backbone"] = str(tmp_path / "bert")
+    plan = plan_task(parse_task(data))
+    assert plan.data["prompts"]["total"] == 10 and plan.data["reward_pairs"]["train"] + 10 == 60
+
+
+@pytest.mark.parametrize(
+    "prompts, reward_train, match",
+    [
+        ({"format": "texts", "column": "text"}, {}, "give .* format = 'hh' with the same file path"),
+        ({"format": "hh"}, {"path": "other.jsonl"}, "with the same file path"),
+        ({"format": "hh"}, {"policy_share": 1.0}, "policy_share must be > 0 and < 1, got 1.0"),
+    ],
+)
+def test_a_conversation_split_needs_one_file_of_pairs_read_by_both(tmp_path, prompts, reward_train, match):
+    data = task_dict(
+        {"source": "file", "path": "hh.jsonl", **prompts},
+        {"source": "file", "format": "pairs", "path": "hh.jsonl", "policy_share": 0.5, **reward_train},
+    )
+    with pytest.raises(ValueError, match=match):
+        parse_task(data)

@@ -148,7 +148,10 @@ class RewardModelTrainingSection(HubDataKeys):
     JSONL or CSV file ``path``) or ``"hub"`` (a ``datasets`` data set, see :class:`HubDataKeys`); ``format`` says
     what it holds: ``"pairs"`` (comparisons in the ``*_key`` columns: plain, HH or conversational) or ``"labels"``
     (texts in ``text_column`` whose ``label_column`` is ``positive_label`` beat the others; a class label may be
-    named by its class name, e.g. ``positive_label = "pos"``)."""
+    named by its class name, e.g. ``positive_label = "pos"``). ``policy_share`` splits the pairs' conversations
+    once (seeded): that share becomes the policy's prompts (``[prompts]`` reading the same file, ``format = "hh"``),
+    training and held-out alike, and the reward model trains and is tested on the pairs of the other conversations
+    only, so that no prompt the policy is trained or evaluated on was one the reward model learnt from."""
 
     path: str | None = None
     backbone: str = "all-MiniLM-L6-v2"  # a folder, packaged model name or hub id
@@ -171,6 +174,7 @@ class RewardModelTrainingSection(HubDataKeys):
     max_length: int = setting(128, at_least=1)
     pooling: str = setting("auto", choices=("auto", *POOLINGS))
     center_coef: float = setting(0.0, at_least=0)
+    policy_share: float | None = setting(None, above=0, below=1)
 
 
 @dataclass
@@ -689,6 +693,7 @@ def _check(task: TaskConfig) -> None:
     if reward.train is not None:
         _check_reward_training(reward.train)
     _check_judge(task)
+    _check_policy_share(task)
     _check_kl(task.kl, task.algorithm_name)
 
 
@@ -732,6 +737,19 @@ def _check_judge(task: TaskConfig) -> None:
         raise ValueError(
             "[judge] is trained on a share of [reward.train]'s labelled texts: give [reward.train] format = 'labels', "
             "or remove [judge]"
+        )
+
+
+def _check_policy_share(task: TaskConfig) -> None:
+    train, prompts = task.reward.train, task.prompts
+    if train is None or train.policy_share is None:
+        return
+    same_file = prompts.source == train.source == "file" and prompts.path == train.path
+    if train.format != "pairs" or prompts.format != "hh" or not same_file:
+        raise ValueError(
+            "reward.train.policy_share splits the conversations of one file of pairs between the reward model and "
+            "the policy: give [reward.train] format = 'pairs' and [prompts] format = 'hh' with the same file path "
+            f"(got {train.format!r} from {train.path!r}, prompts {prompts.format!r} from {prompts.path!r}), or drop it"
         )
 
 

@@ -3,6 +3,7 @@ the sections of :mod:`sb3_rlhf.tasks.config` with the loaders of :mod:`sb3_rlhf.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -48,7 +49,7 @@ def _hub_dataset(section: HubDataKeys, where: str, columns: dict[str, str]) -> A
 
 
 def load_prompt_forms(
-    section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None
+    section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None, only: Collection[str] | None = None
 ) -> tuple[list[str], list[str]]:
     """The task's prompts in file order (the split is seeded later), in two parallel forms: what the policy
     reads (through its chat template when ``prompts.chat_template``: an HH conversation as its turns, any other
@@ -56,6 +57,8 @@ def load_prompt_forms(
     (the same texts without a chat template).
 
     :param tokenizer: the policy's tokenizer (used only with ``chat_template``).
+    :param only: keep only these texts, as the file holds them (the policy's share of a conversation split,
+        :func:`policy_conversations`).
     :raises ValueError: a missing column (naming the columns present), or a chat template asked of a tokenizer without one.
     """
     if section.source == "inline":
@@ -71,6 +74,9 @@ def load_prompt_forms(
             assert section.path is not None
             source = find_data_file(section.path)
         texts, _ = load_prompt_texts(source, section.column)
+    if only is not None:
+        kept = set(only)
+        texts = [t for t in texts if t in kept]
     if section.first_words:
         texts = [" ".join(t.split()[: section.first_words]) for t in texts]
     if section.max_prompts:
@@ -87,9 +93,11 @@ def load_prompt_forms(
     return templated, texts
 
 
-def load_prompts(section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None) -> list[str]:
+def load_prompts(
+    section: PromptsSection, tokenizer: PreTrainedTokenizerBase | None, only: Collection[str] | None = None
+) -> list[str]:
     """The task's prompt texts as the policy reads them, in file order (see :func:`load_prompt_forms`)."""
-    return load_prompt_forms(section, tokenizer)[0]
+    return load_prompt_forms(section, tokenizer, only)[0]
 
 
 def _comparison_source(stage: RewardModelTrainingSection) -> tuple[Any, str]:
@@ -132,11 +140,34 @@ def labelled_halves(
     return (kept[0], kept[1]), (aside[0], aside[1]), report
 
 
+def policy_conversations(stage: RewardModelTrainingSection | None, seed: int) -> set[str] | None:
+    """The conversations a ``[reward.train] policy_share`` sets aside for the policy: that share of the distinct
+    prompts of the stage's pairs, drawn once (seeded); the reward model never sees a pair of theirs. ``None``
+    where the task splits nothing (no stage, or no ``policy_share``).
+
+    :raises ValueError: a share that leaves either side without a conversation.
+    """
+    if stage is None or stage.policy_share is None:
+        return None
+    source, _ = _comparison_source(stage)
+    pairs, _ = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+    conversations = list(dict.fromkeys(p.prompt for p in pairs))
+    n_policy = int(round(stage.policy_share * len(conversations)))
+    if not 0 < n_policy < len(conversations):
+        raise ValueError(
+            f"reward.train.policy_share = {stage.policy_share} of {len(conversations)} conversations leaves the "
+            "policy or the reward model none"
+        )
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    return {conversations[i] for i in order[:n_policy]}
+
+
 def reward_training_pairs(
     stage: RewardModelTrainingSection, seed: int, judge_share: float = 0.0
 ) -> tuple[list[PreferencePair], LoadReport]:
     """The comparisons of a ``[reward.train]`` stage: a file's pairs (plain, HH or conversational), labelled
-    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set.
+    texts paired positive-over-negative (seeded), or the same from a ``datasets`` data set; with
+    ``policy_share``, only the pairs of the conversations the policy does not get (:func:`policy_conversations`).
 
     :param judge_share: leave this share of labelled texts out (:func:`labelled_halves`): a second judge's.
     :raises ValueError: a missing column, naming it and the columns present.
@@ -152,4 +183,7 @@ def reward_training_pairs(
         pairs = pairs_from_labels(positives, negatives, seed=seed)
     else:
         pairs, report = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+        policy = policy_conversations(stage, seed)
+        if policy is not None:
+            pairs = [p for p in pairs if p.prompt not in policy]
     return pairs, report

@@ -23,7 +23,7 @@ from sb3_rlhf.common.progress import ProgressLogCallback, announce, format_durat
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
-from sb3_rlhf.tasks.data import load_prompt_forms
+from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations
 from sb3_rlhf.tasks.folders import (
     MEMORY_SETTINGS,
     RESUMABLE_CHANGES,
@@ -57,7 +57,9 @@ def prepare(
     policy_folder = resolve_model_path(policy_path, task.policy.revision, "policy model")
     policy_revision = pinned_revision(policy_path, task.policy.revision, policy_folder)
     tokenizer = load_tokenizer(policy_folder)
-    prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer)
+    # with a conversation split, the policy's share only: none of its prompts trained or tested the reward model
+    only = policy_conversations(task.reward.train, task.seed)
+    prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer, only)
     train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
     announce(
         f"policy {policy_path}: {len(train_prompts)} prompts to train on, "
