@@ -23,7 +23,13 @@ from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
 from sb3_rlhf.envs.token_generation import TokenGenerationEnv
 from sb3_rlhf.rewards import RewardModelWrapper
 from sb3_rlhf.tasks.config import PromptsSection, parse_task
-from sb3_rlhf.tasks.data import load_prompt_forms, load_prompts, policy_conversations, reward_training_pairs
+from sb3_rlhf.tasks.data import (
+    conversation_key,
+    load_prompt_forms,
+    load_prompts,
+    policy_conversations,
+    reward_training_pairs,
+)
 from sb3_rlhf.tasks.run import prepare
 from tests.helpers import WORDS, copy_of_repository, tiny_bert, tiny_reward_model
 
@@ -416,16 +422,19 @@ def test_sft_and_dpo_encode_hh_prompts_as_the_env_does():
 
 # ------------------------------------------------------------------------------------- a conversation split
 def write_conversations(path, n: int) -> str:
-    """``n`` HH conversations with two pairs each (as the HH files hold several comparisons of one conversation)."""
+    """``n`` HH conversations with two pairs each, every third also cut one turn later (HH-RLHF records one
+    conversation at several turns: the later cut holds the earlier one's answer)."""
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for i in range(n):
-            for good, bad in (("good", "sad"), ("happy", "bad")):
-                prefix = f"\n\nHuman: question {i}\n\nAssistant:"
-                f.write(json.dumps({"chosen": f"{prefix} {good}", "rejected": f"{prefix} {bad}"}) + "\n")
+            first = f"\n\nHuman: question {i}\n\nAssistant:"
+            cuts = [first] + ([f"{first} an answer\n\nHuman: and then?\n\nAssistant:"] if i % 3 == 0 else [])
+            for prefix in cuts:
+                for good, bad in (("good", "sad"), ("happy", "bad")):
+                    f.write(json.dumps({"chosen": f"{prefix} {good}", "rejected": f"{prefix} {bad}"}) + "\n")
     return str(path)
 
 
-def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models_pairs(tmp_path, capsys):
+def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models_pairs(tmp_path):
     path = write_conversations(tmp_path / "hh.jsonl.gz", 40)
     data = task_dict(
         {"source": "file", "format": "hh", "path": path, "test_size": 4},
@@ -433,16 +442,26 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     )
     task = parse_task(data)
     policy = policy_conversations(task.reward.train, task.seed)
-    assert policy is not None and len(policy) == 10  # a quarter of the 40 conversations, drawn once
+    # a quarter of the 40 conversations, drawn once, with every cut of each: none of theirs on the other side
+    keys = {conversation_key(p) for p in policy}
+    assert len(keys) == 10 and len(policy) == 10 + sum(int(k.split()[-1]) % 3 == 0 for k in keys)
     assert policy == policy_conversations(task.reward.train, task.seed)  # seeded
     assert policy != policy_conversations(task.reward.train, task.seed + 1)
     pairs, _ = reward_training_pairs(task.reward.train, task.seed)
-    assert len(pairs) == 2 * 30 and not {p.prompt for p in pairs} & policy  # every pair of the other 30, no more
+    assert not {conversation_key(p.prompt) for p in pairs} & keys
+    assert len(pairs) == 2 * (30 + sum(i % 3 == 0 for i in range(40)) - sum(int(k.split()[-1]) % 3 == 0 for k in keys))
 
-    (tmp_path / "run" / "reward_model").mkdir(parents=True)  # as a previous run left it (not trained here)
+    rm = tmp_path / "run" / "reward_model"  # as a previous run left it (not trained here)
+    rm.mkdir(parents=True)
+    (rm / "data_split.json").write_text(json.dumps({"judge_share": 0.0, "seed": 0, "policy_share": 0.25}))
     prepared, _ = prepare(task, str(tmp_path / "run"), train_reward_model=False)
     assert set(prepared.train_prompts) | set(prepared.eval_prompts) == policy
     assert len(prepared.eval_prompts) == 4 and not set(prepared.train_prompts) & set(prepared.eval_prompts)
+    # a reward model that left other conversations to the policy (or recorded none) is refused
+    for recorded in ({"judge_share": 0.0, "seed": 0, "policy_share": 0.5}, {"judge_share": 0.0, "seed": 0}):
+        (rm / "data_split.json").write_text(json.dumps(recorded))
+        with pytest.raises(ValueError, match="trained with reward.train.policy_share = .* this task asks for 0.25"):
+            prepare(task, str(tmp_path / "run"), train_reward_model=False)
 
     # the plan (--dry-run) reads the same split
     from sb3_rlhf.tasks.plan import plan_task
@@ -450,18 +469,23 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     tiny_bert(64).save_pretrained(tmp_path / "bert")
     data["reward"]["train"]["backbone"] = str(tmp_path / "bert")
     plan = plan_task(parse_task(data))
-    assert plan.data["prompts"]["total"] == 10 and plan.data["reward_pairs"]["train"] + 10 == 60
+    assert plan.data["prompts"]["total"] == len(policy)
+    assert plan.data["reward_pairs"]["train"] + 10 == len(pairs)
 
 
 @pytest.mark.parametrize(
     "prompts, reward_train, match",
     [
-        ({"format": "texts", "column": "text"}, {}, "give .* format = 'hh' with the same file path"),
-        ({"format": "hh"}, {"path": "other.jsonl"}, "with the same file path"),
+        ({"format": "texts", "column": "text"}, {}, "give .* format = 'hh', both source = 'file' with the same path"),
+        ({"format": "hh"}, {"path": "other.jsonl"}, "with the same path"),
         ({"format": "hh"}, {"policy_share": 1.0}, "policy_share must be > 0 and < 1, got 1.0"),
+        ({"format": "hh"}, {"format": "labels", "prompt_key": "prompt"}, "format = 'pairs'"),
+        ({"format": "hh"}, {"prompt_key": "context"}, r"default columns; drop \['prompt_key'\]"),
+        ({"format": "hh", "first_words": 5}, {}, "prompts.first_words with reward.train.policy_share"),
+        ({"format": "hh", "path": "./hh.jsonl"}, {"prompt_key": "x"}, "default columns"),  # ./hh.jsonl is hh.jsonl
     ],
 )
-def test_a_conversation_split_needs_one_file_of_pairs_read_by_both(tmp_path, prompts, reward_train, match):
+def test_a_conversation_split_needs_one_file_of_pairs_read_by_both(prompts, reward_train, match):
     data = task_dict(
         {"source": "file", "path": "hh.jsonl", **prompts},
         {"source": "file", "format": "pairs", "path": "hh.jsonl", "policy_share": 0.5, **reward_train},

@@ -744,12 +744,26 @@ def _check_policy_share(task: TaskConfig) -> None:
     train, prompts = task.reward.train, task.prompts
     if train is None or train.policy_share is None:
         return
-    same_file = prompts.source == train.source == "file" and prompts.path == train.path
+    same_file = (
+        prompts.source == train.source == "file"
+        and prompts.path is not None
+        and train.path is not None
+        and os.path.normpath(prompts.path) == os.path.normpath(train.path)
+    )
     if train.format != "pairs" or prompts.format != "hh" or not same_file:
         raise ValueError(
             "reward.train.policy_share splits the conversations of one file of pairs between the reward model and "
-            "the policy: give [reward.train] format = 'pairs' and [prompts] format = 'hh' with the same file path "
-            f"(got {train.format!r} from {train.path!r}, prompts {prompts.format!r} from {prompts.path!r}), or drop it"
+            "the policy: give [reward.train] format = 'pairs' and [prompts] format = 'hh', both source = 'file' with "
+            f"the same path (got {train.format!r} from {train.source} {train.path!r}, prompts {prompts.format!r} "
+            f"from {prompts.source} {prompts.path!r}), or drop it"
+        )
+    # the prompts are read with the default keys: other keys would split other texts than the policy reads
+    keys = {key: getattr(train, key) for key in PAIR_KEYS if getattr(train, key) != key.removesuffix("_key")}
+    if keys:
+        raise ValueError(f"reward.train.policy_share reads the file's default columns; drop {sorted(keys)}")
+    if prompts.first_words:
+        raise ValueError(
+            "prompts.first_words with reward.train.policy_share: cut prompts could equal the reward model's; drop one"
         )
 
 

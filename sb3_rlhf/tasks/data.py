@@ -140,10 +140,18 @@ def labelled_halves(
     return (kept[0], kept[1]), (aside[0], aside[1]), report
 
 
+def conversation_key(prompt: str) -> str:
+    """What the prompts of one conversation share however many turns they hold: its first turn (HH-RLHF records
+    the same conversation cut at several turns, and a later cut holds the earlier one's answer)."""
+    first = prompt.strip().split("\n\nAssistant:")[0]
+    return " ".join(first.split())
+
+
 def policy_conversations(stage: RewardModelTrainingSection | None, seed: int) -> set[str] | None:
-    """The conversations a ``[reward.train] policy_share`` sets aside for the policy: that share of the distinct
-    prompts of the stage's pairs, drawn once (seeded); the reward model never sees a pair of theirs. ``None``
-    where the task splits nothing (no stage, or no ``policy_share``).
+    """The prompts a ``[reward.train] policy_share`` sets aside for the policy: every prompt of that share of the
+    conversations (grouped by :func:`conversation_key`, so that no cut of a conversation lands on the reward
+    model's side), drawn once (seeded); the reward model never sees a pair of theirs. ``None`` where the task
+    splits nothing (no stage, or no ``policy_share``).
 
     :raises ValueError: a share that leaves either side without a conversation.
     """
@@ -151,15 +159,17 @@ def policy_conversations(stage: RewardModelTrainingSection | None, seed: int) ->
         return None
     source, _ = _comparison_source(stage)
     pairs, _ = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
-    conversations = list(dict.fromkeys(p.prompt for p in pairs))
-    n_policy = int(round(stage.policy_share * len(conversations)))
-    if not 0 < n_policy < len(conversations):
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    keys = list(dict.fromkeys(conversation_key(p) for p in prompts))
+    n_policy = int(round(stage.policy_share * len(keys)))
+    if not 0 < n_policy < len(keys):
         raise ValueError(
-            f"reward.train.policy_share = {stage.policy_share} of {len(conversations)} conversations leaves the "
-            "policy or the reward model none"
+            f"reward.train.policy_share = {stage.policy_share} of {len(keys)} conversations leaves the policy or the "
+            "reward model none"
         )
-    order = np.random.default_rng(seed).permutation(len(conversations))
-    return {conversations[i] for i in order[:n_policy]}
+    order = np.random.default_rng(seed).permutation(len(keys))
+    chosen = {keys[i] for i in order[:n_policy]}
+    return {p for p in prompts if conversation_key(p) in chosen}
 
 
 def reward_training_pairs(

@@ -35,6 +35,7 @@ from sb3_rlhf.tasks.folders import (
 )
 from sb3_rlhf.tasks.stages import (
     PreparedTask,
+    check_reward_model_split,
     exported_policy,
     initial_policy,
     judge_for_task,
@@ -80,6 +81,7 @@ def prepare(
             announce(f"reward model: held-out accuracy {metrics['accuracy']:.3f}")
         else:
             reward_model = os.path.join(out, "reward_model")
+            check_reward_model_split(task, reward_model)
             announce(f"reward model: the one in {reward_model}")
     if reward_model is not None:
         # a folder, packaged name or hub id (at [reward] revision) -> a local folder, once for every env built

@@ -38,7 +38,8 @@ from sb3_rlhf.tasks.config import (
 )
 from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
 
-#: in a trained reward model's folder: the share of labelled texts it left out for a judge, and the seed
+#: in a trained reward model's folder: the share of labelled texts it left out for a judge, the share of
+#: conversations it left to the policy, and the seed
 DATA_SPLIT_FILE = "data_split.json"
 
 
@@ -111,7 +112,8 @@ def train_reward_model_stage(
     folder = os.path.join(out, "reward_model")
     trainer.save(folder)
     with atomic_file(os.path.join(folder, DATA_SPLIT_FILE)) as tmp, open(tmp, "w") as f:
-        json.dump({"judge_share": judge_share, "seed": seed}, f)  # what a judge may train on (disjoint from it)
+        # what a judge may train on, and which conversations the policy may be prompted with (disjoint from it)
+        json.dump({"judge_share": judge_share, "seed": seed, "policy_share": stage.policy_share}, f)
     info = {
         "before": before,
         "after": trainer.evaluate(),
@@ -120,6 +122,28 @@ def train_reward_model_stage(
         "data": str(report),
     }
     return folder, info
+
+
+def check_reward_model_split(task: TaskConfig, folder: str) -> None:
+    """A reward model a previous run trained, reused: it must have left the same conversations to the policy
+    (``[reward.train] policy_share`` at the task's seed), or the policy's prompts could be among its pairs.
+
+    :raises ValueError: another split, or none recorded where the task asks for one.
+    """
+    assert task.reward.train is not None
+    wanted = task.reward.train.policy_share
+    split_file = os.path.join(folder, DATA_SPLIT_FILE)
+    split: dict[str, Any] = {}
+    if os.path.exists(split_file):
+        with open(split_file) as f:
+            split = json.load(f)
+    recorded = split.get("policy_share")
+    if recorded != wanted or (wanted is not None and split.get("seed") != task.seed):
+        raise ValueError(
+            f"the reward model in {folder} was trained with reward.train.policy_share = {recorded} at seed "
+            f"{split.get('seed')}, this task asks for {wanted} at seed {task.seed}: the policy's prompts could be "
+            "among its pairs; train it again (--overwrite, or a new --out)"
+        )
 
 
 def _fragments(texts: list[str], n_words: int, seed: int) -> list[str]:
@@ -184,7 +208,10 @@ def judge_for_task(task: TaskConfig, out: str, train: bool) -> tuple[BagOfWordsJ
     if os.path.exists(split_file):
         with open(split_file) as f:
             split = json.load(f)
-    if split != {"judge_share": task.judge.share, "seed": task.seed}:
+    if split is None or {k: split.get(k) for k in ("judge_share", "seed")} != {
+        "judge_share": task.judge.share,
+        "seed": task.seed,
+    }:
         raise ValueError(
             f"the reward model in {rm_folder} was trained on {split or 'texts not recorded'}, not with judge share "
             f"{task.judge.share} set aside at seed {task.seed}: the judge's texts would overlap its own; train both "
