@@ -49,12 +49,12 @@ from typing import Any
 
 import numpy as np
 import torch as th
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import CallbackList
 from versions import versions_line  # benchmarks/versions.py
 
-from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
+from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback, RolloutHistoryCallback
 from sb3_rlhf.common.evaluation import evaluate_policy
-from sb3_rlhf.rewards import KLPenaltyWrapper, reward_wrappers
+from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks import load_task
 from sb3_rlhf.tasks.config import kl_estimator
 from sb3_rlhf.tasks.run import prepare
@@ -86,23 +86,6 @@ def with_algorithm(
     return dataclasses.replace(prepared, task=task)
 
 
-class RolloutKL(BaseCallback):
-    """The mean KL per response of each training rollout, as the KL controller measures it (the KL penalty
-    wrapper's own statistics, read before the next rollout starts)."""
-
-    def __init__(self, env: Any) -> None:
-        super().__init__()
-        self.wrapper = next((w for w in reward_wrappers(env) if isinstance(w, KLPenaltyWrapper)), None)
-        self.history: list[float] = []
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        if self.wrapper is not None and "kl" in self.wrapper.rollout_stats():
-            self.history.append(self.wrapper.rollout_stats()["kl"])
-
-
 def run_online(
     prepared: PreparedTask,
     overrides: dict[str, Any],
@@ -112,8 +95,7 @@ def run_online(
     eval_seed: int,
 ) -> tuple[list[dict], list[float]]:
     """An online run: its held-out evaluations, and the KL of each of its training rollouts."""
-    env = prepared.env(prepared.train_prompts)
-    model = make_online_model(prepared, env, tensorboard_log=None, **overrides)
+    model = make_online_model(prepared, prepared.env(prepared.train_prompts), tensorboard_log=None, **overrides)
     evaluation = HeldOutEvaluationCallback(
         prepared.env(prepared.eval_prompts),
         eval_freq,
@@ -121,9 +103,10 @@ def run_online(
         samples_per_prompt=eval_samples,
         judge=prepared.judge,
     )
-    rollout_kl = RolloutKL(env)
-    model.learn(timesteps, callback=CallbackList([evaluation, rollout_kl]))
-    return evaluation.history, rollout_kl.history
+    # each rollout's rlhf/* metrics: "kl" is the KL wrapper's mean per response, as its controller measured it
+    rollouts = RolloutHistoryCallback()
+    model.learn(timesteps, callback=CallbackList([evaluation, rollouts]))
+    return evaluation.history, [row["kl"] for row in rollouts.history if "kl" in row]
 
 
 def run_dpo(

@@ -159,12 +159,17 @@ def policy_conversations(stage: RewardModelTrainingSection | None, seed: int) ->
         return None
     source, _ = _comparison_source(stage)
     pairs, _ = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
+    return _policy_share_of(pairs, stage.policy_share, seed)
+
+
+def _policy_share_of(pairs: list[PreferencePair], share: float, seed: int) -> set[str]:
+    """:func:`policy_conversations` of pairs loaded already."""
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
     keys = list(dict.fromkeys(conversation_key(p) for p in prompts))
-    n_policy = int(round(stage.policy_share * len(keys)))
+    n_policy = int(round(share * len(keys)))
     if not 0 < n_policy < len(keys):
         raise ValueError(
-            f"reward.train.policy_share = {stage.policy_share} of {len(keys)} conversations leaves the policy or the "
+            f"reward.train.policy_share = {share} of {len(keys)} conversations leaves the policy or the "
             "reward model none"
         )
     order = np.random.default_rng(seed).permutation(len(keys))
@@ -193,7 +198,7 @@ def reward_training_pairs(
         pairs = pairs_from_labels(positives, negatives, seed=seed)
     else:
         pairs, report = load_preference_pairs(source, stage.chosen_key, stage.rejected_key, stage.prompt_key)
-        policy = policy_conversations(stage, seed)
-        if policy is not None:
+        if stage.policy_share is not None:  # the file is read once: its pairs are the ones split
+            policy = _policy_share_of(pairs, stage.policy_share, seed)
             pairs = [p for p in pairs if p.prompt not in policy]
     return pairs, report
