@@ -8,7 +8,7 @@ At fixed β (``--betas``) the methods end at whatever KL their β leads them to,
 where their final KLs overlap. With ``--kl-targets`` the x-axis is controlled instead: every online method runs the
 adaptive KL controller (the task's horizon and proportional gain, starting from its ``kl.coef``; GRPO's k3 term in
 its loss steered by the same controller) towards each target, and the report says whether each run settled within
-±20% of its target over the last third of its evaluations; DPO, which has no controller, sweeps its β over
+±20% of its target over the last third of its training rollouts; DPO, which has no controller, sweeps its β over
 ``--dpo-betas`` instead, chosen to put its final KL across the same range.
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
@@ -25,14 +25,15 @@ compute: responses sampled, tokens generated and gradient steps.
 
 Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``seed``, ``evaluation``, compute and
 measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
-PPO and DPO, read from these points) and ``<out>.png`` (score against KL along training, mean over seeds with
-the seeds' range).
+PPO and DPO, read from these points) and ``<out>.png`` (score against KL: each method's final points, and the
+path along training; means over seeds with the seeds' range).
 
 Every finished run is appended to ``<out>.runs.jsonl`` as it ends. ``--resume`` keeps the runs there that were
 made with the same settings, skips them, and reuses the reward model and judge in ``--run-dir``, so a benchmark
 stopped midway loses at most the run in progress, and a long one can be split between processes by ``--methods``
 (start the second once the first has trained the reward model; a last ``--resume`` with every method writes the
-report of all of them).
+report of all of them). ``--report-only`` writes the report of the runs in the log without running the missing
+ones, and names those.
 """
 
 from __future__ import annotations
@@ -220,8 +221,9 @@ def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
-    """Score against KL along training, one line per method and β (or KL target): at each evaluation the mean over
-    seeds, with bars from the lowest to the highest seed on both axes."""
+    """Score against KL in two panels: left, each method's final points (one per β or KL target), joined in order
+    of KL; right, the path of each point along training. Each marker is the mean over seeds, with bars from the
+    lowest to the highest seed on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,8 +232,23 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     points = sorted({point_of(r) for r in rows}, key=lambda p: (p[1] is not None, p[1] or 0.0, p[0]))
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, (ends, paths) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+
+    def bars(ax: Any, kl: np.ndarray, score: np.ndarray, **style: Any) -> None:
+        ax.errorbar(
+            kl[:, 0],
+            score[:, 0],
+            xerr=[kl[:, 0] - kl[:, 1], kl[:, 2] - kl[:, 0]],
+            yerr=[score[:, 0] - score[:, 1], score[:, 2] - score[:, 0]],
+            color=style.pop("color"),
+            elinewidth=0.6,
+            capsize=1.5,
+            alpha=0.85,
+            **style,
+        )
+
     for method in METHODS:
+        finals = []
         for i, point in enumerate(points):
             run = [r for r in rows if r["method"] == method and point_of(r) == point]
             if not run:
@@ -240,24 +257,27 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
             by_point = [[r for r in run if r["evaluation"] == k] for k in evaluations]
             kl = np.array([seed_mean(rs, "kl") for rs in by_point])
             score = np.array([seed_mean(rs, "score") for rs in by_point])
-            ax.errorbar(
-                kl[:, 0],
-                score[:, 0],
-                xerr=[kl[:, 0] - kl[:, 1], kl[:, 2] - kl[:, 0]],
-                yerr=[score[:, 0] - score[:, 1], score[:, 2] - score[:, 0]],
-                color=colors[method],
-                marker=markers[i % len(markers)],
-                markersize=4,
-                elinewidth=0.6,
-                capsize=1.5,
-                alpha=0.85,
-                label=f"{method} {point_label(point)}",
-            )
-    ax.set_xlabel("KL to the initial policy (nats per response, held-out prompts)")
-    ax.set_ylabel("mean reward score (held-out prompts)")
-    ax.set_title(title + " (mean over seeds; bars: seed range)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+            style = {"color": colors[method], "marker": markers[i % len(markers)], "markersize": 4}
+            bars(paths, kl, score, label=f"{method} {point_label(point)}", **style)
+            # each seed's own last evaluation (DPO's epochs and the online methods' budgets end the same for all)
+            last = [
+                max((r for r in run if r["seed"] == seed), key=lambda r: r["evaluation"])
+                for seed in {r["seed"] for r in run}
+            ]
+            finals.append((seed_mean(last, "kl"), seed_mean(last, "score")))
+        if finals:
+            finals.sort(key=lambda f: f[0][0])
+            kl, score = np.array([f[0] for f in finals]), np.array([f[1] for f in finals])
+            bars(ends, kl, score, color=colors[method], marker="o", markersize=5, label=method)
+    ends.set_title("final points (β or KL target), seed mean and range")
+    paths.set_title("along training")
+    for ax in (ends, paths):
+        ax.set_xlabel("KL to the initial policy (nats per response, held-out prompts)")
+        ax.grid(alpha=0.3)
+    ends.set_ylabel("mean reward score (held-out prompts)")
+    ends.legend(fontsize=8)
+    paths.legend(fontsize=6, ncol=3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -315,6 +335,9 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
 
     parts = []
     for method in methods:
+        if not any(row["method"] == method for row in rows):
+            parts.append(f"{method} not run yet")
+            continue
         start, end = mean_kl(method, True), mean_kl(method, False)
         parts.append(f"{method} {start:.2f} before training → {end:.2f} at the end (+{end - start:.2f})")
     return "- KL, mean over its runs: " + "; ".join(parts) + "."
@@ -340,6 +363,9 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
     lines = []
     for other in others:
         mine, theirs = points(method), points(other)
+        if not mine or not theirs:
+            lines.append(f"- {method} against {other}: no final point of {method if not mine else other} yet.")
+            continue
         if len({k for k, _ in mine}) < 2 or len({k for k, _ in theirs}) < 2:
             lines.append(f"- {method} against {other}: fewer than two final KLs each: no line to read.")
             continue
@@ -415,7 +441,13 @@ def main() -> int:
         action="store_true",
         help="skip the runs already in <out>.runs.jsonl with these settings and reuse the reward model in --run-dir",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report of the runs in <out>.runs.jsonl (these settings) without running the missing ones",
+    )
     args = parser.parse_args()
+    args.resume = args.resume or args.report_only
 
     th.set_num_threads(args.threads)
     task = load_task(args.task, args.set)
@@ -448,6 +480,10 @@ def main() -> int:
         os.remove(log_path)  # a new benchmark: the old log's runs are not part of it
     logged, reward_model_metrics = read_run_log(log_path, log_settings) if args.resume else ({}, None)
     reuse_reward_model = args.resume and os.path.isdir(os.path.join(run_dir, "reward_model"))
+    if args.report_only and not logged:
+        parser.error(f"--report-only: {log_path} holds no run made with these settings")
+    if args.report_only and task.reward.train is not None and not reuse_reward_model:
+        parser.error(f"--report-only: no reward model in {run_dir} (--run-dir) to read the held-out prompts with")
     train_reward_model = task.reward.train is not None and not reuse_reward_model
     prepared, trained_metrics = prepare(task, run_dir, train_reward_model=train_reward_model)
     if trained_metrics is not None:
@@ -457,6 +493,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     reused: list[RunKey] = []
+    missing: list[str] = []
     for method in args.methods:
         algorithm, overrides = METHODS[method]
         for beta, target in points(method):
@@ -468,6 +505,9 @@ def main() -> int:
                     runs.append(record["run"])
                     reused.append((method, beta, target, seed))
                     print(f"{method:13s} {label:<14s} seed {seed}: from {log_path}", flush=True)
+                    continue
+                if args.report_only:
+                    missing.append(f"{method} {label} seed {seed}")
                     continue
                 run_started = time.time()
                 run = with_algorithm(prepared, algorithm, beta, target, seed)
@@ -523,12 +563,14 @@ def main() -> int:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    write_plot(rows, out + ".png", f"{task.name}: reward against KL along training")
+    write_plot(rows, out + ".png", f"{task.name}: reward against KL")
     # the final point of each (method, β): mean over its seeds
     finals = []
     for method in args.methods:
         for beta, target in points(method):
             group = [r for r in runs if r["method"] == method and point_of(r) == (beta, target)]
+            if not group:  # --report-only: not run yet
+                continue
             settling = [settled(r["rollout_kl"], target) for r in group if target is not None]
             finals.append(
                 {
@@ -553,6 +595,15 @@ def main() -> int:
         "",
         f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s"
         + (f" in this invocation; runs taken from {os.path.basename(log_path)}: {len(reused)}." if reused else "."),
+        *(
+            [
+                "",
+                f"**Partial: {len(runs)} of {len(runs) + len(missing)} runs.** Not run yet: {'; '.join(missing)}.",
+                "",
+            ]
+            if missing
+            else []
+        ),
         f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
         f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))} (the training's: "
@@ -595,7 +646,7 @@ def main() -> int:
         + ("point | settled " if args.kl_targets else "β ")
         + "| final score | final KL | distinct-2 | repeated bigrams | reference perplexity | EOS rate "
         + ("| judged positive " if judged else "")
-        + "| compute | gradient steps | seconds per run |",
+        + "| compute | gradient steps | wall-clock seconds per run |",
         "|---|---|"
         + ("---|" if args.kl_targets else "")
         + "---|---|---|---|---|---|"

@@ -99,6 +99,15 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     frontier("--methods", "ppo", "--timesteps", "400")
     first = csv_rows("ppo")
     assert [record["method"] for record in log_lines()] == ["ppo"]  # the tiny task has no reward model to train
+
+    # --report-only: the report of the logged runs, naming the missing ones, which it does not run
+    stdout = frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--report-only")
+    assert "**Partial: 1 of 2 runs.** Not run yet: grpo β=0.1 seed 0." in open(f"{out}.md").read()
+    assert "| ppo | 0.1 |" in open(f"{out}.md").read() and csv_rows("ppo") == first and not csv_rows("grpo")
+    assert "grpo          β=0.1          seed 0: score" not in stdout and len(log_lines()) == 1
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # no run with these settings
+        frontier("--methods", "ppo", "--timesteps", "800", "--report-only")
+    assert "holds no run made with these settings" in refused.value.stderr
     with open(f"{out}.runs.jsonl", "a") as f:
         f.write(cut_short)  # skipped when read, and ended before the next record
 

@@ -151,6 +151,25 @@ def test_train_test_split_is_deterministic():
         train_test_split(items, 100)
 
 
+def test_a_grouped_split_keeps_groups_whole_and_tests_each_held_out_group_once():
+    items = [f"{group}.{cut}" for group in range(30) for cut in range(group % 3 + 1)]  # 1 to 3 items a group
+    groups = [item.split(".")[0] for item in items]
+    train, test = train_test_split(items, 10, seed=1, groups=groups)
+    train_groups, test_groups = {t.split(".")[0] for t in train}, [t.split(".")[0] for t in test]
+    assert len(test) == 10 and len(set(test_groups)) == 10 and not train_groups & set(test_groups)
+    assert len(train_groups) == 20
+    assert sorted(train) == sorted(i for i in items if i.split(".")[0] in train_groups)  # every cut of a train group
+    assert (train, test) == train_test_split(items, 10, seed=1, groups=groups)
+    assert len(train_test_split(items, 0.2, seed=0, groups=groups)[1]) == 6  # a share of the 30 groups
+    # with a key per item it is the plain split
+    plain = list(range(50))
+    assert train_test_split(plain, 7, seed=2, groups=[f"k{i}" for i in plain]) == train_test_split(plain, 7, seed=2)
+    with pytest.raises(ValueError, match="leaves no train or no test groups out of 30"):
+        train_test_split(items, 30, groups=groups)
+    with pytest.raises(ValueError, match="2 group keys for 60 items"):
+        train_test_split(items, 3, groups=["a", "b"])
+
+
 def test_find_data_file(tmp_path, monkeypatch):
     (tmp_path / "x.csv").write_text("a\n")
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))

@@ -254,6 +254,7 @@ def test_task_files_name_their_public_originals_as_valid_alternatives():
         data["prompts"].pop("format", None)  # hh_harmless: the pairs file's conversations; online, a column of them
         data["prompts"].update(online["prompts"])
         data["reward"]["train"].pop("path")
+        data["reward"]["train"].pop("policy_share", None)  # hh_harmless: online, two public splits already apart
         data["reward"]["train"].update(online["reward.train"])
         task = parse_task(data, source=path)
         assert task.prompts.source == task.reward.train.source == "hub"
@@ -455,8 +456,12 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     rm.mkdir(parents=True)
     (rm / "data_split.json").write_text(json.dumps({"judge_share": 0.0, "seed": 0, "policy_share": 0.25}))
     prepared, _ = prepare(task, str(tmp_path / "run"), train_reward_model=False)
-    assert set(prepared.train_prompts) | set(prepared.eval_prompts) == policy
-    assert len(prepared.eval_prompts) == 4 and not set(prepared.train_prompts) & set(prepared.eval_prompts)
+    # the policy's own split is by conversation too: 4 held-out conversations, once each, none of their cuts trained
+    train_keys = {conversation_key(p) for p in prepared.train_prompts}
+    eval_keys = [conversation_key(p) for p in prepared.eval_prompts]
+    assert len(prepared.eval_prompts) == 4 and len(set(eval_keys)) == 4 and not train_keys & set(eval_keys)
+    assert train_keys | set(eval_keys) == keys and set(prepared.train_prompts) | set(prepared.eval_prompts) <= policy
+    assert len(prepared.train_prompts) == len([p for p in policy if conversation_key(p) in train_keys])
     # a reward model that left other conversations to the policy (or recorded none) is refused
     for recorded in ({"judge_share": 0.0, "seed": 0, "policy_share": 0.5}, {"judge_share": 0.0, "seed": 0}):
         (rm / "data_split.json").write_text(json.dumps(recorded))

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -535,19 +535,36 @@ def load_demonstrations(
 
 # ---------------------------------------------------------------------------------------------- splits
 def train_test_split(
-    items: Sequence[T], test_size: int | float, seed: int = 0, name: str = "test_size"
+    items: Sequence[T],
+    test_size: int | float,
+    seed: int = 0,
+    name: str = "test_size",
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[list[T], list[T]]:
     """A deterministic shuffle by ``seed``, then the last ``test_size`` items (a count, or a fraction) held out.
 
     :param name: the setting's name in errors (``prompts.test_size``, ``--test-size``, ...).
+    :param groups: a key per item (items of one conversation share one): ``test_size`` then counts groups, a
+        group lands whole on one side, and a held-out group is tested on one item only (the first of the
+        shuffle), so that the test items are independent; its other items are neither trained nor tested on.
+        With a distinct key per item, the split is the one without ``groups``.
     """
     fraction = isinstance(test_size, float) and 0.0 < test_size < 1.0
     count = isinstance(test_size, int) and not isinstance(test_size, bool) and test_size >= 1
     if not (fraction or count):  # a negative share would hold out one item without a word
         raise ValueError(f"{name} must be a share in (0, 1) or a whole number >= 1 of items, got {test_size!r}")
-    n = len(items)
+    if groups is not None and len(groups) != len(items):
+        raise ValueError(f"{name}: {len(groups)} group keys for {len(items)} items")
+    order = np.random.default_rng(seed).permutation(len(items))
+    # the groups in the order their first item comes in the shuffle, with their items in that order
+    by_group: dict[Hashable, list[int]] = {}
+    for i in order:
+        by_group.setdefault(i if groups is None else groups[i], []).append(int(i))
+    members = list(by_group.values())
+    n = len(members)
     n_test = max(1, int(round(test_size * n))) if isinstance(test_size, float) else int(test_size)
     if not 0 < n_test < n:
-        raise ValueError(f"{name}={test_size} leaves no train or no test items out of {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    return [items[i] for i in order[: n - n_test]], [items[i] for i in order[n - n_test :]]
+        unit = "items" if groups is None else "groups"
+        raise ValueError(f"{name}={test_size} leaves no train or no test {unit} out of {n}")
+    train = [items[i] for group in members[: n - n_test] for i in group]
+    return train, [items[group[0]] for group in members[n - n_test :]]

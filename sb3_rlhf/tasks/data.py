@@ -18,6 +18,7 @@ from sb3_rlhf.common.data import (
     load_prompt_texts,
     pairs_from_labels,
     prompt_messages,
+    train_test_split,
 )
 from sb3_rlhf.tasks.config import HubDataKeys, PromptsSection, RewardModelTrainingSection
 
@@ -98,6 +99,17 @@ def load_prompts(
 ) -> list[str]:
     """The task's prompt texts as the policy reads them, in file order (see :func:`load_prompt_forms`)."""
     return load_prompt_forms(section, tokenizer, only)[0]
+
+
+def split_prompts(
+    section: PromptsSection, prompts: list[str], plain_prompts: list[str], seed: int
+) -> tuple[list[str], list[str]]:
+    """The prompts to train on and those held out (seeded, ``prompts.test_size``). HH conversations
+    (``format = "hh"``) are split by conversation (:func:`conversation_key` of the plain texts): HH-RLHF records
+    one conversation cut at several turns, so a held-out conversation is tested on one cut and none of its cuts
+    is trained on."""
+    groups = [conversation_key(p) for p in plain_prompts] if section.format == "hh" else None
+    return train_test_split(prompts, section.test_size, seed, "prompts.test_size", groups)
 
 
 def _comparison_source(stage: RewardModelTrainingSection) -> tuple[Any, str]:

@@ -18,7 +18,7 @@ from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.reward_model import classifier_label_index
 from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, TaskConfig, kl_estimator
-from sb3_rlhf.tasks.data import load_prompts, policy_conversations, reward_training_pairs
+from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations, reward_training_pairs, split_prompts
 from sb3_rlhf.tasks.stages import import_function
 
 
@@ -60,8 +60,10 @@ def plan_task(task: TaskConfig) -> TaskPlan:
     if policy.lora is not None:
         plan.models["policy"]["lora"] = dict(policy.lora)
 
-    prompts = load_prompts(task.prompts, tokenizer, policy_conversations(task.reward.train, task.seed))
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
+    prompts, plain_prompts = load_prompt_forms(
+        task.prompts, tokenizer, policy_conversations(task.reward.train, task.seed)
+    )
+    train_prompts, eval_prompts = split_prompts(task.prompts, prompts, plain_prompts, task.seed)
     plan.data["prompts"] = {
         "source": task.prompts.path or task.prompts.source,
         "total": len(prompts),

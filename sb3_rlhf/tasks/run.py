@@ -15,7 +15,6 @@ from stable_baselines3.common.utils import get_device, set_random_seed
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS
 from sb3_rlhf.common.callbacks import HeldOutEvaluationCallback
 from sb3_rlhf.common.checkpoints import TrainingCheckpointCallback
-from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.common.distributed import init_distributed, is_main_process, raise_on_every_rank
 from sb3_rlhf.common.evaluation import compare_policies, report_markdown
 from sb3_rlhf.common.models import check_device, load_tokenizer, pinned_revision, resolve_model_path
@@ -23,7 +22,7 @@ from sb3_rlhf.common.progress import ProgressLogCallback, announce, format_durat
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards import reward_wrappers
 from sb3_rlhf.tasks.config import TaskConfig
-from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations
+from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations, split_prompts
 from sb3_rlhf.tasks.folders import (
     MEMORY_SETTINGS,
     RESUMABLE_CHANGES,
@@ -61,7 +60,7 @@ def prepare(
     # with a conversation split, the policy's share only: none of its prompts trained or tested the reward model
     only = policy_conversations(task.reward.train, task.seed)
     prompts, plain_prompts = load_prompt_forms(task.prompts, tokenizer, only)
-    train_prompts, eval_prompts = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
+    train_prompts, eval_prompts = split_prompts(task.prompts, prompts, plain_prompts, task.seed)
     announce(
         f"policy {policy_path}: {len(train_prompts)} prompts to train on, "
         f"{min(len(eval_prompts), task.evaluation.n_prompts)} held out"
