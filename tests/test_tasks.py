@@ -2,6 +2,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 
 from sb3_rlhf import RLHFPPO
@@ -124,6 +125,13 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     assert summary["trained"]["judge_positive_share"] is None  # the tiny task has no judge
     assert results["trained"]["score"] > results["initial"]["score"] + 0.3
     assert results["initial"]["kl"] == pytest.approx(0.0, abs=1e-4) and results["trained"]["kl"] > 0
+    # each held-out prompt's two scores, the ones the paired comparison is made of
+    per_prompt = results["per_prompt"]
+    assert len(per_prompt) == results["paired"]["n"] and len({p["prompt"] for p in per_prompt}) == len(per_prompt)
+    assert np.mean([p["trained"] for p in per_prompt]) == pytest.approx(results["trained"]["score"])
+    assert np.mean([p["trained"] - p["initial"] for p in per_prompt]) == pytest.approx(
+        results["paired"]["mean_difference"]
+    )
     for name in ("ppo_model.zip", "report.md", "policy/model.safetensors"):
         assert (out / name).exists(), name
     checkpoints = sorted(glob.glob(str(out / "checkpoints" / "checkpoint_*" / "model.zip")))

@@ -172,7 +172,8 @@ def compare_policies(
 ) -> dict[str, Any]:
     """:func:`evaluate_policy` for the trained and the initial policy (also the KL reference), same seed.
 
-    :return: ``{"initial": metrics, "trained": metrics, "paired": paired_preference(...), "samples": [...]}``.
+    :return: ``{"initial": metrics, "trained": metrics, "paired": paired_preference(...), "samples": [...],
+        "per_prompt": [...]}``: each held-out prompt's two scores, for a comparison on a subset of the prompts.
     """
     results: dict[str, Any] = {}
     completions, scores = {}, {}
@@ -185,6 +186,10 @@ def compare_policies(
     results["samples"] = [
         {"prompt": env.prompt_texts[i], "initial": completions["initial"][i], "trained": completions["trained"][i]}
         for i in range(min(n_samples_shown, len(env.prompts)))
+    ]
+    results["per_prompt"] = [
+        {"prompt": text, "initial": float(before), "trained": float(after)}
+        for text, before, after in zip(env.prompt_texts, scores["initial"], scores["trained"], strict=True)
     ]
     return results
 
