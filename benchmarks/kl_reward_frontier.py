@@ -29,7 +29,7 @@ PPO and DPO, read from these points) and ``<out>.png`` (score against KL: each m
 path along training; means over seeds with the seeds' range).
 
 Every finished run is appended to ``<out>.runs.jsonl`` as it ends. ``--resume`` keeps the runs there that were
-made with the same settings, skips them, and reuses the reward model and judge in ``--run-dir``, so a benchmark
+made with the same settings (an online run's for the online runs, DPO's samples and epochs for DPO), skips them, and reuses the reward model and judge in ``--run-dir``, so a benchmark
 stopped midway loses at most the run in progress, and a long one can be split between processes by ``--methods``
 (start the second once the first has trained the reward model; a last ``--resume`` with every method writes the
 report of all of them). ``--report-only`` writes the report of the runs in the log without running the missing
@@ -154,7 +154,8 @@ MEASURES = [
 
 
 def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_freq: int, dpo_samples: int) -> dict:
-    """What a logged run must share with this invocation to be reused by ``--resume``."""
+    """The invocation's settings, logged with each run; :func:`same_settings` says which of them a run must share
+    with another invocation to be reused by ``--resume``."""
     return {
         "task": task_name,
         "set": sorted(args.set),
@@ -169,13 +170,28 @@ def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_
     }
 
 
+def same_settings(logged: dict, settings: dict, method: str | None) -> bool:
+    """Whether a run of ``method`` logged under ``logged`` settings is one this invocation's ``settings`` would
+    make (``method`` None: the reward model, which only the task and its overrides make): an online run's budget,
+    evaluations and control of the KL, DPO's samples and epochs; DPO's settings do not touch the online runs, nor
+    theirs DPO's."""
+    keys = ["task", "set"]
+    if method == "dpo":
+        keys += ["eval_samples", "dpo_samples", "dpo_epochs"]
+    elif method is not None:
+        keys += ["eval_samples", "timesteps", "eval_freq", "adaptive", "rollout_kl"]
+        if bool(logged.get("kl_targets")) != bool(settings.get("kl_targets")):  # the targets are in the run's key
+            return False
+    return all(logged.get(key) == settings.get(key) for key in keys)
+
+
 #: a run: (method, β, KL target or None, seed)
 RunKey = tuple[str, float, float | None, int]
 
 
 def read_run_log(path: str, settings: dict) -> tuple[dict[RunKey, dict], dict | None]:
-    """The runs logged in ``path`` with these ``settings``, by (method, β, target, seed), and the reward model's
-    metrics logged there (None when none are). A last line cut short by a crash is ignored."""
+    """The runs logged in ``path`` that these ``settings`` would make (:func:`same_settings`), by (method, β,
+    target, seed), and the reward model's metrics logged there (None when none are). A last line cut short by a crash is ignored."""
     runs: dict[RunKey, dict] = {}
     reward_model_metrics = None
     if not os.path.exists(path):
@@ -186,11 +202,11 @@ def read_run_log(path: str, settings: dict) -> tuple[dict[RunKey, dict], dict | 
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("settings") != settings:
-                continue
+            logged = record.get("settings", {})
             if "reward_model" in record:
-                reward_model_metrics = record["reward_model"]
-            else:
+                if same_settings(logged, settings, None):
+                    reward_model_metrics = record["reward_model"]
+            elif same_settings(logged, settings, record["method"]):
                 runs[(record["method"], record["beta"], record.get("target"), record["seed"])] = record
     return runs, reward_model_metrics
 

@@ -119,10 +119,43 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     assert "runs taken from frontier.runs.jsonl: 1." in open(f"{out}.md").read()
     assert [record["method"] for record in log_lines()] == ["ppo", "grpo"]
 
+    # DPO's settings are DPO's own: other epochs do not make the online runs again
+    stdout = frontier("--methods", "ppo", "--timesteps", "400", "--dpo-epochs", "5", "--resume")
+    assert "ppo           β=0.1          seed 0: from" in stdout, stdout
     stdout = frontier("--methods", "ppo", "--timesteps", "400", "--eval-samples", "2", "--resume")  # other settings
     assert "ppo           β=0.1          seed 0: score" in stdout, stdout
     frontier("--methods", "ppo", "--timesteps", "400")  # no --resume: a new log
     assert len(log_lines()) == 1
+
+
+def test_a_logged_run_is_reused_under_its_own_methods_settings(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import same_settings
+
+    logged = {
+        "task": "t",
+        "set": [],
+        "timesteps": 20000,
+        "eval_freq": 8,
+        "eval_samples": 1,
+        "dpo_samples": 1250,
+        "dpo_epochs": 3,
+        "adaptive": False,
+        "kl_targets": [2.0, 4.0],
+        "rollout_kl": True,
+    }
+    assert same_settings(logged, {**logged, "dpo_epochs": 5}, "ppo") and not same_settings(
+        logged, {**logged, "dpo_epochs": 5}, "dpo"
+    )
+    assert same_settings(logged, {**logged, "timesteps": 400}, "dpo") and not same_settings(
+        logged, {**logged, "timesteps": 400}, "ppo"
+    )
+    assert same_settings(logged, {**logged, "kl_targets": [2.0, 4.0, 8.0]}, "ppo")  # each run's target is its key
+    fixed_beta = {k: v for k, v in logged.items() if k not in ("kl_targets", "rollout_kl")}
+    assert not same_settings(fixed_beta, logged, "ppo") and same_settings(fixed_beta, logged, "dpo")
+    assert same_settings(logged, {**logged, "eval_samples": 2}, None)  # the reward model: the task alone
+    assert not same_settings(logged, {**logged, "set": ["kl.coef=1"]}, None)
+    assert not same_settings(logged, {**logged, "eval_samples": 2}, "dpo")
 
 
 def test_throughput_benchmark_runs_on_a_small_setting(tmp_path):

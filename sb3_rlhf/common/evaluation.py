@@ -173,7 +173,8 @@ def compare_policies(
     """:func:`evaluate_policy` for the trained and the initial policy (also the KL reference), same seed.
 
     :return: ``{"initial": metrics, "trained": metrics, "paired": paired_preference(...), "samples": [...],
-        "per_prompt": [...]}``: each held-out prompt's two scores, for a comparison on a subset of the prompts.
+        "per_prompt": [...]}``: each held-out prompt (as given, before any cut) with its two scores, for a
+        comparison on a subset of the prompts.
     """
     results: dict[str, Any] = {}
     completions, scores = {}, {}
@@ -189,7 +190,7 @@ def compare_policies(
     ]
     results["per_prompt"] = [
         {"prompt": text, "initial": float(before), "trained": float(after)}
-        for text, before, after in zip(env.prompt_texts, scores["initial"], scores["trained"], strict=True)
+        for text, before, after in zip(env.prompts, scores["initial"], scores["trained"], strict=True)
     ]
     return results
 
