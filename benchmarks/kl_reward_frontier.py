@@ -574,6 +574,8 @@ def main() -> int:
                     flush=True,
                 )
 
+    if not runs:  # --report-only, and none of these methods' runs is in the log
+        parser.error(f"--report-only: {log_path} holds none of the runs asked for ({'; '.join(missing)})")
     fields = ["method", "beta", "target", "seed", "evaluation", "timesteps", "episodes", "gradient_steps", *MEASURES]
     with open(out + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

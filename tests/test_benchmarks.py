@@ -108,6 +108,9 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as refused:  # no run with these settings
         frontier("--methods", "ppo", "--timesteps", "800", "--report-only")
     assert "holds no run made with these settings" in refused.value.stderr
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # runs of these settings, but none of these methods
+        frontier("--methods", "grpo", "--timesteps", "400", "--report-only")
+    assert "holds none of the runs asked for (grpo β=0.1 seed 0)" in refused.value.stderr
     with open(f"{out}.runs.jsonl", "a") as f:
         f.write(cut_short)  # skipped when read, and ended before the next record
 

@@ -161,7 +161,8 @@ def test_a_grouped_split_keeps_groups_whole_and_tests_each_held_out_group_once()
     assert sorted(train) == sorted(i for i in items if i.split(".")[0] in train_groups)  # every cut of a train group
     assert (train, test) == train_test_split(items, 10, seed=1, groups=groups)
     assert len(train_test_split(items, 0.2, seed=0, groups=groups)[1]) == 6  # a share of the 30 groups
-    # with a key per item it is the plain split
+    # with a key per item it is the plain split, which seeded results rely on (pinned: the split before groups)
+    assert train_test_split(list(range(10)), 3, seed=0) == ([4, 6, 2, 7, 3, 5, 9], [0, 8, 1])
     plain = list(range(50))
     assert train_test_split(plain, 7, seed=2, groups=[f"k{i}" for i in plain]) == train_test_split(plain, 7, seed=2)
     with pytest.raises(ValueError, match="leaves no train or no test groups out of 30"):

@@ -16,7 +16,7 @@ import tomllib
 import pytest
 import torch as th
 
-from sb3_rlhf.common.data import load_hub_dataset, messages_to_hh, prompt_messages
+from sb3_rlhf.common.data import load_hub_dataset, messages_to_hh, prompt_messages, train_test_split
 from sb3_rlhf.common.generation import GenerationBatch
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import encode_keep_end, encode_prompt_response
@@ -29,6 +29,7 @@ from sb3_rlhf.tasks.data import (
     load_prompts,
     policy_conversations,
     reward_training_pairs,
+    split_prompts,
 )
 from sb3_rlhf.tasks.run import prepare
 from tests.helpers import WORDS, copy_of_repository, tiny_bert, tiny_reward_model
@@ -475,7 +476,40 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     data["reward"]["train"]["backbone"] = str(tmp_path / "bert")
     plan = plan_task(parse_task(data))
     assert plan.data["prompts"]["total"] == len(policy)
+    # split by conversation as the run splits: a held-out conversation's other cuts are left out of both
+    assert len(prepared.train_prompts) + len(prepared.eval_prompts) < len(policy)
+    assert (plan.data["prompts"]["train"], plan.data["prompts"]["held_out"]) == (len(prepared.train_prompts), 4)
     assert plan.data["reward_pairs"]["train"] + 10 == len(pairs)
+
+
+def test_hh_prompts_are_held_out_by_conversation_and_the_run_record_says_so(tmp_path):
+    path = write_conversations(tmp_path / "hh.jsonl.gz", 30)
+    hh = parse_task(task_dict({"source": "file", "format": "hh", "path": path, "test_size": 6}))
+    assert hh.prompts.split_by == "conversation"  # HH pairs' default, resolved where the file is read
+    texts = parse_task(task_dict({"source": "inline", "texts": ["a", "b", "c"], "test_size": 1}))
+    assert texts.prompts.split_by is None  # others: by prompt, as before (their records unchanged)
+    by_prompt = parse_task(
+        task_dict({"source": "file", "format": "hh", "path": path, "test_size": 6, "split_by": "prompt"})
+    )
+    with pytest.raises(ValueError, match="prompts.split_by must be one of \\['prompt', 'conversation'\\], got 'turn'"):
+        parse_task(task_dict({"source": "file", "format": "hh", "path": path, "split_by": "turn"}))
+
+    prompts, plain = load_prompt_forms(hh.prompts, None)
+    grouped = split_prompts(hh.prompts, prompts, plain, 0)
+    plain_split = split_prompts(by_prompt.prompts, prompts, plain, 0)
+    assert plain_split == train_test_split(prompts, 6, 0)  # split_by = "prompt": item by item
+    assert len(grouped[1]) == 6 and len({conversation_key(p) for p in grouped[1]}) == 6
+    assert not {conversation_key(p) for p in grouped[0]} & {conversation_key(p) for p in grouped[1]}
+    # a conversation's cuts on both sides of the item-by-item split: what the grouping is for
+    assert {conversation_key(p) for p in plain_split[0]} & {conversation_key(p) for p in plain_split[1]}
+
+    # a run recorded before the key (or with the other split) drew other held-out prompts: resume refuses it
+    from sb3_rlhf.tasks.folders import check_same_run, run_record
+
+    before = run_record(hh)
+    before["settings"].pop("prompts.split_by")
+    with pytest.raises(ValueError, match="prompts.split_by None -> 'conversation'"):
+        check_same_run(before, run_record(hh), "out", "--resume", ())
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 
 from sb3_rlhf import RLHFPPO
 from sb3_rlhf.cli import main
+from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.tasks import load_task, parse_task
 from sb3_rlhf.tasks.config import kl_estimator
 from tests.helpers import minimal_task
@@ -128,6 +129,9 @@ def test_tiny_task_end_to_end_through_the_cli(tmp_path, capsys):
     # each held-out prompt's two scores, the ones the paired comparison is made of
     per_prompt = results["per_prompt"]
     assert len(per_prompt) == results["paired"]["n"] and len({p["prompt"] for p in per_prompt}) == len(per_prompt)
+    task = load_task(os.path.join(ROOT, "envs", "tiny_synthetic.toml"))
+    eval_prompts = train_test_split(list(task.prompts.texts), task.prompts.test_size, task.seed)[1]
+    assert [p["prompt"] for p in per_prompt] == eval_prompts[: task.evaluation.n_prompts]  # in order, as given
     assert np.mean([p["trained"] for p in per_prompt]) == pytest.approx(results["trained"]["score"])
     assert np.mean([p["trained"] - p["initial"] for p in per_prompt]) == pytest.approx(
         results["paired"]["mean_difference"]

@@ -119,9 +119,11 @@ class PromptsSection(HubDataKeys):
     ``path``) or ``"hub"`` (a ``datasets`` data set, see :class:`HubDataKeys`). ``format`` says what they are:
     ``"texts"`` (``column`` holds texts, HH transcripts or conversations, lists of ``{"role", "content"}`` as in
     TRL) or ``"hh"`` (HH-RLHF pairs, whose conversations are the prompts). ``first_words`` keeps the beginning of
-    each text (a review to continue); ``test_size`` prompts are held out for evaluation; ``chat_template`` feeds
-    prompts through the policy tokenizer's chat template (an HH conversation as its turns, other texts as one user
-    turn), while reward models still read the plain text."""
+    each text (a review to continue); ``test_size`` prompts are held out for evaluation, or ``test_size``
+    conversations with ``split_by = "conversation"`` (the default of ``format = "hh"``: HH-RLHF records one
+    conversation cut at several turns; every cut of a held-out conversation stays out of training, and it is
+    evaluated on one of them); ``chat_template`` feeds prompts through the policy tokenizer's chat template (an HH
+    conversation as its turns, other texts as one user turn), while reward models still read the plain text."""
 
     source: str = setting(choices=("inline", "file", "hub"))
     format: str = setting("texts", choices=("texts", "hh"))
@@ -131,7 +133,13 @@ class PromptsSection(HubDataKeys):
     first_words: int | None = setting(None, at_least=1)
     max_prompts: int | None = setting(None, at_least=1)
     test_size: int | float = setting(0.1, share_or_count=True)  # a share (< 1) or a count of held-out prompts
+    split_by: str | None = setting(None, choices=("prompt", "conversation"))  # None: "prompt", or "hh"'s default
     chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        # resolved here, so that a run's record (run.json) says how its held-out prompts were drawn
+        if self.split_by is None and self.format == "hh":
+            self.split_by = "conversation"
 
 
 @dataclass

@@ -104,11 +104,11 @@ def load_prompts(
 def split_prompts(
     section: PromptsSection, prompts: list[str], plain_prompts: list[str], seed: int
 ) -> tuple[list[str], list[str]]:
-    """The prompts to train on and those held out (seeded, ``prompts.test_size``). HH conversations
-    (``format = "hh"``) are split by conversation (:func:`conversation_key` of the plain texts): HH-RLHF records
-    one conversation cut at several turns, so a held-out conversation is tested on one cut and none of its cuts
-    is trained on."""
-    groups = [conversation_key(p) for p in plain_prompts] if section.format == "hh" else None
+    """The prompts to train on and those held out (seeded, ``prompts.test_size``). With ``split_by =
+    "conversation"`` (the default of HH pairs, ``format = "hh"``) by conversation (:func:`conversation_key` of the
+    plain texts): HH-RLHF records one conversation cut at several turns, so a held-out conversation is tested on
+    one cut and none of its cuts is trained on."""
+    groups = [conversation_key(p) for p in plain_prompts] if section.split_by == "conversation" else None
     return train_test_split(prompts, section.test_size, seed, "prompts.test_size", groups)
 
 

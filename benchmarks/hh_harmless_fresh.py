@@ -1,0 +1,112 @@
+"""HH harmless runs compared on held-out conversations that neither trained the reward model nor chose the method.
+
+    sb3-rlhf train envs/hh_harmless.toml --out runs/hh_harmless                        # RLOO, the task's own
+    sb3-rlhf train envs/hh_harmless.toml --algorithm ppo --out runs/hh_harmless_ppo
+    python benchmarks/hh_harmless_fresh.py runs/hh_harmless runs/hh_harmless_ppo
+
+The task file splits the shipped conversations once (``[reward.train] policy_share``): the reward model's pairs
+come from the others, so no held-out conversation trained it (checked here again, conversation by conversation).
+RLOO was chosen over PPO for this task on an earlier held-out set, drawn from all the conversations (the task's
+seed, ``prompts.test_size`` of them, no conversation split): the held-out conversations that set holds chose the
+method, and are left out of the second comparison. Each run's ``report.json`` holds every held-out prompt's
+initial and trained score (``per_prompt``); the paired comparison is made again on the fresh ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from sb3_rlhf.common.data import train_test_split
+from sb3_rlhf.common.evaluation import paired_preference
+from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
+from sb3_rlhf.tasks import load_task
+from sb3_rlhf.tasks.config import TaskConfig
+from sb3_rlhf.tasks.data import conversation_key, load_prompt_forms, reward_training_pairs
+from sb3_rlhf.tasks.folders import changed_settings, read_record, task_settings
+
+
+def method_choosers(task: TaskConfig) -> set[str]:
+    """The conversations of the earlier held-out set, the one RLOO was chosen on: ``prompts.test_size`` prompts
+    of all the file's conversations, split by the task's seed without grouping (the task file before
+    ``policy_share``)."""
+    plain = dataclasses.replace(task.prompts, chat_template=False)
+    prompts, _ = load_prompt_forms(plain, None)
+    _, held_out = train_test_split(prompts, task.prompts.test_size, task.seed, "prompts.test_size")
+    return {conversation_key(p) for p in held_out}
+
+
+def paired_line(label: str, rows: list[dict]) -> str:
+    paired = paired_preference([r["initial"] for r in rows], [r["trained"] for r in rows])
+    return (
+        f"| {label} | {len(rows)} | {sum(r['initial'] for r in rows) / len(rows):.4f} | "
+        f"{sum(r['trained'] for r in rows) / len(rows):.4f} | {paired['mean_difference']:+.4f} "
+        f"({paired['ci95_low']:+.4f} to {paired['ci95_high']:+.4f}) | {100 * paired['win_rate']:.0f}% | "
+        f"{paired['bradley_terry_preference']:.3f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders of envs/hh_harmless.toml (each with its report.json)")
+    parser.add_argument("--task", default="envs/hh_harmless.toml")
+    args = parser.parse_args()
+
+    task = load_task(args.task)
+    assert task.reward.train is not None and task.reward.train.policy_share is not None, "a task with policy_share"
+    tokenizer = load_tokenizer(resolve_model_path(task.policy.model, task.policy.revision, "policy model"))
+    templated, plain = load_prompt_forms(task.prompts, tokenizer)
+    plain_of = dict(zip(templated, plain))
+    reward_model_conversations = {
+        conversation_key(p.prompt) for p in reward_training_pairs(task.reward.train, task.seed)[0]
+    }
+    choosers = method_choosers(task)
+    # the settings that decide the data: a run made with others split it otherwise
+    data_settings = {k: v for k, v in task_settings(task).items() if k.startswith(("prompts.", "reward.", "task.seed"))}
+
+    lines = [
+        "| run | prompts | initial score | trained score | mean difference (95% interval) | trained higher | "
+        "Bradley–Terry preference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in args.runs:
+        record = read_record(folder)
+        if record is None or record["task"] != task.name:
+            parser.error(f"{folder} holds no run of {task.name} (its run.json)")
+        # the settings its run.json knows (one from before a key was added lacks it; the checks below still hold)
+        known = {k: v for k, v in data_settings.items() if k in record["settings"]}
+        changed = changed_settings(known, {k: record["settings"][k] for k in known})
+        if changed:
+            parser.error(f"{folder} was run with other data settings than {args.task}: {'; '.join(changed)}")
+        with open(os.path.join(folder, "report.json")) as f:
+            report = json.load(f)
+        if "per_prompt" not in report:
+            parser.error(f"{folder}/report.json has no per_prompt scores: run `sb3-rlhf evaluate` on it again")
+        rows = report["per_prompt"]
+        unknown = [r["prompt"][:60] for r in rows if r["prompt"] not in plain_of]
+        if unknown:
+            parser.error(
+                f"{folder}: {len(unknown)} held-out prompts are not prompts of {args.task}, e.g. {unknown[0]!r}"
+            )
+        keys = [conversation_key(plain_of[r["prompt"]]) for r in rows]
+        leaked = sum(k in reward_model_conversations for k in keys)
+        if leaked:
+            parser.error(f"{folder}: {leaked} held-out conversations trained the reward model")
+        fresh = [r for r, k in zip(rows, keys, strict=True) if k not in choosers]
+        name = f"{report['algorithm']} ({os.path.basename(os.path.normpath(folder))})"
+        lines.append(paired_line(f"{name}, every held-out conversation", rows))
+        lines.append(paired_line(f"{name}, without the {len(rows) - len(fresh)} that chose the method", fresh))
+    print(
+        f"Held-out conversations that trained the reward model: none (of {len(reward_model_conversations)} "
+        f"reward-model conversations). Conversations of the earlier held-out set that chose the method: "
+        f"{len(choosers)}.\n"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
