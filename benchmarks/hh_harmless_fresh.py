@@ -39,11 +39,12 @@ def method_choosers(task: TaskConfig) -> set[str]:
     return {conversation_key(p) for p in held_out}
 
 
-def paired_line(label: str, rows: list[dict]) -> str:
-    paired = paired_preference([r["initial"] for r in rows], [r["trained"] for r in rows])
+def paired_line(label: str, before: list[float], after: list[float]) -> str:
+    """A table row: ``after`` against ``before``, prompt by prompt (:func:`paired_preference`)."""
+    paired = paired_preference(before, after)
     return (
-        f"| {label} | {len(rows)} | {sum(r['initial'] for r in rows) / len(rows):.4f} | "
-        f"{sum(r['trained'] for r in rows) / len(rows):.4f} | {paired['mean_difference']:+.4f} "
+        f"| {label} | {len(before)} | {sum(before) / len(before):.4f} | "
+        f"{sum(after) / len(after):.4f} | {paired['mean_difference']:+.4f} "
         f"({paired['ci95_low']:+.4f} to {paired['ci95_high']:+.4f}) | {100 * paired['win_rate']:.0f}% | "
         f"{paired['bradley_terry_preference']:.3f} |"
     )
@@ -72,6 +73,7 @@ def main() -> int:
         "Bradley–Terry preference |",
         "|---|---|---|---|---|---|---|",
     ]
+    fresh_scores: dict[str, dict[str, float]] = {}  # run → fresh prompt → its trained score
     for folder in args.runs:
         record = read_record(folder)
         if record is None or record["task"] != task.name:
@@ -97,8 +99,22 @@ def main() -> int:
             parser.error(f"{folder}: {leaked} held-out conversations trained the reward model")
         fresh = [r for r, k in zip(rows, keys, strict=True) if k not in choosers]
         name = f"{report['algorithm']} ({os.path.basename(os.path.normpath(folder))})"
-        lines.append(paired_line(f"{name}, every held-out conversation", rows))
-        lines.append(paired_line(f"{name}, without the {len(rows) - len(fresh)} that chose the method", fresh))
+        for label, chosen in (
+            ("every held-out conversation", rows),
+            (f"without the {len(rows) - len(fresh)} that chose the method", fresh),
+        ):
+            before, after = [r["initial"] for r in chosen], [r["trained"] for r in chosen]
+            lines.append(paired_line(f"{name}, {label}", before, after))
+        fresh_scores[name] = {r["prompt"]: r["trained"] for r in fresh}
+    # each later run's trained policy against each earlier one's, on the fresh conversations both were evaluated on
+    names = list(fresh_scores)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            shared = [p for p in fresh_scores[first] if p in fresh_scores[second]]
+            if len(shared) >= 2:
+                before = [fresh_scores[first][p] for p in shared]
+                after = [fresh_scores[second][p] for p in shared]
+                lines.append(paired_line(f"{second} against {first} (the first's score as 'initial')", before, after))
     print(
         f"Held-out conversations that trained the reward model: none (of {len(reward_model_conversations)} "
         f"reward-model conversations). Conversations of the earlier held-out set that chose the method: "
