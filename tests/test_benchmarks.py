@@ -415,3 +415,50 @@ def test_the_memory_plan_follows_its_formulas():
     assert fsdp["peak"] - fsdp["states"] == pytest.approx(2 * 2 * n)  # actor and critic, whole, in bf16
     lora = per_device(n, 1, "ddp", lora=True, trained_bytes=16, lora_fraction=0.005)
     assert lora["reference"] == lora["critic"] == 0 and lora["actor"] == pytest.approx((2 + 16 * 0.005) * n)
+
+
+@pytest.mark.real_model
+def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers(tmp_path):
+    """benchmarks/hh_harmless_fresh.py on run folders made from the task's own split (scores made up): it pairs
+    each run with its initial policy with and without the earlier held-out conversations, pairs the runs with each
+    other, and refuses a folder whose held-out prompts trained the reward model."""
+    from sb3_rlhf.common.models import load_tokenizer, packaged_model_path
+    from sb3_rlhf.tasks import load_task
+    from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations, split_prompts
+    from sb3_rlhf.tasks.folders import run_record
+
+    try:
+        tokenizer = load_tokenizer(packaged_model_path("SmolLM2-135M-Instruct"))
+    except (ImportError, FileNotFoundError) as missing:
+        pytest.skip(str(missing))
+    task_file = os.path.join(ROOT, "envs", "hh_harmless.toml")
+    task = load_task(task_file)
+    prompts, plain = load_prompt_forms(task.prompts, tokenizer, policy_conversations(task.reward.train, task.seed))
+    eval_prompts = split_prompts(task.prompts, prompts, plain, task.seed)[1]
+    rng = np.random.default_rng(0)
+
+    def run_folder(name: str, held_out: list[str], gain: float) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps(run_record(task)))
+        scores = rng.normal(1.0, 0.5, len(held_out))
+        per_prompt = [{"prompt": p, "initial": s, "trained": s + gain} for p, s in zip(held_out, scores)]
+        (folder / "report.json").write_text(json.dumps({"algorithm": "rloo", "per_prompt": per_prompt}))
+        return str(folder)
+
+    def fresh(*folders: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, os.path.join(ROOT, "benchmarks", "hh_harmless_fresh.py"), *folders]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+    result = fresh(run_folder("a", eval_prompts, 0.25), run_folder("b", eval_prompts, 0.5))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| rloo")]
+    assert len(rows) == 5 and "| 64 |" in rows[0] and "+0.2500 (+0.2500 to +0.2500)" in rows[0]
+    assert "without the 6 that chose the method | 58 |" in rows[1]  # the task's split, as measured
+    assert "rloo (b) against rloo (a)" in rows[4] and "| 58 |" in rows[4]
+
+    # a held-out prompt the reward model trained on (the first of its conversations, outside the policy's share)
+    policy_prompts = set(prompts)
+    outside = [p for p in load_prompt_forms(task.prompts, tokenizer)[0] if p not in policy_prompts]
+    leaked = fresh(run_folder("c", eval_prompts[:-1] + outside[:1], 0.25))
+    assert leaked.returncode != 0 and "1 held-out conversations trained the reward model" in leaked.stderr
