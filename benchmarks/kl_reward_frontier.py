@@ -612,7 +612,8 @@ def main() -> int:
         f"Command: `python benchmarks/kl_reward_frontier.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: {platform.machine()}, {args.threads} threads; total {time.time() - started:.0f} s"
-        + (f" in this invocation; runs taken from {os.path.basename(log_path)}: {len(reused)}." if reused else "."),
+        + (f" in this invocation; runs taken from {os.path.basename(log_path)}: {len(reused)}." if reused else ".")
+        + " Seconds per run are wall clock, with any pause of the process while other jobs ran.",
         *(
             [
                 "",
