@@ -1,8 +1,8 @@
 """HH harmless runs compared on held-out conversations that neither trained the reward model nor chose the method.
 
-    sb3-rlhf train envs/hh_harmless.toml --out runs/hh_harmless                        # RLOO, the task's own
-    sb3-rlhf train envs/hh_harmless.toml --algorithm ppo --out runs/hh_harmless_ppo
-    python benchmarks/hh_harmless_fresh.py runs/hh_harmless runs/hh_harmless_ppo
+    sb3-rlhf train envs/hh_harmless.toml --out runs/hh_harmless_split                  # RLOO, the task's own
+    sb3-rlhf train envs/hh_harmless.toml --algorithm ppo --out runs/hh_harmless_split_ppo
+    python benchmarks/hh_harmless_fresh.py runs/hh_harmless_split runs/hh_harmless_split_ppo
 
 The task file splits the shipped conversations once (``[reward.train] policy_share``): the reward model's pairs
 come from the others, so no held-out conversation trained it (checked here again, conversation by conversation).
@@ -25,7 +25,13 @@ from sb3_rlhf.common.evaluation import paired_preference
 from sb3_rlhf.common.models import load_tokenizer, resolve_model_path
 from sb3_rlhf.tasks import load_task
 from sb3_rlhf.tasks.config import TaskConfig
-from sb3_rlhf.tasks.data import conversation_key, load_prompt_forms, reward_training_pairs
+from sb3_rlhf.tasks.data import (
+    conversation_key,
+    load_prompt_forms,
+    policy_conversations,
+    reward_training_pairs,
+    split_prompts,
+)
 from sb3_rlhf.tasks.folders import changed_settings, read_record, task_settings
 
 
@@ -65,6 +71,11 @@ def main() -> int:
         conversation_key(p.prompt) for p in reward_training_pairs(task.reward.train, task.seed)[0]
     }
     choosers = method_choosers(task)
+    # the held-out prompts the task draws today: a run's report must hold these, in this order
+    policy_prompts, policy_plain = load_prompt_forms(
+        task.prompts, tokenizer, policy_conversations(task.reward.train, task.seed)
+    )
+    held_out = split_prompts(task.prompts, policy_prompts, policy_plain, task.seed)[1][: task.evaluation.n_prompts]
     # the settings that decide the data: a run made with others split it otherwise
     data_settings = {k: v for k, v in task_settings(task).items() if k.startswith(("prompts.", "reward.", "task.seed"))}
 
@@ -73,7 +84,7 @@ def main() -> int:
         "Bradley–Terry preference |",
         "|---|---|---|---|---|---|---|",
     ]
-    fresh_scores: dict[str, dict[str, float]] = {}  # run → fresh prompt → its trained score
+    trained_scores: dict[str, dict[str, list[dict]]] = {}  # run → {"every": rows, "fresh": rows}
     for folder in args.runs:
         record = read_record(folder)
         if record is None or record["task"] != task.name:
@@ -97,6 +108,8 @@ def main() -> int:
         leaked = sum(k in reward_model_conversations for k in keys)
         if leaked:
             parser.error(f"{folder}: {leaked} held-out conversations trained the reward model")
+        if [r["prompt"] for r in rows] != held_out:
+            parser.error(f"{folder}: its held-out prompts are not the {len(held_out)} that {args.task} holds out")
         fresh = [r for r, k in zip(rows, keys, strict=True) if k not in choosers]
         name = f"{report['algorithm']} ({os.path.basename(os.path.normpath(folder))})"
         for label, chosen in (
@@ -105,16 +118,16 @@ def main() -> int:
         ):
             before, after = [r["initial"] for r in chosen], [r["trained"] for r in chosen]
             lines.append(paired_line(f"{name}, {label}", before, after))
-        fresh_scores[name] = {r["prompt"]: r["trained"] for r in fresh}
-    # each later run's trained policy against each earlier one's, on the fresh conversations both were evaluated on
-    names = list(fresh_scores)
+        trained_scores[name] = {"every held-out conversation": rows, "without the method choosers": fresh}
+    # each later run's trained policy against each earlier one's, on the same conversations (every run holds out the
+    # same ones, in the same order: checked above)
+    names = list(trained_scores)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
-            shared = [p for p in fresh_scores[first] if p in fresh_scores[second]]
-            if len(shared) >= 2:
-                before = [fresh_scores[first][p] for p in shared]
-                after = [fresh_scores[second][p] for p in shared]
-                lines.append(paired_line(f"{second} against {first} (the first's score as 'initial')", before, after))
+            for label in trained_scores[first]:
+                before = [r["trained"] for r in trained_scores[first][label]]
+                after = [r["trained"] for r in trained_scores[second][label]]
+                lines.append(paired_line(f"{second} against {first} ('initial': {first}), {label}", before, after))
     print(
         f"Held-out conversations that trained the reward model: none (of {len(reward_model_conversations)} "
         f"reward-model conversations). Conversations of the earlier held-out set that chose the method: "

@@ -699,6 +699,12 @@ def main() -> int:
         if p3o in args.methods
         for line in comparison_lines(point_finals, p3o, others)
     ]
+    if missing:
+        lines += [
+            "",
+            f"**Provisional:** the readings below use the {len(runs)} runs logged so far; a point with one seed has "
+            "no seed range, so no gap below can be judged against the seeds' spread yet.",
+        ]
     if args.kl_targets:
         lines += ["", "Each method's score at each target's KL, read off the line through its final points:", ""]
         lines += [

@@ -103,6 +103,7 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     # --report-only: the report of the logged runs, naming the missing ones, which it does not run
     stdout = frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--report-only")
     assert "**Partial: 1 of 2 runs.** Not run yet: grpo β=0.1 seed 0." in open(f"{out}.md").read()
+    assert "**Provisional:** the readings below use the 1 runs logged so far" in open(f"{out}.md").read()
     assert "| ppo | 0.1 |" in open(f"{out}.md").read() and csv_rows("ppo") == first and not csv_rows("grpo")
     assert "grpo          β=0.1          seed 0: score" not in stdout and len(log_lines()) == 1
     with pytest.raises(subprocess.CalledProcessError) as refused:  # no run with these settings
@@ -435,14 +436,13 @@ def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers
     task = load_task(task_file)
     prompts, plain = load_prompt_forms(task.prompts, tokenizer, policy_conversations(task.reward.train, task.seed))
     eval_prompts = split_prompts(task.prompts, prompts, plain, task.seed)[1]
-    rng = np.random.default_rng(0)
+    initial = np.random.default_rng(0).normal(1.0, 0.5, len(eval_prompts))  # the initial policy's, in every run
 
     def run_folder(name: str, held_out: list[str], gain: float) -> str:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "run.json").write_text(json.dumps(run_record(task)))
-        scores = rng.normal(1.0, 0.5, len(held_out))
-        per_prompt = [{"prompt": p, "initial": s, "trained": s + gain} for p, s in zip(held_out, scores)]
+        per_prompt = [{"prompt": p, "initial": s, "trained": s + gain} for p, s in zip(held_out, initial)]
         (folder / "report.json").write_text(json.dumps({"algorithm": "rloo", "per_prompt": per_prompt}))
         return str(folder)
 
@@ -453,12 +453,15 @@ def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers
     result = fresh(run_folder("a", eval_prompts, 0.25), run_folder("b", eval_prompts, 0.5))
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| rloo")]
-    assert len(rows) == 5 and "| 64 |" in rows[0] and "+0.2500 (+0.2500 to +0.2500)" in rows[0]
+    assert len(rows) == 6 and "| 64 |" in rows[0] and "+0.2500 (+0.2500 to +0.2500)" in rows[0]
     assert "without the 6 that chose the method | 58 |" in rows[1]  # the task's split, as measured
-    assert "rloo (b) against rloo (a)" in rows[4] and "| 58 |" in rows[4]
+    for row, n in zip(rows[4:], (64, 58)):  # b's trained scores against a's, prompt by prompt
+        assert "rloo (b) against rloo (a)" in row and f"| {n} |" in row and "+0.2500 (+0.2500 to +0.2500)" in row
 
     # a held-out prompt the reward model trained on (the first of its conversations, outside the policy's share)
     policy_prompts = set(prompts)
     outside = [p for p in load_prompt_forms(task.prompts, tokenizer)[0] if p not in policy_prompts]
     leaked = fresh(run_folder("c", eval_prompts[:-1] + outside[:1], 0.25))
     assert leaked.returncode != 0 and "1 held-out conversations trained the reward model" in leaked.stderr
+    shuffled = fresh(run_folder("d", eval_prompts[::-1], 0.25))  # the task's prompts, in another order
+    assert shuffled.returncode != 0 and "are not the 64 that" in shuffled.stderr
