@@ -29,8 +29,9 @@ PPO and DPO, read from these points) and ``<out>.png`` (score against KL: each m
 path along training; means over seeds with the seeds' range).
 
 Every finished run is appended to ``<out>.runs.jsonl`` as it ends. ``--resume`` keeps the runs there that were
-made with the same settings (an online run's for the online runs, DPO's samples and epochs for DPO), skips them, and reuses the reward model and judge in ``--run-dir``, so a benchmark
-stopped midway loses at most the run in progress, and a long one can be split between processes by ``--methods``
+made with the same settings (an online run's for the online runs, DPO's samples and epochs for DPO), skips them,
+and reuses the reward model and judge in ``--run-dir``, so a benchmark stopped midway loses at most the run in
+progress, and a long one can be split between processes by ``--methods``
 (start the second once the first has trained the reward model; a last ``--resume`` with every method writes the
 report of all of them). ``--report-only`` writes the report of the runs in the log without running the missing
 ones, and names those.
@@ -191,7 +192,8 @@ RunKey = tuple[str, float, float | None, int]
 
 def read_run_log(path: str, settings: dict) -> tuple[dict[RunKey, dict], dict | None]:
     """The runs logged in ``path`` that these ``settings`` would make (:func:`same_settings`), by (method, β,
-    target, seed), and the reward model's metrics logged there (None when none are). A last line cut short by a crash is ignored."""
+    target, seed), and the reward model's metrics logged there (None when none are). A last line cut short by a
+    crash is ignored."""
     runs: dict[RunKey, dict] = {}
     reward_model_metrics = None
     if not os.path.exists(path):
