@@ -285,9 +285,9 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     import torch as th
     from transformers import AutoTokenizer
 
-    from sb3_rlhf.common.data import load_labelled_texts, load_preference_pairs, pairs_from_labels, train_test_split
+    from sb3_rlhf.common.data import load_labelled_texts, pairs_from_labels, train_test_split
     from sb3_rlhf.reward_modeling import load_reward_model
-    from sb3_rlhf.tasks.data import labelled_halves
+    from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
 
     stage = task.reward.train
     if stage.format == "labels":
@@ -302,7 +302,7 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
             assert 0 <= results["trained"]["judge_positive_share"] <= 1
         pairs = pairs_from_labels(positives, negatives, seed=task.seed)
     else:
-        pairs, _ = load_preference_pairs(find_data_file(stage.path))
+        pairs, _ = reward_training_pairs(stage, task.seed)  # with policy_share, the reward model's conversations only
     held_out = train_test_split(pairs, 16, seed=task.seed)[1]
     folder = str(tmp_path / "reward_model")
     reward_model, reward_tokenizer = load_reward_model(folder), AutoTokenizer.from_pretrained(folder)
