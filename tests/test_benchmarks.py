@@ -158,7 +158,13 @@ def test_a_logged_run_is_reused_under_its_own_methods_settings(monkeypatch):
     fixed_beta = {k: v for k, v in logged.items() if k not in ("kl_targets", "rollout_kl")}
     assert not same_settings(fixed_beta, logged, "ppo") and same_settings(fixed_beta, logged, "dpo")
     assert same_settings(logged, {**logged, "eval_samples": 2}, None)  # the reward model: the task alone
-    assert not same_settings(logged, {**logged, "set": ["kl.coef=1"]}, None)
+    # an override of the KL controller makes other online runs, but the same reward model and DPO runs
+    faster = {**logged, "set": ["kl.horizon=100"]}
+    assert not same_settings(logged, faster, "ppo") and same_settings(faster, faster, "ppo")
+    assert same_settings(logged, faster, None) and same_settings(logged, faster, "dpo")
+    assert not same_settings(logged, {**logged, "set": ["algorithm.dpo.pairs_per_prompt=2"]}, "dpo")
+    assert not same_settings(logged, {**logged, "set": ["reward.train.n_epochs=1"]}, None)
+    assert not same_settings(logged, {**logged, "set": ["kl.horizon=100", "task.seed=1"]}, "dpo")
     assert not same_settings(logged, {**logged, "eval_samples": 2}, "dpo")
 
 
