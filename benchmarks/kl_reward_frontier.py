@@ -173,15 +173,16 @@ def run_settings(args: argparse.Namespace, task_name: str, timesteps: int, eval_
     }
 
 
-#: the task sections whose overrides (``--set``) a run of these methods never reads (None: the reward model)
+#: the task sections whose overrides (``--set``) never change a run of these methods (None: the reward model)
 UNREAD_SECTIONS: dict[str | None, tuple[str, ...]] = {None: ("kl.", "algorithm."), "dpo": ("kl.",)}
 
 
 def same_settings(logged: dict, settings: dict, method: str | None) -> bool:
     """Whether a run of ``method`` logged under ``logged`` settings is one this invocation's ``settings`` would
-    make (``method`` None: the reward model, which only the task and its overrides make): an online run's budget,
-    evaluations and control of the KL, DPO's samples and epochs; DPO's settings do not touch the online runs, nor
-    theirs DPO's, and an override of the KL controller touches neither DPO nor the reward model."""
+    make (``method`` None: the reward model, which only the task and its overrides outside ``[kl]`` and
+    ``[algorithm]`` make): an online run's budget, evaluations and control of the KL, DPO's samples and epochs;
+    DPO's settings do not touch the online runs, nor theirs DPO's, and an override of the KL controller touches
+    neither DPO nor the reward model."""
     unread = UNREAD_SECTIONS.get(method, ())
     if [o for o in logged.get("set", []) if not o.startswith(unread)] != [
         o for o in settings.get("set", []) if not o.startswith(unread)

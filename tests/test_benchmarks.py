@@ -164,6 +164,9 @@ def test_a_logged_run_is_reused_under_its_own_methods_settings(monkeypatch):
     assert same_settings(logged, faster, None) and same_settings(logged, faster, "dpo")
     assert not same_settings(logged, {**logged, "set": ["algorithm.dpo.pairs_per_prompt=2"]}, "dpo")
     assert not same_settings(logged, {**logged, "set": ["reward.train.n_epochs=1"]}, None)
+    longer = {**logged, "set": ["algorithm.n_epochs=4"]}  # the reward model never reads [algorithm]; PPO does
+    assert same_settings(logged, longer, None) and not same_settings(logged, longer, "ppo")
+    assert not same_settings(logged, {**logged, "set": ["kl_free.x=1"]}, None)  # a section, not a prefix of a name
     assert not same_settings(logged, {**logged, "set": ["kl.horizon=100", "task.seed=1"]}, "dpo")
     assert not same_settings(logged, {**logged, "eval_samples": 2}, "dpo")
 
