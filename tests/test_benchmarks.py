@@ -361,7 +361,10 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path):
     table = open(f"{out}.md").read()
     assert "| ppo | KL target 0.5 | yes (" in table or "| ppo | KL target 0.5 | no (" in table
     assert "| dpo | β=0.05 | – |" in table and "towards each KL target: horizon 200 episodes" in table
-    assert "Each method's score at each target's KL" in table and "| method | KL 0.5 | KL 2 |" in table
+    assert "Each method's score at each target's KL" in table and "| method | KL 0.5 | KL 2 | starting point |" in table
+    # every method starts from the same untrained policy: one starting point, read off its first evaluations
+    starts = set(re.findall(r"^\| (?:ppo|p3o-joint|dpo) \|.*\| (KL -?\d+\.\d\d, score \d+\.\d+) \|$", table, re.M))
+    assert len(starts) == 1
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
     # settling is read from each training rollout's KL, as the controller measured it
     with open(f"{out}.runs.jsonl") as f:
@@ -382,7 +385,7 @@ def test_a_run_settles_when_its_last_third_stays_near_the_target(monkeypatch):
 
 def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import comparison_lines, score_at_kl, seed_mean
+    from kl_reward_frontier import comparison_lines, score_at_kl, seed_mean, where_it_lies
 
     # unsorted points, two at one KL (their mean counts), outside the range: None
     points = [(4.0, 2.0), (1.0, 0.5), (2.0, 1.0), (2.0, 2.0)]
@@ -403,12 +406,46 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
         for name, f in [("above", above), ("crossing", crossing), ("apart", apart), ("close", close), ("nan", nan)]
     }
     assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"] and read["above"].endswith("lies above ppo.")
-    assert read["crossing"].endswith("lies crossing ppo.") and "do not overlap" in read["apart"]
+    assert read["crossing"].endswith(
+        "the lines cross: p3o is below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00."
+    )
+    assert "do not overlap" in read["apart"]
     assert "within the seeds' spread of ppo" in read["close"] and "no line to read" in read["nan"]
+    # a line that crosses twice names each stretch in order; a zero gap is level
+    assert where_it_lies([1.0, 2.0, 3.0, 4.0], [0.2, 0.0, -0.1, -0.3], "dpo") == (
+        "above dpo at KL 1.00, level with it at KL 2.00 and below it at KL 3.00–4.00"
+    )
     # three equal seeds: the mean stays inside [min, max], so the plot's error bars are never negative
     for value in np.random.default_rng(0).random(200):
         mean, low, high = seed_mean([{"kl": value}] * 3, "kl")
         assert low <= mean <= high
+
+
+def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
+    """The KL-target table reads below a method's lowest final KL off the stretch to its measured start: the mean of
+    its runs' first evaluations (whatever their β or target), never the later ones."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import initial_point, kl_gained_line, score_at_kl
+
+    def run(method, target, seed, evaluations):
+        return [
+            {"method": method, "beta": 0.1, "target": target, "seed": seed, "evaluation": i, "kl": k, "score": s}
+            for i, (k, s) in enumerate(evaluations)
+        ]
+
+    rows = [
+        *run("ppo", 2.0, 0, [(0.0, 0.4), (1.0, 0.8), (2.4, 1.2)]),
+        *run("ppo", 2.0, 1, [(-0.002, 0.2), (2.0, 1.0)]),  # a k1 mean just below zero
+        *run("ppo", 8.0, 0, [(0.002, 0.3), (8.0, 2.5)]),
+        *run("nlpo", 2.0, 0, [(0.6, 0.5), (2.1, 1.1)]),  # a masked policy starts away from its reference
+    ]
+    start = initial_point(rows, "ppo")
+    assert start == (pytest.approx(0.0), pytest.approx(0.3))
+    assert initial_point(rows, "nlpo") == (0.6, 0.5) and initial_point(rows, "grpo") is None
+    # PPO's lowest final point is at KL 2.2 (seeds 2.4 and 2.0): KL 1.1 reads halfway from the start to it
+    line = [start, (2.2, 1.1), (8.0, 2.5)]
+    assert score_at_kl(line[1:], 1.1) is None and score_at_kl(line, 1.1) == pytest.approx(0.7)
+    assert "ppo 0.00 before training" in kl_gained_line(rows, ["ppo"])
 
 
 def test_the_memory_plan_follows_its_formulas():
