@@ -28,8 +28,9 @@ compute: responses sampled, tokens generated and gradient steps.
 Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``seed``, ``evaluation``, compute and
 measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
 PPO and DPO, and NLPO against PPO, read from these points; under ``--kl-targets``, each method's score at each
-target's KL, its line run on below its lowest final point to its measured starting point) and ``<out>.png`` (score against KL: each method's final points, and the
-path along training; means over seeds with the seeds' range).
+target's KL, its line run on below its lowest final point to its measured starting point) and ``<out>.png``
+(score against KL: each method's final points, and the path along training; means over seeds with the seeds'
+range).
 
 Every finished run is appended to ``<out>.runs.jsonl`` as it ends. ``--resume`` keeps the runs there that were
 made with the same settings (an online run's for the online runs, DPO's samples and epochs for DPO; an override
@@ -335,8 +336,8 @@ def settled(kls: list[float], target: float, tolerance: float = 0.2) -> tuple[bo
 
 
 def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
-    """A method's score at ``kl``, linearly between its final points; None outside their range. Points with the
-    same KL count as one, at their mean score."""
+    """A method's score at ``kl``, linearly between its points (its final points, and where asked its starting
+    point); None outside their range. Points with the same KL count as one, at their mean score."""
     by_kl: dict[float, list[float]] = {}
     for k, score in points:
         by_kl.setdefault(k, []).append(score)
@@ -368,6 +369,24 @@ def initial_point(rows: list[dict], method: str) -> tuple[float, float] | None:
     return float(np.mean([r["kl"] for r in first])), float(np.mean([r["score"] for r in first]))
 
 
+def target_row(finals: list[dict], rows: list[dict], method: str, targets: list[float]) -> str:
+    """``method``'s row of the KL-target table: its score at each target's KL off the line through its final points
+    (``{"method", "kl", "score"}``), run on below the lowest of them to its starting point (marked *) where it
+    starts below them; and that starting point."""
+    line = [(f["kl"], f["score"]) for f in finals if f["method"] == method and np.isfinite(f["kl"])]
+    start = initial_point(rows, method)
+    if not line or start is None:
+        return f"| {method} | " + "– | " * len(targets) + "not run yet |"
+    lowest = min(k for k, _ in line)
+    anchor = [start] if start[0] < lowest else []  # a start at or past a final point would bend the line back
+    cells = []
+    for target in targets:
+        score = score_at_kl([*anchor, *line], target)
+        cells.append("–" if score is None else f"{score:.3f}" + ("*" if target < lowest else ""))
+    # + 0.0: a k1 mean a hair below zero prints as 0.00, not -0.00
+    return f"| {method} | {' | '.join(cells)} | KL {round(start[0], 2) + 0.0:.2f}, score {start[1]:.3f} |"
+
+
 def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
     """Each method's KL before its first update and at its last evaluation, means over every run (β and seed): a
     masked policy (NLPO) starts away from its unmasked reference, by the nucleus' own cost."""
@@ -381,7 +400,7 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
             parts.append(f"{method} not run yet")
             continue
         start, end = mean_kl(method, True), mean_kl(method, False)
-        start = round(start, 2) + 0.0  # a k1 mean a hair below zero prints as 0.00, not -0.00
+        start = round(start, 2) + 0.0  # as in target_row: 0.00, not -0.00
         parts.append(f"{method} {start:.2f} before training → {end:.2f} at the end (+{end - start:.2f})")
     return "- KL, mean over its runs: " + "; ".join(parts) + "."
 
@@ -431,11 +450,11 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
         elif max(gaps) < 0:
             verdict = f"{method} lies below {other}"
         else:
-            verdict = f"the lines cross: {method} is {where_it_lies(list(grid), gaps, other)}"
+            verdict = f"the lines cross, {method} {where_it_lies(list(grid), gaps, other)}"
         lines.append(
             f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
             + ", ".join(f"{g:+.3f}" for g in gaps)
-            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}: {verdict}."
+            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}; {verdict}."
         )
     return lines
 
@@ -454,7 +473,7 @@ def where_it_lies(kls: list[float], gaps: list[float], other: str) -> str:
         f"{name} {other if i == 0 else 'it'} at KL {a:.2f}" + (f"–{b:.2f}" if b > a else "")
         for i, (name, a, b) in enumerate(stretches)
     ]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def main() -> int:
@@ -755,26 +774,15 @@ def main() -> int:
             "Each method's score at each target's KL, read off the line through its final points (seed means). Below "
             "a method's lowest final KL the line runs on to its measured starting point, the mean of its runs' first "
             "evaluations before any update (the frontier's end where the KL penalty is infinite); a score read on "
-            "that stretch is marked *. No line is drawn past a method's highest final KL (–).",
+            "that straight stretch is marked *, and is likely low where the frontier bends upwards. No line is drawn "
+            "past a method's highest final KL or below its starting KL (–).",
             "",
         ]
         lines += [
             f"| method | {' | '.join(f'KL {t:g}' for t in args.kl_targets)} | starting point |",
             "|---|" + "---|" * len(args.kl_targets) + "---|",
         ]
-        for method in args.methods:
-            line = [(f["kl"], f["score"]) for f in point_finals if f["method"] == method and np.isfinite(f["kl"])]
-            start = initial_point(rows, method)
-            if not line or start is None:
-                lines.append(f"| {method} | " + "– | " * len(args.kl_targets) + "not run yet |")
-                continue
-            lowest = min(k for k, _ in line)
-            read = [(score_at_kl([start, *line], t), t < lowest) for t in args.kl_targets]
-            lines.append(
-                f"| {method} | "
-                + " | ".join("–" if v is None else f"{v:.3f}" + ("*" if anchored else "") for v, anchored in read)
-                + f" | KL {round(start[0], 2) + 0.0:.2f}, score {start[1]:.3f} |"  # + 0.0: no "-0.00"
-            )
+        lines += [target_row(point_finals, rows, method, args.kl_targets) for method in args.methods]
     if comparison:
         lines += [
             "",

@@ -364,7 +364,7 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path):
     assert "Each method's score at each target's KL" in table and "| method | KL 0.5 | KL 2 | starting point |" in table
     # every method starts from the same untrained policy: one starting point, read off its first evaluations
     starts = set(re.findall(r"^\| (?:ppo|p3o-joint|dpo) \|.*\| (KL -?\d+\.\d\d, score \d+\.\d+) \|$", table, re.M))
-    assert len(starts) == 1
+    assert len(starts) == 1 and len(re.findall(r"^\| (?:ppo|p3o-joint|dpo) \|.*\| KL -?\d", table, re.M)) == 3
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
     # settling is read from each training rollout's KL, as the controller measured it
     with open(f"{out}.runs.jsonl") as f:
@@ -407,14 +407,18 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     }
     assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"] and read["above"].endswith("lies above ppo.")
     assert read["crossing"].endswith(
-        "the lines cross: p3o is below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00."
+        "; the lines cross, p3o below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00."
     )
     assert "do not overlap" in read["apart"]
     assert "within the seeds' spread of ppo" in read["close"] and "no line to read" in read["nan"]
-    # a line that crosses twice names each stretch in order; a zero gap is level
+    # every stretch in order, a zero gap level; crossing twice; one stretch alone
     assert where_it_lies([1.0, 2.0, 3.0, 4.0], [0.2, 0.0, -0.1, -0.3], "dpo") == (
         "above dpo at KL 1.00, level with it at KL 2.00 and below it at KL 3.00–4.00"
     )
+    assert where_it_lies([1.0, 2.0, 3.0], [0.2, -0.1, 0.3], "dpo") == (
+        "above dpo at KL 1.00, below it at KL 2.00 and above it at KL 3.00"
+    )
+    assert where_it_lies([1.0, 2.0], [0.2, 0.1], "dpo") == "above dpo at KL 1.00–2.00"
     # three equal seeds: the mean stays inside [min, max], so the plot's error bars are never negative
     for value in np.random.default_rng(0).random(200):
         mean, low, high = seed_mean([{"kl": value}] * 3, "kl")
@@ -422,10 +426,10 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
 
 
 def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
-    """The KL-target table reads below a method's lowest final KL off the stretch to its measured start: the mean of
-    its runs' first evaluations (whatever their β or target), never the later ones."""
+    """The KL-target table reads below a method's lowest final KL off the stretch to its measured start (marked *):
+    the mean of its runs' first evaluations, whatever their target, never the later ones."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import initial_point, kl_gained_line, score_at_kl
+    from kl_reward_frontier import initial_point, kl_gained_line, target_row
 
     def run(method, target, seed, evaluations):
         return [
@@ -435,17 +439,28 @@ def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
 
     rows = [
         *run("ppo", 2.0, 0, [(0.0, 0.4), (1.0, 0.8), (2.4, 1.2)]),
-        *run("ppo", 2.0, 1, [(-0.002, 0.2), (2.0, 1.0)]),  # a k1 mean just below zero
-        *run("ppo", 8.0, 0, [(0.002, 0.3), (8.0, 2.5)]),
-        *run("nlpo", 2.0, 0, [(0.6, 0.5), (2.1, 1.1)]),  # a masked policy starts away from its reference
+        *run("ppo", 2.0, 1, [(-0.003, 0.2), (2.0, 1.0)]),  # a k1 mean just below zero
+        *run("ppo", 8.0, 0, [(0.0, 0.3), (8.0, 2.5)]),
+        *run("nlpo", 2.0, 0, [(2.5, 0.5), (2.1, 1.1)]),  # starts past its final point: no stretch to it
+        *run("nlpo", 4.0, 0, [(2.5, 0.5), (4.1, 2.0)]),
     ]
-    start = initial_point(rows, "ppo")
-    assert start == (pytest.approx(0.0), pytest.approx(0.3))
-    assert initial_point(rows, "nlpo") == (0.6, 0.5) and initial_point(rows, "grpo") is None
-    # PPO's lowest final point is at KL 2.2 (seeds 2.4 and 2.0): KL 1.1 reads halfway from the start to it
-    line = [start, (2.2, 1.1), (8.0, 2.5)]
-    assert score_at_kl(line[1:], 1.1) is None and score_at_kl(line, 1.1) == pytest.approx(0.7)
+    assert initial_point(rows, "ppo") == (pytest.approx(-0.001), pytest.approx(0.3))
+    assert initial_point(rows, "nlpo") == (2.5, 0.5) and initial_point(rows, "grpo") is None
     assert "ppo 0.00 before training" in kl_gained_line(rows, ["ppo"])
+
+    def finals(method, pairs):
+        return [{"method": method, "kl": k, "score": s} for k, s in pairs]
+
+    # PPO's final points at KL 2.2 and 8: KL 1.1 halfway up the stretch from its start (0.3 → 1.1), starred; KL 2.2
+    # is the point itself; past KL 8 nothing
+    assert target_row(finals("ppo", [(2.2, 1.1), (8.0, 2.5)]), rows, "ppo", [1.1, 2.2, 9.0]) == (
+        "| ppo | 0.700* | 1.100 | – | KL 0.00, score 0.300 |"
+    )
+    # NLPO starts at KL 2.5, past its lowest final point (2.1): read off the final points alone, nothing below 2.1
+    assert target_row(finals("nlpo", [(2.1, 1.1), (4.1, 2.0)]), rows, "nlpo", [1.0, 3.1]) == (
+        "| nlpo | – | 1.550 | KL 2.50, score 0.500 |"
+    )
+    assert target_row([], rows, "grpo", [1.0, 3.1]) == "| grpo | – | – | not run yet |"
 
 
 def test_the_memory_plan_follows_its_formulas():
