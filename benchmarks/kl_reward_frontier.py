@@ -254,7 +254,7 @@ def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
     """Score against KL in two panels: left, each method's final points (one per β or KL target), joined in order
-    of KL; right, the path of each point along training. Each marker is the mean over seeds, with bars from the
+    of KL, and dotted from its measured starting point (a star) to the lowest of them; right, the path of each point along training. Each marker is the mean over seeds, with bars from the
     lowest to the highest seed on both axes."""
     import matplotlib
 
@@ -301,7 +301,17 @@ def write_plot(rows: list[dict], path: str, title: str) -> None:
             finals.sort(key=lambda f: f[0][0])
             kl, score = np.array([f[0] for f in finals]), np.array([f[1] for f in finals])
             bars(ends, kl, score, color=colors[method], marker="o", markersize=5, label=method)
-    ends.set_title("final points (β or KL target), seed mean and range")
+            start = initial_point(rows, method)
+            if start is not None and start[0] < kl[0, 0]:  # the stretch the KL-target table reads below (*)
+                ends.plot(
+                    [start[0], kl[0, 0]],
+                    [start[1], score[0, 0]],
+                    ls=":",
+                    marker="*",
+                    markevery=[0],
+                    color=colors[method],
+                )
+    ends.set_title("final points (β or KL target), seed mean and range; dotted: to the start")
     paths.set_title("along training")
     for ax in (ends, paths):
         ax.set_xlabel("KL to the initial policy (nats per response, held-out prompts)")
