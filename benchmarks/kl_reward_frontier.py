@@ -461,6 +461,12 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             verdict = f"{method} lies below {other}"
         else:
             verdict = f"the lines cross, {method} {where_it_lies(list(grid), gaps, other)}"
+        if max(abs(g) for g in gaps) > noise:
+            beyond = [(k, bool(abs(g) > noise)) for k, g in zip(grid, gaps)]
+            where = [kls for wide, *kls in stretches_of(beyond) if wide]
+            verdict += f"; the gap exceeds the seeds' spread (mean seed range {noise:.3f}) " + (
+                "at every KL read" if all(wide for _, wide in beyond) else "only at KL " + kl_spans(where)
+            )
         lines.append(
             f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
             + ", ".join(f"{g:+.3f}" for g in gaps)
@@ -469,19 +475,30 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
     return lines
 
 
+def stretches_of(labelled: list[tuple[float, Any]]) -> list[tuple[Any, float, float]]:
+    """Runs of equal labels along KL, in order: ``[(1, "a"), (2, "a"), (3, "b")]`` → ``[("a", 1, 2), ("b", 3, 3)]``."""
+    stretches: list[tuple[Any, float, float]] = []
+    for k, label in labelled:
+        if stretches and stretches[-1][0] == label:
+            stretches[-1] = (label, stretches[-1][1], k)
+        else:
+            stretches.append((label, k, k))
+    return stretches
+
+
+def kl_spans(spans: list[list[float]]) -> str:
+    """``[[1, 2], [4, 4]]`` → "1.00–2.00 and 4.00"."""
+    parts = [f"{a:.2f}" + (f"–{b:.2f}" if b > a else "") for a, b in spans]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def where_it_lies(kls: list[float], gaps: list[float], other: str) -> str:
     """The KL stretches where a score difference against ``other`` is above, level with or below zero, in order:
     "below ppo at KL 1.00–2.00 and above it at KL 3.00–5.00"."""
     side = ["above" if g > 0 else "below" if g < 0 else "level with" for g in gaps]
-    stretches: list[tuple[str, float, float]] = []
-    for name, k in zip(side, kls):
-        if stretches and stretches[-1][0] == name:
-            stretches[-1] = (name, stretches[-1][1], k)
-        else:
-            stretches.append((name, k, k))
     parts = [
-        f"{name} {other if i == 0 else 'it'} at KL {a:.2f}" + (f"–{b:.2f}" if b > a else "")
-        for i, (name, a, b) in enumerate(stretches)
+        f"{name} {other if i == 0 else 'it'} at KL {kl_spans([[a, b]])}"
+        for i, (name, a, b) in enumerate(stretches_of(list(zip(kls, side))))
     ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 

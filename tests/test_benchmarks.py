@@ -395,7 +395,8 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     def finals(method, pairs, spread=0.01):
         return [{"method": method, "kl": k, "score": s, "score_range": spread} for k, s in pairs]
 
-    ppo = finals("ppo", [(1.0, 1.0), (3.0, 2.0), (5.0, 3.0)])
+    ppo_points = [(1.0, 1.0), (3.0, 2.0), (5.0, 3.0)]
+    ppo = finals("ppo", ppo_points)
     above = finals("p3o", [(2.0, 2.0), (6.0, 4.0)])  # 0.5 higher than PPO's line at every shared KL
     crossing = finals("p3o", [(1.0, 0.5), (5.0, 3.5)])
     apart = finals("p3o", [(6.0, 1.0), (8.0, 2.0)])
@@ -405,9 +406,20 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
         name: comparison_lines(ppo + f, "p3o", ["ppo"])[0]
         for name, f in [("above", above), ("crossing", crossing), ("apart", apart), ("close", close), ("nan", nan)]
     }
-    assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"] and read["above"].endswith("lies above ppo.")
+    assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"]
+    assert read["above"].endswith(
+        "; p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.010) at every KL read."
+    )
     assert read["crossing"].endswith(
-        "; the lines cross, p3o below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00."
+        "; the lines cross, p3o below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00; "
+        "the gap exceeds the seeds' spread (mean seed range 0.010) only at KL 1.00–2.00 and 4.00–5.00."
+    )
+    # above everywhere, but at KL 1 by 0.05, inside a seed range of 0.1
+    partly = comparison_lines(
+        finals("ppo", ppo_points, 0.1) + finals("p3o", [(1.0, 1.05), (5.0, 3.5)], 0.1), "p3o", ["ppo"]
+    )
+    assert partly[0].endswith(
+        "p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.100) only at KL 2.00–5.00."
     )
     assert "do not overlap" in read["apart"]
     assert "within the seeds' spread of ppo" in read["close"] and "no line to read" in read["nan"]
