@@ -15,7 +15,8 @@ horizon of 200 episodes left PPO 21–25% above target 2 over its last third; ``
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
 trained once at the start, or its reward function), for each KL coefficient β given (default three) and each
-training seed (default two). The online methods get the same budget of generated training tokens
+training seed (default two; ``--extra-seeds ppo=2`` adds one to a method whose seeds' spread leaves a gap
+unreadable). The online methods get the same budget of generated training tokens
 (``--timesteps``) and the task's shared settings (learning rate, episodes per rollout, minibatch size, epochs);
 DPO learns from pairs of the initial policy's samples on the training prompts, labelled by the same reward, with
 β as its own β; it samples ``--dpo-samples`` responses once, before training (default: as many as an online run
@@ -77,6 +78,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "nlpo": ("nlpo", {}),  # its task's [algorithm.nlpo] table applies
     "dpo": ("dpo", {}),
 }
+
+
+def method_seeds(value: str) -> tuple[str, list[int]]:
+    """``--extra-seeds``' ``METHOD=SEED[,SEED]``: ``"ppo=2,3"`` → ``("ppo", [2, 3])``."""
+    method, _, seeds = value.partition("=")
+    if method not in METHODS or not seeds:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected METHOD=SEED[,SEED] with METHOD one of {', '.join(METHODS)}, e.g. ppo=2"
+        )
+    try:
+        return method, [int(seed) for seed in seeds.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: seeds are whole numbers, comma-separated, e.g. ppo=2,3") from None
 
 
 def with_algorithm(
@@ -254,8 +268,9 @@ def seed_mean(rows: list[dict], key: str) -> tuple[float, float, float]:
 
 def write_plot(rows: list[dict], path: str, title: str) -> None:
     """Score against KL in two panels: left, each method's final points (one per β or KL target), joined in order
-    of KL, and dotted from its measured starting point (a star) to the lowest of them; right, the path of each point along training. Each marker is the mean over seeds, with bars from the
-    lowest to the highest seed on both axes."""
+    of KL, and dotted from its measured starting point (a star) to the lowest of them; right, the path of each
+    point along training. Each marker is the mean over seeds, with bars from the lowest to the highest seed on both
+    axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,6 +527,14 @@ def main() -> int:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds per point")
     parser.add_argument(
+        "--extra-seeds",
+        nargs="+",
+        type=method_seeds,
+        default=[],
+        metavar="METHOD=SEED[,SEED]",
+        help="more seeds for one method's points, where its seeds' spread leaves a gap unreadable: ppo=2",
+    )
+    parser.add_argument(
         "--timesteps", type=int, default=None, help="generated tokens per online run (default: the task's)"
     )
     parser.add_argument(
@@ -554,6 +577,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.resume = args.resume or args.report_only
+    extra_seeds: dict[str, list[int]] = {}
+    for method, seeds in args.extra_seeds:
+        if method not in args.methods:
+            parser.error(f"--extra-seeds {method}=...: {method} is not among --methods {' '.join(args.methods)}")
+        extra_seeds.setdefault(method, []).extend(s for s in seeds if s not in args.seeds)
+
+    def seeds_of(method: str) -> list[int]:
+        return [*args.seeds, *dict.fromkeys(extra_seeds.get(method, []))]
 
     th.set_num_threads(args.threads)
     task = load_task(args.task, args.set)
@@ -604,7 +635,7 @@ def main() -> int:
         algorithm, overrides = METHODS[method]
         for beta, target in points(method):
             label = point_label((beta, target))
-            for seed in args.seeds:
+            for seed in seeds_of(method):
                 if (method, beta, target, seed) in logged:
                     record = logged[(method, beta, target, seed)]
                     rows += record["rows"]
@@ -715,7 +746,9 @@ def main() -> int:
         ),
         f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
-        f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))} (the training's: "
+        f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))}"
+        + "".join(f"; {m}: {', '.join(map(str, seeds_of(m)))}" for m in extra_seeds)
+        + " (the training's: "
         "sampling, minibatch order, DPO's pairs; the prompt split, the reward model and every evaluation keep the "
         f"task's seed {task.seed}). "
         f"Online budget per run: {timesteps} generated tokens; shared settings {settings}. "

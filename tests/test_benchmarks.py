@@ -123,6 +123,22 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     assert "runs taken from frontier.runs.jsonl: 1." in open(f"{out}.md").read()
     assert [record["method"] for record in log_lines()] == ["ppo", "grpo"]
 
+    # a third seed for one method only: its points ask for it, the others' do not
+    frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--report-only", "--extra-seeds", "ppo=1")
+    report = open(f"{out}.md").read()
+    assert (
+        "**Partial: 2 of 3 runs.** Not run yet: ppo β=0.1 seed 1." in report
+        and "Seeds per point: 0; ppo: 0, 1 (" in report
+    )
+    for wrong, error in [
+        ("ppo=x", "'ppo=x': seeds are whole numbers"),
+        ("rlhf=1", "'rlhf=1': expected METHOD=SEED[,SEED]"),
+        ("dpo=1", "--extra-seeds dpo=...: dpo is not among --methods ppo grpo"),
+    ]:
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--report-only", "--extra-seeds", wrong)
+        assert error in refused.value.stderr
+
     # DPO's settings are DPO's own: other epochs do not make the online runs again
     stdout = frontier("--methods", "ppo", "--timesteps", "400", "--dpo-epochs", "5", "--resume")
     assert "ppo           β=0.1          seed 0: from" in stdout, stdout
