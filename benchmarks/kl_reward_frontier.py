@@ -15,7 +15,7 @@ horizon of 200 episodes left PPO 21–25% above target 2 over its last third; ``
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
 trained once at the start, or its reward function), for each KL coefficient β given (default three) and each
-training seed (default two; ``--extra-seeds ppo=2`` adds one to a method whose seeds' spread leaves a gap
+training seed (default two; ``--extra-seeds ppo=2`` adds one to the methods whose seeds' spread leaves a gap
 unreadable). The online methods get the same budget of generated training tokens
 (``--timesteps``) and the task's shared settings (learning rate, episodes per rollout, minibatch size, epochs);
 DPO learns from pairs of the initial policy's samples on the training prompts, labelled by the same reward, with
@@ -432,10 +432,12 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
 
 def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list[str]:
     """Where ``method``'s final points lie against each of ``others``': their scores at the same KL, read off
-    the lines through each method's seed-mean final points (one per β), where both methods reach that KL. A gap
-    smaller than the two methods' mean seed range (highest minus lowest seed's score) is called within the seeds'
-    spread. Each final is ``{"method", "kl", "score", "score_range"}``; points with a non-finite KL or score are
-    left out."""
+    the lines through each method's seed-mean final points (one per β or KL target), at five KLs where both
+    methods reach them; and at which of those KLs the gap exceeds the seeds' spread, the two methods' mean seed
+    range (highest minus lowest seed's score, over their points with two seeds or more). A gap no wider than that
+    at every KL is called within the seeds' spread. The range only widens with more seeds, so a gap that still
+    exceeds it after a third seed is the firmer reading. Each final is ``{"method", "kl", "score",
+    "score_range", "seeds"}``; points with a non-finite KL or score are left out."""
 
     def points(name: str) -> list[tuple[float, float]]:
         return [
@@ -444,8 +446,9 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             if f["method"] == name and np.isfinite(f["kl"]) and np.isfinite(f["score"])
         ]
 
-    def spread(name: str) -> float:
-        return float(np.mean([f["score_range"] for f in finals if f["method"] == name]))
+    def spread(name: str) -> float | None:
+        ranges = [f["score_range"] for f in finals if f["method"] == name and f["seeds"] > 1]
+        return float(np.mean(ranges)) if ranges else None  # one seed has no range
 
     lines = []
     for other in others:
@@ -467,8 +470,9 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             continue
         grid = np.linspace(low, high, 5)
         gaps = [score_at_kl(mine, k) - score_at_kl(theirs, k) for k in grid]  # type: ignore[operator]
-        noise = (spread(method) + spread(other)) / 2
-        if max(abs(g) for g in gaps) <= noise:
+        spreads = (spread(method), spread(other))
+        noise = None if None in spreads else (spreads[0] + spreads[1]) / 2  # type: ignore[operator]
+        if noise is not None and max(abs(g) for g in gaps) <= noise:
             verdict = f"{method} lies within the seeds' spread of {other} (mean seed range {noise:.3f})"
         elif min(gaps) > 0:
             verdict = f"{method} lies above {other}"
@@ -476,11 +480,14 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             verdict = f"{method} lies below {other}"
         else:
             verdict = f"the lines cross, {method} {where_it_lies(list(grid), gaps, other)}"
-        if max(abs(g) for g in gaps) > noise:
-            beyond = [(k, bool(abs(g) > noise)) for k, g in zip(grid, gaps)]
-            where = [kls for wide, *kls in stretches_of(beyond) if wide]
+        if noise is None:
+            verdict += f"; {method if spreads[0] is None else other} has one seed per point, no seed range to judge by"
+        elif max(abs(g) for g in gaps) > noise:
+            # by side, so that a stretch beyond the spread never spans a change of sign
+            beyond = [(k, "above" if g > noise else "below" if g < -noise else None) for k, g in zip(grid, gaps)]
+            where = [kls for side, *kls in stretches_of(beyond) if side]
             verdict += f"; the gap exceeds the seeds' spread (mean seed range {noise:.3f}) " + (
-                "at every KL read" if all(wide for _, wide in beyond) else "only at KL " + kl_spans(where)
+                "at all five KLs" if all(side for _, side in beyond) else "only at KL " + kl_spans(where)
             )
         lines.append(
             f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
@@ -532,7 +539,8 @@ def main() -> int:
         type=method_seeds,
         default=[],
         metavar="METHOD=SEED[,SEED]",
-        help="more seeds for one method's points, where its seeds' spread leaves a gap unreadable: ppo=2",
+        help="more seeds for some methods' points (not in --seeds), where their seeds' spread leaves a gap "
+        "unreadable: ppo=2 p3o-separate=2; a later --resume or --report-only without them leaves those runs out",
     )
     parser.add_argument(
         "--timesteps", type=int, default=None, help="generated tokens per online run (default: the task's)"
@@ -581,7 +589,9 @@ def main() -> int:
     for method, seeds in args.extra_seeds:
         if method not in args.methods:
             parser.error(f"--extra-seeds {method}=...: {method} is not among --methods {' '.join(args.methods)}")
-        extra_seeds.setdefault(method, []).extend(s for s in seeds if s not in args.seeds)
+        if set(seeds) & set(args.seeds):
+            parser.error(f"--extra-seeds {method}=...: seed {min(set(seeds) & set(args.seeds))} is in --seeds already")
+        extra_seeds.setdefault(method, []).extend(seeds)
 
     def seeds_of(method: str) -> list[int]:
         return [*args.seeds, *dict.fromkeys(extra_seeds.get(method, []))]
@@ -723,6 +733,7 @@ def main() -> int:
                     "budget": " / ".join(dict.fromkeys(r["budget"] for r in group)),  # per seed where they differ
                     "gradient_steps": " / ".join(dict.fromkeys(f"{r['gradient_steps']:.0f}" for r in group)),
                     "seconds": float(np.mean([r["seconds"] for r in group])),
+                    "seeds": len(group),
                 }
             )
     settings = task.algorithm_settings()
@@ -747,7 +758,7 @@ def main() -> int:
         f"Versions: {versions_line()}.",
         f"Held-out prompts: {len(prepared.eval_prompts)} × {args.eval_samples} samples each; training prompts: "
         f"{len(prepared.train_prompts)}. Seeds per point: {', '.join(map(str, args.seeds))}"
-        + "".join(f"; {m}: {', '.join(map(str, seeds_of(m)))}" for m in extra_seeds)
+        + "".join(f"; for {m}: {', '.join(map(str, seeds_of(m)))}" for m in extra_seeds)
         + " (the training's: "
         "sampling, minibatch order, DPO's pairs; the prompt split, the reward model and every evaluation keep the "
         f"task's seed {task.seed}). "
@@ -812,7 +823,13 @@ def main() -> int:
             + f"{r['budget']} | {r['gradient_steps']} | {r['seconds']:.0f} |"
         )
     point_finals = [
-        {"method": r["method"], "kl": r["kl"][0], "score": r["score"][0], "score_range": r["score"][2] - r["score"][1]}
+        {
+            "method": r["method"],
+            "kl": r["kl"][0],
+            "score": r["score"][0],
+            "score_range": r["score"][2] - r["score"][1],
+            "seeds": r["seeds"],
+        }
         for r in finals
     ]
     others = [m for m in ("ppo", "dpo") if m in args.methods]
@@ -825,8 +842,12 @@ def main() -> int:
     if missing:
         lines += [
             "",
-            f"**Provisional:** the readings below use the {len(runs)} runs logged so far; a point with one seed has "
-            "no seed range, so no gap below can be judged against the seeds' spread yet.",
+            f"**Provisional:** the readings below use the {len(runs)} runs logged so far"
+            + (
+                "; a point with one seed has no seed range, and counts in no spread below."
+                if any(f["seeds"] == 1 for f in finals)
+                else "."
+            ),
         ]
     if args.kl_targets:
         lines += [

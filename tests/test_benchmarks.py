@@ -128,12 +128,13 @@ def test_kl_reward_frontier_resumes_from_its_run_log(tmp_path):
     report = open(f"{out}.md").read()
     assert (
         "**Partial: 2 of 3 runs.** Not run yet: ppo β=0.1 seed 1." in report
-        and "Seeds per point: 0; ppo: 0, 1 (" in report
+        and "Seeds per point: 0; for ppo: 0, 1 (" in report
     )
     for wrong, error in [
         ("ppo=x", "'ppo=x': seeds are whole numbers"),
         ("rlhf=1", "'rlhf=1': expected METHOD=SEED[,SEED]"),
         ("dpo=1", "--extra-seeds dpo=...: dpo is not among --methods ppo grpo"),
+        ("ppo=1,0", "--extra-seeds ppo=...: seed 0 is in --seeds already"),
     ]:
         with pytest.raises(subprocess.CalledProcessError) as refused:
             frontier("--methods", "ppo", "grpo", "--timesteps", "400", "--report-only", "--extra-seeds", wrong)
@@ -408,8 +409,8 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     assert score_at_kl(points, 3.0) == pytest.approx(1.75) and score_at_kl(points, 2.0) == pytest.approx(1.5)
     assert score_at_kl(points, 0.5) is None and score_at_kl(points, 4.5) is None
 
-    def finals(method, pairs, spread=0.01):
-        return [{"method": method, "kl": k, "score": s, "score_range": spread} for k, s in pairs]
+    def finals(method, pairs, spread=0.01, seeds=2):
+        return [{"method": method, "kl": k, "score": s, "score_range": spread, "seeds": seeds} for k, s in pairs]
 
     ppo_points = [(1.0, 1.0), (3.0, 2.0), (5.0, 3.0)]
     ppo = finals("ppo", ppo_points)
@@ -424,7 +425,7 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     }
     assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"]
     assert read["above"].endswith(
-        "; p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.010) at every KL read."
+        "; p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.010) at all five KLs."
     )
     assert read["crossing"].endswith(
         "; the lines cross, p3o below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00; "
@@ -438,7 +439,18 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
         "p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.100) only at KL 2.00–5.00."
     )
     assert "do not overlap" in read["apart"]
-    assert "within the seeds' spread of ppo" in read["close"] and "no line to read" in read["nan"]
+    assert read["close"].endswith("; p3o lies within the seeds' spread of ppo (mean seed range 0.255).")
+    assert "no line to read" in read["nan"]
+    # beyond the spread below PPO at KL 1 and above it at 2–4: two stretches, never one across the change of sign
+    sharp = comparison_lines(
+        finals("ppo", ppo_points, 0.1) + finals("p3o", [(1.0, 0.5), (2.0, 2.0), (5.0, 3.05)], 0.1), "p3o", ["ppo"]
+    )
+    assert sharp[0].endswith("(mean seed range 0.100) only at KL 1.00 and 2.00–4.00.")
+    # one seed per point: no range, so no spread is claimed either way; a one-seed point counts in no spread
+    single = comparison_lines(ppo + finals("p3o", [(2.0, 2.0), (6.0, 4.0)], 0.0, seeds=1), "p3o", ["ppo"])
+    assert single[0].endswith("; p3o lies above ppo; p3o has one seed per point, no seed range to judge by.")
+    mixed = finals("p3o", [(2.0, 2.0)], 0.3) + finals("p3o", [(6.0, 4.0)], 0.0, seeds=1)
+    assert "(mean seed range 0.155) at all five KLs" in comparison_lines(ppo + mixed, "p3o", ["ppo"])[0]
     # every stretch in order, a zero gap level; crossing twice; one stretch alone
     assert where_it_lies([1.0, 2.0, 3.0, 4.0], [0.2, 0.0, -0.1, -0.3], "dpo") == (
         "above dpo at KL 1.00, level with it at KL 2.00 and below it at KL 3.00–4.00"
