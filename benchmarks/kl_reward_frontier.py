@@ -11,7 +11,8 @@ its loss steered by the same controller) towards each target, and the report say
 ±20% of its target over the last third of its training rollouts; DPO, which has no controller, sweeps its β over
 ``--dpo-betas`` instead, chosen to put its final KL across the same range. On IMDB at 20,000 tokens the task's
 horizon of 200 episodes left PPO 21–25% above target 2 over its last third; ``--set kl.horizon=100`` settles it
-(within 16% at targets 2, 4 and 8, seeds 0 and 1; ``benchmarks/results/kl_reward_frontier_imdb_positive_controlled.md``).
+(within 16% at targets 2, 4 and 8, seeds 0 and 1;
+``benchmarks/results/kl_reward_frontier_imdb_positive_controlled.md``).
 
 Every method starts from the same initial policy and learns from the same reward (the task's reward model,
 trained once at the start, or its reward function), for each KL coefficient β given (default three) and each
@@ -855,8 +856,8 @@ def main() -> int:
             "Each method's score at each target's KL, read off the line through its final points (seed means). Below "
             "a method's lowest final KL the line runs on to its measured starting point, the mean of its runs' first "
             "evaluations before any update (the frontier's end where the KL penalty is infinite); a score read on "
-            "that straight stretch is marked *, and is likely low where the frontier bends upwards. No line is drawn "
-            "past a method's highest final KL or below its starting KL (–).",
+            "that straight stretch is marked *, and is likely low where the frontier bends upwards. Where a method starts "
+            "at or past its lowest final KL (a masked policy), no stretch is drawn; off its line, no score (–).",
             "",
         ]
         lines += [
