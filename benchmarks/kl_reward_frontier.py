@@ -409,8 +409,12 @@ def target_row(finals: list[dict], rows: list[dict], method: str, targets: list[
     for target in targets:
         score = score_at_kl([*anchor, *line], target)
         cells.append("–" if score is None else f"{score:.3f}" + ("*" if target < lowest else ""))
-    # + 0.0: a k1 mean a hair below zero prints as 0.00, not -0.00
-    return f"| {method} | {' | '.join(cells)} | KL {round(start[0], 2) + 0.0:.2f}, score {start[1]:.3f} |"
+    return f"| {method} | {' | '.join(cells)} | KL {shown_kl(start[0]):.2f}, score {start[1]:.3f} |"
+
+
+def shown_kl(kl: float) -> float:
+    """``kl`` to two decimals as printed, a k1 mean a hair below zero as 0.00 rather than -0.00 (the + 0.0)."""
+    return round(kl, 2) + 0.0
 
 
 def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
@@ -426,7 +430,7 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
             parts.append(f"{method} not run yet")
             continue
         start, end = mean_kl(method, True), mean_kl(method, False)
-        start = round(start, 2) + 0.0  # as in target_row: 0.00, not -0.00
+        start = shown_kl(start)
         parts.append(f"{method} {start:.2f} before training → {end:.2f} at the end (+{end - start:.2f})")
     return "- KL, mean over its runs: " + "; ".join(parts) + "."
 
@@ -471,8 +475,8 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             continue
         grid = np.linspace(low, high, 5)
         gaps = [score_at_kl(mine, k) - score_at_kl(theirs, k) for k in grid]  # type: ignore[operator]
-        spreads = (spread(method), spread(other))
-        noise = None if None in spreads else (spreads[0] + spreads[1]) / 2  # type: ignore[operator]
+        my_spread, their_spread = spread(method), spread(other)
+        noise = None if my_spread is None or their_spread is None else (my_spread + their_spread) / 2
         if noise is not None and max(abs(g) for g in gaps) <= noise:
             verdict = f"{method} lies within the seeds' spread of {other} (mean seed range {noise:.3f})"
         elif min(gaps) > 0:
@@ -482,7 +486,7 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
         else:
             verdict = f"the lines cross, {method} {where_it_lies(list(grid), gaps, other)}"
         if noise is None:
-            verdict += f"; {method if spreads[0] is None else other} has one seed per point, no seed range to judge by"
+            verdict += f"; {method if my_spread is None else other} has one seed per point, no seed range to judge by"
         elif max(abs(g) for g in gaps) > noise:
             # by side, so that a stretch beyond the spread never spans a change of sign
             beyond = [(k, "above" if g > noise else "below" if g < -noise else None) for k, g in zip(grid, gaps)]
@@ -511,7 +515,11 @@ def stretches_of(labelled: list[tuple[float, Any]]) -> list[tuple[Any, float, fl
 
 def kl_spans(spans: list[list[float]]) -> str:
     """``[[1, 2], [4, 4]]`` → "1.00–2.00 and 4.00"."""
-    parts = [f"{a:.2f}" + (f"–{b:.2f}" if b > a else "") for a, b in spans]
+    return in_words([f"{a:.2f}" + (f"–{b:.2f}" if b > a else "") for a, b in spans])
+
+
+def in_words(parts: list[str]) -> str:
+    """``["a", "b", "c"]`` → "a, b and c"."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -519,11 +527,12 @@ def where_it_lies(kls: list[float], gaps: list[float], other: str) -> str:
     """The KL stretches where a score difference against ``other`` is above, level with or below zero, in order:
     "below ppo at KL 1.00–2.00 and above it at KL 3.00–5.00"."""
     side = ["above" if g > 0 else "below" if g < 0 else "level with" for g in gaps]
-    parts = [
-        f"{name} {other if i == 0 else 'it'} at KL {kl_spans([[a, b]])}"
-        for i, (name, a, b) in enumerate(stretches_of(list(zip(kls, side))))
-    ]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return in_words(
+        [
+            f"{name} {other if i == 0 else 'it'} at KL {kl_spans([[a, b]])}"
+            for i, (name, a, b) in enumerate(stretches_of(list(zip(kls, side))))
+        ]
+    )
 
 
 def main() -> int:
