@@ -32,6 +32,7 @@ def run_launcher(command: list[str], out=None, prepare=None) -> subprocess.Compl
         return first
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)  # start the second launch from nothing, but its inputs
+        os.makedirs(out)  # the workers write into the folder, not create it
     if prepare is not None:
         prepare()
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
