@@ -30,7 +30,9 @@ compute: responses sampled, tokens generated and gradient steps.
 Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``seed``, ``evaluation``, compute and
 measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
 PPO and DPO, and NLPO against PPO, read from these points; under ``--kl-targets``, each method's score at each
-target's KL, its line run on below its lowest final point to its measured starting point) and ``<out>.png``
+target's KL, its line run on below its lowest final point to its measured starting point, and the same readings
+from each online run's mean over the last third of its evaluations, where one evaluation's noise is averaged
+out) and ``<out>.png``
 (score against KL: each method's final points, and the path along training; means over seeds with the seeds'
 range).
 
@@ -384,6 +386,38 @@ def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
             runs.setdefault((*point_of(row), row["seed"]), []).append(row)
     pick = min if first else max
     return [pick(r, key=lambda x: x["evaluation"]) for r in runs.values()]
+
+
+def late_finals(rows: list[dict], method: str) -> list[dict]:
+    """``method``'s points with each run's last evaluation replaced by its mean over the last third of its
+    evaluations after the first (at least one): the same window as :func:`settled`, where the controller holds the
+    KL near its target, so one evaluation's noise is averaged out. One ``{"method", "point", "kl", "score",
+    "score_range", "seeds"}`` per (β, target), seed means as in the final points."""
+    runs: dict[tuple[float, float | None, int], list[dict]] = {}
+    for row in rows:
+        if row["method"] == method:
+            runs.setdefault((*point_of(row), row["seed"]), []).append(row)
+    by_point: dict[tuple[float, float | None], list[dict]] = {}
+    for (*point, _), evaluations in runs.items():
+        later = sorted(evaluations, key=lambda r: r["evaluation"])[1:] or evaluations
+        window = later[len(later) - max(1, len(later) // 3) :]
+        by_point.setdefault(tuple(point), []).append(  # type: ignore[arg-type]
+            {key: float(np.mean([r[key] for r in window])) for key in ("kl", "score")}
+        )
+    finals = []
+    for point, group in by_point.items():
+        score = seed_mean(group, "score")
+        finals.append(
+            {
+                "method": method,
+                "point": point,
+                "kl": seed_mean(group, "kl")[0],
+                "score": score[0],
+                "score_range": score[2] - score[1],
+                "seeds": len(group),
+            }
+        )
+    return sorted(finals, key=lambda f: (f["point"][1] is None, f["point"][1] or 0.0, f["point"][0]))
 
 
 def initial_point(rows: list[dict], method: str) -> tuple[float, float] | None:
@@ -889,6 +923,35 @@ def main() -> int:
             "",
             *comparison_lines(point_finals, "nlpo", ["ppo"]),
             kl_gained_line(rows, ["ppo", "nlpo"]),
+        ]
+    if args.kl_targets:
+        # one held-out evaluation is 64 responses: its KL swings by about a nat between neighbours, so check the
+        # readings against each run's mean over its settled last third; DPO keeps its last epoch (no controller
+        # holds its KL, which grows with every epoch)
+        late = [f for m in args.methods if m != "dpo" for f in late_finals(rows, m)]
+        late += [f for f in point_finals if f["method"] == "dpo"]
+        late_lines = [
+            line
+            for method, others in [("p3o-separate", others), ("p3o-joint", others), ("nlpo", ["ppo"])]
+            if method in args.methods
+            for line in comparison_lines(late, method, [o for o in others if o in args.methods])
+        ]
+        lines += [
+            "",
+            "The same readings with each online run's last evaluation replaced by its mean over the last third of "
+            "its evaluations (the window in which the controller holds the KL; one evaluation's KL swings by "
+            "about a nat); DPO keeps its last epoch. Seed means, with the range of the seeds' scores:",
+            "",
+            "| method | point | score | KL |",
+            "|---|---|---|---|",
+            *(
+                f"| {f['method']} | {point_label(f['point'])} | {f['score']:.3f} (range {f['score_range']:.3f}) | "
+                f"{f['kl']:.2f} |"
+                for f in late
+                if f["method"] != "dpo"
+            ),
+            "",
+            *late_lines,
         ]
     lines += ["", f"Every evaluation: `{os.path.basename(out)}.csv`; plot: `{os.path.basename(out)}.png`.", ""]
     with open(out + ".md", "w") as f:

@@ -383,6 +383,10 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path):
     starts = set(re.findall(r"^\| (?:ppo|p3o-joint|dpo) \|.*\| (KL -?\d+\.\d\d, score \d+\.\d+) \|$", table, re.M))
     assert len(starts) == 1 and len(re.findall(r"^\| (?:ppo|p3o-joint|dpo) \|.*\| KL -?\d", table, re.M)) == 3
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table
+    # the same readings from each online run's settled last third, DPO's from its last epoch
+    late = table.split("replaced by its mean over the last third")[1]
+    assert len(re.findall(r"^\| (?:ppo|p3o-joint) \| KL target (?:0\.5|2) \| \d", late, re.M)) == 4
+    assert "| dpo |" not in late and "p3o-joint against ppo" in late and "p3o-joint against dpo" in late
     # settling is read from each training rollout's KL, as the controller measured it
     with open(f"{out}.runs.jsonl") as f:
         logged = [json.loads(line)["run"] for line in f if '"run"' in line]
@@ -501,6 +505,35 @@ def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
         "| nlpo | – | 1.550 | KL 2.50, score 0.500 |"
     )
     assert target_row([], rows, "grpo", [1.0, 3.1]) == "| grpo | – | – | not run yet |"
+
+
+def test_late_finals_average_each_runs_last_third_after_its_first_evaluation(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import late_finals
+
+    def run(seed, target, evaluations):
+        return [
+            {"method": "ppo", "beta": 0.1, "target": target, "seed": seed, "evaluation": i, "kl": k, "score": s}
+            for i, (k, s) in enumerate(evaluations)
+        ]
+
+    rows = [
+        # six evaluations after the first: the last two count (KL 2.2 and 1.8, scores 1.0 and 1.4)
+        *run(0, 2.0, [(0.0, 0.3), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (2.2, 1.0), (1.8, 1.4)]),
+        *run(1, 2.0, [(0.0, 0.3), (5.0, 5.0), (5.0, 5.0), (5.0, 5.0), (5.0, 5.0), (2.0, 0.8)]),  # five: the last
+        *run(0, 8.0, [(0.0, 0.3)]),  # never updated: its one evaluation
+        {"method": "dpo", "beta": 0.1, "target": None, "seed": 0, "evaluation": 1, "kl": 1.0, "score": 1.0},
+    ]
+    two, eight = late_finals(rows, "ppo")  # in order of target
+    assert two == {
+        "method": "ppo",
+        "point": (0.1, 2.0),
+        "kl": pytest.approx(2.0),
+        "score": pytest.approx(1.0),  # seeds 1.2 and 0.8
+        "score_range": pytest.approx(0.4),
+        "seeds": 2,
+    }
+    assert (eight["point"], eight["kl"], eight["score"], eight["seeds"]) == ((0.1, 8.0), 0.0, 0.3, 1)
 
 
 def test_the_memory_plan_follows_its_formulas():
