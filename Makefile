@@ -12,7 +12,7 @@ BIN = $(VENV)/bin
 # What ruff lints and formats; mypy checks the package only (pyproject.toml's [tool.mypy] files).
 LINT_PATHS = sb3_rlhf tests benchmarks examples
 
-.PHONY: install main demo test docs lint format type check bench-reward-model bench-frontier bench-throughput bench-peers bench-memory check-tensorboard clean
+.PHONY: install main demo test docs lint format type check bench-reward-model bench-frontier bench-frontier-controlled bench-throughput bench-peers bench-memory check-tensorboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,17 @@ bench-reward-model: install
 bench-frontier: install
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml --timesteps 6000 --betas 0.02 0.1 0.5 --eval-samples 16
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 1600 --betas 0.05 0.1 0.2 --seeds 0 1 --eval-samples 1 --eval-freq 2 --dpo-samples 600 --dpo-epochs 3
+
+# the same at controlled KL: every online method steered to KL 2, 4 and 8, DPO over six β, two seeds (48 runs, about
+# 14 hours on 2 cores). --resume continues the committed log: it runs only the runs missing from it and rewrites the
+# report, with the reward model in runs/ (trained there once, and logged, where none is); to measure every run
+# anew, remove the .runs.jsonl and that folder
+FRONTIER_CONTROLLED = benchmarks/results/kl_reward_frontier_imdb_positive_controlled
+bench-frontier-controlled: install
+	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --resume \
+		--methods ppo p3o-separate p3o-joint rloo grpo nlpo dpo --kl-targets 2 4 8 --dpo-betas 0.05 0.1 0.2 0.5 1 2 \
+		--seeds 0 1 --timesteps 20000 --eval-freq 8 --eval-samples 1 --dpo-epochs 3 --set kl.horizon=100 \
+		--out $(FRONTIER_CONTROLLED) --run-dir runs/frontier_imdb_positive_controlled
 
 bench-throughput: install
 	$(BIN)/python benchmarks/throughput.py --smollm

@@ -30,9 +30,9 @@ compute: responses sampled, tokens generated and gradient steps.
 Writes ``<out>.csv`` (every evaluation of every run: ``method``, ``beta``, ``seed``, ``evaluation``, compute and
 measures), ``<out>.md`` (the final points, mean and range over seeds, with their quality; where P3O lies against
 PPO and DPO, and NLPO against PPO, read from these points; under ``--kl-targets``, each method's score at each
-target's KL, its line run on below its lowest final point to its measured starting point, and the same readings
-from each online run's mean over the last third of its evaluations, where one evaluation's noise is averaged
-out) and ``<out>.png``
+target's KL, its line run on below its lowest final point to its measured starting point; and P3O's and NLPO's
+comparisons read again from each online run's mean over the last third of its evaluations after the first, where
+one evaluation's noise is averaged out) and ``<out>.png``
 (score against KL: each method's final points, and the path along training; means over seeds with the seeds'
 range).
 
@@ -390,9 +390,10 @@ def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
 
 def late_finals(rows: list[dict], method: str) -> list[dict]:
     """``method``'s points with each run's last evaluation replaced by its mean over the last third of its
-    evaluations after the first (at least one): the same window as :func:`settled`, where the controller holds the
-    KL near its target, so one evaluation's noise is averaged out. One ``{"method", "point", "kl", "score",
-    "score_range", "seeds"}`` per (β, target), seed means as in the final points."""
+    evaluations after the first (at least one), so that one evaluation's noise is averaged out: the rule
+    :func:`settled` applies to the rollouts, here applied to the evaluations (with one every few rollouts, a
+    shorter stretch of training). One ``{"method", "point", "kl", "score", "score_range", "seeds"}`` per (β,
+    target), seed means as in the final points."""
     runs: dict[tuple[float, float | None, int], list[dict]] = {}
     for row in rows:
         if row["method"] == method:
@@ -925,28 +926,36 @@ def main() -> int:
             kl_gained_line(rows, ["ppo", "nlpo"]),
         ]
     if args.kl_targets:
-        # one held-out evaluation is 64 responses: its KL swings by about a nat between neighbours, so check the
-        # readings against each run's mean over its settled last third; DPO keeps its last epoch (no controller
-        # holds its KL, which grows with every epoch)
+        # one held-out evaluation is a few dozen responses, so its KL jumps between neighbours: check the readings
+        # against each online run's mean over its last third; DPO keeps its last epoch (no controller holds its
+        # KL, which grows with every epoch, so a mean over epochs would mix points far apart)
         late = [f for m in args.methods if m != "dpo" for f in late_finals(rows, m)]
         late += [f for f in point_finals if f["method"] == "dpo"]
+        late_pairs = [
+            ("p3o-separate", others),
+            ("p3o-joint", others),
+            ("nlpo", ["ppo"] if "ppo" in args.methods else []),
+        ]
         late_lines = [
             line
-            for method, others in [("p3o-separate", others), ("p3o-joint", others), ("nlpo", ["ppo"])]
-            if method in args.methods
-            for line in comparison_lines(late, method, [o for o in others if o in args.methods])
+            for compared, against in late_pairs
+            if compared in args.methods
+            for line in comparison_lines(late, compared, against)
         ]
         lines += [
             "",
             "The same readings with each online run's last evaluation replaced by its mean over the last third of "
-            "its evaluations (the window in which the controller holds the KL; one evaluation's KL swings by "
-            "about a nat); DPO keeps its last epoch. Seed means, with the range of the seeds' scores:",
+            "its evaluations after the first (the KL of one evaluation jumps between neighbours); DPO keeps its "
+            "last epoch, with that epoch's noise, and a run still improving scores lower on its mean than at its "
+            "end, so this reading leans against the online methods where they are compared with DPO. Seed means, "
+            "with the range of the seeds' scores:",
             "",
             "| method | point | score | KL |",
             "|---|---|---|---|",
             *(
-                f"| {f['method']} | {point_label(f['point'])} | {f['score']:.3f} (range {f['score_range']:.3f}) | "
-                f"{f['kl']:.2f} |"
+                f"| {f['method']} | {point_label(f['point'])} | {f['score']:.3f} "
+                + (f"(range {f['score_range']:.3f}) | " if f["seeds"] > 1 else "(one seed) | ")
+                + f"{f['kl']:.2f} |"
                 for f in late
                 if f["method"] != "dpo"
             ),

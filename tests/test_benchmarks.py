@@ -349,7 +349,7 @@ def test_peers_benchmark_our_side_and_its_tables(tmp_path, monkeypatch):
     assert "**Targets not met**: 0 of 1 rows" in report and "Speed target met by: none." in report
 
 
-def test_kl_reward_frontier_at_controlled_kl(tmp_path):
+def test_kl_reward_frontier_at_controlled_kl(tmp_path, monkeypatch):
     """--kl-targets: every online method runs the adaptive controller towards each target, DPO sweeps its β; the
     report says whether each run settled near its target and reads every method's score at the targets' KL."""
     out = tmp_path / "frontier"
@@ -386,7 +386,25 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path):
     # the same readings from each online run's settled last third, DPO's from its last epoch
     late = table.split("replaced by its mean over the last third")[1]
     assert len(re.findall(r"^\| (?:ppo|p3o-joint) \| KL target (?:0\.5|2) \| \d", late, re.M)) == 4
-    assert "| dpo |" not in late and "p3o-joint against ppo" in late and "p3o-joint against dpo" in late
+    assert "| dpo |" not in late and "no final point" not in late
+    assert "p3o-joint against ppo" in late and "p3o-joint against dpo" in late
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from kl_reward_frontier import comparison_lines, late_finals
+
+    # the late points and the comparison read off them, again from the CSV
+    numbers = [
+        {
+            **r,
+            **{key: float(r[key]) for key in ("beta", "target", "kl", "score")},
+            **{key: int(r[key]) for key in ("seed", "evaluation")},
+        }
+        for r in rows
+        if r["method"] != "dpo"
+    ]
+    late_points = late_finals(numbers, "ppo") + late_finals(numbers, "p3o-joint")
+    two = late_points[1]
+    assert f"| ppo | KL target 2 | {two['score']:.3f} (range {two['score_range']:.3f}) | {two['kl']:.2f} |" in late
+    assert comparison_lines(late_points, "p3o-joint", ["ppo"])[0] in late
     # settling is read from each training rollout's KL, as the controller measured it
     with open(f"{out}.runs.jsonl") as f:
         logged = [json.loads(line)["run"] for line in f if '"run"' in line]
@@ -518,13 +536,21 @@ def test_late_finals_average_each_runs_last_third_after_its_first_evaluation(mon
         ]
 
     rows = [
-        # six evaluations after the first: the last two count (KL 2.2 and 1.8, scores 1.0 and 1.4)
-        *run(0, 2.0, [(0.0, 0.3), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (2.2, 1.0), (1.8, 1.4)]),
+        # six evaluations after the first, in no order: the last two count (KL 2.2 and 1.8, scores 1.0 and 1.4)
+        *run(0, 2.0, [(0.0, 0.3), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (9.0, 9.0), (2.2, 1.0), (1.8, 1.4)])[::-1],
         *run(1, 2.0, [(0.0, 0.3), (5.0, 5.0), (5.0, 5.0), (5.0, 5.0), (5.0, 5.0), (2.0, 0.8)]),  # five: the last
         *run(0, 8.0, [(0.0, 0.3)]),  # never updated: its one evaluation
+        # nine after the first: the last three, a mean (KL 1.0, score 0.4), not their median
+        *run(0, 0.5, [(0.0, 0.3), *[(9.0, 9.0)] * 6, (0.3, 0.1), (0.3, 0.1), (2.4, 1.0)]),
         {"method": "dpo", "beta": 0.1, "target": None, "seed": 0, "evaluation": 1, "kl": 1.0, "score": 1.0},
     ]
-    two, eight = late_finals(rows, "ppo")  # in order of target
+    half, two, eight = late_finals(rows, "ppo")  # in order of target
+    assert (half["point"], half["kl"], half["score"], half["seeds"]) == (
+        (0.1, 0.5),
+        pytest.approx(1.0),
+        pytest.approx(0.4),
+        1,
+    )
     assert two == {
         "method": "ppo",
         "point": (0.1, 2.0),
