@@ -69,8 +69,8 @@ bench-frontier: install
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/tiny_synthetic.toml --timesteps 6000 --betas 0.02 0.1 0.5 --eval-samples 16
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --timesteps 1600 --betas 0.05 0.1 0.2 --seeds 0 1 --eval-samples 1 --eval-freq 2 --dpo-samples 600 --dpo-epochs 3
 
-# the same at controlled KL: every online method steered to KL 2, 4 and 8, DPO over six β, two seeds (48 runs, about
-# 14 hours on 2 cores). --resume continues the committed log: it runs only the runs missing from it and rewrites the
+# the same at controlled KL: every online method steered to KL 2, 4 and 8, DPO over six β, two seeds (48 runs, some
+# 14½ hours on 2 cores). --resume continues the committed log: it runs only the runs missing from it and rewrites the
 # report, with the reward model in runs/ (trained there once, and logged, where none is); to measure every run
 # anew, remove the .runs.jsonl and that folder
 FRONTIER_CONTROLLED = benchmarks/results/kl_reward_frontier_imdb_positive_controlled

@@ -32,7 +32,7 @@ measures), ``<out>.md`` (the final points, mean and range over seeds, with their
 PPO and DPO, and NLPO against PPO, read from these points; under ``--kl-targets``, each method's score at each
 target's KL, its line run on below its lowest final point to its measured starting point; and P3O's and NLPO's
 comparisons read again from each online run's mean over the last third of its evaluations after the first, where
-one evaluation's noise is averaged out) and ``<out>.png``
+one evaluation's noise is reduced) and ``<out>.png``
 (score against KL: each method's final points, and the path along training; means over seeds with the seeds'
 range).
 
@@ -390,7 +390,7 @@ def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
 
 def late_finals(rows: list[dict], method: str) -> list[dict]:
     """``method``'s points with each run's last evaluation replaced by its mean over the last third of its
-    evaluations after the first (at least one), so that one evaluation's noise is averaged out: the rule
+    evaluations after the first (at least one), so that one evaluation's noise is reduced: the rule
     :func:`settled` applies to the rollouts, here applied to the evaluations (with one every few rollouts, a
     shorter stretch of training). One ``{"method", "point", "kl", "score", "score_range", "seeds"}`` per (β,
     target), seed means as in the final points."""
