@@ -378,14 +378,19 @@ def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
     return None
 
 
-def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
-    """Each of ``method``'s runs' first evaluation (before any update) or last one, one row per (β, target, seed)."""
+def runs_of(rows: list[dict], method: str) -> dict[tuple[float, float | None, int], list[dict]]:
+    """``method``'s evaluations by run: (β, target, seed) → its rows."""
     runs: dict[tuple[float, float | None, int], list[dict]] = {}
     for row in rows:
         if row["method"] == method:
             runs.setdefault((*point_of(row), row["seed"]), []).append(row)
+    return runs
+
+
+def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
+    """Each of ``method``'s runs' first evaluation (before any update) or last one, one row per (β, target, seed)."""
     pick = min if first else max
-    return [pick(r, key=lambda x: x["evaluation"]) for r in runs.values()]
+    return [pick(r, key=lambda x: x["evaluation"]) for r in runs_of(rows, method).values()]
 
 
 def late_finals(rows: list[dict], method: str) -> list[dict]:
@@ -394,12 +399,8 @@ def late_finals(rows: list[dict], method: str) -> list[dict]:
     :func:`settled` applies to the rollouts, here applied to the evaluations (with one every few rollouts, a
     shorter stretch of training). One ``{"method", "point", "kl", "score", "score_range", "seeds"}`` per (β,
     target), seed means as in the final points."""
-    runs: dict[tuple[float, float | None, int], list[dict]] = {}
-    for row in rows:
-        if row["method"] == method:
-            runs.setdefault((*point_of(row), row["seed"]), []).append(row)
     by_point: dict[tuple[float, float | None], list[dict]] = {}
-    for (*point, _), evaluations in runs.items():
+    for (*point, _), evaluations in runs_of(rows, method).items():
         later = sorted(evaluations, key=lambda r: r["evaluation"])[1:] or evaluations
         window = later[len(later) - max(1, len(later) // 3) :]
         by_point.setdefault(tuple(point), []).append(  # type: ignore[arg-type]
