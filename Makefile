@@ -77,7 +77,8 @@ FRONTIER_CONTROLLED = benchmarks/results/kl_reward_frontier_imdb_positive_contro
 bench-frontier-controlled: install
 	$(BIN)/python benchmarks/kl_reward_frontier.py --task envs/imdb_positive.toml --resume \
 		--methods ppo p3o-separate p3o-joint rloo grpo nlpo dpo --kl-targets 2 4 8 --dpo-betas 0.05 0.1 0.2 0.5 1 2 \
-		--seeds 0 1 --timesteps 20000 --eval-freq 8 --eval-samples 1 --dpo-epochs 3 --set kl.horizon=100 \
+		--seeds 0 1 --extra-seeds ppo=2 p3o-separate=2 p3o-joint=2 \
+		--timesteps 20000 --eval-freq 8 --eval-samples 1 --dpo-epochs 3 --set kl.horizon=100 \
 		--out $(FRONTIER_CONTROLLED) --run-dir runs/frontier_imdb_positive_controlled
 
 bench-throughput: install
