@@ -393,33 +393,60 @@ def run_ends(rows: list[dict], method: str, first: bool) -> list[dict]:
     return [pick(r, key=lambda x: x["evaluation"]) for r in runs_of(rows, method).values()]
 
 
-def late_finals(rows: list[dict], method: str) -> list[dict]:
-    """``method``'s points with each run's last evaluation replaced by its mean over the last third of its
-    evaluations after the first (at least one), so that one evaluation's noise is reduced: the rule
-    :func:`settled` applies to the rollouts, here applied to the evaluations (with one every few rollouts, a
-    shorter stretch of training). One ``{"method", "point", "kl", "score", "score_range", "seeds"}`` per (β,
-    target), seed means as in the final points."""
-    by_point: dict[tuple[float, float | None], list[dict]] = {}
-    for (*point, _), evaluations in runs_of(rows, method).items():
-        later = sorted(evaluations, key=lambda r: r["evaluation"])[1:] or evaluations
-        window = later[len(later) - max(1, len(later) // 3) :]
-        by_point.setdefault(tuple(point), []).append(  # type: ignore[arg-type]
-            {key: float(np.mean([r[key] for r in window])) for key in ("kl", "score")}
-        )
+def frontier_points(rows: list[dict], method: str, late: bool = False) -> list[dict]:
+    """``method``'s points on the frontier, one per (β, target), seed means: each run's last evaluation, or with
+    ``late`` its mean over the last third of its evaluations after the first (at least one), so that one
+    evaluation's noise is reduced (the rule :func:`settled` applies to the rollouts, here applied to the
+    evaluations: with one every few rollouts, a shorter stretch of training). One ``{"method", "point", "kl",
+    "score", "score_range", "seeds", "by_seed"}`` per point, in order of target (then β); ``by_seed`` maps each
+    seed to its run's (KL, score), for :func:`seed_spread`."""
+    by_point: dict[tuple[float, float | None], dict[int, list[dict]]] = {}
+    for (*point, seed), evaluations in runs_of(rows, method).items():
+        by_point.setdefault(tuple(point), {})[seed] = sorted(evaluations, key=lambda r: r["evaluation"])  # type: ignore[index]
     finals = []
-    for point, group in by_point.items():
-        score = seed_mean(group, "score")
+    for point, runs in by_point.items():
+        ends = {}
+        for seed, evaluations in runs.items():
+            later = evaluations[1:] or evaluations
+            window = later[len(later) - max(1, len(later) // 3) :] if late else evaluations[-1:]
+            ends[seed] = {key: float(np.mean([r[key] for r in window])) for key in ("kl", "score")}
+        score = seed_mean(list(ends.values()), "score")
         finals.append(
             {
                 "method": method,
                 "point": point,
-                "kl": seed_mean(group, "kl")[0],
+                "kl": seed_mean(list(ends.values()), "kl")[0],
                 "score": score[0],
                 "score_range": score[2] - score[1],
-                "seeds": len(group),
+                "seeds": len(ends),
+                "by_seed": {seed: (end["kl"], end["score"]) for seed, end in sorted(ends.items())},
             }
         )
     return sorted(finals, key=lambda f: (f["point"][1] is None, f["point"][1] or 0.0, f["point"][0]))
+
+
+def seed_spread(finals: list[dict], method: str) -> list[tuple[float, float]]:
+    """``method``'s seed range at each of its points with two seeds or more, (KL, range) in order of KL: the range
+    over its seeds of each seed's score minus the method's line at that seed's own KL (the line through the
+    seed-mean points, its end segments run on past its ends), so that seeds ending at different KLs count for
+    how far they lie from the line, not for how far they moved along it. Each final is ``{"method", "kl",
+    "score", "by_seed"}`` (:func:`frontier_points`); non-finite points are left out."""
+    mine = [f for f in finals if f["method"] == method and np.isfinite(f["kl"]) and np.isfinite(f["score"])]
+    line = sorted({f["kl"]: f["score"] for f in mine}.items())
+    if len(line) < 2:
+        return []
+
+    def on_line(kl: float) -> float:
+        i = min(max(int(np.searchsorted([k for k, _ in line], kl)), 1), len(line) - 1)
+        (k0, s0), (k1, s1) = line[i - 1], line[i]
+        return s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
+
+    spread = []
+    for f in mine:
+        off = [score - on_line(kl) for kl, score in f["by_seed"].values() if np.isfinite(kl) and np.isfinite(score)]
+        if len(off) > 1:
+            spread.append((f["kl"], max(off) - min(off)))
+    return sorted(spread)
 
 
 def initial_point(rows: list[dict], method: str) -> tuple[float, float] | None:
@@ -448,17 +475,26 @@ def target_row(finals: list[dict], rows: list[dict], method: str, targets: list[
     return f"| {method} | {' | '.join(cells)} | KL {shown_kl(start[0]):.2f}, score {start[1]:.3f} |"
 
 
+def per_seed(values: list[str]) -> str:
+    """One value where every seed's is the same, else each seed's in order: "316", "320 / 316 / 316"."""
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
+
+
 def shown_kl(kl: float) -> float:
     """``kl`` to two decimals as printed, a k1 mean a hair below zero as 0.00 rather than -0.00 (the + 0.0)."""
     return round(kl, 2) + 0.0
 
 
 def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
-    """Each method's KL before its first update and at its last evaluation, means over every run (β and seed): a
-    masked policy (NLPO) starts away from its unmasked reference, by the nucleus' own cost."""
+    """Each method's KL before its first update and at its last evaluation, means over its points (β or KL
+    target) of their seed means, so that a point with more seeds weighs no more: a masked policy (NLPO) starts
+    away from its unmasked reference, by the nucleus' own cost."""
 
     def mean_kl(method: str, first: bool) -> float:
-        return float(np.mean([row["kl"] for row in run_ends(rows, method, first)]))
+        by_point: dict[tuple[float, float | None], list[float]] = {}
+        for row in run_ends(rows, method, first):
+            by_point.setdefault(point_of(row), []).append(row["kl"])
+        return float(np.mean([np.mean(kls) for kls in by_point.values()]))
 
     parts = []
     for method in methods:
@@ -468,17 +504,18 @@ def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
         start, end = mean_kl(method, True), mean_kl(method, False)
         start = shown_kl(start)
         parts.append(f"{method} {start:.2f} before training → {end:.2f} at the end (+{end - start:.2f})")
-    return "- KL, mean over its runs: " + "; ".join(parts) + "."
+    return "- KL, mean over its points (each its seeds' mean): " + "; ".join(parts) + "."
 
 
 def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list[str]:
     """Where ``method``'s final points lie against each of ``others``': their scores at the same KL, read off
     the lines through each method's seed-mean final points (one per β or KL target), at five KLs where both
-    methods reach them; and at which of those KLs the gap exceeds the seeds' spread, the two methods' mean seed
-    range (highest minus lowest seed's score, over their points with two seeds or more). A gap no wider than that
-    at every KL is called within the seeds' spread. The range only widens with more seeds, so a gap that still
-    exceeds it after a third seed is the firmer reading. Each final is ``{"method", "kl", "score",
-    "score_range", "seeds"}``; points with a non-finite KL or score are left out."""
+    methods reach them; and at which of those KLs the gap exceeds the seeds' spread there, half the sum of the two
+    methods' seed ranges at that KL, so that the two ranges around the lines do not overlap. A method's seed range
+    at a KL is that of its neighbouring points (:func:`seed_spread`: each seed measured from the method's line),
+    interpolated along KL, the nearest one's past its outermost points. A range only widens with more seeds, so
+    a gap that still exceeds it after a third seed is the firmer reading. Each final is ``{"method", "kl",
+    "score", "by_seed"}`` (:func:`frontier_points`); points with a non-finite KL or score are left out."""
 
     def points(name: str) -> list[tuple[float, float]]:
         return [
@@ -486,10 +523,6 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
             for f in finals
             if f["method"] == name and np.isfinite(f["kl"]) and np.isfinite(f["score"])
         ]
-
-    def spread(name: str) -> float | None:
-        ranges = [f["score_range"] for f in finals if f["method"] == name and f["seeds"] > 1]
-        return float(np.mean(ranges)) if ranges else None  # one seed has no range
 
     lines = []
     for other in others:
@@ -509,31 +542,38 @@ def comparison_lines(finals: list[dict], method: str, others: list[str]) -> list
                 f"{min(k for k, _ in theirs):.2f}–{max(k for k, _ in theirs):.2f} nats): no like-for-like reading."
             )
             continue
-        grid = np.linspace(low, high, 5)
+        grid = list(np.linspace(low, high, 5))
         gaps = [score_at_kl(mine, k) - score_at_kl(theirs, k) for k in grid]  # type: ignore[operator]
-        my_spread, their_spread = spread(method), spread(other)
-        noise = None if my_spread is None or their_spread is None else (my_spread + their_spread) / 2
-        if noise is not None and max(abs(g) for g in gaps) <= noise:
-            verdict = f"{method} lies within the seeds' spread of {other} (mean seed range {noise:.3f})"
+        spreads = {name: seed_spread(finals, name) for name in (method, other)}
+        one_seed = [name for name, spread in spreads.items() if not spread]
+        if one_seed:
+            noise = None
+        else:
+            ranges = [np.interp(grid, [k for k, _ in spreads[name]], [r for _, r in spreads[name]]) for name in spreads]
+            noise = [float(n) for n in (ranges[0] + ranges[1]) / 2]
+        if noise is not None and all(abs(g) <= n for g, n in zip(gaps, noise)):
+            verdict = f"{method} lies within the seeds' spread of {other}"
         elif min(gaps) > 0:
             verdict = f"{method} lies above {other}"
         elif max(gaps) < 0:
             verdict = f"{method} lies below {other}"
         else:
-            verdict = f"the lines cross, {method} {where_it_lies(list(grid), gaps, other)}"
+            verdict = f"the lines cross, {method} {where_it_lies(grid, gaps, other)}"
         if noise is None:
-            verdict += f"; {method if my_spread is None else other} has one seed per point, no seed range to judge by"
-        elif max(abs(g) for g in gaps) > noise:
+            verdict += f"; {one_seed[0]} has one seed per point, no seed range to judge by"
+        elif any(abs(g) > n for g, n in zip(gaps, noise)):
             # by side, so that a stretch beyond the spread never spans a change of sign
-            beyond = [(k, "above" if g > noise else "below" if g < -noise else None) for k, g in zip(grid, gaps)]
+            beyond = [(k, "above" if g > n else "below" if g < -n else None) for k, g, n in zip(grid, gaps, noise)]
             where = [kls for side, *kls in stretches_of(beyond) if side]
-            verdict += f"; the gap exceeds the seeds' spread (mean seed range {noise:.3f}) " + (
+            verdict += "; the gap exceeds the seeds' spread " + (
                 "at all five KLs" if all(side for _, side in beyond) else "only at KL " + kl_spans(where)
             )
         lines.append(
             f"- {method} against {other}, KL {low:.2f}–{high:.2f}: score difference "
             + ", ".join(f"{g:+.3f}" for g in gaps)
-            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}; {verdict}."
+            + f" at KL {', '.join(f'{k:.2f}' for k in grid)}"
+            + ("" if noise is None else f" (seeds' spread there {', '.join(f'{n:.3f}' for n in noise)})")
+            + f"; {verdict}."
         )
     return lines
 
@@ -776,8 +816,8 @@ def main() -> int:
                     "settled": None if target is None else all(s[0] for s in settling),
                     "settled_means": None if target is None else [s[1] for s in settling],
                     **{key: seed_mean(group, key) for key in MEASURES},
-                    "budget": " / ".join(dict.fromkeys(r["budget"] for r in group)),  # per seed where they differ
-                    "gradient_steps": " / ".join(dict.fromkeys(f"{r['gradient_steps']:.0f}" for r in group)),
+                    "budget": per_seed([r["budget"] for r in group]),
+                    "gradient_steps": per_seed([f"{r['gradient_steps']:.0f}" for r in group]),
                     "seconds": float(np.mean([r["seconds"] for r in group])),
                     "seeds": len(group),
                 }
@@ -829,7 +869,7 @@ def main() -> int:
     judged = not np.isnan(finals[0]["judge_positive_share"][0])
     lines += [
         "",
-        f"Initial policy: score {initial['score']:.4f}, KL {initial['kl']:.3f}, distinct-2 {initial['distinct_2']:.3f}, "
+        f"Initial policy: score {initial['score']:.4f}, KL {round(initial['kl'], 3) + 0.0:.3f}, distinct-2 {initial['distinct_2']:.3f}, "
         f"reference perplexity {initial['reference_perplexity']:.1f}"
         + (f", judged positive {initial['judge_positive_share']:.2f}." if judged else "."),
         "",
@@ -868,16 +908,7 @@ def main() -> int:
             + (f"{r['judge_positive_share'][0]:.2f} | " if judged else "")
             + f"{r['budget']} | {r['gradient_steps']} | {r['seconds']:.0f} |"
         )
-    point_finals = [
-        {
-            "method": r["method"],
-            "kl": r["kl"][0],
-            "score": r["score"][0],
-            "score_range": r["score"][2] - r["score"][1],
-            "seeds": r["seeds"],
-        }
-        for r in finals
-    ]
+    point_finals = [f for method in args.methods for f in frontier_points(rows, method)]
     others = [m for m in ("ppo", "dpo") if m in args.methods]
     comparison = [
         line
@@ -913,8 +944,13 @@ def main() -> int:
     if comparison:
         lines += [
             "",
-            "Where P3O lies, from these final points (seed means, one per β or KL target; a method's score at a KL read off the "
-            "line through its points, where both methods reach that KL):",
+            "Where P3O lies, from these final points (seed means, one per β or KL target; a method's score at a KL "
+            "read off the line through its points, where both methods reach that KL). The gap exceeds the seeds' "
+            "spread at a KL where it is wider than half the sum of the two methods' seed ranges there, so that the "
+            "ranges around the lines do not overlap. A seed is measured from its method's line at its own KL (the "
+            "line's end segments run on past its ends), so that seeds ending at different KLs count for how far "
+            "they lie from the line, not along it; a method's range at a KL is that of its neighbouring points, "
+            "interpolated along KL:",
             "",
             *comparison,
         ]
@@ -930,7 +966,7 @@ def main() -> int:
         # one held-out evaluation is a few dozen responses, so its KL jumps between neighbours: check the readings
         # against each online run's mean over its last third; DPO keeps its last epoch (no controller holds its
         # KL, which grows with every epoch, so a mean over epochs would mix points far apart)
-        late = [f for m in args.methods if m != "dpo" for f in late_finals(rows, m)]
+        late = [f for m in args.methods if m != "dpo" for f in frontier_points(rows, m, late=True)]
         late += [f for f in point_finals if f["method"] == "dpo"]
         late_pairs = [
             ("p3o-separate", others),

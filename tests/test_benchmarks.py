@@ -68,7 +68,7 @@ def test_kl_reward_frontier_on_the_tiny_task(tmp_path):
     table = open(f"{out}.md").read()
     assert "| p3o-joint | 0.02 |" in table and "gradient steps" in table and "distinct-2" in table
     assert "p3o-joint against ppo" in table and "p3o-joint against dpo" in table and "nlpo against ppo" in table
-    assert "KL, mean over its runs: ppo" in table and "; nlpo " in table
+    assert "KL, mean over its points (each its seeds' mean): ppo" in table and "; nlpo " in table
     assert os.path.getsize(f"{out}.png") > 10_000
 
 
@@ -389,7 +389,7 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path, monkeypatch):
     assert "| dpo |" not in late and "no final point" not in late
     assert "p3o-joint against ppo" in late and "p3o-joint against dpo" in late
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import comparison_lines, late_finals
+    from kl_reward_frontier import comparison_lines, frontier_points
 
     # the late points and the comparison read off them, again from the CSV
     numbers = [
@@ -401,7 +401,7 @@ def test_kl_reward_frontier_at_controlled_kl(tmp_path, monkeypatch):
         for r in rows
         if r["method"] != "dpo"
     ]
-    late_points = late_finals(numbers, "ppo") + late_finals(numbers, "p3o-joint")
+    late_points = frontier_points(numbers, "ppo", late=True) + frontier_points(numbers, "p3o-joint", late=True)
     two = late_points[1]
     assert f"| ppo | KL target 2 | {two['score']:.3f} (range {two['score_range']:.3f}) | {two['kl']:.2f} |" in late
     assert comparison_lines(late_points, "p3o-joint", ["ppo"])[0] in late
@@ -420,11 +420,12 @@ def test_a_run_settles_when_its_last_third_stays_near_the_target(monkeypatch):
     assert settled([9.0, 9.0, 9.0, 3.0, 5.5, 3.5], 4.0) == (True, 4.5, 3.5, 5.5)
     assert settled([4.0, 4.0, 4.0, 4.0, 5.0, 5.2], 4.0) == (False, 5.1, 5.0, 5.2)  # 27.5% over at the end
     assert settled([4.1], 4.0) == (True, 4.1, 4.1, 4.1)
+    assert settled([6.0], 5.0)[0] and not settled([6.001], 5.0)[0] and settled([4.0], 5.0)[0]  # the band's edges
 
 
 def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import comparison_lines, score_at_kl, seed_mean, where_it_lies
+    from kl_reward_frontier import comparison_lines, score_at_kl, seed_mean, seed_spread, where_it_lies
 
     # unsorted points, two at one KL (their mean counts), outside the range: None
     points = [(4.0, 2.0), (1.0, 0.5), (2.0, 1.0), (2.0, 2.0)]
@@ -432,7 +433,9 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     assert score_at_kl(points, 0.5) is None and score_at_kl(points, 4.5) is None
 
     def finals(method, pairs, spread=0.01, seeds=2):
-        return [{"method": method, "kl": k, "score": s, "score_range": spread, "seeds": seeds} for k, s in pairs]
+        """Points at the means of ``pairs``, their seeds ``spread`` apart at the same KL (one seed: the mean)."""
+        by_seed = lambda k, s: {0: (k, s)} if seeds == 1 else {0: (k, s - spread / 2), 1: (k, s + spread / 2)}  # noqa: E731
+        return [{"method": method, "kl": k, "score": s, "by_seed": by_seed(k, s)} for k, s in pairs]
 
     ppo_points = [(1.0, 1.0), (3.0, 2.0), (5.0, 3.0)]
     ppo = finals("ppo", ppo_points)
@@ -447,32 +450,56 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     }
     assert "KL 2.00–5.00" in read["above"] and "+0.500" in read["above"]
     assert read["above"].endswith(
-        "; p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.010) at all five KLs."
+        " (seeds' spread there 0.010, 0.010, 0.010, 0.010, 0.010); p3o lies above ppo; the gap exceeds the seeds' "
+        "spread at all five KLs."
     )
     assert read["crossing"].endswith(
         "; the lines cross, p3o below ppo at KL 1.00–2.00, level with it at KL 3.00 and above it at KL 4.00–5.00; "
-        "the gap exceeds the seeds' spread (mean seed range 0.010) only at KL 1.00–2.00 and 4.00–5.00."
+        "the gap exceeds the seeds' spread only at KL 1.00–2.00 and 4.00–5.00."
     )
     # above everywhere, but at KL 1 by 0.05, inside a seed range of 0.1
     partly = comparison_lines(
         finals("ppo", ppo_points, 0.1) + finals("p3o", [(1.0, 1.05), (5.0, 3.5)], 0.1), "p3o", ["ppo"]
     )
-    assert partly[0].endswith(
-        "p3o lies above ppo; the gap exceeds the seeds' spread (mean seed range 0.100) only at KL 2.00–5.00."
-    )
+    assert partly[0].endswith("p3o lies above ppo; the gap exceeds the seeds' spread only at KL 2.00–5.00.")
     assert "do not overlap" in read["apart"]
-    assert read["close"].endswith("; p3o lies within the seeds' spread of ppo (mean seed range 0.255).")
+    assert read["close"].endswith(
+        "(seeds' spread there 0.255, 0.255, 0.255, 0.255, 0.255); p3o lies within the seeds' spread of ppo."
+    )
     assert "no line to read" in read["nan"]
     # beyond the spread below PPO at KL 1 and above it at 2–4: two stretches, never one across the change of sign
     sharp = comparison_lines(
         finals("ppo", ppo_points, 0.1) + finals("p3o", [(1.0, 0.5), (2.0, 2.0), (5.0, 3.05)], 0.1), "p3o", ["ppo"]
     )
-    assert sharp[0].endswith("(mean seed range 0.100) only at KL 1.00 and 2.00–4.00.")
+    assert sharp[0].endswith("spread only at KL 1.00 and 2.00–4.00.")
     # one seed per point: no range, so no spread is claimed either way; a one-seed point counts in no spread
     single = comparison_lines(ppo + finals("p3o", [(2.0, 2.0), (6.0, 4.0)], 0.0, seeds=1), "p3o", ["ppo"])
     assert single[0].endswith("; p3o lies above ppo; p3o has one seed per point, no seed range to judge by.")
     mixed = finals("p3o", [(2.0, 2.0)], 0.3) + finals("p3o", [(6.0, 4.0)], 0.0, seeds=1)
-    assert "(mean seed range 0.155) at all five KLs" in comparison_lines(ppo + mixed, "p3o", ["ppo"])[0]
+    assert comparison_lines(ppo + mixed, "p3o", ["ppo"])[0].endswith(
+        "(seeds' spread there 0.155, 0.155, 0.155, 0.155, 0.155); p3o lies above ppo; the gap exceeds the seeds' "
+        "spread at all five KLs."
+    )
+    # a gap as wide as the spread is within it
+    level = finals("ppo", [(1.0, 1.0), (5.0, 1.0)], 0.5) + finals("p3o", [(1.0, 1.5), (5.0, 1.5)], 0.5)
+    assert comparison_lines(level, "p3o", ["ppo"])[0].endswith("p3o lies within the seeds' spread of ppo.")
+    # the spread is read where the gap is: PPO's seeds 0.1 apart at KL 1, 1.0 at KL 5, so a gap of 0.3 exceeds
+    # it at the low end only, not against a spread taken over every point
+    widening = [*finals("ppo", [(1.0, 1.0)], 0.1), *finals("ppo", [(5.0, 3.0)], 1.0)]
+    local = comparison_lines(widening + finals("p3o", [(1.0, 1.3), (5.0, 3.3)], 0.1), "p3o", ["ppo"])[0]
+    assert local.endswith(
+        "(seeds' spread there 0.100, 0.213, 0.325, 0.437, 0.550); p3o lies above ppo; the gap exceeds the seeds' "
+        "spread only at KL 1.00–2.00."
+    )
+    # each seed measured from its method's line at its own KL: seeds that moved along the line differ by nothing;
+    # one above the line and one below it by their distance from it, past the line's ends too (its end segment run on)
+    along = {"method": "ppo", "kl": 2.0, "score": 1.5, "by_seed": {0: (1.0, 1.0), 1: (3.0, 2.0)}}
+    ends = [
+        {"method": "ppo", "kl": 0.0, "score": 0.5, "by_seed": {0: (0.0, 0.5)}},
+        {"method": "ppo", "kl": 4.0, "score": 2.5, "by_seed": {0: (3.0, 2.5), 1: (5.0, 2.5)}},
+    ]
+    assert seed_spread([along, *ends], "ppo") == [(2.0, pytest.approx(0.0)), (4.0, pytest.approx(1.0))]
+    assert seed_spread(ends[:1], "ppo") == [] and seed_spread([along, *ends], "dpo") == []
     # every stretch in order, a zero gap level; crossing twice; one stretch alone
     assert where_it_lies([1.0, 2.0, 3.0, 4.0], [0.2, 0.0, -0.1, -0.3], "dpo") == (
         "above dpo at KL 1.00, level with it at KL 2.00 and below it at KL 3.00–4.00"
@@ -491,7 +518,7 @@ def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
     """The KL-target table reads below a method's lowest final KL off the stretch to its measured start (marked *):
     the mean of its runs' first evaluations, whatever their target, never the later ones."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import initial_point, kl_gained_line, target_row
+    from kl_reward_frontier import initial_point, kl_gained_line, per_seed, target_row
 
     def run(method, target, seed, evaluations):
         return [
@@ -508,7 +535,11 @@ def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
     ]
     assert initial_point(rows, "ppo") == (pytest.approx(-0.001), pytest.approx(0.3))
     assert initial_point(rows, "nlpo") == (2.5, 0.5) and initial_point(rows, "grpo") is None
-    assert "ppo 0.00 before training" in kl_gained_line(rows, ["ppo"])
+    # a mean over points of their seeds' means: target 2's two seeds (2.4, 2.0) weigh as much as target 8's one
+    assert kl_gained_line(rows, ["ppo", "rloo"]) == (
+        "- KL, mean over its points (each its seeds' mean): ppo 0.00 before training → 5.10 at the end (+5.10); "
+        "rloo not run yet."
+    )
 
     def finals(method, pairs):
         return [{"method": method, "kl": k, "score": s} for k, s in pairs]
@@ -523,11 +554,12 @@ def test_a_methods_line_starts_at_its_runs_first_evaluation(monkeypatch):
         "| nlpo | – | 1.550 | KL 2.50, score 0.500 |"
     )
     assert target_row([], rows, "grpo", [1.0, 3.1]) == "| grpo | – | – | not run yet |"
+    assert per_seed(["316", "316", "316"]) == "316" and per_seed(["320", "316", "320"]) == "320 / 316 / 320"
 
 
-def test_late_finals_average_each_runs_last_third_after_its_first_evaluation(monkeypatch):
+def test_late_points_average_each_runs_last_third_after_its_first_evaluation(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    from kl_reward_frontier import late_finals
+    from kl_reward_frontier import frontier_points
 
     def run(seed, target, evaluations):
         return [
@@ -544,7 +576,7 @@ def test_late_finals_average_each_runs_last_third_after_its_first_evaluation(mon
         *run(0, 0.5, [(0.0, 0.3), *[(9.0, 9.0)] * 6, (0.3, 0.1), (0.3, 0.1), (2.4, 1.0)]),
         {"method": "dpo", "beta": 0.1, "target": None, "seed": 0, "evaluation": 1, "kl": 1.0, "score": 1.0},
     ]
-    half, two, eight = late_finals(rows, "ppo")  # in order of target
+    half, two, eight = frontier_points(rows, "ppo", late=True)  # in order of target
     assert (half["point"], half["kl"], half["score"], half["seeds"]) == (
         (0.1, 0.5),
         pytest.approx(1.0),
@@ -558,8 +590,14 @@ def test_late_finals_average_each_runs_last_third_after_its_first_evaluation(mon
         "score": pytest.approx(1.0),  # seeds 1.2 and 0.8
         "score_range": pytest.approx(0.4),
         "seeds": 2,
+        "by_seed": {0: pytest.approx((2.0, 1.2)), 1: pytest.approx((2.0, 0.8))},
     }
     assert (eight["point"], eight["kl"], eight["score"], eight["seeds"]) == ((0.1, 8.0), 0.0, 0.3, 1)
+    # without late: each run's last evaluation, in the order of evaluation whatever the rows' order
+    last = frontier_points(rows, "ppo")[1]
+    assert last["by_seed"] == {0: (1.8, 1.4), 1: (2.0, 0.8)} and (last["kl"], last["score"]) == pytest.approx(
+        (1.9, 1.1)
+    )
 
 
 def test_the_memory_plan_follows_its_formulas():
