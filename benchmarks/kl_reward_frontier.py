@@ -363,17 +363,22 @@ def settled(kls: list[float], target: float, tolerance: float = 0.2) -> tuple[bo
     return bool(abs(mean - target) <= tolerance * target), mean, float(min(last)), float(max(last))
 
 
-def score_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+def score_at_kl(points: list[tuple[float, float]], kl: float, run_on: bool = False) -> float | None:
     """A method's score at ``kl``, linearly between its points (its final points, and where asked its starting
-    point); None outside their range. Points with the same KL count as one, at their mean score."""
+    point); None outside their range, or with ``run_on`` (two KLs at least) read off the end segment run on past
+    its ends. Points with the same KL count as one, at their mean score."""
     by_kl: dict[float, list[float]] = {}
     for k, score in points:
         by_kl.setdefault(k, []).append(score)
     line = sorted((k, float(np.mean(scores))) for k, scores in by_kl.items())
     if len(line) == 1:
         return line[0][1] if kl == line[0][0] else None
-    for (k0, s0), (k1, s1) in zip(line, line[1:]):
-        if k0 <= kl <= k1:
+    segments = list(zip(line, line[1:]))
+    if run_on:  # the segment kl falls in, or the end one past either end
+        inside = [i for i, ((k0, _), (k1, _)) in enumerate(segments) if kl <= k1]
+        segments = [segments[inside[0] if inside else -1]]
+    for (k0, s0), (k1, s1) in segments:
+        if run_on or k0 <= kl <= k1:
             return s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
     return None
 
@@ -432,18 +437,16 @@ def seed_spread(finals: list[dict], method: str) -> list[tuple[float, float]]:
     how far they lie from the line, not for how far they moved along it. Each final is ``{"method", "kl",
     "score", "by_seed"}`` (:func:`frontier_points`); non-finite points are left out."""
     mine = [f for f in finals if f["method"] == method and np.isfinite(f["kl"]) and np.isfinite(f["score"])]
-    line = sorted({f["kl"]: f["score"] for f in mine}.items())
-    if len(line) < 2:
+    line = [(f["kl"], f["score"]) for f in mine]
+    if len({kl for kl, _ in line}) < 2:
         return []
-
-    def on_line(kl: float) -> float:
-        i = min(max(int(np.searchsorted([k for k, _ in line], kl)), 1), len(line) - 1)
-        (k0, s0), (k1, s1) = line[i - 1], line[i]
-        return s0 + (s1 - s0) * (kl - k0) / (k1 - k0)
-
     spread = []
     for f in mine:
-        off = [score - on_line(kl) for kl, score in f["by_seed"].values() if np.isfinite(kl) and np.isfinite(score)]
+        off = [
+            score - score_at_kl(line, kl, run_on=True)  # type: ignore[operator]
+            for kl, score in f["by_seed"].values()
+            if np.isfinite(kl) and np.isfinite(score)
+        ]
         if len(off) > 1:
             spread.append((f["kl"], max(off) - min(off)))
     return sorted(spread)
@@ -480,9 +483,9 @@ def per_seed(values: list[str]) -> str:
     return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 
-def shown_kl(kl: float) -> float:
-    """``kl`` to two decimals as printed, a k1 mean a hair below zero as 0.00 rather than -0.00 (the + 0.0)."""
-    return round(kl, 2) + 0.0
+def shown_kl(kl: float, digits: int = 2) -> float:
+    """``kl`` to ``digits`` decimals as printed, a k1 mean a hair below zero as 0.00 rather than -0.00 (the + 0.0)."""
+    return round(kl, digits) + 0.0
 
 
 def kl_gained_line(rows: list[dict], methods: list[str]) -> str:
@@ -869,7 +872,7 @@ def main() -> int:
     judged = not np.isnan(finals[0]["judge_positive_share"][0])
     lines += [
         "",
-        f"Initial policy: score {initial['score']:.4f}, KL {round(initial['kl'], 3) + 0.0:.3f}, distinct-2 {initial['distinct_2']:.3f}, "
+        f"Initial policy: score {initial['score']:.4f}, KL {shown_kl(initial['kl'], 3):.3f}, distinct-2 {initial['distinct_2']:.3f}, "
         f"reference perplexity {initial['reference_perplexity']:.1f}"
         + (f", judged positive {initial['judge_positive_share']:.2f}." if judged else "."),
         "",

@@ -431,6 +431,10 @@ def test_frontier_reads_where_one_method_lies_against_another(monkeypatch):
     points = [(4.0, 2.0), (1.0, 0.5), (2.0, 1.0), (2.0, 2.0)]
     assert score_at_kl(points, 3.0) == pytest.approx(1.75) and score_at_kl(points, 2.0) == pytest.approx(1.5)
     assert score_at_kl(points, 0.5) is None and score_at_kl(points, 4.5) is None
+    # run on: past either end along its end segment, inside as before
+    assert score_at_kl(points, 0.5, run_on=True) == pytest.approx(0.0)
+    assert score_at_kl(points, 5.0, run_on=True) == pytest.approx(2.25)
+    assert score_at_kl(points, 3.0, run_on=True) == pytest.approx(1.75)
 
     def finals(method, pairs, spread=0.01, seeds=2):
         """Points at the means of ``pairs``, their seeds ``spread`` apart at the same KL (one seed: the mean)."""
