@@ -6,6 +6,8 @@
 
 The task file splits the shipped conversations once (``[reward.train] policy_share``): the reward model's pairs
 come from the others, so no held-out conversation trained it (checked here again, conversation by conversation).
+The reward model's own held-out pairs are drawn by conversation too (``split_by``, ``policy_share``'s default): the
+count of held-out pairs whose conversation it trained on is printed.
 RLOO was chosen over PPO for this task on an earlier held-out set, drawn from all the conversations (the task's
 seed, ``prompts.test_size`` of them, no conversation split): the held-out conversations that set holds chose the
 method, and are left out of the second comparison. Each run's ``report.json`` holds every held-out prompt's
@@ -31,6 +33,7 @@ from sb3_rlhf.tasks.data import (
     policy_conversations,
     reward_training_pairs,
     split_prompts,
+    split_reward_pairs,
 )
 from sb3_rlhf.tasks.folders import changed_settings, read_record, task_settings
 
@@ -67,9 +70,11 @@ def main() -> int:
     tokenizer = load_tokenizer(resolve_model_path(task.policy.model, task.policy.revision, "policy model"))
     templated, plain = load_prompt_forms(task.prompts, tokenizer)
     plain_of = dict(zip(templated, plain))
-    reward_model_conversations = {
-        conversation_key(p.prompt) for p in reward_training_pairs(task.reward.train, task.seed)[0]
-    }
+    reward_pairs = reward_training_pairs(task.reward.train, task.seed)[0]
+    reward_model_conversations = {conversation_key(p.prompt) for p in reward_pairs}
+    reward_train, reward_test = split_reward_pairs(task.reward.train, reward_pairs, task.seed)
+    tested_on_trained = {conversation_key(p.prompt) for p in reward_train}
+    tested_on_trained &= {conversation_key(p.prompt) for p in reward_test}
     choosers = method_choosers(task)
     # the held-out prompts the task draws today: a run's report must hold these, in this order
     policy_prompts, policy_plain = load_prompt_forms(
@@ -89,9 +94,8 @@ def main() -> int:
         record = read_record(folder)
         if record is None or record["task"] != task.name:
             parser.error(f"{folder} holds no run of {task.name} (its run.json)")
-        # the settings its run.json knows (one from before a key was added lacks it; the checks below still hold)
-        known = {k: v for k, v in data_settings.items() if k in record["settings"]}
-        changed = changed_settings(known, {k: record["settings"][k] for k in known})
+        # a key its run.json lacks came later: that run drew its data as the key's None does (as --resume reads it)
+        changed = changed_settings({k: record["settings"].get(k) for k in data_settings}, data_settings)
         if changed:
             parser.error(f"{folder} was run with other data settings than {args.task}: {'; '.join(changed)}")
         with open(os.path.join(folder, "report.json")) as f:
@@ -131,7 +135,8 @@ def main() -> int:
     print(
         f"Held-out conversations that trained the reward model: none (of {len(reward_model_conversations)} "
         f"reward-model conversations). Conversations of the earlier held-out set that chose the method: "
-        f"{len(choosers)}.\n"
+        f"{len(choosers)}. The reward model's held-out pairs (split_by = {task.reward.train.split_by!r}): "
+        f"{len(reward_test)}, {len(tested_on_trained)} of them in a conversation it trained on.\n"
     )
     print("\n".join(lines))
     return 0

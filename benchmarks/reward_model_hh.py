@@ -8,7 +8,9 @@ with a scalar head on its mean-pooled last hidden states. First the reference po
 Bradley–Terry linear probe on the frozen backbone (r(x, y) = w·e(x ⊕ y), w fitted by L2-regularised logistic
 regression on e(chosen) − e(rejected), the L2 weight picked on a validation split of the train pairs). Then our
 reward model: from that head, the whole model fine-tuned with the Bradley–Terry loss (linear probe, then
-fine-tune). Both are scored by held-out pairwise accuracy on a seeded split of the pairs.
+fine-tune). Both are scored by held-out pairwise accuracy on a seeded split of the pairs, by conversation
+(``--split-by``): HH-RLHF records one conversation cut at several turns, and a held-out pair whose conversation was
+trained on would flatter the accuracy; each held-out conversation is tested on one pair, none of its pairs trained on.
 
 SFT: a tiny random Llama (the MiniLM WordPiece tokenizer, 30k tokens) fine-tuned on (line, next line)
 demonstrations from tinyshakespeare; held-out perplexity before and after.
@@ -34,6 +36,7 @@ from sb3_rlhf.common.models import packaged_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm
 from sb3_rlhf.reward_modeling import RewardModelTrainer
 from sb3_rlhf.sft import SFTTrainer
+from sb3_rlhf.tasks.data import conversation_key
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reward_model_hh.md")
 
@@ -49,7 +52,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs and steps (a smoke run)")
     parser.add_argument("--train-pairs", type=int, default=1800)
-    parser.add_argument("--test-pairs", type=int, default=512)
+    parser.add_argument("--test-pairs", type=int, default=512, help="held-out pairs: one per conversation")
+    parser.add_argument(
+        "--split-by", choices=("conversation", "pair"), default="conversation", help="how pairs are held out"
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
@@ -66,7 +72,8 @@ def main() -> int:
 
     # ------------------------------------------------------------------ reward model
     pairs, report = load_preference_pairs(find_data_file("hh_harmless_base_test.jsonl.gz"))
-    train, test = train_test_split(pairs, args.test_pairs, seed=args.seed)
+    groups = [conversation_key(p.prompt) for p in pairs] if args.split_by == "conversation" else None
+    train, test = train_test_split(pairs, args.test_pairs, seed=args.seed, groups=groups)
     train = train[: args.train_pairs]
     print(report)
     start = time.time()
@@ -127,12 +134,14 @@ def main() -> int:
     lines = [
         "# Reward model on HH-RLHF harmless-base, and a small SFT run",
         "",
-        f"Command: `python benchmarks/reward_model_hh.py{' --quick' if args.quick else ''}`",
+        f"Command: `python benchmarks/reward_model_hh.py{' --quick' if args.quick else ''}"
+        f"{' --split-by pair' if args.split_by == 'pair' else ''}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads.",
         f"Versions: {versions_line()}.",
         "",
-        f"Data: {str(report).replace(os.path.dirname(report.source) + os.sep, '')}. Split by seed {args.seed}: {len(train)} train pairs, {len(test)} held out. "
+        f"Data: {str(report).replace(os.path.dirname(report.source) + os.sep, '')}. Split by {args.split_by}, seed {args.seed}: {len(train)} train pairs, {len(test)} held out"
+        f"{' (one per conversation, none of whose pairs trained)' if groups else ''}. "
         f"Texts are prompt + answer, cut from the left to {args.max_length} tokens.",
         "",
         "| reward model (all-MiniLM-L6-v2 backbone) | held-out accuracy | train accuracy | seconds |",

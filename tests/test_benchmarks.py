@@ -656,6 +656,8 @@ def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| rloo")]
     assert len(rows) == 6 and "| 64 |" in rows[0] and "+0.2500 (+0.2500 to +0.2500)" in rows[0]
+    # the reward model's own held-out pairs, by conversation: none whose conversation it trained on (52 by pair)
+    assert "held-out pairs (split_by = 'conversation'): 512, 0 of them in a conversation it trained on" in result.stdout
     assert "without the 6 that chose the method | 58 |" in rows[1]  # the task's split, as measured
     for row, n in zip(rows[4:], (64, 58)):  # b's trained scores against a's, prompt by prompt
         assert "rloo (b) against rloo (a)" in row and f"| {n} |" in row and "+0.2500 (+0.2500 to +0.2500)" in row
@@ -667,3 +669,10 @@ def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers
     assert leaked.returncode != 0 and "1 held-out conversations trained the reward model" in leaked.stderr
     shuffled = fresh(run_folder("d", eval_prompts[::-1], 0.25))  # the task's prompts, in another order
     assert shuffled.returncode != 0 and "are not the 64 that" in shuffled.stderr
+    # a run recorded before reward.train.split_by drew the reward model's held-out pairs pair by pair
+    before = run_folder("e", eval_prompts, 0.25)
+    record = json.loads((tmp_path / "e" / "run.json").read_text())
+    del record["settings"]["reward.train.split_by"]
+    (tmp_path / "e" / "run.json").write_text(json.dumps(record))
+    older = fresh(before)
+    assert older.returncode != 0 and "reward.train.split_by None -> 'conversation'" in older.stderr

@@ -30,6 +30,7 @@ from sb3_rlhf.tasks.data import (
     policy_conversations,
     reward_training_pairs,
     split_prompts,
+    split_reward_pairs,
 )
 from sb3_rlhf.tasks.run import prepare
 from tests.helpers import WORDS, copy_of_repository, tiny_bert, tiny_reward_model
@@ -209,6 +210,47 @@ def test_hub_without_the_datasets_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install datasets"):
         load_hub_dataset("stanfordnlp/imdb")
+
+
+def test_the_reward_models_held_out_pairs_are_drawn_by_conversation_with_policy_share(tmp_path):
+    path = write_conversations(tmp_path / "hh.jsonl.gz", 30)
+    prompts = {"source": "file", "format": "hh", "path": path, "test_size": 4}
+    pairs_section = {"source": "file", "format": "pairs", "path": path, "test_size": 8}
+    shared = parse_task(task_dict(prompts, {**pairs_section, "policy_share": 0.2}))
+    assert shared.reward.train.split_by == "conversation"  # resolved where the task is read: run.json says so
+    alone = parse_task(task_dict(prompts, pairs_section))
+    assert alone.reward.train.split_by is None  # pair by pair, as before (their records unchanged)
+    by_pair = parse_task(task_dict(prompts, {**pairs_section, "policy_share": 0.2, "split_by": "pair"}))
+    hub_like = parse_task(task_dict(prompts, {**pairs_section, "split_by": "conversation"}))  # e.g. hub HH pairs
+
+    def keys(pairs):
+        return {conversation_key(p.prompt) for p in pairs}
+
+    pairs, _ = reward_training_pairs(alone.reward.train, 0)
+    plain = split_reward_pairs(alone.reward.train, pairs, 0)
+    assert plain == train_test_split(pairs, 8, 0)
+    assert keys(plain[0]) & keys(plain[1])  # what the grouping is for: a conversation's pairs on both sides
+    grouped = split_reward_pairs(hub_like.reward.train, pairs, 0)
+    assert len(grouped[1]) == 8 == len(keys(grouped[1])) and not keys(grouped[0]) & keys(grouped[1])
+    assert len(grouped[0]) == len([p for p in pairs if conversation_key(p.prompt) not in keys(grouped[1])])
+    shared_pairs, _ = reward_training_pairs(by_pair.reward.train, 0)
+    assert split_reward_pairs(by_pair.reward.train, shared_pairs, 0) == train_test_split(shared_pairs, 8, 0)
+
+    labels = {"source": "file", "format": "labels", "path": "reviews.csv", "split_by": "conversation"}
+    with pytest.raises(ValueError, match="reward.train.split_by applies to format = 'pairs': remove it"):
+        parse_task(task_dict(prompts, labels))
+    with pytest.raises(
+        ValueError, match="reward.train.split_by must be one of \\['pair', 'conversation'\\], got 'turn'"
+    ):
+        parse_task(task_dict(prompts, {**pairs_section, "split_by": "turn"}))
+
+    # a run recorded before the key drew other held-out pairs (another reward model): resume refuses it
+    from sb3_rlhf.tasks.folders import check_same_run, run_record
+
+    before = run_record(shared)
+    before["settings"].pop("reward.train.split_by")
+    with pytest.raises(ValueError, match="reward.train.split_by None -> 'conversation'"):
+        check_same_run(before, run_record(shared), "out", "--resume", ())
 
 
 @pytest.mark.parametrize(
@@ -479,7 +521,13 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     # split by conversation as the run splits: a held-out conversation's other cuts are left out of both
     assert len(prepared.train_prompts) + len(prepared.eval_prompts) < len(policy)
     assert (plan.data["prompts"]["train"], plan.data["prompts"]["held_out"]) == (len(prepared.train_prompts), 4)
-    assert plan.data["reward_pairs"]["train"] + 10 == len(pairs)
+    # the reward model's own held-out pairs are drawn by conversation too (policy_share's default): 10
+    # conversations tested on one pair each, none of their pairs trained on; the plan reads the same split
+    rm_train, rm_test = split_reward_pairs(task.reward.train, pairs, task.seed)
+    test_keys = {conversation_key(p.prompt) for p in rm_test}
+    assert len(rm_test) == 10 == len(test_keys) and not {conversation_key(p.prompt) for p in rm_train} & test_keys
+    assert len(rm_train) == len([p for p in pairs if conversation_key(p.prompt) not in test_keys]) < len(pairs) - 10
+    assert (plan.data["reward_pairs"]["train"], plan.data["reward_pairs"]["held_out"]) == (len(rm_train), 10)
 
 
 def test_hh_prompts_are_held_out_by_conversation_and_the_run_record_says_so(tmp_path):

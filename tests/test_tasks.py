@@ -285,9 +285,9 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
     import torch as th
     from transformers import AutoTokenizer
 
-    from sb3_rlhf.common.data import load_labelled_texts, pairs_from_labels, train_test_split
+    from sb3_rlhf.common.data import load_labelled_texts, pairs_from_labels
     from sb3_rlhf.reward_modeling import load_reward_model
-    from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
+    from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs, split_reward_pairs
 
     stage = task.reward.train
     if stage.format == "labels":
@@ -303,7 +303,7 @@ def test_real_tasks_run_end_to_end_on_a_short_schedule(name, tmp_path):
         pairs = pairs_from_labels(positives, negatives, seed=task.seed)
     else:
         pairs, _ = reward_training_pairs(stage, task.seed)  # with policy_share, the reward model's conversations only
-    held_out = train_test_split(pairs, 16, seed=task.seed)[1]
+    held_out = split_reward_pairs(stage, pairs, task.seed)[1]  # hh_harmless: 16 conversations, one pair each
     folder = str(tmp_path / "reward_model")
     reward_model, reward_tokenizer = load_reward_model(folder), AutoTokenizer.from_pretrained(folder)
     reward_tokenizer.truncation_side = "left"  # the answer at the end is what is judged

@@ -159,7 +159,11 @@ class RewardModelTrainingSection(HubDataKeys):
     named by its class name, e.g. ``positive_label = "pos"``). ``policy_share`` splits the pairs' conversations
     once (seeded): that share becomes the policy's prompts (``[prompts]`` reading the same file, ``format = "hh"``),
     training and held-out alike, and the reward model trains and is tested on the pairs of the other conversations
-    only, so that no prompt the policy is trained or evaluated on was one the reward model learnt from."""
+    only, so that no prompt the policy is trained or evaluated on was one the reward model learnt from.
+    ``test_size`` pairs are held out to measure the reward model, or ``test_size`` conversations with ``split_by =
+    "conversation"`` (the default with ``policy_share``: HH-RLHF records one conversation cut at several turns,
+    and a held-out pair whose conversation trained the model would flatter its accuracy; every pair of a held-out
+    conversation stays out of training, and it is tested on one of them)."""
 
     path: str | None = None
     backbone: str = "all-MiniLM-L6-v2"  # a folder, packaged model name or hub id
@@ -183,6 +187,12 @@ class RewardModelTrainingSection(HubDataKeys):
     pooling: str = setting("auto", choices=("auto", *POOLINGS))
     center_coef: float = setting(0.0, at_least=0)
     policy_share: float | None = setting(None, above=0, below=1)
+    split_by: str | None = setting(None, choices=("pair", "conversation"))  # None: "pair", or policy_share's default
+
+    def __post_init__(self) -> None:
+        # resolved here, so that a run's record (run.json) says how the reward model's held-out pairs were drawn
+        if self.split_by is None and self.policy_share is not None:
+            self.split_by = "conversation"
 
 
 @dataclass
@@ -811,7 +821,8 @@ def _check_reward_training(stage: RewardModelTrainingSection) -> None:
     if stage.source == "hub" and stage.path:
         raise ValueError("reward.train.path is a file: with source = 'hub' name the data set in reward.train.dataset")
     _check_hub_keys(stage, stage.source, "reward.train")
-    for fmt, keys in (("labels", ("text_column", "label_column", "positive_label")), ("pairs", PAIR_KEYS)):
+    pair_keys = (*PAIR_KEYS, "split_by")  # labelled texts paired at random share no conversation
+    for fmt, keys in (("labels", ("text_column", "label_column", "positive_label")), ("pairs", pair_keys)):
         _refuse_unused(stage, keys, "reward.train", stage.format == fmt, f"applies to format = {fmt!r}")
 
 

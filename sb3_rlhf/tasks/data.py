@@ -112,6 +112,16 @@ def split_prompts(
     return train_test_split(prompts, section.test_size, seed, "prompts.test_size", groups)
 
 
+def split_reward_pairs(
+    stage: RewardModelTrainingSection, pairs: list[PreferencePair], seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The reward model's pairs to train on and those held out to measure it (seeded, ``reward.train.test_size``).
+    With ``split_by = "conversation"`` (the default with ``policy_share``) by conversation (:func:`conversation_key`
+    of the pairs' prompts): a held-out conversation is tested on one pair and none of its pairs is trained on."""
+    groups = [conversation_key(p.prompt) for p in pairs] if stage.split_by == "conversation" else None
+    return train_test_split(pairs, stage.test_size, seed, "reward.train.test_size", groups)
+
+
 def _comparison_source(stage: RewardModelTrainingSection) -> tuple[Any, str]:
     """The file or ``datasets`` data set of a ``[reward.train]`` stage, and the positive label as stored."""
     positive_label = str(stage.positive_label)

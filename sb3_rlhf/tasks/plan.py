@@ -10,7 +10,6 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from sb3_rlhf.algorithms import ONLINE_ALGORITHMS, algorithm_class, argument_defaults
-from sb3_rlhf.common.data import train_test_split
 from sb3_rlhf.common.models import count_parameters, load_tokenizer, resolve_model_path
 from sb3_rlhf.common.tiny import tiny_causal_lm, tiny_tokenizer
 from sb3_rlhf.common.tokenizers import check_tokenizer
@@ -18,7 +17,13 @@ from sb3_rlhf.dpo import DPOTrainer
 from sb3_rlhf.policies import TransformerActorCriticPolicy
 from sb3_rlhf.rewards.reward_model import classifier_label_index
 from sb3_rlhf.tasks.config import DPO_TASK_SETTINGS, TaskConfig, kl_estimator
-from sb3_rlhf.tasks.data import load_prompt_forms, policy_conversations, reward_training_pairs, split_prompts
+from sb3_rlhf.tasks.data import (
+    load_prompt_forms,
+    policy_conversations,
+    reward_training_pairs,
+    split_prompts,
+    split_reward_pairs,
+)
 from sb3_rlhf.tasks.stages import import_function
 
 
@@ -76,7 +81,7 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         stage = reward.train
         plan.models["reward_backbone"] = _model_entry(stage.backbone, stage.backbone_revision, "reward-model backbone")
         pairs, report = reward_training_pairs(stage, task.seed, task.judge.share if task.judge else 0.0)
-        train, test = train_test_split(pairs, stage.test_size, task.seed, "reward.train.test_size")
+        train, test = split_reward_pairs(stage, pairs, task.seed)
         train = train[: stage.max_pairs] if stage.max_pairs else train
         steps = stage.n_epochs * math.ceil(len(train) / stage.batch_size)
         plan.data["reward_pairs"] = {"source": str(report), "train": len(train), "held_out": len(test)}

@@ -36,7 +36,7 @@ from sb3_rlhf.tasks.config import (
     TaskConfig,
     kl_estimator,
 )
-from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs
+from sb3_rlhf.tasks.data import labelled_halves, reward_training_pairs, split_reward_pairs
 
 #: in a trained reward model's folder: the share of labelled texts it left out for a judge, the share of
 #: conversations it left to the policy, and the seed
@@ -81,7 +81,7 @@ def train_reward_model_stage(
     :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
     """
     pairs, report = reward_training_pairs(stage, seed, judge_share)
-    train, test = train_test_split(pairs, stage.test_size, seed=seed)
+    train, test = split_reward_pairs(stage, pairs, seed)
     if stage.max_pairs:
         train = train[: stage.max_pairs]
     trainer = RewardModelTrainer(
