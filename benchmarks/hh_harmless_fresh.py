@@ -73,8 +73,8 @@ def main() -> int:
     reward_pairs = reward_training_pairs(task.reward.train, task.seed)[0]
     reward_model_conversations = {conversation_key(p.prompt) for p in reward_pairs}
     reward_train, reward_test = split_reward_pairs(task.reward.train, reward_pairs, task.seed)
-    tested_on_trained = {conversation_key(p.prompt) for p in reward_train}
-    tested_on_trained &= {conversation_key(p.prompt) for p in reward_test}
+    trained_conversations = {conversation_key(p.prompt) for p in reward_train}
+    tested_on_trained = sum(conversation_key(p.prompt) in trained_conversations for p in reward_test)
     choosers = method_choosers(task)
     # the held-out prompts the task draws today: a run's report must hold these, in this order
     policy_prompts, policy_plain = load_prompt_forms(
@@ -94,7 +94,7 @@ def main() -> int:
         record = read_record(folder)
         if record is None or record["task"] != task.name:
             parser.error(f"{folder} holds no run of {task.name} (its run.json)")
-        # a key its run.json lacks came later: that run drew its data as the key's None does (as --resume reads it)
+        # read_record gives a key added later the value the recording run used (pair by pair, before split_by)
         changed = changed_settings({k: record["settings"].get(k) for k in data_settings}, data_settings)
         if changed:
             parser.error(f"{folder} was run with other data settings than {args.task}: {'; '.join(changed)}")
@@ -136,7 +136,7 @@ def main() -> int:
         f"Held-out conversations that trained the reward model: none (of {len(reward_model_conversations)} "
         f"reward-model conversations). Conversations of the earlier held-out set that chose the method: "
         f"{len(choosers)}. The reward model's held-out pairs (split_by = {task.reward.train.split_by!r}): "
-        f"{len(reward_test)}, {len(tested_on_trained)} of them in a conversation it trained on.\n"
+        f"{len(reward_test)}, {tested_on_trained} of them in a conversation it trained on.\n"
     )
     print("\n".join(lines))
     return 0

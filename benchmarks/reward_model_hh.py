@@ -52,7 +52,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer pairs and steps (a smoke run)")
     parser.add_argument("--train-pairs", type=int, default=1800)
-    parser.add_argument("--test-pairs", type=int, default=512, help="held-out pairs: one per conversation")
+    parser.add_argument(
+        "--test-pairs", type=int, default=512, help="held-out pairs (conversations with --split-by conversation)"
+    )
     parser.add_argument(
         "--split-by", choices=("conversation", "pair"), default="conversation", help="how pairs are held out"
     )

@@ -675,4 +675,4 @@ def test_hh_fresh_comparison_checks_the_split_and_leaves_out_the_method_choosers
     del record["settings"]["reward.train.split_by"]
     (tmp_path / "e" / "run.json").write_text(json.dumps(record))
     older = fresh(before)
-    assert older.returncode != 0 and "reward.train.split_by None -> 'conversation'" in older.stderr
+    assert older.returncode != 0 and "reward.train.split_by 'pair' -> 'conversation'" in older.stderr

@@ -52,6 +52,32 @@ def test_cli_reward_model(tmp_path, tokenizer, capsys):
     assert load_reward_model(str(out / "reward_model")) is not None
 
 
+def test_cli_reward_model_holds_out_whole_conversations(tmp_path, tokenizer, capsys):
+    backbone = tmp_path / "backbone"
+    tiny_bert(len(tokenizer)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    records = []  # 12 conversations, each with two comparisons of its answers
+    for i in range(12):
+        prompt = f"\n\nHuman: the dog {i}\n\nAssistant:"
+        records += [
+            {"chosen": f"{prompt} good", "rejected": f"{prompt} bad"},
+            {"chosen": f"{prompt} nice", "rejected": f"{prompt} sad"},
+        ]
+    data = write_jsonl(tmp_path / "hh.jsonl", records)
+    common = ["reward-model", "--data", data, "--model", str(backbone), "--test-size", "4", "--max-length", "32"]
+    common += ["--epochs", "1", "--no-progress-bar"]
+    assert main([*common, "--out", str(tmp_path / "by_pair")]) == 0
+    assert "pairs: 20 train, 4 held out" in capsys.readouterr().out
+    # 4 conversations held out, tested on one pair each; their other pair is not trained on either
+    assert main([*common, "--split-by", "conversation", "--out", str(tmp_path / "by_conversation")]) == 0
+    assert "pairs: 16 train, 4 held out" in capsys.readouterr().out
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,sentiment\ngood dog,positive\nbad dog,negative\n")
+    argv = ["reward-model", "--data", str(csv), "--model", str(backbone), "--out", str(tmp_path / "labels")]
+    assert main([*argv, "--split-by", "conversation", "--no-progress-bar"]) == 2
+    assert "--split-by conversation groups comparisons by conversation" in capsys.readouterr().err
+
+
 def test_cli_reward_model_from_labelled_csv(tmp_path, tokenizer, capsys):
     backbone = tmp_path / "backbone"
     tiny_bert(len(tokenizer)).save_pretrained(backbone)

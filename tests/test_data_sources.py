@@ -219,7 +219,7 @@ def test_the_reward_models_held_out_pairs_are_drawn_by_conversation_with_policy_
     shared = parse_task(task_dict(prompts, {**pairs_section, "policy_share": 0.2}))
     assert shared.reward.train.split_by == "conversation"  # resolved where the task is read: run.json says so
     alone = parse_task(task_dict(prompts, pairs_section))
-    assert alone.reward.train.split_by is None  # pair by pair, as before (their records unchanged)
+    assert alone.reward.train.split_by == "pair"  # pair by pair, as before
     by_pair = parse_task(task_dict(prompts, {**pairs_section, "policy_share": 0.2, "split_by": "pair"}))
     hub_like = parse_task(task_dict(prompts, {**pairs_section, "split_by": "conversation"}))  # e.g. hub HH pairs
 
@@ -244,13 +244,9 @@ def test_the_reward_models_held_out_pairs_are_drawn_by_conversation_with_policy_
     ):
         parse_task(task_dict(prompts, {**pairs_section, "split_by": "turn"}))
 
-    # a run recorded before the key drew other held-out pairs (another reward model): resume refuses it
-    from sb3_rlhf.tasks.folders import check_same_run, run_record
-
-    before = run_record(shared)
-    before["settings"].pop("reward.train.split_by")
-    with pytest.raises(ValueError, match="reward.train.split_by None -> 'conversation'"):
-        check_same_run(before, run_record(shared), "out", "--resume", ())
+    # a run recorded before the key drew its held-out pairs pair by pair (another reward model): resume and evaluate
+    # refuse it as the task reads now, and take it with the split it was made with (--set reward.train.split_by=pair)
+    resumes_only_as_recorded(tmp_path, shared, by_pair, "reward.train.split_by", "pair")
 
 
 @pytest.mark.parametrize(
@@ -478,6 +474,20 @@ def write_conversations(path, n: int) -> str:
     return str(path)
 
 
+def resumes_only_as_recorded(tmp_path, task, as_before, key: str, before_value: str) -> None:
+    """A run of ``task`` recorded before ``key`` existed is read as split ``before_value`` (item by item): resume
+    refuses it as ``task`` reads now, and takes it as ``as_before`` (``--set key=before_value``) reads it."""
+    from sb3_rlhf.tasks.folders import check_same_run, read_record, run_record, write_record
+
+    before = run_record(task)
+    before["settings"].pop(key)
+    write_record(str(tmp_path / "old"), before)
+    recorded = read_record(str(tmp_path / "old"))
+    with pytest.raises(ValueError, match=f"{key} '{before_value}' -> 'conversation'"):
+        check_same_run(recorded, run_record(task), "out", "--resume", ())
+    check_same_run(recorded, run_record(as_before), "out", "--resume", ())
+
+
 def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models_pairs(tmp_path):
     path = write_conversations(tmp_path / "hh.jsonl.gz", 40)
     data = task_dict(
@@ -530,6 +540,23 @@ def test_a_conversation_split_keeps_the_policys_prompts_out_of_the_reward_models
     assert (plan.data["reward_pairs"]["train"], plan.data["reward_pairs"]["held_out"]) == (len(rm_train), 10)
 
 
+def test_the_reward_model_stage_trains_and_tests_on_the_conversation_split(tmp_path, tokenizer):
+    from sb3_rlhf.tasks.stages import train_reward_model_stage
+
+    path = write_conversations(tmp_path / "hh.jsonl.gz", 40)
+    backbone = tmp_path / "bert"
+    tiny_bert(len(tokenizer)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    reward_train = {"source": "file", "format": "pairs", "path": path, "test_size": 10, "policy_share": 0.25}
+    reward_train |= {"backbone": str(backbone), "n_epochs": 0, "max_length": 32}  # the linear probe alone
+    task = parse_task(task_dict({"source": "file", "format": "hh", "path": path, "test_size": 4}, reward_train))
+    pairs, _ = reward_training_pairs(task.reward.train, task.seed)
+    train, _ = split_reward_pairs(task.reward.train, pairs, task.seed)
+    _, info = train_reward_model_stage(task.reward.train, str(tmp_path / "run"), task.seed, "cpu", False)
+    # 10 conversations held out, one pair each; their other pairs are in neither count
+    assert (info["n_train"], info["n_test"]) == (len(train), 10) and len(train) < len(pairs) - 10
+
+
 def test_hh_prompts_are_held_out_by_conversation_and_the_run_record_says_so(tmp_path):
     path = write_conversations(tmp_path / "hh.jsonl.gz", 30)
     hh = parse_task(task_dict({"source": "file", "format": "hh", "path": path, "test_size": 6}))
@@ -551,13 +578,9 @@ def test_hh_prompts_are_held_out_by_conversation_and_the_run_record_says_so(tmp_
     # a conversation's cuts on both sides of the item-by-item split: what the grouping is for
     assert {conversation_key(p) for p in plain_split[0]} & {conversation_key(p) for p in plain_split[1]}
 
-    # a run recorded before the key (or with the other split) drew other held-out prompts: resume refuses it
-    from sb3_rlhf.tasks.folders import check_same_run, run_record
-
-    before = run_record(hh)
-    before["settings"].pop("prompts.split_by")
-    with pytest.raises(ValueError, match="prompts.split_by None -> 'conversation'"):
-        check_same_run(before, run_record(hh), "out", "--resume", ())
+    # a run recorded before the key drew its held-out prompts prompt by prompt: resume refuses it as the task reads
+    # now, and takes it with the split it was made with
+    resumes_only_as_recorded(tmp_path, hh, by_prompt, "prompts.split_by", "prompt")
 
 
 @pytest.mark.parametrize(

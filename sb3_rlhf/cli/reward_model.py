@@ -29,6 +29,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=["pairs", "labels"],
         help="comparisons, or labelled texts (default: labels for a .csv file, else pairs)",
     )
+    parser.add_argument(
+        "--split-by",
+        choices=["pair", "conversation"],
+        default="pair",
+        help="hold out pairs one by one, or by conversation (HH transcripts: one conversation is cut at several "
+        "turns, and --test-size then counts conversations, each tested on one pair)",
+    )
     parser.set_defaults(func=train_reward_model)
     return parser
 
@@ -38,6 +45,11 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
     from sb3_rlhf.tasks.config import RewardModelTrainingSection
     from sb3_rlhf.tasks.stages import train_reward_model_stage
 
+    fmt = args.format or ("labels" if (args.data or "").lower().endswith((".csv", ".csv.gz")) else "pairs")
+    if fmt == "labels" and args.split_by == "conversation":
+        raise ValueError(
+            "--split-by conversation groups comparisons by conversation; labelled texts have none: drop it"
+        )
     stage = RewardModelTrainingSection(
         path=args.data,
         dataset=args.dataset,
@@ -45,7 +57,7 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
         split=args.split,
         data_dir=args.data_dir,
         revision=args.dataset_revision,
-        format=args.format or ("labels" if (args.data or "").lower().endswith((".csv", ".csv.gz")) else "pairs"),
+        format=fmt,
         backbone=args.model,
         backbone_revision=args.revision,
         source="hub" if args.dataset else "file",
@@ -64,8 +76,12 @@ def train_reward_model(args: argparse.Namespace) -> dict[str, object]:
         max_length=args.max_length,
         pooling=args.pooling,
         center_coef=args.center_coef,
+        split_by=args.split_by,
     )
-    folder, info = train_reward_model_stage(stage, args.out, args.seed, args.device, not args.no_progress_bar)
+    progress_bar = not args.no_progress_bar
+    folder, info = train_reward_model_stage(
+        stage, args.out, args.seed, args.device, progress_bar, test_size_name="--test-size"
+    )
     before, after = info["before"], info["after"]
     print(info["data"])
     print(f"pairs: {info['n_train']} train, {info['n_test']} held out (seed {args.seed})")

@@ -187,12 +187,13 @@ class RewardModelTrainingSection(HubDataKeys):
     pooling: str = setting("auto", choices=("auto", *POOLINGS))
     center_coef: float = setting(0.0, at_least=0)
     policy_share: float | None = setting(None, above=0, below=1)
-    split_by: str | None = setting(None, choices=("pair", "conversation"))  # None: "pair", or policy_share's default
+    # None: "conversation" with policy_share, else "pair" (format = "pairs"; labelled texts share no conversation)
+    split_by: str | None = setting(None, choices=("pair", "conversation"))
 
     def __post_init__(self) -> None:
         # resolved here, so that a run's record (run.json) says how the reward model's held-out pairs were drawn
-        if self.split_by is None and self.policy_share is not None:
-            self.split_by = "conversation"
+        if self.split_by is None and self.format == "pairs":
+            self.split_by = "conversation" if self.policy_share is not None else "pair"
 
 
 @dataclass

@@ -113,13 +113,16 @@ def split_prompts(
 
 
 def split_reward_pairs(
-    stage: RewardModelTrainingSection, pairs: list[PreferencePair], seed: int
+    stage: RewardModelTrainingSection, pairs: list[PreferencePair], seed: int, name: str = "reward.train.test_size"
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """The reward model's pairs to train on and those held out to measure it (seeded, ``reward.train.test_size``).
     With ``split_by = "conversation"`` (the default with ``policy_share``) by conversation (:func:`conversation_key`
-    of the pairs' prompts): a held-out conversation is tested on one pair and none of its pairs is trained on."""
+    of the pairs' prompts): a held-out conversation is tested on one pair and none of its pairs is trained on.
+
+    :param name: the test size's name in errors (``--test-size`` for ``sb3-rlhf reward-model``).
+    """
     groups = [conversation_key(p.prompt) for p in pairs] if stage.split_by == "conversation" else None
-    return train_test_split(pairs, stage.test_size, seed, "reward.train.test_size", groups)
+    return train_test_split(pairs, stage.test_size, seed, name, groups)
 
 
 def _comparison_source(stage: RewardModelTrainingSection) -> tuple[Any, str]:

@@ -113,7 +113,17 @@ def read_record(out: str) -> dict[str, Any] | None:
         raise ValueError(
             f"{path} is not a run record ({error}): remove it, or start this run with --overwrite or another --out"
         ) from None
+    _add_later_settings(record["settings"])
     return record
+
+
+def _add_later_settings(settings: dict[str, Any]) -> None:
+    """Settings added after a record was written, as the run that wrote it used them: the data were split item by
+    item before the ``split_by`` keys, so ``--set ...split_by=prompt`` (or ``pair``) takes such a run as it was."""
+    if settings.get("prompts.format") == "hh":
+        settings.setdefault("prompts.split_by", "prompt")
+    if settings.get("reward.train.format") == "pairs":
+        settings.setdefault("reward.train.split_by", "pair")
 
 
 def check_same_run(previous: dict[str, Any], record: dict[str, Any], out: str, what: str, may_change: tuple) -> None:

@@ -85,8 +85,9 @@ def plan_task(task: TaskConfig) -> TaskPlan:
         train = train[: stage.max_pairs] if stage.max_pairs else train
         steps = stage.n_epochs * math.ceil(len(train) / stage.batch_size)
         plan.data["reward_pairs"] = {"source": str(report), "train": len(train), "held_out": len(test)}
+        by_conversation = ", one per conversation" if stage.split_by == "conversation" else ""
         plan.stages.append(
-            f"reward model: Bradley–Terry on {len(train)} pairs ({len(test)} held out), "
+            f"reward model: Bradley–Terry on {len(train)} pairs ({len(test)} held out{by_conversation}), "
             f"{'linear probe, then ' if stage.linear_probe_init else ''}{stage.n_epochs} epoch(s) = {steps} gradient steps"
         )
     elif reward.function is not None:

@@ -74,14 +74,16 @@ def train_reward_model_stage(
     device: str,
     progress_bar: bool,
     judge_share: float = 0.0,
+    test_size_name: str = "reward.train.test_size",
 ) -> tuple[str, dict[str, Any]]:
     """Train a reward model (the task's first stage, or ``sb3-rlhf reward-model``) into ``out/reward_model``.
 
     :param judge_share: the share of labelled texts set aside for the second judge (``[judge] share``).
+    :param test_size_name: the held-out share's name in errors (``--test-size`` for ``sb3-rlhf reward-model``).
     :return: the folder, and ``{"before", "after"}`` held-out metrics with the pair counts and the data report.
     """
     pairs, report = reward_training_pairs(stage, seed, judge_share)
-    train, test = split_reward_pairs(stage, pairs, seed)
+    train, test = split_reward_pairs(stage, pairs, seed, test_size_name)
     if stage.max_pairs:
         train = train[: stage.max_pairs]
     trainer = RewardModelTrainer(
