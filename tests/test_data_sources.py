@@ -298,6 +298,8 @@ def test_task_files_name_their_public_originals_as_valid_alternatives():
         task = parse_task(data, source=path)
         assert task.prompts.source == task.reward.train.source == "hub"
         assert task.prompts.dataset == task.reward.train.dataset == dataset
+        if task.reward.train.format == "pairs":  # hh_harmless: held out by conversation online too, no policy_share
+            assert task.reward.train.split_by == "conversation" and task.reward.train.policy_share is None
 
 
 # ---------------------------------------------------------------------------------------------- shipped data
